@@ -1,0 +1,182 @@
+//! `Llama4TextAttention` (transformers 5.24 `modeling_llama4.py`), for a batch of sequences whose
+//! token rows are concatenated: projections run once on all rows, the attention itself per sequence
+//! against that sequence's cache.
+//!
+//! Order of operations, as in HF: project → RoPE (interleaved pairs, RoPE layers) → L2 qk-norm
+//! (RoPE layers, after RoPE) → temperature tuning of q (NoPE layers) → softmax(q·kᵀ/√d + mask)·v.
+//! RoPE layers attend within fixed `attention_chunk_size` blocks (not a sliding window); NoPE layers
+//! attend to the whole causal prefix.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::checkpoint::WeightSource;
+use crate::config::{AttentionKind, TextConfig};
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+use crate::layers::{Linear, RmsNorm};
+use crate::rope::Rope;
+use crate::text_model::Deviation;
+
+/// Rows `start..start + len` of the step belong to one sequence whose first new token sits at
+/// absolute position `pos`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SeqSpan {
+    pub start: usize,
+    pub len: usize,
+    pub pos: usize,
+}
+
+#[derive(Debug)]
+pub(crate) struct Attention {
+    layer: usize,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    kind: AttentionKind,
+    qk_norm: Option<RmsNorm>,
+    temperature: Option<(f64, f64)>,
+    chunk: Option<usize>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    pub fn load(
+        cfg: &TextConfig,
+        layer: usize,
+        src: &dyn WeightSource,
+        prefix: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let (h, nh, nkv, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let kind = cfg.attention[layer];
+        let p = |name: &str| format!("{prefix}self_attn.{name}.weight");
+        Ok(Attention {
+            layer,
+            q_proj: Linear::load(src, &p("q_proj"), nh * d, h, dtype, dev)?,
+            k_proj: Linear::load(src, &p("k_proj"), nkv * d, h, dtype, dev)?,
+            v_proj: Linear::load(src, &p("v_proj"), nkv * d, h, dtype, dev)?,
+            o_proj: Linear::load(src, &p("o_proj"), h, nh * d, dtype, dev)?,
+            kind,
+            qk_norm: if kind.uses_rope() && cfg.use_qk_norm {
+                Some(RmsNorm::unit(d, cfg.rms_norm_eps, dtype, dev)?)
+            } else {
+                None
+            },
+            temperature: (!kind.uses_rope() && cfg.attn_temperature_tuning)
+                .then_some((cfg.attn_scale, cfg.floor_scale)),
+            chunk: if kind == AttentionKind::ChunkedRope { cfg.attention_chunk_size } else { None },
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: d,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        spans: &[SeqSpan],
+        caches: &mut [&mut KvCache],
+        rope: &Rope,
+        deviation: Option<Deviation>,
+    ) -> Result<Tensor> {
+        let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let q_all = self.q_proj.forward(x)?;
+        let k_all = self.k_proj.forward(x)?;
+        let v_all = self.v_proj.forward(x)?;
+        let mut outputs = Vec::with_capacity(spans.len());
+        for (span, cache) in spans.iter().zip(caches.iter_mut()) {
+            let t = span.len;
+            // [T, heads·d] → [heads, T, d]
+            let heads = |m: &Tensor, n: usize| -> Result<Tensor> {
+                Ok(m.narrow(0, span.start, t)?.reshape((t, n, d))?.transpose(0, 1)?.contiguous()?)
+            };
+            let mut q = heads(&q_all, nh)?;
+            let mut k = heads(&k_all, nkv)?;
+            let v = heads(&v_all, nkv)?;
+            let chunk = if deviation == Some(Deviation::NoChunkMask) { None } else { self.chunk };
+
+            if self.kind.uses_rope() {
+                let (cos, sin) = rope.cos_sin(span.pos..span.pos + t, x.device())?;
+                let apply = |m: &Tensor| -> Result<Tensor> {
+                    let m = m.unsqueeze(0)?;
+                    let out = if deviation == Some(Deviation::RotateHalfRope) {
+                        candle_nn::rotary_emb::rope(&m, &cos, &sin)?
+                    } else {
+                        candle_nn::rotary_emb::rope_i(&m, &cos, &sin)?
+                    };
+                    Ok(out.squeeze(0)?)
+                };
+                q = apply(&q)?;
+                k = apply(&k)?;
+                if let Some(norm) = self.qk_norm.as_ref().filter(|_| deviation != Some(Deviation::NoQkNorm)) {
+                    q = norm.forward(&q)?;
+                    k = norm.forward(&k)?;
+                }
+            }
+            if let Some((attn_scale, floor_scale)) = self.temperature
+                && deviation != Some(Deviation::NoTemperatureTuning)
+            {
+                // s(p) = 1 + attn_scale·ln(1 + floor((p + 1) / floor_scale)), p absolute.
+                let scales: Vec<f32> = (span.pos..span.pos + t)
+                    .map(|p| (1.0 + attn_scale * (1.0 + ((p as f64 + 1.0) / floor_scale).floor()).ln()) as f32)
+                    .collect();
+                let scales = Tensor::from_vec(scales, (1, t, 1), x.device())?.to_dtype(q.dtype())?;
+                q = q.broadcast_mul(&scales)?;
+            }
+
+            // Keys needed: the whole prefix on full layers; from the first query's chunk start on
+            // chunked layers (older keys are masked out for every query of this step anyway).
+            let from = match chunk {
+                Some(c) => span.pos / c * c,
+                None => 0,
+            };
+            let (keys, values) = cache.append(self.layer, &k, &v, from)?;
+            let n_keys = keys.dim(1)?;
+
+            // GQA without copying KV: query head h uses KV head h / group, so view q as
+            // [kv_heads, group·T, d] and multiply by each KV head's keys once.
+            let group = nh / nkv;
+            let q = q.reshape((nkv, group * t, d))?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let mut scores = (q.matmul(&keys.transpose(1, 2)?)? * scale)?;
+            if let Some(mask) = causal_mask(span.pos, t, from, n_keys, chunk, x.device())? {
+                scores = scores
+                    .reshape((nkv, group, t, n_keys))?
+                    .broadcast_add(&mask.to_dtype(scores.dtype())?)?
+                    .reshape((nkv, group * t, n_keys))?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let out = probs.matmul(&values)?; // [kv_heads, group·T, d]
+            outputs.push(out.reshape((nh, t, d))?.transpose(0, 1)?.reshape((t, nh * d))?);
+        }
+        let out = if outputs.len() == 1 { outputs.swap_remove(0) } else { Tensor::cat(&outputs, 0)? };
+        self.o_proj.forward(&out)
+    }
+}
+
+/// Additive mask `[T, n_keys]` for queries at absolute positions `pos..pos+T` and keys at
+/// `from..from+n_keys`: key j is visible to query i iff j ≤ i and, on chunked layers, both sit in
+/// the same `chunk`-sized block. `None` when every key is visible (a single decode token).
+fn causal_mask(
+    pos: usize,
+    t: usize,
+    from: usize,
+    n_keys: usize,
+    chunk: Option<usize>,
+    dev: &Device,
+) -> Result<Option<Tensor>> {
+    let visible = |i: usize, j: usize| j <= i && chunk.is_none_or(|c| i / c == j / c);
+    let all_visible = (pos..pos + t).all(|i| (from..from + n_keys).all(|j| visible(i, j)));
+    if all_visible {
+        return Ok(None);
+    }
+    let mut mask = Vec::with_capacity(t * n_keys);
+    for i in pos..pos + t {
+        mask.extend((from..from + n_keys).map(|j| if visible(i, j) { 0.0f32 } else { f32::NEG_INFINITY }));
+    }
+    Ok(Some(Tensor::from_vec(mask, (t, n_keys), dev)?))
+}

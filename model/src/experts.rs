@@ -1,0 +1,138 @@
+//! Routed experts computed in this process: a shard (any subset of expert ids) of every MoE layer,
+//! loaded from the fused hub tensors `feed_forward.experts.gate_up_proj` `[E, hidden, 2·inter]`
+//! (gate = first half of the last dim) and `down_proj` `[E, inter, hidden]`. Only the hosted
+//! experts' slices are read from the checkpoint.
+//!
+//! The expert worker serves one; the coordinator's `local` transport uses one holding every expert.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::checkpoint::WeightSource;
+use crate::config::{FeedForwardKind, ModelConfig};
+use crate::error::{Error, Result};
+use crate::layers::swiglu_down;
+use crate::moe::{ExpertBackend, ExpertBatch, ExpertGroup, ExpertsInFlight};
+
+#[derive(Debug, Clone)]
+struct ExpertFfn {
+    /// `[hidden, 2·inter]`: the x·W layout of the checkpoint, gate columns first.
+    gate_up: Tensor,
+    /// `[inter, hidden]`.
+    down: Tensor,
+}
+
+#[derive(Debug)]
+pub struct ExpertShard {
+    /// `layers[l][e]`: expert `e` of layer `l`, when layer `l` is MoE and `e` is hosted here.
+    layers: Vec<Vec<Option<ExpertFfn>>>,
+    experts: Vec<u32>,
+    inter: usize,
+    hidden: usize,
+    resident_bytes: u64,
+}
+
+impl ExpertShard {
+    /// Loads `experts` (global ids) of every MoE layer. `progress` is called after each tensor read.
+    pub fn load(
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        experts: &[u32],
+        dtype: DType,
+        dev: &Device,
+        progress: &mut dyn FnMut(),
+    ) -> Result<Self> {
+        let t = &cfg.text;
+        let mut ids = experts.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        if let Some(&bad) = ids.iter().find(|&&e| e as usize >= t.num_local_experts) {
+            return Err(Error::Input(format!("expert {bad} does not exist (the model has {})", t.num_local_experts)));
+        }
+        let prefix = cfg.architecture.decoder_prefix();
+        let mut layers = Vec::with_capacity(t.num_hidden_layers);
+        let mut resident_bytes = 0u64;
+        for (l, kind) in t.feed_forward.iter().enumerate() {
+            let mut slots = vec![None; t.num_local_experts];
+            if *kind == FeedForwardKind::Moe {
+                let gu_key = format!("{prefix}layers.{l}.feed_forward.experts.gate_up_proj");
+                let down_key = format!("{prefix}layers.{l}.feed_forward.experts.down_proj");
+                for &e in &ids {
+                    let e = e as usize;
+                    let gate_up = src.rows(&gu_key, &t.expert_gate_up_shape(), e, 1, dtype, dev)?.squeeze(0)?;
+                    let down = src.rows(&down_key, &t.expert_down_shape(), e, 1, dtype, dev)?.squeeze(0)?;
+                    resident_bytes += ((gate_up.elem_count() + down.elem_count()) * dtype.size_in_bytes()) as u64;
+                    slots[e] = Some(ExpertFfn { gate_up, down });
+                    progress();
+                }
+            }
+            layers.push(slots);
+        }
+        Ok(ExpertShard { layers, experts: ids, inter: t.intermediate_size, hidden: t.hidden_size, resident_bytes })
+    }
+
+    /// The hosted expert ids, ascending.
+    pub fn experts(&self) -> &[u32] {
+        &self.experts
+    }
+
+    pub fn hosts(&self, layer: usize, expert: u32) -> bool {
+        matches!(self.layers.get(layer).and_then(|l| l.get(expert as usize)), Some(Some(_)))
+    }
+
+    /// Bytes of expert weights held in memory, in the compute dtype.
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident_bytes
+    }
+
+    /// SwiGLU of every group's rows with its expert: one matrix product per expert, not per row.
+    pub fn compute(&self, layer: usize, groups: &[ExpertGroup], rows: &Tensor) -> Result<Tensor> {
+        let err = |reason: String| Error::Experts { layer, reason };
+        let slots = self.layers.get(layer).ok_or_else(|| err(format!("layer out of range ({})", self.layers.len())))?;
+        let total: usize = groups.iter().map(|g| g.rows as usize).sum();
+        if rows.dims() != [total, self.hidden] {
+            return Err(err(format!(
+                "rows have shape {:?}, the groups announce [{total}, {}]",
+                rows.dims(),
+                self.hidden
+            )));
+        }
+        let mut outputs = Vec::with_capacity(groups.len());
+        let mut offset = 0;
+        for g in groups {
+            let ffn = slots
+                .get(g.expert as usize)
+                .and_then(Option::as_ref)
+                .ok_or_else(|| err(format!("expert {} is not hosted here", g.expert)))?;
+            let n = g.rows as usize;
+            if n == 0 {
+                continue;
+            }
+            let x = rows.narrow(0, offset, n)?;
+            let gu = x.matmul(&ffn.gate_up)?;
+            outputs.push(swiglu_down(&gu, self.inter, |h| Ok(h.matmul(&ffn.down)?))?);
+            offset += n;
+        }
+        if outputs.is_empty() {
+            return Ok(rows.zeros_like()?);
+        }
+        Ok(if outputs.len() == 1 { outputs.swap_remove(0) } else { Tensor::cat(&outputs, 0)? })
+    }
+}
+
+struct LocalInFlight<'a> {
+    shard: &'a ExpertShard,
+    batch: ExpertBatch,
+}
+
+impl ExpertsInFlight for LocalInFlight<'_> {
+    fn wait(self: Box<Self>) -> Result<Tensor> {
+        self.shard.compute(self.batch.layer, &self.batch.groups, &self.batch.rows)
+    }
+}
+
+/// In process, the computation runs when the caller waits: after the shared expert, same thread.
+impl ExpertBackend for ExpertShard {
+    fn submit<'a>(&'a self, batch: ExpertBatch) -> Result<Box<dyn ExpertsInFlight + 'a>> {
+        Ok(Box::new(LocalInFlight { shard: self, batch }))
+    }
+}

@@ -1,0 +1,32 @@
+//! Llama 4 as pure computation on candle tensors: config parsing (hub and transformers-5
+//! spellings), memory-mapped safetensors checkpoints in hub layout, and the text decoder with every
+//! Llama-4 detail (interleaved RoPE with llama3 scaling, NoPE layers, chunked attention, L2 qk-norm,
+//! attention temperature tuning, sigmoid top-k router scaling the expert input, shared expert).
+//!
+//! Boundaries: no networking, no async runtime, no I/O beyond reading (and, for `gen-model` and
+//! tests, writing) checkpoints. Routed experts are reached only through [`ExpertBackend`], so that
+//! the coordinator can put them in other processes without touching the layer code.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod experts;
+pub mod kv_cache;
+pub mod moe;
+pub mod rope;
+pub mod synthetic;
+pub mod text_model;
+
+mod attention;
+mod layers;
+
+#[cfg(test)]
+mod parity_tests;
+
+pub use checkpoint::{Checkpoint, WeightSource};
+pub use config::{ModelConfig, TextConfig};
+pub use error::{Error, Result};
+pub use experts::ExpertShard;
+pub use kv_cache::KvCache;
+pub use moe::{ExpertBackend, ExpertBatch, ExpertGroup, ExpertsInFlight, RoutingTrace};
+pub use text_model::{LogitsFor, SequenceStep, TextModel};

@@ -1,0 +1,209 @@
+//! The Llama-4 text decoder (`Llama4TextModel` + `lm_head`): embeddings, decoder layers (attention,
+//! then MoE or dense feed-forward, each behind an RMSNorm with a residual), final norm and head.
+//!
+//! A step takes several sequences at once, each with its own new tokens and cache; their rows are
+//! concatenated so that every projection and every MoE layer runs once for the whole step.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::attention::{Attention, SeqSpan};
+use crate::checkpoint::WeightSource;
+use crate::config::{FeedForwardKind, ModelConfig, TextConfig};
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::layers::{Linear, Mlp, RmsNorm};
+use crate::moe::{ExpertBackend, MoeBlock, RoutingTrace};
+use crate::rope::Rope;
+
+/// Deliberate departures from Llama 4, used only by the negative-control tests to show that the
+/// parity test notices each detail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) enum Deviation {
+    RotateHalfRope,
+    ScaleExpertOutput,
+    NoTemperatureTuning,
+    NoChunkMask,
+    NoQkNorm,
+}
+
+#[derive(Debug)]
+enum FeedForward {
+    Moe(MoeBlock),
+    Dense(Mlp),
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    attention: Attention,
+    post_attention_layernorm: RmsNorm,
+    feed_forward: FeedForward,
+}
+
+/// New tokens of one sequence for a step, with the cache holding its earlier tokens.
+#[derive(Debug)]
+pub struct SequenceStep<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+/// Which rows of the step get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Every new token of every sequence.
+    All,
+    /// The last new token of each sequence (decoding, and the end of a prefill).
+    Last,
+}
+
+#[derive(Debug)]
+pub struct TextModel {
+    cfg: TextConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+    deviation: Option<Deviation>,
+}
+
+impl TextModel {
+    /// Loads every non-expert text weight. `progress(done_tensors, total_tensors)` follows the load.
+    pub fn load(
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        let t = &cfg.text;
+        let prefix = cfg.architecture.decoder_prefix();
+        let total = t.num_hidden_layers + 2;
+        let embed_tokens =
+            src.tensor(&format!("{prefix}embed_tokens.weight"), &[t.vocab_size, t.hidden_size], dtype, device)?;
+        progress(1, total);
+        let mut layers = Vec::with_capacity(t.num_hidden_layers);
+        for i in 0..t.num_hidden_layers {
+            let p = format!("{prefix}layers.{i}.");
+            let norm = |name: &str| {
+                RmsNorm::load(src, &format!("{p}{name}.weight"), t.hidden_size, t.rms_norm_eps, dtype, device)
+            };
+            let feed_forward = match t.feed_forward[i] {
+                FeedForwardKind::Moe => FeedForward::Moe(MoeBlock::load(t, i, src, &p, dtype, device)?),
+                FeedForwardKind::Dense => FeedForward::Dense(Mlp::load(
+                    src,
+                    &format!("{p}feed_forward."),
+                    t.hidden_size,
+                    t.intermediate_size_mlp,
+                    dtype,
+                    device,
+                )?),
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: norm("input_layernorm")?,
+                attention: Attention::load(t, i, src, &p, dtype, device)?,
+                post_attention_layernorm: norm("post_attention_layernorm")?,
+                feed_forward,
+            });
+            progress(i + 2, total);
+        }
+        let norm = RmsNorm::load(src, &format!("{prefix}norm.weight"), t.hidden_size, t.rms_norm_eps, dtype, device)?;
+        let lm_head = if t.tie_word_embeddings {
+            Linear::from_weight(embed_tokens.clone())
+        } else {
+            Linear::load(src, cfg.architecture.lm_head_key(), t.vocab_size, t.hidden_size, dtype, device)?
+        };
+        progress(total, total);
+        Ok(TextModel {
+            cfg: t.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(&t.rope, t.head_dim),
+            dtype,
+            device: device.clone(),
+            deviation: None,
+        })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// An empty cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(&self.cfg, self.dtype, &self.device)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn with_deviation(mut self, deviation: Option<Deviation>) -> Self {
+        self.deviation = deviation;
+        self
+    }
+
+    /// Runs one step: appends each sequence's tokens to its cache and returns f32 logits
+    /// `[rows, vocab]` for the rows `which` selects, sequences in order.
+    pub fn forward(
+        &self,
+        seqs: &mut [SequenceStep<'_>],
+        experts: &dyn ExpertBackend,
+        which: LogitsFor,
+        mut trace: Option<&mut RoutingTrace>,
+    ) -> Result<Tensor> {
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut ids = Vec::new();
+        for s in seqs.iter() {
+            if s.tokens.is_empty() {
+                return Err(Error::Input("a sequence in the step has no new tokens".into()));
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                return Err(Error::Input(format!(
+                    "token id {bad} is outside the vocabulary ({})",
+                    self.cfg.vocab_size
+                )));
+            }
+            spans.push(SeqSpan { start: ids.len(), len: s.tokens.len(), pos: s.cache.len() });
+            ids.extend_from_slice(s.tokens);
+        }
+        let ids = Tensor::from_slice(&ids, ids.len(), &self.device)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
+
+        for layer in &self.layers {
+            let h = layer.input_layernorm.forward(&x)?;
+            let h = layer.attention.forward(&h, &spans, &mut caches, &self.rope, self.deviation)?;
+            x = (x + h)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            let h = match &layer.feed_forward {
+                FeedForward::Moe(moe) => moe.forward(&h, experts, self.deviation, trace.as_deref_mut())?,
+                FeedForward::Dense(mlp) => mlp.forward(&h)?,
+            };
+            x = (x + h)?;
+        }
+        for (cache, span) in caches.iter_mut().zip(&spans) {
+            cache.commit(span.len);
+        }
+
+        let x = match which {
+            LogitsFor::All => x,
+            LogitsFor::Last => {
+                let last: Vec<u32> = spans.iter().map(|s| (s.start + s.len - 1) as u32).collect();
+                x.index_select(&Tensor::from_slice(&last, last.len(), &self.device)?, 0)?
+            }
+        };
+        let x = self.norm.forward(&x)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+}
