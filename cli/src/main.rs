@@ -1,1 +1,53 @@
-fn main() {}
+//! `epserve`: the one binary of the project. Argument parsing and wiring only: every subcommand
+//! delegates to the crate that owns the behaviour (`epserve-model` for the offline commands).
+
+mod chat;
+mod gen_model;
+mod generate;
+mod load;
+mod logits;
+mod synthetic_tokenizer;
+#[cfg(test)]
+mod test_support;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "epserve", version, about = "Expert-parallel serving of Llama-4-style mixture-of-experts models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print JSON logits for given token ids.
+    Logits(logits::LogitsArgs),
+    /// Generate from a prompt, offline, in one process.
+    Generate(generate::GenerateArgs),
+    /// Write a random-weight checkpoint in hub layout for a named shape.
+    GenModel(gen_model::GenModelArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EPSERVE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Logits(args) => logits::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::GenModel(args) => gen_model::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

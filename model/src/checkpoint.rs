@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
@@ -30,9 +31,14 @@ pub trait WeightSource {
         device: &Device,
     ) -> Result<Tensor>;
 
-    /// Bytes of stored data read so far and in all, for progress reports (`None` when unknown).
+    /// Bytes of stored data in the source, for progress reports (`None` when unknown).
     fn total_bytes(&self) -> Option<u64> {
         None
+    }
+
+    /// Bytes of stored data read so far through [`WeightSource::tensor`] and [`WeightSource::rows`].
+    fn bytes_read(&self) -> u64 {
+        0
     }
 }
 
@@ -52,6 +58,7 @@ pub struct Checkpoint {
     dir: PathBuf,
     files: Vec<(PathBuf, Mmap)>,
     tensors: HashMap<String, TensorEntry>,
+    bytes_read: AtomicU64,
 }
 
 impl Checkpoint {
@@ -108,7 +115,7 @@ impl Checkpoint {
             }
             files.push((path, mmap));
         }
-        Ok(Checkpoint { dir: dir.to_owned(), files, tensors })
+        Ok(Checkpoint { dir: dir.to_owned(), files, tensors, bytes_read: AtomicU64::new(0) })
     }
 
     pub fn dir(&self) -> &Path {
@@ -166,6 +173,7 @@ impl WeightSource for Checkpoint {
     fn tensor(&self, key: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let entry = self.entry(key, shape)?;
         let bytes = &self.files[entry.file].1[entry.start..entry.end];
+        self.bytes_read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Self::convert(key, entry, bytes, shape, dtype, device)
     }
 
@@ -188,6 +196,7 @@ impl WeightSource for Checkpoint {
         let row_bytes = rest.iter().product::<usize>() * entry.dtype.bitsize() / 8;
         let from = entry.start + start * row_bytes;
         let bytes = &self.files[entry.file].1[from..from + len * row_bytes];
+        self.bytes_read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let mut sub_shape = shape.to_vec();
         sub_shape[0] = len;
         Self::convert(key, entry, bytes, &sub_shape, dtype, device)
@@ -195,6 +204,10 @@ impl WeightSource for Checkpoint {
 
     fn total_bytes(&self) -> Option<u64> {
         Some(self.tensors.values().map(|e| (e.end - e.start) as u64).sum())
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
     }
 }
 

@@ -246,3 +246,38 @@ fn each_llama4_detail_matters() {
         assert!(diff > 50.0 * TOLERANCE, "{deviation:?} changed the logits by only {diff}");
     }
 }
+
+/// A tensor whose shape disagrees with the config, and a missing tensor, are errors that name the
+/// key (and both shapes).
+#[test]
+fn checkpoint_errors_name_the_key() {
+    let dir = fixture_dir();
+    let ckpt = Checkpoint::open(&dir).expect("checkpoint");
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("read")).expect("json");
+    value["text_config"]["intermediate_size"] = serde_json::json!(96);
+    let cfg = ModelConfig::from_json(&value).expect("config");
+    let err = TextModel::load(&cfg, &ckpt, DType::F32, &Device::Cpu, &mut |_, _| {}).expect_err("shape mismatch");
+    let message = err.to_string();
+    assert!(
+        message.contains("language_model.model.layers.0.feed_forward.shared_expert.gate_proj.weight")
+            && message.contains("[128, 64]")
+            && message.contains("[96, 64]"),
+        "{message}"
+    );
+
+    let out = tempfile::tempdir().expect("tempdir");
+    let tensors: Vec<(String, Tensor)> = ckpt
+        .keys()
+        .filter(|k| !k.ends_with("layers.2.self_attn.k_proj.weight"))
+        .map(|k| {
+            let shape = ckpt.shape(k).expect("shape").to_vec();
+            (k.to_owned(), ckpt.tensor(k, &shape, DType::BF16, &Device::Cpu).expect("tensor"))
+        })
+        .collect();
+    write_checkpoint(out.path(), &tensors, None).expect("write");
+    let partial = Checkpoint::open(out.path()).expect("open");
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).expect("config");
+    let err = TextModel::load(&cfg, &partial, DType::F32, &Device::Cpu, &mut |_, _| {}).expect_err("missing");
+    assert!(err.to_string().contains("language_model.model.layers.2.self_attn.k_proj.weight"), "{err}");
+}
