@@ -69,9 +69,8 @@ pub fn write(
     let tokenizer = synthetic_tokenizer::build(vocab, max_merges);
     let config_json = preset.config_json(tokenizer.first_special);
     let config = ModelConfig::from_json(&config_json)?;
-    let special = |name: &str| {
-        tokenizer.first_special + NAMED_SPECIAL_TOKENS.iter().position(|t| *t == name).unwrap_or(0) as u32
-    };
+    let special =
+        |name: &str| tokenizer.first_special + NAMED_SPECIAL_TOKENS.iter().position(|t| *t == name).unwrap_or(0) as u32;
 
     let first_reserved = (tokenizer.first_special as usize + NAMED_SPECIAL_TOKENS.len()).min(vocab);
     let source = RandomWeights::new(seed);

@@ -9,7 +9,7 @@ use epserve_model::{LogitsFor, SequenceStep};
 use serde_json::{Value, json};
 
 use crate::chat::ChatTemplate;
-use crate::load::{ComputeDtype, load};
+use crate::load::{ComputeDtype, ExpertArgs, engine};
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
@@ -39,6 +39,8 @@ pub struct GenerateArgs {
     pub json: bool,
     #[arg(long, value_enum, default_value = "f32", env = "EPSERVE_DTYPE")]
     pub dtype: ComputeDtype,
+    #[command(flatten)]
+    pub experts: ExpertArgs,
 }
 
 /// End-of-sequence ids: `generation_config.json` when it names them, else the model config's.
@@ -87,9 +89,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("the prompt is empty");
     }
 
-    let loaded = load(&args.model, args.dtype)?;
-    let eos = eos_ids(&args.model, &loaded.config.text.eos_token_ids);
-    let mut cache = loaded.model.new_cache();
+    let engine = engine(&args.model, args.dtype, &args.experts)?;
+    let eos = eos_ids(&args.model, &engine.config.text.eos_token_ids);
+    let mut cache = engine.model.new_cache();
     let mut rng = SplitMix64::new(args.seed);
     let mut generated = Vec::new();
     let mut next = prompt.clone();
@@ -97,12 +99,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let started = Instant::now();
     let mut first_token_at = None;
     while generated.len() < args.max_tokens {
-        let logits = loaded.model.forward(
-            &mut [SequenceStep { tokens: &next, cache: &mut cache }],
-            &loaded.experts,
-            LogitsFor::Last,
-            None,
-        )?;
+        let logits = engine.step(&mut [SequenceStep { tokens: &next, cache: &mut cache }], LogitsFor::Last)?;
         let row = logits.squeeze(0)?.to_vec1::<f32>()?;
         let token = sample(&row, args.temperature, &mut rng);
         first_token_at.get_or_insert_with(|| started.elapsed());

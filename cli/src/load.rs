@@ -1,11 +1,14 @@
-//! Loading a checkpoint directory for the offline commands, with progress on the log.
+//! Loading a checkpoint directory for the commands, with progress on the log, and choosing how the
+//! routed experts are reached (`--workers`).
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
-use epserve_model::{Checkpoint, ExpertShard, ModelConfig, TextModel, WeightSource};
+use epserve_coordinator::{ExpertTransport, GrpcConfig, GrpcExperts};
+use epserve_model::{Checkpoint, ExpertShard, LogitsFor, ModelConfig, SequenceStep, TextModel, WeightSource};
+use epserve_proto::wire::WireDtype;
 
 /// Compute dtype on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -23,10 +26,56 @@ impl From<ComputeDtype> for DType {
     }
 }
 
-pub struct Loaded {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WireArg {
+    Bf16,
+    F32,
+}
+
+impl From<WireArg> for WireDtype {
+    fn from(w: WireArg) -> Self {
+        match w {
+            WireArg::Bf16 => WireDtype::Bf16,
+            WireArg::F32 => WireDtype::F32,
+        }
+    }
+}
+
+/// Where the routed experts run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExpertArgs {
+    /// Expert workers (`host:port`, comma-separated) to run the experts through, instead of in
+    /// process. Together they must host every expert of every MoE layer.
+    #[arg(long, value_delimiter = ',', env = "EPSERVE_WORKERS")]
+    pub workers: Vec<String>,
+    /// Dtype of the activations exchanged with the workers.
+    #[arg(long, value_enum, default_value = "bf16", env = "EPSERVE_WIRE_DTYPE")]
+    pub wire_dtype: WireArg,
+    /// Deadline of every exchange with a worker, in milliseconds.
+    #[arg(long, default_value_t = 10_000, env = "EPSERVE_EXCHANGE_TIMEOUT_MS")]
+    pub exchange_timeout_ms: u64,
+    /// Split each step into two micro-batches whose attention and expert phases overlap.
+    #[arg(long, env = "EPSERVE_OVERLAP")]
+    pub overlap: bool,
+}
+
+/// A model ready to run steps, with its experts (and the runtime carrying the worker streams).
+pub struct Engine {
     pub config: ModelConfig,
     pub model: TextModel,
-    pub experts: ExpertShard,
+    pub experts: ExpertTransport,
+    pub overlap: bool,
+    _runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Engine {
+    pub fn step(&self, seqs: &mut [SequenceStep<'_>], which: LogitsFor) -> Result<candle_core::Tensor> {
+        Ok(if self.overlap {
+            epserve_coordinator::overlap::forward_overlapped(&self.model, seqs, &self.experts, which)?
+        } else {
+            self.model.forward(seqs, &self.experts, which, None)?
+        })
+    }
 }
 
 /// Logs every 10% of the bytes read, with the rate at the end.
@@ -69,15 +118,38 @@ impl<'a> LoadProgress<'a> {
     }
 }
 
-pub fn load(dir: &Path, dtype: ComputeDtype) -> Result<Loaded> {
-    let config = ModelConfig::from_file(&dir.join("config.json"))
-        .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
+pub fn read_config(dir: &Path) -> Result<ModelConfig> {
+    let path = dir.join("config.json");
+    ModelConfig::from_file(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Loads the non-expert weights, and the experts either from the checkpoint (no `--workers`) or
+/// through the workers.
+pub fn engine(dir: &Path, dtype: ComputeDtype, experts: &ExpertArgs) -> Result<Engine> {
+    let config = read_config(dir)?;
     let ckpt = Checkpoint::open(dir)?;
     let device = Device::Cpu;
     let mut progress = LoadProgress::new(&ckpt, "weights");
     let model = TextModel::load(&config, &ckpt, dtype.into(), &device, &mut |_, _| progress.tick())?;
-    let all: Vec<u32> = (0..config.text.num_local_experts as u32).collect();
-    let experts = ExpertShard::load(&config, &ckpt, &all, dtype.into(), &device, &mut || progress.tick())?;
+    let (transport, runtime) = if experts.workers.is_empty() {
+        let all: Vec<u32> = (0..config.text.num_local_experts as u32).collect();
+        let shard = ExpertShard::load(&config, &ckpt, &all, dtype.into(), &device, &mut || progress.tick())?;
+        (ExpertTransport::Local(shard), None)
+    } else {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("epserve-io")
+            .enable_all()
+            .build()?;
+        let cfg = GrpcConfig {
+            wire: experts.wire_dtype.into(),
+            exchange_timeout: Duration::from_millis(experts.exchange_timeout_ms),
+            ..GrpcConfig::new(experts.workers.clone())
+        };
+        let grpc = runtime.block_on(GrpcExperts::connect(&cfg, &config.text, dtype.into()))?;
+        tracing::info!("experts through {} workers, {} wire", experts.workers.len(), cfg.wire);
+        (ExpertTransport::Grpc(grpc), Some(runtime))
+    };
     progress.finish();
-    Ok(Loaded { config, model, experts })
+    Ok(Engine { config, model, experts: transport, overlap: experts.overlap, _runtime: runtime })
 }

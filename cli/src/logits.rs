@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use epserve_model::{LogitsFor, SequenceStep};
 
-use crate::load::{ComputeDtype, load};
+use crate::load::{ComputeDtype, ExpertArgs, engine};
 
 #[derive(Debug, clap::Args)]
 pub struct LogitsArgs {
@@ -22,18 +22,15 @@ pub struct LogitsArgs {
     /// Compute dtype.
     #[arg(long, value_enum, default_value = "f32", env = "EPSERVE_DTYPE")]
     pub dtype: ComputeDtype,
+    #[command(flatten)]
+    pub experts: ExpertArgs,
 }
 
 pub fn run(args: LogitsArgs) -> Result<()> {
-    let loaded = load(&args.model, args.dtype)?;
-    let mut cache = loaded.model.new_cache();
+    let engine = engine(&args.model, args.dtype, &args.experts)?;
+    let mut cache = engine.model.new_cache();
     let which = if args.last { LogitsFor::Last } else { LogitsFor::All };
-    let logits = loaded.model.forward(
-        &mut [SequenceStep { tokens: &args.tokens, cache: &mut cache }],
-        &loaded.experts,
-        which,
-        None,
-    )?;
+    let logits = engine.step(&mut [SequenceStep { tokens: &args.tokens, cache: &mut cache }], which)?;
     let rows = logits.to_vec2::<f32>()?;
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, &serde_json::json!({ "logits": rows }))?;

@@ -2,13 +2,16 @@
 //! delegates to the crate that owns the behaviour (`epserve-model` for the offline commands).
 
 mod chat;
+mod decode_bench;
 mod gen_model;
 mod generate;
 mod load;
 mod logits;
+mod metrics_http;
 mod synthetic_tokenizer;
 #[cfg(test)]
 mod test_support;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +30,32 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Write a random-weight checkpoint in hub layout for a named shape.
     GenModel(gen_model::GenModelArgs),
+    /// Serve a shard of the experts of every MoE layer over gRPC.
+    Worker(worker::WorkerArgs),
+    /// Measure decode throughput of the engine at given batch sizes (local or through workers).
+    DecodeBench(decode_bench::DecodeBenchArgs),
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,6 +71,8 @@ fn main() -> std::process::ExitCode {
         Command::Logits(args) => logits::run(args),
         Command::Generate(args) => generate::run(args),
         Command::GenModel(args) => gen_model::run(args),
+        Command::Worker(args) => worker::run(args),
+        Command::DecodeBench(args) => decode_bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -29,4 +29,4 @@ pub use error::{Error, Result};
 pub use experts::ExpertShard;
 pub use kv_cache::KvCache;
 pub use moe::{ExpertBackend, ExpertBatch, ExpertGroup, ExpertsInFlight, RoutingTrace};
-pub use text_model::{LogitsFor, SequenceStep, TextModel};
+pub use text_model::{LayerInFlight, LogitsFor, SequenceStep, Step, TextModel};

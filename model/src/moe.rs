@@ -96,39 +96,62 @@ impl MoeBlock {
         })
     }
 
-    pub fn forward(
+    /// Routes `h` (the post-attention-normed hidden states) and sends the routed rows to the experts.
+    pub fn submit<'e>(
         &self,
-        h: &Tensor,
-        experts: &dyn ExpertBackend,
+        h: Tensor,
+        experts: &'e dyn ExpertBackend,
         deviation: Option<Deviation>,
         trace: Option<&mut RoutingTrace>,
-    ) -> Result<Tensor> {
-        let logits = self.router.forward(h)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    ) -> Result<MoeInFlight<'e>> {
+        let logits = self.router.forward(&h)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let routing = Routing::top_k(&logits, self.top_k, self.num_experts, self.layer)?;
         if let Some(trace) = trace {
-            trace.layers.push((self.layer, routing.per_row.clone()));
+            trace.layers.push((self.layer, routing.per_row));
         }
-
-        let index = Tensor::from_slice(&routing.order, routing.order.len(), h.device())?;
-        let scores = Tensor::from_slice(&routing.scores, (routing.scores.len(), 1), h.device())?.to_dtype(h.dtype())?;
+        let rows_total = routing.order.len();
+        let index = Tensor::from_slice(&routing.order, rows_total, h.device())?;
+        let scores = Tensor::from_slice(&routing.scores, (rows_total, 1), h.device())?.to_dtype(h.dtype())?;
         let gathered = h.index_select(&index, 0)?;
         let scale_output = deviation == Some(Deviation::ScaleExpertOutput);
         // Llama 4 multiplies the score into the expert input (`routed_in = h · score`), which is not
         // the same as scaling the output: silu(s·g)·(s·u) ≠ s·silu(g)·u.
         let rows = if scale_output { gathered } else { gathered.broadcast_mul(&scores)? };
         let in_flight = experts.submit(ExpertBatch { layer: self.layer, groups: routing.groups, rows })?;
-        let shared = self.shared_expert.forward(h)?;
+        Ok(MoeInFlight { h, index, scores: scale_output.then_some(scores), in_flight })
+    }
+
+    /// Computes the shared expert while the routed experts work, then adds their answers.
+    pub fn complete(&self, pending: MoeInFlight<'_>) -> Result<Tensor> {
+        let MoeInFlight { h, index, scores, in_flight } = pending;
+        let shared = self.shared_expert.forward(&h)?;
         let mut routed = in_flight.wait()?;
-        if routed.dims() != [routing.order.len(), h.dim(1)?] {
+        if routed.dims() != [index.dim(0)?, h.dim(1)?] {
             return Err(Error::Experts {
                 layer: self.layer,
-                reason: format!("backend answered shape {:?} for {} rows", routed.dims(), routing.order.len()),
+                reason: format!("backend answered shape {:?} for {} rows", routed.dims(), index.dim(0)?),
             });
         }
-        if scale_output {
+        if let Some(scores) = scores {
             routed = routed.broadcast_mul(&scores)?;
         }
         Ok(shared.index_add(&index, &routed, 0)?)
+    }
+}
+
+/// A MoE layer whose routed rows are with the experts.
+pub(crate) struct MoeInFlight<'e> {
+    h: Tensor,
+    /// Source row of each routed row.
+    index: Tensor,
+    /// Router scores to apply to the outputs (only under `Deviation::ScaleExpertOutput`).
+    scores: Option<Tensor>,
+    in_flight: Box<dyn ExpertsInFlight + 'e>,
+}
+
+impl std::fmt::Debug for MoeInFlight<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MoeInFlight").field("rows", &self.index.dims()).finish_non_exhaustive()
     }
 }
 

@@ -204,7 +204,13 @@ impl WeightSource for RandomWeights {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        Ok(self.tensor(key, shape, dtype, device)?.narrow(0, start, len)?)
+        // Only the requested rows become a tensor: a view into the whole generated tensor would keep
+        // all of it alive.
+        let row: usize = shape[1..].iter().product();
+        let all = self.generate(key, shape);
+        let mut sub_shape = shape.to_vec();
+        sub_shape[0] = len;
+        Ok(Tensor::from_slice(&all[start * row..(start + len) * row], sub_shape, device)?.to_dtype(dtype)?)
     }
 }
 

@@ -12,7 +12,7 @@ use crate::config::{FeedForwardKind, ModelConfig, TextConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::layers::{Linear, Mlp, RmsNorm};
-use crate::moe::{ExpertBackend, MoeBlock, RoutingTrace};
+use crate::moe::{ExpertBackend, MoeBlock, MoeInFlight, RoutingTrace};
 use crate::rope::Rope;
 
 /// Deliberate departures from Llama 4, used only by the negative-control tests to show that the
@@ -162,6 +162,16 @@ impl TextModel {
         which: LogitsFor,
         mut trace: Option<&mut RoutingTrace>,
     ) -> Result<Tensor> {
+        let mut step = self.begin_step(seqs)?;
+        for layer in 0..self.layers.len() {
+            self.run_layer(&mut step, layer, experts, trace.as_deref_mut())?;
+        }
+        self.finish_step(step, which)
+    }
+
+    /// Embeds the new tokens of every sequence. The caches are not changed until
+    /// [`TextModel::finish_step`], so a step that fails half-way leaves them as they were.
+    pub fn begin_step<'s>(&self, seqs: &'s mut [SequenceStep<'_>]) -> Result<Step<'s>> {
         let mut spans = Vec::with_capacity(seqs.len());
         let mut ids = Vec::new();
         for s in seqs.iter() {
@@ -178,32 +188,102 @@ impl TextModel {
             ids.extend_from_slice(s.tokens);
         }
         let ids = Tensor::from_slice(&ids, ids.len(), &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
-        let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
+        let hidden = self.embed_tokens.index_select(&ids, 0)?;
+        let caches = seqs.iter_mut().map(|s| &mut *s.cache).collect();
+        Ok(Step { spans, caches, hidden })
+    }
 
-        for layer in &self.layers {
-            let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.attention.forward(&h, &spans, &mut caches, &self.rope, self.deviation)?;
-            x = (x + h)?;
-            let h = layer.post_attention_layernorm.forward(&x)?;
-            let h = match &layer.feed_forward {
-                FeedForward::Moe(moe) => moe.forward(&h, experts, self.deviation, trace.as_deref_mut())?,
-                FeedForward::Dense(mlp) => mlp.forward(&h)?,
-            };
-            x = (x + h)?;
-        }
+    /// Runs decoder layer `layer` on the step's hidden states.
+    pub fn run_layer(
+        &self,
+        step: &mut Step<'_>,
+        layer: usize,
+        experts: &dyn ExpertBackend,
+        trace: Option<&mut RoutingTrace>,
+    ) -> Result<()> {
+        let in_flight = self.start_layer(step, layer, experts, trace)?;
+        self.finish_layer(step, in_flight)
+    }
+
+    /// First half of a layer: attention, the post-attention norm, the router, and the routed rows
+    /// sent to the experts. The step can do other work (another micro-batch's attention) before
+    /// [`TextModel::finish_layer`].
+    pub fn start_layer<'e>(
+        &self,
+        step: &mut Step<'_>,
+        layer: usize,
+        experts: &'e dyn ExpertBackend,
+        trace: Option<&mut RoutingTrace>,
+    ) -> Result<LayerInFlight<'e>> {
+        let l = self.layers.get(layer).ok_or_else(|| Error::Input(format!("layer {layer} does not exist")))?;
+        let h = l.input_layernorm.forward(&step.hidden)?;
+        let h = l.attention.forward(&h, &step.spans, &mut step.caches, &self.rope, self.deviation)?;
+        let residual = (&step.hidden + h)?;
+        let h = l.post_attention_layernorm.forward(&residual)?;
+        let feed_forward = match &l.feed_forward {
+            FeedForward::Moe(moe) => PendingFeedForward::Moe(moe.submit(h, experts, self.deviation, trace)?),
+            FeedForward::Dense(mlp) => PendingFeedForward::Done(mlp.forward(&h)?),
+        };
+        Ok(LayerInFlight { layer, residual, feed_forward })
+    }
+
+    /// Second half of a layer: shared expert, the routed experts' answers, the residual add.
+    pub fn finish_layer(&self, step: &mut Step<'_>, in_flight: LayerInFlight<'_>) -> Result<()> {
+        let LayerInFlight { layer, residual, feed_forward } = in_flight;
+        let out = match (feed_forward, &self.layers[layer].feed_forward) {
+            (PendingFeedForward::Moe(pending), FeedForward::Moe(moe)) => moe.complete(pending)?,
+            (PendingFeedForward::Done(out), _) => out,
+            (PendingFeedForward::Moe(_), FeedForward::Dense(_)) => {
+                return Err(Error::Input(format!("layer {layer} is dense but has experts in flight")));
+            }
+        };
+        step.hidden = (residual + out)?;
+        Ok(())
+    }
+
+    /// Commits the new tokens to the caches and returns f32 logits for the rows `which` selects.
+    pub fn finish_step(&self, step: Step<'_>, which: LogitsFor) -> Result<Tensor> {
+        let Step { spans, mut caches, hidden } = step;
         for (cache, span) in caches.iter_mut().zip(&spans) {
             cache.commit(span.len);
         }
-
         let x = match which {
-            LogitsFor::All => x,
+            LogitsFor::All => hidden,
             LogitsFor::Last => {
                 let last: Vec<u32> = spans.iter().map(|s| (s.start + s.len - 1) as u32).collect();
-                x.index_select(&Tensor::from_slice(&last, last.len(), &self.device)?, 0)?
+                hidden.index_select(&Tensor::from_slice(&last, last.len(), &self.device)?, 0)?
             }
         };
         let x = self.norm.forward(&x)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// A layer between [`TextModel::start_layer`] and [`TextModel::finish_layer`].
+#[derive(Debug)]
+pub struct LayerInFlight<'e> {
+    layer: usize,
+    residual: Tensor,
+    feed_forward: PendingFeedForward<'e>,
+}
+
+#[derive(Debug)]
+enum PendingFeedForward<'e> {
+    Moe(MoeInFlight<'e>),
+    Done(Tensor),
+}
+
+/// A step in progress: the hidden states of all its rows and the caches they attend to.
+#[derive(Debug)]
+pub struct Step<'s> {
+    spans: Vec<SeqSpan>,
+    caches: Vec<&'s mut KvCache>,
+    hidden: Tensor,
+}
+
+impl Step<'_> {
+    /// `[rows, hidden]`: the residual stream after the layers run so far.
+    pub fn hidden(&self) -> &Tensor {
+        &self.hidden
     }
 }

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use epserve_model::config::{Architecture, AttentionKind, FeedForwardKind, ModelConfig};
 use epserve_model::Error;
+use epserve_model::config::{Architecture, AttentionKind, FeedForwardKind, ModelConfig};
 use serde_json::{Value, json};
 
 fn fixtures() -> PathBuf {
@@ -129,7 +129,8 @@ fn errors_name_the_field() {
     cases.push((v, "text_config.no_rope_layers"));
 
     let mut v = base.clone();
-    v["text_config"]["layer_types"] = json!(["chunked_attention", "full_attention", "chunked_attention", "full_attention"]);
+    v["text_config"]["layer_types"] =
+        json!(["chunked_attention", "full_attention", "chunked_attention", "full_attention"]);
     cases.push((v, "text_config.layer_types[1]"));
 
     let mut v = base.clone();

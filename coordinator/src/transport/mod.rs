@@ -1,0 +1,42 @@
+//! How the coordinator reaches the routed experts, chosen at start-up:
+//!
+//! - `local`: an in-process [`ExpertShard`] holding every expert, no copies — the single-node fast
+//!   path and the baseline every distributed figure is compared with;
+//! - `grpc`: expert workers over one bidirectional stream each ([`GrpcExperts`]).
+
+mod grpc;
+
+use epserve_model::{ExpertBackend, ExpertBatch, ExpertShard, ExpertsInFlight};
+use epserve_proto::metric_names as m;
+
+pub use grpc::{GrpcConfig, GrpcExperts};
+
+#[derive(Debug)]
+pub enum ExpertTransport {
+    Local(ExpertShard),
+    Grpc(GrpcExperts),
+}
+
+impl ExpertTransport {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ExpertTransport::Local(_) => "local",
+            ExpertTransport::Grpc(_) => "grpc",
+        }
+    }
+}
+
+impl ExpertBackend for ExpertTransport {
+    fn submit<'a>(&'a self, batch: ExpertBatch) -> epserve_model::Result<Box<dyn ExpertsInFlight + 'a>> {
+        // Per-expert load, the signal expert load balancing works from. Labels are bounded by the
+        // model's layer and expert counts.
+        for g in &batch.groups {
+            metrics::counter!(m::EXPERT_ROWS_TOTAL, "layer" => batch.layer.to_string(), "expert" => g.expert.to_string())
+                .increment(u64::from(g.rows));
+        }
+        match self {
+            ExpertTransport::Local(shard) => shard.submit(batch),
+            ExpertTransport::Grpc(grpc) => grpc.submit(batch),
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! The expert worker: hosts a shard (any subset of expert ids) of the routed experts of every MoE
+//! layer, loaded from the memory-mapped checkpoint (only its experts' slices are read), and answers
+//! `ExpertService.Exchange`: rows grouped by expert in, SwiGLU outputs out, in the same order.
+//!
+//! Boundaries: it knows nothing of sequences, KV caches or sampling, and keeps no per-request state.
+//! Compute runs on tokio's blocking pool, never on the IO threads.
+
+mod selection;
+mod service;
+
+pub use selection::{ExpertSelection, SelectionError};
+pub use service::{ExpertWorker, WorkerStats, serve};

@@ -1,0 +1,225 @@
+//! `ExpertService` on top of an [`ExpertShard`].
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use epserve_model::config::FeedForwardKind;
+use epserve_model::{ExpertGroup, ExpertShard, TextConfig};
+use epserve_proto::exchange::Exchange;
+use epserve_proto::metric_names as m;
+use epserve_proto::v1::expert_service_server::{ExpertService, ExpertServiceServer};
+use epserve_proto::v1::{
+    ExchangeRequest, ExchangeResponse, HealthRequest, HealthResponse, LayerExperts, StatusRequest, StatusResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+/// Counters reported by `Status`.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub rows_served: AtomicU64,
+    pub exchanges_served: AtomicU64,
+}
+
+/// A loaded shard and what the worker needs to check exchanges against its model.
+#[derive(Debug)]
+pub struct ExpertWorker {
+    shard: ExpertShard,
+    text: TextConfig,
+    model_name: String,
+    dtype: DType,
+    stats: WorkerStats,
+}
+
+impl ExpertWorker {
+    pub fn new(shard: ExpertShard, text: TextConfig, model_name: String, dtype: DType) -> Self {
+        metrics::gauge!(m::WORKER_RESIDENT_EXPERT_BYTES).set(shard.resident_bytes() as f64);
+        ExpertWorker { shard, text, model_name, dtype, stats: WorkerStats::default() }
+    }
+
+    pub fn shard(&self) -> &ExpertShard {
+        &self.shard
+    }
+
+    /// Checks what only this worker knows: the layer exists and is MoE, the row width is the model's,
+    /// every expert is hosted here.
+    fn check(&self, x: &Exchange) -> Result<(), String> {
+        let layer = x.layer as usize;
+        match self.text.feed_forward.get(layer) {
+            None => {
+                return Err(format!("layer {layer} is out of range (the model has {})", self.text.num_hidden_layers));
+            }
+            Some(FeedForwardKind::Dense) => return Err(format!("layer {layer} is dense; it has no experts")),
+            Some(FeedForwardKind::Moe) => {}
+        }
+        if x.hidden != self.text.hidden_size {
+            return Err(format!("rows are {} wide, the model's hidden size is {}", x.hidden, self.text.hidden_size));
+        }
+        if let Some(g) = x.groups.iter().find(|g| !self.shard.hosts(layer, g.expert)) {
+            return Err(format!(
+                "expert {} of layer {layer} is not hosted on this worker (hosts {:?})",
+                g.expert,
+                self.shard.experts()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Decodes, computes and encodes one exchange; runs on a blocking thread.
+    fn compute(&self, x: &Exchange) -> Result<bytes::Bytes, String> {
+        let mut values = Vec::new();
+        x.dtype.decode_into(&x.payload, &mut values);
+        let rows = Tensor::from_vec(values, (x.total_rows(), x.hidden), &Device::Cpu)
+            .and_then(|t| t.to_dtype(self.dtype))
+            .map_err(|e| e.to_string())?;
+        let groups: Vec<ExpertGroup> =
+            x.groups.iter().map(|g| ExpertGroup { expert: g.expert, rows: g.rows }).collect();
+        let out = self.shard.compute(x.layer as usize, &groups, &rows).map_err(|e| e.to_string())?;
+        let out = out.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>());
+        Ok(x.dtype.encode(&out.map_err(|e| e.to_string())?))
+    }
+
+    async fn handle(self: Arc<Self>, request: ExchangeRequest) -> ExchangeResponse {
+        let id = request.id;
+        let reject = |message: String| {
+            metrics::counter!(m::WORKER_EXCHANGES_TOTAL, "result" => "invalid").increment(1);
+            tracing::warn!(exchange = id, "rejected: {message}");
+            ExchangeResponse { id, code: Code::InvalidArgument as i32, message, ..Default::default() }
+        };
+        let exchange = match Exchange::try_from(request) {
+            Ok(x) => x,
+            Err(e) => return reject(e.0),
+        };
+        if let Err(message) = self.check(&exchange) {
+            return reject(message);
+        }
+        let started = Instant::now();
+        let worker = self.clone();
+        let dtype = exchange.dtype;
+        let rows = exchange.total_rows() as u64;
+        let result = tokio::task::spawn_blocking(move || worker.compute(&exchange)).await;
+        let elapsed = started.elapsed();
+        match result {
+            Ok(Ok(payload)) => {
+                self.stats.rows_served.fetch_add(rows, Ordering::Relaxed);
+                self.stats.exchanges_served.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::WORKER_EXCHANGES_TOTAL, "result" => "ok").increment(1);
+                metrics::counter!(m::WORKER_ROWS_TOTAL).increment(rows);
+                metrics::histogram!(m::WORKER_COMPUTE_SECONDS).record(elapsed.as_secs_f64());
+                ExchangeResponse {
+                    id,
+                    code: Code::Ok as i32,
+                    message: String::new(),
+                    dtype: dtype.to_proto() as i32,
+                    payload,
+                    compute_micros: elapsed.as_micros() as u64,
+                }
+            }
+            Ok(Err(message)) => {
+                tracing::error!(exchange = id, "compute failed: {message}");
+                ExchangeResponse { id, code: Code::Internal as i32, message, ..Default::default() }
+            }
+            Err(join) => {
+                tracing::error!(exchange = id, "compute task failed: {join}");
+                ExchangeResponse { id, code: Code::Internal as i32, message: join.to_string(), ..Default::default() }
+            }
+        }
+    }
+
+    fn status(&self) -> StatusResponse {
+        let layers = self
+            .text
+            .moe_layers()
+            .map(|layer| LayerExperts {
+                layer: layer as u32,
+                experts: self.shard.experts().iter().copied().filter(|&e| self.shard.hosts(layer, e)).collect(),
+            })
+            .collect();
+        StatusResponse {
+            layers,
+            resident_bytes: self.shard.resident_bytes(),
+            rows_served: self.stats.rows_served.load(Ordering::Relaxed),
+            exchanges_served: self.stats.exchanges_served.load(Ordering::Relaxed),
+            hidden: self.text.hidden_size as u32,
+            num_layers: self.text.num_hidden_layers as u32,
+            num_experts: self.text.num_local_experts as u32,
+            model: self.model_name.clone(),
+            compute_dtype: format!("{:?}", self.dtype).to_lowercase(),
+        }
+    }
+}
+
+/// The tonic service: a shared worker behind `Arc`.
+#[derive(Debug, Clone)]
+struct Service(Arc<ExpertWorker>);
+
+type ExchangeStream = Pin<Box<dyn Stream<Item = Result<ExchangeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExpertService for Service {
+    type ExchangeStream = ExchangeStream;
+
+    async fn exchange(&self, request: Request<Streaming<ExchangeRequest>>) -> Result<Response<ExchangeStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<ExchangeResponse, Status>>(256);
+        let worker = self.0.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(req)) => {
+                        // Exchanges of a stream are independent: each computes as soon as it arrives
+                        // and answers when done, in any order (matched by id).
+                        let tx = tx.clone();
+                        let worker = worker.clone();
+                        tokio::spawn(async move {
+                            let response = worker.handle(req).await;
+                            let _ = tx.send(Ok(response)).await;
+                        });
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(?peer, "exchange stream ended: {status}");
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        Ok(Response::new(HealthResponse { serving: true }))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(self.0.status()))
+    }
+}
+
+/// Serves `worker` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    worker: Arc<ExpertWorker>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, "expert worker serving");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let service = ExpertServiceServer::new(Service(worker))
+        .max_decoding_message_size(epserve_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(epserve_proto::MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(64 << 20))
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}

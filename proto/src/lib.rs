@@ -1,0 +1,21 @@
+//! The `epserve.v1` contract shared by every process: the generated gRPC code (built from
+//! `proto/epserve/v1/*.proto` into OUT_DIR), the codec of exchange payloads (rows of bf16 or f32
+//! values carried as bytes, never as repeated floats), validated domain types built once on
+//! receipt, and the names of every Prometheus metric.
+//!
+//! Boundaries: no model code, no networking policy (deadlines, retries); just what both ends of a
+//! wire must agree on.
+
+pub mod exchange;
+pub mod metric_names;
+pub mod wire;
+
+/// Generated code of package `epserve.v1`.
+#[allow(clippy::all, missing_debug_implementations)]
+pub mod v1 {
+    tonic::include_proto!("epserve.v1");
+}
+
+/// Larger than any exchange we send: 1,024 Scout rows in f32 are 20 MiB. gRPC's default 4 MiB
+/// breaks above ~400 bf16 Scout rows.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
