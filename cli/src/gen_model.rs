@@ -23,7 +23,8 @@ pub enum StoredDtype {
 
 #[derive(Debug, clap::Args)]
 pub struct GenModelArgs {
-    /// Model shape: `tiny` (the fixture's geometry) or `mini` (the benchmark shape).
+    /// Model shape: `tiny` (the fixture's geometry), `mini` (the benchmark shape) or `scout-wire`
+    /// (Scout's hidden size with tiny experts, for exchange benchmarks).
     #[arg(long, default_value = "mini")]
     pub preset: String,
     /// Seed of the weights (same seed, same checkpoint).
@@ -63,7 +64,7 @@ pub fn write(
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let (max_merges, vocab) = match preset {
-        Preset::Tiny => (224, preset.vocab_size()),
+        Preset::Tiny | Preset::ScoutWire => (224, preset.vocab_size()),
         Preset::Mini => (1500, preset.vocab_size()),
     };
     let tokenizer = synthetic_tokenizer::build(vocab, max_merges);

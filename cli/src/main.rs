@@ -3,6 +3,7 @@
 
 mod chat;
 mod decode_bench;
+mod exchange_bench;
 mod gen_model;
 mod generate;
 mod load;
@@ -34,6 +35,8 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Measure decode throughput of the engine at given batch sizes (local or through workers).
     DecodeBench(decode_bench::DecodeBenchArgs),
+    /// Measure expert-exchange round trips with one running worker.
+    ExchangeBench(exchange_bench::ExchangeBenchArgs),
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -73,6 +76,7 @@ fn main() -> std::process::ExitCode {
         Command::GenModel(args) => gen_model::run(args),
         Command::Worker(args) => worker::run(args),
         Command::DecodeBench(args) => decode_bench::run(args),
+        Command::ExchangeBench(args) => exchange_bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,292 @@
+//! Expert parallelism end to end: real `epserve worker` processes on loopback, the coordinator's gRPC
+//! transport, and the same logits as the in-process run.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use candle_core::{DType, Device};
+use epserve_coordinator::{ExpertTransport, GrpcConfig, GrpcExperts};
+use epserve_model::{Checkpoint, ExpertBackend, ExpertShard, LogitsFor, ModelConfig, SequenceStep, TextModel};
+use epserve_proto::v1::expert_service_client::ExpertServiceClient;
+use epserve_proto::v1::{ExchangeRequest, ExpertRows, HealthRequest, StatusRequest};
+use epserve_proto::wire::WireDtype;
+use serde::Deserialize;
+use support::{Process, tiny_fixture, workers};
+
+#[derive(Deserialize)]
+struct Golden {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    input_ids: Vec<u32>,
+    greedy_tokens: Vec<u32>,
+}
+
+fn golden() -> Vec<Case> {
+    let text = std::fs::read_to_string(tiny_fixture().join("golden/text.json")).expect("golden");
+    serde_json::from_str::<Golden>(&text).expect("json").cases
+}
+
+struct Coordinator {
+    runtime: tokio::runtime::Runtime,
+    config: ModelConfig,
+    model: TextModel,
+    local: ExpertTransport,
+}
+
+impl Coordinator {
+    fn new() -> Self {
+        let dir = tiny_fixture();
+        let config = ModelConfig::from_file(&dir.join("config.json")).expect("config");
+        let ckpt = Checkpoint::open(&dir).expect("checkpoint");
+        let model = TextModel::load(&config, &ckpt, DType::F32, &Device::Cpu, &mut |_, _| {}).expect("model");
+        let all: Vec<u32> = (0..16).collect();
+        let shard = ExpertShard::load(&config, &ckpt, &all, DType::F32, &Device::Cpu, &mut || {}).expect("experts");
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+        Coordinator { runtime, config, model, local: ExpertTransport::Local(shard) }
+    }
+
+    fn grpc(&self, workers: &[Process], wire: WireDtype, timeout: Duration) -> Result<GrpcExperts, String> {
+        let cfg = GrpcConfig {
+            wire,
+            exchange_timeout: timeout,
+            ..GrpcConfig::new(workers.iter().map(|w| w.addr.clone()).collect())
+        };
+        self.runtime.block_on(GrpcExperts::connect(&cfg, &self.config.text, DType::F32)).map_err(|e| e.to_string())
+    }
+
+    fn logits(&self, experts: &dyn ExpertBackend, tokens: &[u32]) -> epserve_model::Result<Vec<Vec<f32>>> {
+        let mut cache = self.model.new_cache();
+        let logits =
+            self.model.forward(&mut [SequenceStep { tokens, cache: &mut cache }], experts, LogitsFor::All, None)?;
+        Ok(logits.to_vec2::<f32>()?)
+    }
+
+    fn greedy(&self, experts: &dyn ExpertBackend, prompt: &[u32], n: usize) -> Vec<u32> {
+        let mut cache = self.model.new_cache();
+        let mut next = prompt.to_vec();
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let logits = self
+                .model
+                .forward(&mut [SequenceStep { tokens: &next, cache: &mut cache }], experts, LogitsFor::Last, None)
+                .expect("step");
+            let row = logits.to_vec2::<f32>().expect("logits").remove(0);
+            let t = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).expect("row");
+            out.push(t);
+            next = vec![t];
+        }
+        out
+    }
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0, f32::max)
+}
+
+/// For each placement: f32 wire matches the in-process logits to 1e-5 at every position of every
+/// golden case; bf16 wire stays within bf16 rounding and gives the golden greedy tokens.
+fn check_parity(selections: &[&[&str]]) {
+    let coordinator = Coordinator::new();
+    let workers = workers(&tiny_fixture(), selections);
+    let f32_wire = coordinator.grpc(&workers, WireDtype::F32, Duration::from_secs(10)).expect("connect");
+    let bf16_wire = coordinator.grpc(&workers, WireDtype::Bf16, Duration::from_secs(10)).expect("connect");
+    let f32_wire = ExpertTransport::Grpc(f32_wire);
+    let bf16_wire = ExpertTransport::Grpc(bf16_wire);
+    for case in golden() {
+        let local = coordinator.logits(&coordinator.local, &case.input_ids).expect("local");
+        let remote = coordinator.logits(&f32_wire, &case.input_ids).expect("grpc f32");
+        let diff = max_abs_diff(&local, &remote);
+        assert!(diff <= 1e-5, "{selections:?}, T={}: f32 wire differs by {diff}", case.input_ids.len());
+        let remote = coordinator.logits(&bf16_wire, &case.input_ids).expect("grpc bf16");
+        let diff = max_abs_diff(&local, &remote);
+        assert!(diff < 5e-2, "{selections:?}, T={}: bf16 wire differs by {diff}", case.input_ids.len());
+        assert_eq!(coordinator.greedy(&bf16_wire, &case.input_ids, 16), case.greedy_tokens, "{selections:?}");
+    }
+}
+
+#[test]
+fn four_workers_match_in_process() {
+    check_parity(&[&["--shard", "0/4"], &["--shard", "1/4"], &["--shard", "2/4"], &["--shard", "3/4"]]);
+}
+
+#[test]
+fn two_workers_match_in_process() {
+    check_parity(&[&["--shard", "0/2"], &["--shard", "1/2"]]);
+}
+
+#[test]
+fn non_contiguous_experts_match_in_process() {
+    check_parity(&[&["--experts", "0-3,9"], &["--experts", "4-8,15"], &["--experts", "10-14"]]);
+}
+
+/// The command line path: `epserve logits --workers` prints what the in-process run prints.
+#[test]
+fn logits_command_through_workers() {
+    let workers = workers(&tiny_fixture(), &[&["--shard", "0/2"], &["--shard", "1/2"]]);
+    let addrs = workers.iter().map(|w| w.addr.as_str()).collect::<Vec<_>>().join(",");
+    let model = tiny_fixture();
+    let model = model.to_str().expect("utf-8");
+    let tokens = "480,470,468,474,182,82,443";
+    let local = support::run_json(&["logits", "--model", model, "--tokens", tokens]);
+    let remote = support::run_json(&[
+        "logits",
+        "--model",
+        model,
+        "--tokens",
+        tokens,
+        "--workers",
+        &addrs,
+        "--wire-dtype",
+        "f32",
+    ]);
+    let rows = |v: &serde_json::Value| -> Vec<Vec<f32>> { serde_json::from_value(v["logits"].clone()).expect("rows") };
+    assert_eq!(rows(&local).len(), 7);
+    assert!(max_abs_diff(&rows(&local), &rows(&remote)) <= 1e-5);
+    let generated = support::run_json(&[
+        "generate",
+        "--model",
+        model,
+        "--tokens",
+        tokens,
+        "--max-tokens",
+        "16",
+        "--json",
+        "--workers",
+        &addrs,
+    ]);
+    assert_eq!(generated["tokens"], serde_json::json!(golden()[1].greedy_tokens));
+}
+
+#[test]
+fn coordinator_refuses_incomplete_placement() {
+    let coordinator = Coordinator::new();
+    let workers = workers(&tiny_fixture(), &[&["--shard", "0/4"], &["--shard", "1/4"], &["--experts", "8-10,12"]]);
+    let err = coordinator.grpc(&workers, WireDtype::Bf16, Duration::from_secs(5)).expect_err("gaps");
+    assert!(err.contains("layer 0: experts 11,13-15"), "{err}");
+}
+
+fn request(id: u64, layer: u32, groups: &[(u32, u32)], hidden: u32, payload_len: usize) -> ExchangeRequest {
+    ExchangeRequest {
+        id,
+        step: 1,
+        layer,
+        micro_batch: 0,
+        groups: groups.iter().map(|&(expert, rows)| ExpertRows { expert, rows }).collect(),
+        dtype: WireDtype::F32.to_proto() as i32,
+        hidden,
+        payload: Bytes::from(vec![0u8; payload_len]),
+    }
+}
+
+/// Malformed exchanges are answered with INVALID_ARGUMENT and a reason, on the same stream, and the
+/// worker keeps serving the good ones.
+#[test]
+fn malformed_exchange_is_rejected_and_the_worker_keeps_serving() {
+    let workers = workers(&tiny_fixture(), &[&["--shard", "0/4"]]);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    runtime.block_on(async {
+        let mut client = ExpertServiceClient::connect(format!("http://{}", workers[0].addr)).await.expect("connect");
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let mut answers =
+            client.exchange(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("stream").into_inner();
+        let cases = [
+            (request(1, 0, &[(1, 2)], 64, 100), "payload is 100 bytes"),
+            (request(2, 0, &[(9, 1)], 64, 256), "expert 9 of layer 0 is not hosted"),
+            (request(3, 7, &[(1, 1)], 64, 256), "layer 7 is out of range"),
+            (request(4, 0, &[(1, 1)], 32, 128), "hidden size is 64"),
+        ];
+        for (req, reason) in cases {
+            let id = req.id;
+            tx.send(req).await.expect("send");
+            let answer = answers.message().await.expect("stream alive").expect("an answer");
+            assert_eq!(answer.id, id);
+            assert_eq!(answer.code, tonic::Code::InvalidArgument as i32, "{}", answer.message);
+            assert!(answer.message.contains(reason), "`{}` should mention `{reason}`", answer.message);
+        }
+        tx.send(request(5, 0, &[(1, 2), (3, 1)], 64, 3 * 64 * 4)).await.expect("send");
+        let answer = answers.message().await.expect("stream alive").expect("an answer");
+        assert_eq!((answer.id, answer.code), (5, 0), "{}", answer.message);
+        assert_eq!(answer.payload.len(), 3 * 64 * 4);
+        assert!(client.health(HealthRequest {}).await.expect("health").into_inner().serving);
+    });
+}
+
+/// A worker that dies (SIGKILL) or stops answering (SIGSTOP) fails the step with a clear error
+/// naming it, within the exchange deadline, instead of hanging.
+#[test]
+fn dead_or_stuck_worker_fails_the_step_within_the_deadline() {
+    let coordinator = Coordinator::new();
+    let mut workers = workers(&tiny_fixture(), &[&["--shard", "0/2"], &["--shard", "1/2"]]);
+    let deadline = Duration::from_secs(2);
+    let grpc = ExpertTransport::Grpc(coordinator.grpc(&workers, WireDtype::Bf16, deadline).expect("connect"));
+    let tokens = &golden()[3].input_ids; // 41 tokens route to experts on both workers
+    coordinator.logits(&grpc, tokens).expect("healthy cluster");
+
+    workers[1].signal("STOP");
+    let started = Instant::now();
+    let err = coordinator.logits(&grpc, tokens).expect_err("stuck worker").to_string();
+    let elapsed = started.elapsed();
+    assert!(err.contains(&workers[1].addr) && err.contains("did not answer"), "{err}");
+    assert!(elapsed >= deadline && elapsed < deadline + Duration::from_secs(3), "failed after {elapsed:?}");
+    workers[1].signal("CONT");
+
+    workers[0].kill();
+    let started = Instant::now();
+    let err = coordinator.logits(&grpc, tokens).expect_err("dead worker").to_string();
+    assert!(err.contains(&workers[0].addr) && err.contains("unavailable"), "{err}");
+    assert!(started.elapsed() < deadline + Duration::from_secs(1), "failed after {:?}", started.elapsed());
+}
+
+/// Status reports hosted experts and resident bytes that are the worker's share of the experts.
+#[test]
+fn worker_holds_only_its_share_of_the_experts() {
+    let config = ModelConfig::from_file(&tiny_fixture().join("config.json")).expect("config");
+    let all_experts_f32 = (config.text.expert_bytes_per_layer(4) * 16 * config.text.moe_layers().count()) as u64;
+    let workers = workers(&tiny_fixture(), &[&["--shard", "1/4"], &["--experts", "0-3,9"]]);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    runtime.block_on(async {
+        for (worker, (share, experts)) in workers.iter().zip([(4, vec![4, 5, 6, 7]), (5, vec![0, 1, 2, 3, 9])]) {
+            let mut client = ExpertServiceClient::connect(format!("http://{}", worker.addr)).await.expect("connect");
+            let status = client.status(StatusRequest {}).await.expect("status").into_inner();
+            assert_eq!(status.layers.len(), 4);
+            assert!(status.layers.iter().all(|l| l.experts == experts), "{:?}", status.layers);
+            assert_eq!(status.resident_bytes, all_experts_f32 * share / 16, "{share} of 16 experts");
+        }
+    });
+}
+
+/// A Scout-sized exchange — 1,000 rows of width 5,120 in bf16, 10 MB — goes through (gRPC's default
+/// 4 MiB limit would refuse it) and comes back equal to the in-process computation.
+#[test]
+fn scout_sized_exchange_goes_through() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().to_str().expect("utf-8");
+    support::run_ok(&["gen-model", "--preset", "scout-wire", "--seed", "3", "--out", out]);
+    let config = ModelConfig::from_file(&dir.path().join("config.json")).expect("config");
+    assert_eq!(config.text.hidden_size, 5120);
+    let workers = workers(dir.path(), &[&["--shard", "0/2"], &["--shard", "1/2"]]);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    let cfg = GrpcConfig::new(workers.iter().map(|w| w.addr.clone()).collect());
+    let grpc = runtime.block_on(GrpcExperts::connect(&cfg, &config.text, DType::F32)).expect("connect");
+
+    let ckpt = Checkpoint::open(dir.path()).expect("checkpoint");
+    let all: Vec<u32> = (0..16).collect();
+    let local = ExpertShard::load(&config, &ckpt, &all, DType::F32, &Device::Cpu, &mut || {}).expect("experts");
+    let groups: Vec<epserve_model::ExpertGroup> =
+        (0..16).map(|e| epserve_model::ExpertGroup { expert: e, rows: if e < 8 { 60 } else { 65 } }).collect();
+    let rows = candle_core::Tensor::randn(0f32, 1.0, (1000, 5120), &Device::Cpu).expect("rows");
+    // Round the input to bf16 first so that only the answer's rounding differs.
+    let rows = rows.to_dtype(DType::BF16).and_then(|t| t.to_dtype(DType::F32)).expect("bf16 rows");
+    let expected = local.compute(0, &groups, &rows).expect("local").to_vec2::<f32>().expect("vec");
+    let batch = epserve_model::ExpertBatch { layer: 0, groups, rows };
+    let answer = grpc.submit(batch).expect("submit").wait().expect("answer").to_vec2::<f32>().expect("vec");
+    assert_eq!(answer.len(), 1000);
+    for (a, b) in answer.iter().flatten().zip(expected.iter().flatten()) {
+        assert!((a - b).abs() <= b.abs() / 128.0 + 1e-6, "{a} vs {b}");
+    }
+}

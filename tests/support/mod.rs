@@ -1,0 +1,105 @@
+//! Harness for the end-to-end tests: starts real `epserve` processes, reads the address they print,
+//! and stops them when dropped.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub fn epserve() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_epserve"))
+}
+
+pub fn tiny_fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-llama4")
+}
+
+/// A running process that printed `listening on ADDR` on stdout.
+pub struct Process {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Process {
+    /// Starts `epserve ARGS` and waits (up to 60 s) for its `listening on` line.
+    pub fn start(args: &[&str]) -> Process {
+        let mut child = Command::new(epserve())
+            .args(args)
+            .env("EPSERVE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn epserve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.trim().to_owned());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => Process { child, addr },
+            Err(_) => {
+                let _ = child.kill();
+                panic!("epserve {args:?} did not print its address within 60 s");
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill").args([format!("-{sig}"), self.pid().to_string()]).status().expect("kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ =
+            Command::new("kill").args(["-CONT".to_owned(), self.child.id().to_string()]).stderr(Stdio::null()).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts one worker per argument list (`--shard 0/4`, `--experts 0-3,9`...) on free ports.
+pub fn workers(model: &std::path::Path, selections: &[&[&str]]) -> Vec<Process> {
+    let model = model.to_str().expect("utf-8 path");
+    selections
+        .iter()
+        .map(|sel| {
+            let mut args = vec!["worker", "--model", model, "--listen", "127.0.0.1:0"];
+            args.extend_from_slice(sel);
+            Process::start(&args)
+        })
+        .collect()
+}
+
+/// Runs `epserve ARGS` to completion and parses its stdout as JSON.
+pub fn run_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(epserve()).args(args).env("EPSERVE_LOG", "warn").output().expect("run epserve");
+    assert!(out.status.success(), "epserve {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("epserve {args:?}: stdout is not JSON: {e}"))
+}
+
+/// Runs `epserve ARGS` to completion and returns its stdout.
+pub fn run_ok(args: &[&str]) -> String {
+    let out = Command::new(epserve()).args(args).env("EPSERVE_LOG", "warn").output().expect("run epserve");
+    assert!(out.status.success(), "epserve {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
