@@ -227,7 +227,9 @@ pub fn write_checkpoint(dir: &Path, tensors: &[(String, Tensor)], shard_bytes: O
             current = 0;
         }
         current += size;
-        shards.last_mut().map(|s| s.push(entry));
+        if let Some(shard) = shards.last_mut() {
+            shard.push(entry);
+        }
     }
     let mut metadata = HashMap::new();
     metadata.insert("format".to_owned(), "pt".to_owned());

@@ -75,7 +75,7 @@ impl Preset {
             Preset::Mini => (512, 8, 8, 2, 64, 1024, 2048, 8192, 8192),
             Preset::ScoutWire => (5120, 1, 2, 1, 128, 64, 128, 8192, 8192),
         };
-        let no_rope: Vec<u32> = (0..layers).map(|i: u32| u32::from((i + 1) % 4 != 0)).collect();
+        let no_rope: Vec<u32> = (0..layers).map(|i: u32| u32::from(!(i + 1).is_multiple_of(4))).collect();
         json!({
             "architectures": ["Llama4ForConditionalGeneration"],
             "model_type": "llama4",
