@@ -211,12 +211,13 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "expert worker serving");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Nagle's algorithm would hold back responses until the client's delayed ACK (40 ms): the
+    // builder's `tcp_nodelay` only applies to sockets tonic binds itself, so set it here.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let service = ExpertServiceServer::new(Service(worker))
         .max_decoding_message_size(epserve_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(epserve_proto::MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(64 << 20))
         .add_service(service)

@@ -44,7 +44,7 @@ pub enum Preset {
     /// The benchmark shape: hidden 512, 8 layers, 8 heads / 2 KV heads, head_dim 64, 16 experts
     /// top-1, expert intermediate 1024, vocab 4096.
     Mini,
-    /// Scout's row width (hidden 5120) on one MoE layer with tiny experts (intermediate 64) and two
+    /// Scout's row width (hidden 5120) on one MoE layer with tiny experts (intermediate 8) and two
     /// attention heads: for measuring the expert exchange at Scout's payload size, not compute.
     ScoutWire,
 }
@@ -73,7 +73,7 @@ impl Preset {
         let (hidden, layers, heads, kv, head_dim, inter, inter_mlp, chunk, floor) = match self {
             Preset::Tiny => (64, 4, 4, 2, 16, 128, 192, 8, 4),
             Preset::Mini => (512, 8, 8, 2, 64, 1024, 2048, 8192, 8192),
-            Preset::ScoutWire => (5120, 1, 2, 1, 128, 64, 128, 8192, 8192),
+            Preset::ScoutWire => (5120, 1, 2, 1, 128, 8, 16, 8192, 8192),
         };
         let no_rope: Vec<u32> = (0..layers).map(|i: u32| u32::from(!(i + 1).is_multiple_of(4))).collect();
         json!({
