@@ -7,9 +7,12 @@
 //! Boundaries: no HTTP, no tokenization (the gateway's), no expert weights of its own when the
 //! transport is remote.
 
+pub mod engine;
 pub mod errors;
+pub mod kv_pool;
 pub mod overlap;
 pub mod placement;
+pub mod sampling;
 pub mod transport;
 
 pub use errors::TransportError;

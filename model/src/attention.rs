@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::checkpoint::WeightSource;
 use crate::config::{AttentionKind, TextConfig};
 use crate::error::Result;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::KvStore;
 use crate::layers::{Linear, RmsNorm};
 use crate::rope::Rope;
 use crate::text_model::Deviation;
@@ -75,11 +75,11 @@ impl Attention {
         })
     }
 
-    pub fn forward(
+    pub fn forward<'c, 'd>(
         &self,
         x: &Tensor,
         spans: &[SeqSpan],
-        caches: &mut [&mut KvCache],
+        caches: &mut [&'c mut (dyn KvStore + 'd)],
         rope: &Rope,
         deviation: Option<Deviation>,
     ) -> Result<Tensor> {

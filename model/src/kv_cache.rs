@@ -8,6 +8,26 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::TextConfig;
 use crate::error::Result;
 
+/// The keys and values of one sequence, as attention sees them. Implementations: [`KvCache`] (one
+/// growable buffer per layer) and the serving engine's paged cache.
+pub trait KvStore: Send + std::fmt::Debug {
+    /// Tokens already stored: the absolute position of the next token.
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stores `k`, `v` (`[kv_heads, new, head_dim]`, contiguous) for positions `len()..len()+new` of
+    /// `layer` and returns the keys and values of positions `from..len()+new`, each
+    /// `[kv_heads, n, head_dim]`. Called once per layer per step, before [`KvStore::commit`]; a step
+    /// that fails before the commit must leave `len()` unchanged.
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor, from: usize) -> Result<(Tensor, Tensor)>;
+
+    /// Marks the `new` tokens of this step as stored, once every layer has run.
+    fn commit(&mut self, new: usize);
+}
+
 #[derive(Debug, Clone)]
 struct LayerKv {
     k: Tensor,
@@ -42,33 +62,8 @@ impl KvCache {
         }
     }
 
-    /// Tokens already in the cache: the absolute position of the next token.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Appends `k`, `v` (`[kv_heads, new, head_dim]`, contiguous) to `layer` and returns the keys and
-    /// values of positions `from..` up to and including the new ones.
-    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor, from: usize) -> Result<(Tensor, Tensor)> {
-        let new = k.dim(1)?;
-        let start = self.len;
-        let needed = start + new;
-        if needed > self.capacity {
-            self.grow(needed)?;
-        }
-        let entry = &self.layers[layer];
-        entry.k.slice_set(k, 1, start)?;
-        entry.v.slice_set(v, 1, start)?;
-        Ok((entry.k.narrow(1, from, needed - from)?, entry.v.narrow(1, from, needed - from)?))
-    }
-
-    /// Marks the tokens appended by this step as stored; called once all layers have run.
-    pub(crate) fn commit(&mut self, new: usize) {
-        self.len += new;
+    fn grow_to(&mut self, needed: usize) -> Result<()> {
+        if needed > self.capacity { self.grow(needed) } else { Ok(()) }
     }
 
     fn grow(&mut self, needed: usize) -> Result<()> {
@@ -87,5 +82,26 @@ impl KvCache {
         self.layers = layers;
         self.capacity = capacity;
         Ok(())
+    }
+}
+
+impl KvStore for KvCache {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor, from: usize) -> Result<(Tensor, Tensor)> {
+        let new = k.dim(1)?;
+        let start = self.len;
+        let needed = start + new;
+        self.grow_to(needed)?;
+        let entry = &self.layers[layer];
+        entry.k.slice_set(k, 1, start)?;
+        entry.v.slice_set(v, 1, start)?;
+        Ok((entry.k.narrow(1, from, needed - from)?, entry.v.narrow(1, from, needed - from)?))
+    }
+
+    fn commit(&mut self, new: usize) {
+        self.len += new;
     }
 }

@@ -10,7 +10,7 @@ use crate::attention::{Attention, SeqSpan};
 use crate::checkpoint::WeightSource;
 use crate::config::{FeedForwardKind, ModelConfig, TextConfig};
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvStore};
 use crate::layers::{Linear, Mlp, RmsNorm};
 use crate::moe::{ExpertBackend, MoeBlock, MoeInFlight, RoutingTrace};
 use crate::rope::Rope;
@@ -45,7 +45,7 @@ struct DecoderLayer {
 #[derive(Debug)]
 pub struct SequenceStep<'a> {
     pub tokens: &'a [u32],
-    pub cache: &'a mut KvCache,
+    pub cache: &'a mut dyn KvStore,
 }
 
 /// Which rows of the step get logits.
@@ -171,7 +171,7 @@ impl TextModel {
 
     /// Embeds the new tokens of every sequence. The caches are not changed until
     /// [`TextModel::finish_step`], so a step that fails half-way leaves them as they were.
-    pub fn begin_step<'s>(&self, seqs: &'s mut [SequenceStep<'_>]) -> Result<Step<'s>> {
+    pub fn begin_step<'s, 'a: 's>(&self, seqs: &'s mut [SequenceStep<'a>]) -> Result<Step<'s, 'a>> {
         let mut spans = Vec::with_capacity(seqs.len());
         let mut ids = Vec::new();
         for s in seqs.iter() {
@@ -196,7 +196,7 @@ impl TextModel {
     /// Runs decoder layer `layer` on the step's hidden states.
     pub fn run_layer(
         &self,
-        step: &mut Step<'_>,
+        step: &mut Step<'_, '_>,
         layer: usize,
         experts: &dyn ExpertBackend,
         trace: Option<&mut RoutingTrace>,
@@ -210,7 +210,7 @@ impl TextModel {
     /// [`TextModel::finish_layer`].
     pub fn start_layer<'e>(
         &self,
-        step: &mut Step<'_>,
+        step: &mut Step<'_, '_>,
         layer: usize,
         experts: &'e dyn ExpertBackend,
         trace: Option<&mut RoutingTrace>,
@@ -228,7 +228,7 @@ impl TextModel {
     }
 
     /// Second half of a layer: shared expert, the routed experts' answers, the residual add.
-    pub fn finish_layer(&self, step: &mut Step<'_>, in_flight: LayerInFlight<'_>) -> Result<()> {
+    pub fn finish_layer(&self, step: &mut Step<'_, '_>, in_flight: LayerInFlight<'_>) -> Result<()> {
         let LayerInFlight { layer, residual, feed_forward } = in_flight;
         let out = match (feed_forward, &self.layers[layer].feed_forward) {
             (PendingFeedForward::Moe(pending), FeedForward::Moe(moe)) => moe.complete(pending)?,
@@ -242,7 +242,7 @@ impl TextModel {
     }
 
     /// Commits the new tokens to the caches and returns f32 logits for the rows `which` selects.
-    pub fn finish_step(&self, step: Step<'_>, which: LogitsFor) -> Result<Tensor> {
+    pub fn finish_step(&self, step: Step<'_, '_>, which: LogitsFor) -> Result<Tensor> {
         let Step { spans, mut caches, hidden } = step;
         for (cache, span) in caches.iter_mut().zip(&spans) {
             cache.commit(span.len);
@@ -275,13 +275,13 @@ enum PendingFeedForward<'e> {
 
 /// A step in progress: the hidden states of all its rows and the caches they attend to.
 #[derive(Debug)]
-pub struct Step<'s> {
+pub struct Step<'s, 'a> {
     spans: Vec<SeqSpan>,
-    caches: Vec<&'s mut KvCache>,
+    caches: Vec<&'s mut (dyn KvStore + 'a)>,
     hidden: Tensor,
 }
 
-impl Step<'_> {
+impl Step<'_, '_> {
     /// `[rows, hidden]`: the residual stream after the layers run so far.
     pub fn hidden(&self) -> &Tensor {
         &self.hidden

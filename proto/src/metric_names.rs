@@ -20,3 +20,26 @@ pub const WORKER_ROWS_TOTAL: &str = "epserve_worker_rows_total";
 pub const WORKER_COMPUTE_SECONDS: &str = "epserve_worker_compute_seconds";
 /// Gauge, bytes: expert weights resident in a worker.
 pub const WORKER_RESIDENT_EXPERT_BYTES: &str = "epserve_worker_resident_expert_bytes";
+
+/// Histogram, seconds: one engine step (forward pass of the batch, sampling excluded).
+pub const ENGINE_STEP_SECONDS: &str = "epserve_engine_step_seconds";
+/// Histogram, tokens: tokens computed per step (decodes plus prefill chunks).
+pub const ENGINE_BATCH_TOKENS: &str = "epserve_engine_batch_tokens";
+/// Counter: prompt (and recomputed) tokens computed.
+pub const ENGINE_PREFILL_TOKENS_TOTAL: &str = "epserve_engine_prefill_tokens_total";
+/// Counter: tokens decoded one at a time.
+pub const ENGINE_DECODE_TOKENS_TOTAL: &str = "epserve_engine_decode_tokens_total";
+/// Counter: sequences preempted because the KV cache was full (they are recomputed later).
+pub const ENGINE_PREEMPTIONS_TOTAL: &str = "epserve_engine_preemptions_total";
+/// Gauge: requests queued, not yet running.
+pub const ENGINE_WAITING_REQUESTS: &str = "epserve_engine_waiting_requests";
+/// Gauge: sequences in the running batch.
+pub const ENGINE_RUNNING_REQUESTS: &str = "epserve_engine_running_requests";
+/// Gauge: KV cache blocks in use.
+pub const KV_BLOCKS_USED: &str = "epserve_kv_blocks_used";
+/// Gauge: KV cache blocks in all.
+pub const KV_BLOCKS_TOTAL: &str = "epserve_kv_blocks_total";
+/// Histogram, seconds: from submission to the first token.
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "epserve_time_to_first_token_seconds";
+/// Histogram, seconds: between consecutive tokens of a request.
+pub const INTER_TOKEN_LATENCY_SECONDS: &str = "epserve_inter_token_latency_seconds";

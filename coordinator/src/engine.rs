@@ -1,0 +1,489 @@
+//! The serving engine: an actor that owns the running batch, the paged KV cache and the model, on
+//! its own thread (the forward pass blocks; it never runs on the async IO threads).
+//!
+//! Each step: drop cancelled requests, schedule decode tokens of the running sequences and chunks of
+//! waiting prompts within a token budget (FCFS by priority then arrival), reserve KV blocks —
+//! preempting the youngest running sequence when the pool is short (it is recomputed later, nothing
+//! is lost) — run one forward pass for all of them, sample, and stream the tokens back.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use epserve_model::{ExpertBackend, LogitsFor, SequenceStep, TextModel};
+use epserve_proto::metric_names as m;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::kv_pool::{KvPool, SeqBlocks};
+use crate::sampling::{Sampled, Sampler, SamplingParams};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Tokens computed per step at most (decodes count one each; prompts are chunked to fit).
+    pub max_batch_tokens: usize,
+    /// Sequences in the running batch at most.
+    pub max_running: usize,
+    /// Longest sequence (prompt + output) a request may reach.
+    pub max_model_len: usize,
+    /// Split steps into two overlapped micro-batches.
+    pub overlap: bool,
+    /// The model's end-of-sequence ids.
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub id: String,
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// Lower runs first; FCFS among equals. Reserved for batch jobs (which use a higher value).
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or EOS.
+    Stop,
+    /// `max_tokens` or the context limit.
+    Length,
+    /// The engine could not compute the request (e.g. the experts failed).
+    Error,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token(Sampled),
+    Finished { reason: FinishReason, usage: Usage, message: Option<String> },
+}
+
+/// What the gateway routes on, refreshed every step.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Load {
+    pub waiting: usize,
+    pub running: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
+    pub steps: u64,
+    /// Sequences preempted (and recomputed) since start.
+    pub preemptions: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("prompt is {prompt} tokens; the context limit is {limit}")]
+    TooLong { prompt: usize, limit: usize },
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+enum Command {
+    Submit(Request, UnboundedSender<Event>),
+    Cancel(String),
+    Stop,
+}
+
+/// Cheap handle to the engine thread.
+#[derive(Clone, Debug)]
+pub struct EngineHandle {
+    commands: Sender<Command>,
+    load: Arc<Mutex<Load>>,
+    max_model_len: usize,
+    vocab: usize,
+}
+
+impl EngineHandle {
+    /// Queues a request; its tokens arrive on `events`. Dropping the receiver cancels it.
+    pub fn submit(&self, request: Request, events: UnboundedSender<Event>) -> Result<(), SubmitError> {
+        request.sampling.validate().map_err(SubmitError::Invalid)?;
+        if request.prompt.is_empty() {
+            return Err(SubmitError::Invalid("the prompt is empty".into()));
+        }
+        if let Some(bad) = request.prompt.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(SubmitError::Invalid(format!("token id {bad} is outside the vocabulary ({})", self.vocab)));
+        }
+        if request.prompt.len() >= self.max_model_len {
+            return Err(SubmitError::TooLong { prompt: request.prompt.len(), limit: self.max_model_len });
+        }
+        self.commands.send(Command::Submit(request, events)).map_err(|_| SubmitError::Stopped)
+    }
+
+    pub fn cancel(&self, id: &str) {
+        let _ = self.commands.send(Command::Cancel(id.to_owned()));
+    }
+
+    pub fn load(&self) -> Load {
+        self.load.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+
+    pub fn stop(&self) {
+        let _ = self.commands.send(Command::Stop);
+    }
+}
+
+struct Sequence {
+    id: String,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    blocks: SeqBlocks,
+    sampler: Sampler,
+    events: UnboundedSender<Event>,
+    arrival: u64,
+    priority: i32,
+    submitted: Instant,
+    last_token: Option<Instant>,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Tokens whose KV is not computed yet.
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.blocks.len()
+    }
+
+    fn usage(&self) -> Usage {
+        Usage { prompt_tokens: self.prompt_len as u32, completion_tokens: self.generated() as u32 }
+    }
+}
+
+/// Starts the engine thread. `experts` and `model` move into it.
+pub fn start<E: ExpertBackend + 'static>(
+    model: TextModel,
+    experts: E,
+    pool: KvPool,
+    config: EngineConfig,
+) -> EngineHandle {
+    let (tx, rx) = channel();
+    let load = Arc::new(Mutex::new(Load { kv_blocks_total: pool.total_blocks(), ..Default::default() }));
+    let handle = EngineHandle {
+        commands: tx,
+        load: load.clone(),
+        max_model_len: config.max_model_len,
+        vocab: model.config().vocab_size,
+    };
+    std::thread::Builder::new()
+        .name("epserve-engine".into())
+        .spawn(move || {
+            let mut engine = Engine {
+                model,
+                experts,
+                pool,
+                config,
+                waiting: VecDeque::new(),
+                running: Vec::new(),
+                arrivals: 0,
+                load,
+                steps: 0,
+                preemptions: 0,
+            };
+            engine.run(rx);
+        })
+        .map(|_| ())
+        .unwrap_or_else(|e| tracing::error!("cannot start the engine thread: {e}"));
+    handle
+}
+
+struct Engine<E> {
+    model: TextModel,
+    experts: E,
+    pool: KvPool,
+    config: EngineConfig,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    arrivals: u64,
+    load: Arc<Mutex<Load>>,
+    steps: u64,
+    preemptions: u64,
+}
+
+impl<E: ExpertBackend> Engine<E> {
+    fn run(&mut self, commands: Receiver<Command>) {
+        loop {
+            // Block for work when idle; otherwise take what has arrived and step.
+            let idle = self.waiting.is_empty() && self.running.is_empty();
+            let first = if idle {
+                match commands.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => return,
+                }
+            } else {
+                match commands.recv_timeout(Duration::ZERO) {
+                    Ok(c) => Some(c),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            let mut next = first;
+            while let Some(command) = next.take() {
+                match command {
+                    Command::Submit(request, events) => self.admit(request, events),
+                    Command::Cancel(id) => self.cancel(&id),
+                    Command::Stop => return,
+                }
+                next = commands.try_recv().ok();
+            }
+            self.step();
+            self.publish_load();
+        }
+    }
+
+    fn admit(&mut self, request: Request, events: UnboundedSender<Event>) {
+        let max_len = (request.prompt.len() + request.sampling.max_tokens as usize).min(self.config.max_model_len);
+        let needed = self.pool.blocks_for_sequence(max_len);
+        if needed > self.pool.total_blocks() {
+            let message = format!(
+                "request {} needs {needed} KV blocks for {max_len} tokens; the cache has {}",
+                request.id,
+                self.pool.total_blocks()
+            );
+            let _ = events.send(Event::Finished {
+                reason: FinishReason::Error,
+                usage: Usage { prompt_tokens: request.prompt.len() as u32, completion_tokens: 0 },
+                message: Some(message),
+            });
+            return;
+        }
+        self.arrivals += 1;
+        let sampler = Sampler::new(request.sampling, &request.prompt);
+        let seq = Sequence {
+            id: request.id,
+            prompt_len: request.prompt.len(),
+            tokens: request.prompt,
+            blocks: SeqBlocks::default(),
+            sampler,
+            events,
+            arrival: self.arrivals,
+            priority: request.priority,
+            submitted: Instant::now(),
+            last_token: None,
+        };
+        // FCFS within a priority: insert after every waiting sequence that goes first.
+        let at = self.waiting.iter().position(|w| (w.priority, w.arrival) > (seq.priority, seq.arrival));
+        match at {
+            Some(i) => self.waiting.insert(i, seq),
+            None => self.waiting.push_back(seq),
+        }
+    }
+
+    fn cancel(&mut self, id: &str) {
+        let pool = &mut self.pool;
+        for seq in self.running.iter_mut().chain(self.waiting.iter_mut()).filter(|s| s.id == id) {
+            pool.release(&mut seq.blocks);
+        }
+        self.running.retain(|s| s.id != id);
+        self.waiting.retain(|s| s.id != id);
+    }
+
+    /// Frees the blocks of requests whose client went away.
+    fn drop_cancelled(&mut self) {
+        let pool = &mut self.pool;
+        self.running.retain_mut(|s| {
+            let gone = s.events.is_closed();
+            if gone {
+                pool.release(&mut s.blocks);
+            }
+            !gone
+        });
+        self.waiting.retain(|s| !s.events.is_closed());
+    }
+
+    fn step(&mut self) {
+        self.drop_cancelled();
+        let plan = self.schedule();
+        if plan.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let result = {
+            let pool = &self.pool;
+            let mut views: Vec<_> = Vec::with_capacity(plan.len());
+            for seq in self.running.iter_mut() {
+                if let Some(&(_, n)) = plan.iter().find(|(id, _)| *id == seq.arrival) {
+                    let from = seq.blocks.len();
+                    views.push((pool.view(&mut seq.blocks), from, n, &seq.tokens));
+                }
+            }
+            let mut kvs: Vec<_> = views.into_iter().collect();
+            let mut steps: Vec<SequenceStep<'_>> = kvs
+                .iter_mut()
+                .map(|(kv, from, n, tokens)| SequenceStep { tokens: &tokens[*from..*from + *n], cache: kv })
+                .collect();
+            let logits = if self.config.overlap {
+                crate::overlap::forward_overlapped(&self.model, &mut steps, &self.experts, LogitsFor::Last)
+            } else {
+                self.model.forward(&mut steps, &self.experts, LogitsFor::Last, None)
+            };
+            logits.and_then(|l| Ok(l.to_vec2::<f32>()?))
+        };
+        self.steps += 1;
+        let batch_tokens: usize = plan.iter().map(|p| p.1).sum();
+        metrics::histogram!(m::ENGINE_STEP_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::ENGINE_BATCH_TOKENS).record(batch_tokens as f64);
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(e) => {
+                // The caches were not committed; the requests of this step cannot go on.
+                tracing::error!("step failed: {e}");
+                let message = e.to_string();
+                let scheduled: Vec<u64> = plan.iter().map(|p| p.0).collect();
+                let pool = &mut self.pool;
+                self.running.retain_mut(|s| {
+                    if !scheduled.contains(&s.arrival) {
+                        return true;
+                    }
+                    pool.release(&mut s.blocks);
+                    let _ = s.events.send(Event::Finished {
+                        reason: FinishReason::Error,
+                        usage: s.usage(),
+                        message: Some(message.clone()),
+                    });
+                    false
+                });
+                return;
+            }
+        };
+
+        let mut row = 0;
+        let mut finished = Vec::new();
+        for seq in self.running.iter_mut() {
+            let Some(&(_, n)) = plan.iter().find(|(id, _)| *id == seq.arrival) else { continue };
+            let logits = &rows[row];
+            row += 1;
+            // Tokens of a prompt (or of a recomputed sequence) count as prefill; one new token as decode.
+            let decode = n == 1 && seq.generated() > 0 && seq.pending() == 0;
+            let counter = if decode { m::ENGINE_DECODE_TOKENS_TOTAL } else { m::ENGINE_PREFILL_TOKENS_TOTAL };
+            metrics::counter!(counter).increment(n as u64);
+            if seq.pending() > 0 {
+                // A chunk of a long prompt: no token yet.
+                continue;
+            }
+            let sampled = seq.sampler.sample(logits);
+            let token = sampled.token;
+            seq.tokens.push(token);
+            let now = Instant::now();
+            match seq.last_token {
+                None => metrics::histogram!(m::TIME_TO_FIRST_TOKEN_SECONDS).record((now - seq.submitted).as_secs_f64()),
+                Some(t) => metrics::histogram!(m::INTER_TOKEN_LATENCY_SECONDS).record((now - t).as_secs_f64()),
+            }
+            seq.last_token = Some(now);
+            let _ = seq.events.send(Event::Token(sampled));
+            let params = seq.sampler.params();
+            let reason = if params.stop_token_ids.contains(&token)
+                || (!params.ignore_eos && self.config.eos_token_ids.contains(&token))
+            {
+                Some(FinishReason::Stop)
+            } else if seq.generated() >= params.max_tokens as usize || seq.tokens.len() >= self.config.max_model_len {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                let _ = seq.events.send(Event::Finished { reason, usage: seq.usage(), message: None });
+                finished.push(seq.arrival);
+            }
+        }
+        let pool = &mut self.pool;
+        self.running.retain_mut(|s| {
+            if finished.contains(&s.arrival) {
+                pool.release(&mut s.blocks);
+                false
+            } else {
+                pool.trim(&mut s.blocks);
+                true
+            }
+        });
+    }
+
+    /// Decides this step's work: `(sequence arrival id, tokens to compute)`, with KV reserved.
+    fn schedule(&mut self) -> Vec<(u64, usize)> {
+        let mut budget = self.config.max_batch_tokens;
+        let mut plan: Vec<(u64, usize)> = Vec::new();
+        // Oldest first, so that preemption takes from the youngest.
+        self.running.sort_by_key(|s| (s.priority, s.arrival));
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let n = self.running[i].pending().min(budget);
+            if n == 0 {
+                i += 1;
+                continue;
+            }
+            if self.reserve_or_preempt(i, n) {
+                plan.push((self.running[i].arrival, n));
+                budget -= n;
+                i += 1;
+            }
+            // Otherwise sequence i (the youngest) was preempted itself; the loop ends at len.
+        }
+        // Admit waiting prompts while the budget and the cache allow, without preempting anyone.
+        while budget > 0 && self.running.len() < self.config.max_running {
+            let Some(seq) = self.waiting.front_mut() else { break };
+            let n = seq.pending().min(budget);
+            if !self.pool.reserve(&mut seq.blocks, n) {
+                break;
+            }
+            let Some(seq) = self.waiting.pop_front() else { break };
+            plan.push((seq.arrival, n));
+            budget -= n;
+            self.running.push(seq);
+        }
+        plan
+    }
+
+    /// Reserves `n` tokens for running sequence `i`, preempting the youngest running sequences
+    /// (recomputed later) until it fits. False when `i` itself had to go.
+    fn reserve_or_preempt(&mut self, i: usize, n: usize) -> bool {
+        loop {
+            if self.pool.reserve(&mut self.running[i].blocks, n) {
+                return true;
+            }
+            let youngest = self.running.len() - 1;
+            let mut victim = self.running.remove(youngest);
+            tracing::debug!(request = %victim.id, "KV cache full: preempting, will recompute");
+            metrics::counter!(m::ENGINE_PREEMPTIONS_TOTAL).increment(1);
+            self.preemptions += 1;
+            self.pool.release(&mut victim.blocks);
+            let at = self.waiting.iter().position(|w| (w.priority, w.arrival) > (victim.priority, victim.arrival));
+            match at {
+                Some(p) => self.waiting.insert(p, victim),
+                None => self.waiting.push_back(victim),
+            }
+            if youngest == i {
+                return false;
+            }
+        }
+    }
+
+    fn publish_load(&self) {
+        let load = Load {
+            waiting: self.waiting.len(),
+            running: self.running.len(),
+            kv_blocks_used: self.pool.used_blocks(),
+            kv_blocks_total: self.pool.total_blocks(),
+            steps: self.steps,
+            preemptions: self.preemptions,
+        };
+        metrics::gauge!(m::ENGINE_WAITING_REQUESTS).set(load.waiting as f64);
+        metrics::gauge!(m::ENGINE_RUNNING_REQUESTS).set(load.running as f64);
+        metrics::gauge!(m::KV_BLOCKS_USED).set(load.kv_blocks_used as f64);
+        metrics::gauge!(m::KV_BLOCKS_TOTAL).set(load.kv_blocks_total as f64);
+        if let Ok(mut l) = self.load.lock() {
+            *l = load;
+        }
+    }
+}
