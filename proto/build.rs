@@ -2,6 +2,8 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=epserve");
-    tonic_prost_build::configure().bytes(".epserve.v1").compile_protos(&["epserve/v1/expert.proto"], &["."])?;
+    tonic_prost_build::configure()
+        .bytes(".epserve.v1")
+        .compile_protos(&["epserve/v1/expert.proto", "epserve/v1/coordinator.proto"], &["."])?;
     Ok(())
 }

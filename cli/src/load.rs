@@ -124,32 +124,53 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
 }
 
 /// Loads the non-expert weights, and the experts either from the checkpoint (no `--workers`) or
-/// through the workers.
-pub fn engine(dir: &Path, dtype: ComputeDtype, experts: &ExpertArgs) -> Result<Engine> {
+/// through the workers, whose streams live on `runtime`.
+pub fn engine_parts(
+    dir: &Path,
+    dtype: ComputeDtype,
+    experts: &ExpertArgs,
+    runtime: Option<&tokio::runtime::Runtime>,
+) -> Result<(ModelConfig, TextModel, ExpertTransport)> {
     let config = read_config(dir)?;
     let ckpt = Checkpoint::open(dir)?;
     let device = Device::Cpu;
     let mut progress = LoadProgress::new(&ckpt, "weights");
     let model = TextModel::load(&config, &ckpt, dtype.into(), &device, &mut |_, _| progress.tick())?;
-    let (transport, runtime) = if experts.workers.is_empty() {
-        let all: Vec<u32> = (0..config.text.num_local_experts as u32).collect();
-        let shard = ExpertShard::load(&config, &ckpt, &all, dtype.into(), &device, &mut || progress.tick())?;
-        (ExpertTransport::Local(shard), None)
-    } else {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("epserve-io")
-            .enable_all()
-            .build()?;
-        let cfg = GrpcConfig {
-            wire: experts.wire_dtype.into(),
-            exchange_timeout: Duration::from_millis(experts.exchange_timeout_ms),
-            ..GrpcConfig::new(experts.workers.clone())
-        };
-        let grpc = runtime.block_on(GrpcExperts::connect(&cfg, &config.text, dtype.into()))?;
-        tracing::info!("experts through {} workers, {} wire", experts.workers.len(), cfg.wire);
-        (ExpertTransport::Grpc(grpc), Some(runtime))
+    let transport = match runtime {
+        None => {
+            let all: Vec<u32> = (0..config.text.num_local_experts as u32).collect();
+            let shard = ExpertShard::load(&config, &ckpt, &all, dtype.into(), &device, &mut || progress.tick())?;
+            ExpertTransport::Local(shard)
+        }
+        Some(runtime) => {
+            let cfg = GrpcConfig {
+                wire: experts.wire_dtype.into(),
+                exchange_timeout: Duration::from_millis(experts.exchange_timeout_ms),
+                ..GrpcConfig::new(experts.workers.clone())
+            };
+            let grpc = runtime.block_on(GrpcExperts::connect(&cfg, &config.text, dtype.into()))?;
+            tracing::info!("experts through {} workers, {} wire", experts.workers.len(), cfg.wire);
+            ExpertTransport::Grpc(grpc)
+        }
     };
     progress.finish();
-    Ok(Engine { config, model, experts: transport, overlap: experts.overlap, _runtime: runtime })
+    Ok((config, model, transport))
+}
+
+/// A one-process engine for the offline commands; with `--workers` it starts a small runtime for
+/// the worker streams.
+pub fn engine(dir: &Path, dtype: ComputeDtype, experts: &ExpertArgs) -> Result<Engine> {
+    let runtime = if experts.workers.is_empty() {
+        None
+    } else {
+        Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("epserve-io")
+                .enable_all()
+                .build()?,
+        )
+    };
+    let (config, model, experts_transport) = engine_parts(dir, dtype, experts, runtime.as_ref())?;
+    Ok(Engine { config, model, experts: experts_transport, overlap: experts.overlap, _runtime: runtime })
 }

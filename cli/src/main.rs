@@ -2,6 +2,7 @@
 //! delegates to the crate that owns the behaviour (`epserve-model` for the offline commands).
 
 mod chat;
+mod coordinator;
 mod decode_bench;
 mod exchange_bench;
 mod gen_model;
@@ -33,6 +34,8 @@ enum Command {
     GenModel(gen_model::GenModelArgs),
     /// Serve a shard of the experts of every MoE layer over gRPC.
     Worker(worker::WorkerArgs),
+    /// Serve the engine (continuous batching, KV cache, sampling) over gRPC.
+    Coordinator(coordinator::CoordinatorArgs),
     /// Measure decode throughput of the engine at given batch sizes (local or through workers).
     DecodeBench(decode_bench::DecodeBenchArgs),
     /// Measure expert-exchange round trips with one running worker.
@@ -75,6 +78,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::GenModel(args) => gen_model::run(args),
         Command::Worker(args) => worker::run(args),
+        Command::Coordinator(args) => coordinator::run(args),
         Command::DecodeBench(args) => decode_bench::run(args),
         Command::ExchangeBench(args) => exchange_bench::run(args),
     };

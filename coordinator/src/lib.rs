@@ -13,6 +13,7 @@ pub mod kv_pool;
 pub mod overlap;
 pub mod placement;
 pub mod sampling;
+pub mod server;
 pub mod transport;
 
 pub use errors::TransportError;

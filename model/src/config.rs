@@ -95,6 +95,8 @@ pub struct TextConfig {
     pub num_key_value_heads: usize,
     pub head_dim: usize,
     pub vocab_size: usize,
+    /// The longest context the model supports (informational for RoPE; a serving limit).
+    pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
     pub rope: RopeConfig,
     pub attention_chunk_size: Option<usize>,
@@ -417,6 +419,7 @@ fn parse_text(f: &Fields<'_>, root: &Fields<'_>) -> Result<TextConfig> {
         num_key_value_heads,
         head_dim,
         vocab_size,
+        max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(131_072),
         rms_norm_eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-5),
         rope: parse_rope(f)?,
         attention_chunk_size,

@@ -1,0 +1,125 @@
+//! `CoordinatorService` over the engine: `Generate` streams a request's tokens, `Load` reports the
+//! queue and the KV cache for the gateway's routing. A client that goes away cancels its request
+//! (its blocks are freed at the next step).
+
+use std::pin::Pin;
+
+use epserve_proto::v1::coordinator_service_server::{CoordinatorService, CoordinatorServiceServer};
+use epserve_proto::v1::{
+    self as pb, GenerateRequest, HealthRequest, HealthResponse, LoadRequest, LoadResponse, TokenEvent,
+};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::engine::{EngineHandle, Event, FinishReason, SubmitError};
+use crate::sampling::SamplingParams;
+
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    engine: EngineHandle,
+}
+
+impl Coordinator {
+    pub fn new(engine: EngineHandle) -> Self {
+        Coordinator { engine }
+    }
+
+    pub fn into_service(self) -> CoordinatorServiceServer<Self> {
+        CoordinatorServiceServer::new(self)
+    }
+}
+
+fn sampling_from_proto(p: Option<pb::SamplingParams>) -> Result<SamplingParams, Status> {
+    let p = p.ok_or_else(|| Status::invalid_argument("sampling parameters are required"))?;
+    Ok(SamplingParams {
+        temperature: p.temperature,
+        top_p: p.top_p.unwrap_or(1.0),
+        top_k: p.top_k,
+        min_p: p.min_p,
+        seed: p.seed,
+        repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
+        frequency_penalty: p.frequency_penalty,
+        presence_penalty: p.presence_penalty,
+        max_tokens: p.max_tokens,
+        stop_token_ids: p.stop_token_ids,
+        ignore_eos: p.ignore_eos,
+        logprobs: p.logprobs,
+    })
+}
+
+fn to_event(event: Event) -> TokenEvent {
+    match event {
+        Event::Token(s) => TokenEvent {
+            tokens: vec![pb::Token {
+                id: s.token,
+                logprob: s.logprob,
+                top_logprobs: s.top.into_iter().map(|(token, logprob)| pb::TopLogprob { token, logprob }).collect(),
+            }],
+            ..Default::default()
+        },
+        Event::Finished { reason, usage, message } => TokenEvent {
+            tokens: Vec::new(),
+            finish_reason: match reason {
+                FinishReason::Stop => pb::FinishReason::Stop,
+                FinishReason::Length => pb::FinishReason::Length,
+                FinishReason::Error => pb::FinishReason::Error,
+            } as i32,
+            usage: Some(pb::Usage { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens }),
+            error: message.unwrap_or_default(),
+        },
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<TokenEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl CoordinatorService for Coordinator {
+    type GenerateStream = EventStream;
+
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<EventStream>, Status> {
+        let r = request.into_inner();
+        let span = tracing::info_span!("generate", request_id = %r.request_id, prompt_tokens = r.prompt_tokens.len());
+        let _entered = span.enter();
+        let sampling = sampling_from_proto(r.sampling)?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let request =
+            crate::engine::Request { id: r.request_id, prompt: r.prompt_tokens, sampling, priority: r.priority };
+        self.engine.submit(request, tx).map_err(|e| match e {
+            SubmitError::Invalid(m) => Status::invalid_argument(m),
+            e @ SubmitError::TooLong { .. } => Status::invalid_argument(e.to_string()),
+            SubmitError::Stopped => Status::unavailable("the engine has stopped"),
+        })?;
+        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(|e| Ok(to_event(e)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        Ok(Response::new(HealthResponse { serving: true }))
+    }
+
+    async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+        let l = self.engine.load();
+        Ok(Response::new(LoadResponse {
+            waiting: l.waiting as u32,
+            running: l.running as u32,
+            kv_blocks_used: l.kv_blocks_used as u64,
+            kv_blocks_free: (l.kv_blocks_total - l.kv_blocks_used) as u64,
+            kv_blocks_total: l.kv_blocks_total as u64,
+            max_model_len: self.engine.max_model_len() as u32,
+            preemptions: l.preemptions,
+        }))
+    }
+}
+
+/// Serves the coordinator on `listener` until `shutdown` resolves.
+pub async fn serve(
+    coordinator: Coordinator,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(coordinator.into_service())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
