@@ -4,6 +4,7 @@
 mod chat;
 mod coordinator;
 mod decode_bench;
+mod engine_bench;
 mod exchange_bench;
 mod gen_model;
 mod generate;
@@ -38,6 +39,8 @@ enum Command {
     Coordinator(coordinator::CoordinatorArgs),
     /// Measure decode throughput of the engine at given batch sizes (local or through workers).
     DecodeBench(decode_bench::DecodeBenchArgs),
+    /// Measure the serving engine in process under closed-loop load (tokens/s, TTFT).
+    EngineBench(engine_bench::EngineBenchArgs),
     /// Measure expert-exchange round trips with one running worker.
     ExchangeBench(exchange_bench::ExchangeBenchArgs),
 }
@@ -81,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::Coordinator(args) => coordinator::run(args),
         Command::DecodeBench(args) => decode_bench::run(args),
         Command::ExchangeBench(args) => exchange_bench::run(args),
+        Command::EngineBench(args) => engine_bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,128 @@
+//! `epserve engine-bench`: the serving engine in process, under closed-loop load. For each
+//! concurrency C, C clients each send `--requests-per-client` requests one after the other (a
+//! `--prompt-len`-token prompt, exactly `--max-tokens` output tokens); reports output tokens/s over
+//! the wall time and the time to first token.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use candle_core::Device;
+use epserve_coordinator::engine::{self, EngineConfig, Event, FinishReason, Request};
+use epserve_coordinator::kv_pool::{KvCapacity, KvPool};
+use epserve_coordinator::sampling::SamplingParams;
+use serde_json::json;
+
+use crate::load::{ComputeDtype, ExpertArgs, engine_parts};
+
+#[derive(Debug, clap::Args)]
+pub struct EngineBenchArgs {
+    #[arg(long, env = "EPSERVE_MODEL")]
+    pub model: PathBuf,
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    pub concurrency: Vec<usize>,
+    #[arg(long, default_value_t = 2)]
+    pub requests_per_client: usize,
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: u32,
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    #[arg(long, default_value_t = 65_536)]
+    pub kv_capacity_tokens: usize,
+    #[arg(long, value_enum, default_value = "f32", env = "EPSERVE_DTYPE")]
+    pub dtype: ComputeDtype,
+    #[command(flatten)]
+    pub experts: ExpertArgs,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1e3
+}
+
+pub fn run(args: EngineBenchArgs) -> Result<()> {
+    if args.concurrency.contains(&0) || args.requests_per_client == 0 || args.prompt_len == 0 || args.max_tokens == 0 {
+        bail!("all sizes must be positive");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let remote = (!args.experts.workers.is_empty()).then_some(&runtime);
+    let (config, model, experts) = engine_parts(&args.model, args.dtype, &args.experts, remote)?;
+    let pool = KvPool::new(&config.text, KvCapacity::Tokens(args.kv_capacity_tokens), 16, model.dtype(), &Device::Cpu)?;
+    let vocab = config.text.vocab_size;
+    let engine = engine::start(
+        model,
+        experts,
+        pool,
+        EngineConfig {
+            max_batch_tokens: args.max_batch_tokens,
+            max_running: 256,
+            max_model_len: args.kv_capacity_tokens,
+            overlap: args.experts.overlap,
+            eos_token_ids: config.text.eos_token_ids.clone(),
+        },
+    );
+    let mut results = Vec::new();
+    for &c in &args.concurrency {
+        let started = Instant::now();
+        let clients: Vec<_> = (0..c)
+            .map(|client| {
+                let engine = engine.clone();
+                let (prompt_len, max_tokens, n) = (args.prompt_len, args.max_tokens, args.requests_per_client);
+                std::thread::spawn(move || -> Result<(Vec<Duration>, usize)> {
+                    let mut ttfts = Vec::new();
+                    let mut tokens = 0;
+                    for r in 0..n {
+                        let prompt: Vec<u32> =
+                            (0..prompt_len).map(|i| ((i * 31 + client * 7 + r * 13 + 1) % vocab.min(2000)) as u32).collect();
+                        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                        let sampling =
+                            SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..Default::default() };
+                        let sent = Instant::now();
+                        engine.submit(Request { id: format!("c{client}-{r}"), prompt, sampling, priority: 0 }, tx)?;
+                        let mut first = None;
+                        while let Some(event) = rx.blocking_recv() {
+                            match event {
+                                Event::Token(_) => {
+                                    first.get_or_insert_with(|| sent.elapsed());
+                                    tokens += 1;
+                                }
+                                Event::Finished { reason: FinishReason::Error, message, .. } => {
+                                    bail!("request failed: {message:?}")
+                                }
+                                Event::Finished { .. } => break,
+                            }
+                        }
+                        ttfts.extend(first);
+                    }
+                    Ok((ttfts, tokens))
+                })
+            })
+            .collect();
+        let mut ttfts = Vec::new();
+        let mut tokens = 0;
+        for h in clients {
+            let (t, n) = h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+            ttfts.extend(t);
+            tokens += n;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        ttfts.sort();
+        let row = json!({
+            "concurrency": c,
+            "requests": ttfts.len(),
+            "output_tokens": tokens,
+            "seconds": secs,
+            "output_tokens_per_s": tokens as f64 / secs,
+            "ttft_p50_ms": percentile(&ttfts, 50.0),
+            "ttft_p90_ms": percentile(&ttfts, 90.0),
+            "ttft_max_ms": percentile(&ttfts, 100.0),
+        });
+        tracing::info!("concurrency {c}: {:.1} tokens/s, TTFT p50 {:.0} ms", tokens as f64 / secs, percentile(&ttfts, 50.0));
+        results.push(row);
+    }
+    engine.stop();
+    println!("{}", serde_json::to_string_pretty(&results)?);
+    Ok(())
+}
