@@ -74,8 +74,9 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
                     let mut ttfts = Vec::new();
                     let mut tokens = 0;
                     for r in 0..n {
-                        let prompt: Vec<u32> =
-                            (0..prompt_len).map(|i| ((i * 31 + client * 7 + r * 13 + 1) % vocab.min(2000)) as u32).collect();
+                        let prompt: Vec<u32> = (0..prompt_len)
+                            .map(|i| ((i * 31 + client * 7 + r * 13 + 1) % vocab.min(2000)) as u32)
+                            .collect();
                         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                         let sampling =
                             SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..Default::default() };
@@ -119,7 +120,11 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
             "ttft_p90_ms": percentile(&ttfts, 90.0),
             "ttft_max_ms": percentile(&ttfts, 100.0),
         });
-        tracing::info!("concurrency {c}: {:.1} tokens/s, TTFT p50 {:.0} ms", tokens as f64 / secs, percentile(&ttfts, 50.0));
+        tracing::info!(
+            "concurrency {c}: {:.1} tokens/s, TTFT p50 {:.0} ms",
+            tokens as f64 / secs,
+            percentile(&ttfts, 50.0)
+        );
         results.push(row);
     }
     engine.stop();

@@ -8,8 +8,8 @@ use epserve_model::synthetic::SplitMix64;
 use epserve_model::{LogitsFor, SequenceStep};
 use serde_json::{Value, json};
 
-use crate::chat::ChatTemplate;
 use crate::load::{ComputeDtype, ExpertArgs, engine};
+use epserve_gateway::chat_template::ChatTemplate;
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {

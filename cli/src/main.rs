@@ -1,19 +1,18 @@
 //! `epserve`: the one binary of the project. Argument parsing and wiring only: every subcommand
 //! delegates to the crate that owns the behaviour (`epserve-model` for the offline commands).
 
-mod chat;
 mod coordinator;
 mod decode_bench;
 mod engine_bench;
 mod exchange_bench;
+mod gateway;
 mod gen_model;
 mod generate;
 mod load;
 mod logits;
 mod metrics_http;
 mod synthetic_tokenizer;
-#[cfg(test)]
-mod test_support;
+mod up;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +26,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start a whole cluster on this machine: gateway, coordinator(s) and expert workers.
+    Up(up::UpArgs),
+    /// Serve the OpenAI-compatible HTTP API in front of coordinators.
+    Gateway(gateway::GatewayArgs),
     /// Print JSON logits for given token ids.
     Logits(logits::LogitsArgs),
     /// Generate from a prompt, offline, in one process.
@@ -77,6 +80,8 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Up(args) => up::run(args),
+        Command::Gateway(args) => gateway::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Generate(args) => generate::run(args),
         Command::GenModel(args) => gen_model::run(args),

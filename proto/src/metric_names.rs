@@ -43,3 +43,8 @@ pub const KV_BLOCKS_TOTAL: &str = "epserve_kv_blocks_total";
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "epserve_time_to_first_token_seconds";
 /// Histogram, seconds: between consecutive tokens of a request.
 pub const INTER_TOKEN_LATENCY_SECONDS: &str = "epserve_inter_token_latency_seconds";
+
+/// Counter, labels `route` (closed set), `status`: HTTP requests the gateway answered.
+pub const HTTP_REQUESTS_TOTAL: &str = "epserve_http_requests_total";
+/// Histogram, seconds, label `route`: time to the response head (whole body when not streaming).
+pub const HTTP_REQUEST_SECONDS: &str = "epserve_http_request_seconds";

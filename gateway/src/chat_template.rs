@@ -13,6 +13,12 @@ pub struct ChatTemplate {
     bos_token: String,
 }
 
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate").field("bos_token", &self.bos_token).finish_non_exhaustive()
+    }
+}
+
 impl ChatTemplate {
     /// The checkpoint's template: `chat_template.jinja` when present (transformers prefers it),
     /// else `tokenizer_config.json`'s `chat_template` (a string, or a list of named templates of
@@ -82,7 +88,7 @@ mod tests {
     /// Rendering equals what transformers produced for the fixture, byte for byte.
     #[test]
     fn renders_the_golden_conversations() {
-        let dir = crate::test_support::fixture_dir();
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-llama4");
         let template = ChatTemplate::from_checkpoint(&dir).expect("template");
         let golden: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("golden/chat.json")).expect("read")).expect("json");

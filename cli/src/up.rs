@@ -1,0 +1,221 @@
+//! `epserve up`: a whole cluster on this machine — W expert workers, C coordinators and the gateway,
+//! each a separate `epserve` process talking real gRPC over loopback (static placement: no control
+//! plane needed). Waits until the gateway is ready, prints the URL and a curl example, and stops
+//! everything on Ctrl-C (or when any component dies).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Checkpoint to serve; default: a random-weight `mini` demo checkpoint, created once in the cache.
+    #[arg(long, env = "EPSERVE_MODEL")]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value_t = 1, env = "EPSERVE_UP_COORDINATORS")]
+    pub coordinators: usize,
+    /// Expert workers (0: experts inside the coordinators).
+    #[arg(long, default_value_t = 4, env = "EPSERVE_UP_WORKERS")]
+    pub workers: usize,
+    /// The gateway's HTTP port.
+    #[arg(long, default_value_t = 8000, env = "EPSERVE_PORT")]
+    pub port: u16,
+    #[arg(long, default_value = "127.0.0.1", env = "EPSERVE_HOST")]
+    pub host: String,
+    /// API keys the gateway accepts (none = open).
+    #[arg(long = "api-key", value_delimiter = ',', env = "EPSERVE_API_KEYS", hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// KV cache of each coordinator, in tokens of full context.
+    #[arg(long, default_value_t = 32_768, env = "EPSERVE_KV_CAPACITY_TOKENS")]
+    pub kv_capacity_tokens: usize,
+    /// Where the demo checkpoint is kept.
+    #[arg(long, env = "EPSERVE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+fn cache_dir(explicit: Option<PathBuf>) -> PathBuf {
+    explicit
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("epserve")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/epserve")))
+        .unwrap_or_else(|| PathBuf::from(".epserve-cache"))
+}
+
+/// The child processes; all are stopped when this is dropped.
+struct Cluster {
+    children: Vec<(String, Child)>,
+}
+
+impl Cluster {
+    /// Starts `epserve ARGS`, waits for its `listening on` line and returns the address.
+    fn start(&mut self, name: String, args: &[String]) -> Result<String> {
+        let exe = std::env::current_exe().context("locating the epserve binary")?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        self.children.push((name.clone(), child));
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.trim().to_owned());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(600)).with_context(|| format!("{name} did not start (see its log above)"))
+    }
+
+    /// The first child that has exited, if any.
+    fn exited(&mut self) -> Option<String> {
+        self.children.iter_mut().find_map(|(name, c)| match c.try_wait() {
+            Ok(Some(status)) => Some(format!("{name} exited ({status})")),
+            _ => None,
+        })
+    }
+
+    fn stop(&mut self) {
+        for (_, child) in self.children.iter().rev() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).stderr(Stdio::null()).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (name, child) in self.children.iter_mut().rev() {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !matches!(child.try_wait(), Ok(Some(_))) {
+                tracing::warn!("{name} did not stop within 10 s: killing it");
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// GET `path` on `addr`; the status code.
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+fn demo_model(cache: &Path) -> Result<PathBuf> {
+    let dir = cache.join("mini");
+    if !dir.join("config.json").exists() {
+        tracing::info!("creating the demo checkpoint (random weights, `mini` shape) in {}", dir.display());
+        crate::gen_model::write(
+            epserve_model::synthetic::Preset::Mini,
+            0,
+            &dir,
+            crate::gen_model::StoredDtype::Bf16,
+            false,
+            None,
+        )?;
+    }
+    Ok(dir)
+}
+
+pub fn run(args: UpArgs) -> Result<()> {
+    if args.coordinators == 0 {
+        bail!("--coordinators must be at least 1");
+    }
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => demo_model(&cache_dir(args.cache_dir.clone()))?,
+    };
+    let model_arg = model.to_str().context("the model path is not UTF-8")?.to_owned();
+    let mut cluster = Cluster { children: Vec::new() };
+    let started = Instant::now();
+
+    let mut workers = Vec::new();
+    for i in 0..args.workers {
+        let a =
+            ["worker", "--model", &model_arg, "--listen", "127.0.0.1:0", "--shard", &format!("{i}/{}", args.workers)];
+        workers.push(cluster.start(format!("worker {i}"), &a.map(String::from))?);
+    }
+    let mut coordinators = Vec::new();
+    for i in 0..args.coordinators {
+        let mut a: Vec<String> =
+            ["coordinator", "--model", &model_arg, "--listen", "127.0.0.1:0"].map(String::from).to_vec();
+        a.extend(["--kv-capacity-tokens".into(), args.kv_capacity_tokens.to_string()]);
+        if !workers.is_empty() {
+            a.extend(["--workers".into(), workers.join(",")]);
+        }
+        coordinators.push(cluster.start(format!("coordinator {i}"), &a)?);
+    }
+    let listen = format!("{}:{}", args.host, args.port);
+    let mut a: Vec<String> =
+        ["gateway", "--model", &model_arg, "--listen", &listen, "--coordinators"].map(String::from).to_vec();
+    a.push(coordinators.join(","));
+    if !args.api_keys.is_empty() {
+        a.extend(["--api-key".into(), args.api_keys.join(",")]);
+    }
+    let gateway = cluster.start("gateway".into(), &a)?;
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while http_status(&gateway, "/ready") != Some(200) {
+        if let Some(dead) = cluster.exited() {
+            bail!("{dead} before the cluster was ready");
+        }
+        if Instant::now() > deadline {
+            bail!("the gateway at {gateway} was not ready within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let name = crate::gateway::served_name(&model);
+    let auth = args.api_keys.first().map(|k| format!(" -H 'Authorization: Bearer {k}'")).unwrap_or_default();
+    println!(
+        "epserve is up in {:.1} s: {} worker(s), {} coordinator(s), model `{name}`",
+        started.elapsed().as_secs_f64(),
+        workers.len(),
+        coordinators.len()
+    );
+    println!("  OpenAI API: http://{gateway}/v1");
+    println!("  try: curl http://{gateway}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\");
+    println!(
+        "         -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 32}}'"
+    );
+    println!("  Ctrl-C stops everything.");
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let reason = runtime.block_on(async {
+        let mut shutdown = std::pin::pin!(crate::shutdown_signal());
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break None,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    if let Some(dead) = cluster.exited() {
+                        break Some(dead);
+                    }
+                }
+            }
+        }
+    });
+    cluster.stop();
+    match reason {
+        None => {
+            println!("epserve stopped");
+            Ok(())
+        }
+        Some(dead) => bail!("{dead}; the cluster was stopped"),
+    }
+}

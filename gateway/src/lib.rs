@@ -1,0 +1,18 @@
+//! The gateway: the OpenAI-compatible HTTP API in front of the coordinators. It owns the tokenizer
+//! and the chat template of the checkpoint, incremental detokenization and stop strings, API-key
+//! authentication, and the choice of a coordinator (healthy, least loaded; a request that has not
+//! produced a token yet is retried on another).
+//!
+//! Boundaries: no model weights, no sampling (the coordinator's), no state beyond requests in flight.
+
+pub mod chat_template;
+pub mod completions;
+pub mod errors;
+pub mod openai;
+pub mod routing;
+pub mod server;
+pub mod text;
+
+pub use routing::CoordinatorPool;
+pub use server::{AppState, router};
+pub use text::TextCodec;

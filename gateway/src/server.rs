@@ -1,0 +1,200 @@
+//! The HTTP server: routes, API-key auth, body limits, the in-flight limit, and the probes.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use epserve_proto::metric_names as m;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::completions::{self, Kind, Prepared};
+use crate::errors::ApiError;
+use crate::openai::{self, Prompt};
+use crate::routing::CoordinatorPool;
+use crate::text::TextCodec;
+
+#[derive(Debug)]
+pub struct AppState {
+    pub text: TextCodec,
+    pub pool: Arc<CoordinatorPool>,
+    /// The name clients use in `model`.
+    pub model_name: String,
+    /// Accepted bearer keys; empty = no authentication.
+    pub api_keys: Vec<String>,
+    pub max_body_bytes: usize,
+    pub max_in_flight: usize,
+    pub in_flight: Arc<Semaphore>,
+    pub metrics: Option<PrometheusHandle>,
+    pub started: u64,
+}
+
+impl AppState {
+    pub fn new(text: TextCodec, pool: Arc<CoordinatorPool>, model_name: String) -> Self {
+        AppState {
+            text,
+            pool,
+            model_name,
+            api_keys: Vec::new(),
+            max_body_bytes: 8 << 20,
+            max_in_flight: 1024,
+            in_flight: Arc::new(Semaphore::new(1024)),
+            metrics: None,
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }
+    }
+
+    pub fn with_limits(mut self, api_keys: Vec<String>, max_body_bytes: usize, max_in_flight: usize) -> Self {
+        self.api_keys = api_keys;
+        self.max_body_bytes = max_body_bytes;
+        self.max_in_flight = max_in_flight;
+        self.in_flight = Arc::new(Semaphore::new(max_in_flight));
+        self
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completion))
+        .route("/v1/models", get(models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .merge(api)
+        .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async { ApiError::not_found_route() })
+        .layer(middleware::from_fn(observe))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// One span and two metrics per request.
+async fn observe(request: Request, next: Next) -> Response {
+    const ROUTES: [&str; 6] =
+        ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics"];
+    let route: &'static str = ROUTES.iter().find(|r| **r == request.uri().path()).copied().unwrap_or("other");
+    let span = tracing::info_span!("http", method = %request.method(), route);
+    let started = Instant::now();
+    let response = next.run(request).instrument(span).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(m::HTTP_REQUESTS_TOTAL, "route" => route, "status" => status).increment(1);
+    metrics::histogram!(m::HTTP_REQUEST_SECONDS, "route" => route).record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if state.api_keys.is_empty() {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(key) if state.api_keys.iter().any(|k| k == key) => next.run(request).await,
+        _ => ApiError::unauthorized().into_response(),
+    }
+}
+
+async fn read_json(state: &AppState, body: Body) -> Result<Value, ApiError> {
+    let bytes = axum::body::to_bytes(body, state.max_body_bytes)
+        .await
+        .map_err(|_| ApiError::too_large(state.max_body_bytes))?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(None, format!("The body is not valid JSON: {e}")))
+}
+
+fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
+    if model == state.model_name { Ok(()) } else { Err(ApiError::model_not_found(model, &state.model_name)) }
+}
+
+async fn chat(State(state): State<Arc<AppState>>, body: Body) -> Response {
+    let prepared = async {
+        let body = read_json(&state, body).await?;
+        let r = openai::parse_chat(&body)?;
+        check_model(&state, &r.model)?;
+        let prompt =
+            state.text.encode_chat(&r.messages).map_err(|e| ApiError::invalid_param("messages", format!("{e:#}")))?;
+        Ok::<_, ApiError>(Prepared {
+            kind: Kind::Chat,
+            model: r.model,
+            prompt,
+            sampling: r.sampling,
+            stream: r.stream,
+            include_usage: r.include_usage,
+            prompt_param: "messages",
+        })
+    };
+    dispatch(state.clone(), prepared.await).await
+}
+
+async fn completion(State(state): State<Arc<AppState>>, body: Body) -> Response {
+    let prepared = async {
+        let body = read_json(&state, body).await?;
+        let r = openai::parse_completion(&body)?;
+        check_model(&state, &r.model)?;
+        let prompt = match r.prompt {
+            Prompt::Text(t) => {
+                state.text.encode_prompt(&t).map_err(|e| ApiError::invalid_param("prompt", format!("{e:#}")))?
+            }
+            Prompt::Tokens(ids) => ids,
+        };
+        Ok::<_, ApiError>(Prepared {
+            kind: Kind::Text,
+            model: r.model,
+            prompt,
+            sampling: r.sampling,
+            stream: r.stream,
+            include_usage: r.include_usage,
+            prompt_param: "prompt",
+        })
+    };
+    dispatch(state.clone(), prepared.await).await
+}
+
+async fn dispatch(state: Arc<AppState>, prepared: Result<Prepared, ApiError>) -> Response {
+    let prepared = match prepared {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let Ok(permit) = state.in_flight.clone().try_acquire_owned() else {
+        return ApiError::overloaded(state.max_in_flight).into_response();
+    };
+    completions::run(state, prepared, permit).await
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{ "id": state.model_name, "object": "model", "created": state.started, "owned_by": "epserve" }],
+    }))
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.pool.any_healthy() {
+        Json(json!({ "status": "ready" })).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "no healthy coordinator" }))).into_response()
+    }
+}
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
+    match &state.metrics {
+        Some(handle) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
+    }
+}

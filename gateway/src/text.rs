@@ -1,0 +1,206 @@
+//! Text on the gateway's side of the wire: the checkpoint's tokenizer and chat template, incremental
+//! detokenization that never emits a broken UTF-8 sequence, and stop strings matched on the text
+//! (across token boundaries).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use crate::chat_template::ChatTemplate;
+
+#[derive(Debug)]
+pub struct TextCodec {
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+}
+
+impl TextCodec {
+    pub fn from_checkpoint(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let template = match ChatTemplate::from_checkpoint(dir) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!("no chat template, /v1/chat/completions will refuse requests: {e:#}");
+                None
+            }
+        };
+        Ok(TextCodec { tokenizer, template })
+    }
+
+    /// Renders the conversation with the checkpoint's template and tokenizes it without adding
+    /// special tokens (the template starts with BOS already).
+    pub fn encode_chat(&self, messages: &Value) -> Result<Vec<u32>> {
+        let template = self.template.as_ref().context("this checkpoint has no chat template")?;
+        let text = template.render(messages, true)?;
+        self.encode(&text, false)
+    }
+
+    /// Tokenizes a plain prompt, with the tokenizer's BOS.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode(text, true)
+    }
+
+    fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.encode(text, add_special).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// The text of one token on its own, for logprobs.
+    pub fn token_text(&self, id: u32) -> String {
+        self.tokenizer.decode(&[id], false).unwrap_or_default()
+    }
+
+    pub fn decoder(&self) -> Detokenizer<'_> {
+        Detokenizer { tokenizer: &self.tokenizer, ids: Vec::new(), prefix: 0, read: 0 }
+    }
+}
+
+/// Turns a stream of token ids into text pieces. Text is only released once it decodes to complete
+/// characters: a multi-byte character split over two tokens comes out whole, with the second.
+#[derive(Debug)]
+pub struct Detokenizer<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<u32>,
+    /// Start of the window decoded for context (byte-level BPE needs the previous token).
+    prefix: usize,
+    /// Tokens whose text has been released.
+    read: usize,
+}
+
+impl Detokenizer<'_> {
+    pub fn push(&mut self, id: u32) -> String {
+        self.ids.push(id);
+        let decode = |ids: &[u32]| self.tokenizer.decode(ids, true).unwrap_or_default();
+        let before = decode(&self.ids[self.prefix..self.read]);
+        let now = decode(&self.ids[self.prefix..]);
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.is_char_boundary(before.len()) {
+            let piece = now[before.len()..].to_owned();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            piece
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// Holds back text that could be the start of a stop string; reports the first stop found.
+#[derive(Debug, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    pending: String,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct StopOutcome {
+    /// Text that can go to the client now.
+    pub emit: String,
+    /// A stop string was found: `emit` ends right before it, and generation must end.
+    pub stopped: bool,
+}
+
+impl StopMatcher {
+    pub fn new(stops: Vec<String>) -> Self {
+        StopMatcher { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), pending: String::new() }
+    }
+
+    pub fn push(&mut self, text: &str) -> StopOutcome {
+        self.pending.push_str(text);
+        if self.stops.is_empty() {
+            return StopOutcome { emit: std::mem::take(&mut self.pending), stopped: false };
+        }
+        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+            let emit = self.pending[..at].to_owned();
+            self.pending.clear();
+            return StopOutcome { emit, stopped: true };
+        }
+        // Keep the longest tail that is a proper prefix of a stop string.
+        let mut keep = 0;
+        for s in &self.stops {
+            for (i, _) in s.char_indices().skip(1) {
+                if self.pending.ends_with(&s[..i]) {
+                    keep = keep.max(i);
+                }
+            }
+        }
+        let cut = self.pending.len() - keep;
+        let emit = self.pending[..cut].to_owned();
+        self.pending.drain(..cut);
+        StopOutcome { emit, stopped: false }
+    }
+
+    /// The text held back, once generation has ended without a stop string.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-llama4")
+    }
+
+    /// Multi-byte characters split over several byte-level tokens come out whole, never as U+FFFD.
+    #[test]
+    fn streaming_never_breaks_utf8() {
+        let codec = TextCodec::from_checkpoint(&fixture()).expect("codec");
+        let text = "naïve café — 日本語 👋🏽 done";
+        let ids = codec.encode(text, false).expect("encode");
+        assert!(ids.len() > text.chars().count() / 2, "multi-byte characters span several tokens");
+        let mut decoder = codec.decoder();
+        let mut out = String::new();
+        for id in ids {
+            let piece = decoder.push(id);
+            assert!(!piece.contains('\u{FFFD}'), "broken UTF-8 released: {piece:?}");
+            out.push_str(&piece);
+        }
+        assert_eq!(out, text);
+    }
+
+    #[test]
+    fn stop_string_split_across_pieces_is_honoured() {
+        let mut m = StopMatcher::new(vec!["STOP here".into(), "\n\n".into()]);
+        let mut emitted = String::new();
+        let mut stopped = false;
+        for piece in ["Hello", " wor", "ld ST", "OP h", "ere and more"] {
+            let out = m.push(piece);
+            emitted.push_str(&out.emit);
+            if out.stopped {
+                stopped = true;
+                break;
+            }
+        }
+        assert!(stopped);
+        assert_eq!(emitted, "Hello world ");
+        let mut m = StopMatcher::new(vec!["xyz".into()]);
+        assert_eq!(m.push("abcxy").emit, "abc", "a possible stop prefix is held back");
+        assert_eq!(m.push("q").emit, "xyq");
+        assert_eq!(m.finish(), "");
+    }
+
+    #[test]
+    fn stop_string_over_real_tokens() {
+        let codec = TextCodec::from_checkpoint(&fixture()).expect("codec");
+        let ids = codec.encode("The answer is 42. Then more text.", false).expect("encode");
+        let mut decoder = codec.decoder();
+        let mut m = StopMatcher::new(vec!["42.".into()]);
+        let mut emitted = String::new();
+        for id in ids {
+            let out = m.push(&decoder.push(id));
+            emitted.push_str(&out.emit);
+            if out.stopped {
+                break;
+            }
+        }
+        assert_eq!(emitted, "The answer is ");
+    }
+}
