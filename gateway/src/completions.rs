@@ -295,8 +295,7 @@ fn stream(
         }
         let mut asm = Assembler::new(&state, p.kind, &p.sampling);
         let mut event = Some(generation.first.clone());
-        loop {
-            let Some(e) = event.take() else { break };
+        while let Some(e) = event.take() {
             let piece = asm.push(&e);
             if let Some(error) = piece.error {
                 let err = ApiError::internal(format!("generation failed: {error}")).body();

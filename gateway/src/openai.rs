@@ -176,7 +176,7 @@ fn sampling(b: &Body<'_>, max_tokens_key: &[&str], logprobs: Option<u32>) -> Res
         max_tokens,
         temperature: b.number("temperature", 0.0..=2.0)?.unwrap_or(1.0),
         top_p: match b.number("top_p", 0.0..=1.0)? {
-            Some(p) if p == 0.0 => return Err(ApiError::invalid_param("top_p", "'top_p' must be greater than 0.")),
+            Some(0.0) => return Err(ApiError::invalid_param("top_p", "'top_p' must be greater than 0.")),
             Some(p) => p,
             None => 1.0,
         },
@@ -195,7 +195,7 @@ fn sampling(b: &Body<'_>, max_tokens_key: &[&str], logprobs: Option<u32>) -> Res
         presence_penalty: b.number("presence_penalty", -2.0..=2.0)?.unwrap_or(0.0),
         frequency_penalty: b.number("frequency_penalty", -2.0..=2.0)?.unwrap_or(0.0),
         repetition_penalty: match b.number("repetition_penalty", 0.0..=10.0)? {
-            Some(r) if r == 0.0 => {
+            Some(0.0) => {
                 return Err(ApiError::invalid_param("repetition_penalty", "'repetition_penalty' must be > 0."));
             }
             Some(r) => r,

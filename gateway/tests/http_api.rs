@@ -1,0 +1,92 @@
+//! The HTTP edge in process (`Router::oneshot`): authentication, OpenAI error JSON and status codes,
+//! body limits, probes — with no coordinator behind the gateway.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use epserve_gateway::{AppState, CoordinatorPool, TextCodec, router};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+fn app(keys: &[&str], max_body: usize) -> axum::Router {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-llama4");
+    let text = TextCodec::from_checkpoint(&dir).expect("codec");
+    // Nothing listens there: the pool never becomes healthy.
+    let pool = CoordinatorPool::new(&["127.0.0.1:9".to_owned()]).expect("pool");
+    let state = AppState::new(text, pool, "tiny".into()).with_limits(
+        keys.iter().map(|k| (*k).to_owned()).collect(),
+        max_body,
+        16,
+    );
+    router(Arc::new(state))
+}
+
+async fn call(app: axum::Router, method: &str, path: &str, key: Option<&str>, body: &str) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(path).header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let response = app.oneshot(req.body(Body::from(body.to_owned())).expect("request")).await.expect("response");
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.expect("body");
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn chat(model: &str) -> String {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).to_string()
+}
+
+#[tokio::test]
+async fn authentication() {
+    let (status, body) = call(app(&["k1", "k2"], 1 << 20), "GET", "/v1/models", None, "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+    assert_eq!(body["error"]["type"], "authentication_error");
+    let (status, _) = call(app(&["k1", "k2"], 1 << 20), "GET", "/v1/models", Some("nope"), "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body) = call(app(&["k1", "k2"], 1 << 20), "GET", "/v1/models", Some("k2"), "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["data"][0]["id"], "tiny");
+    // Probes stay open.
+    let (status, _) = call(app(&["k1"], 1 << 20), "GET", "/health", None, "").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn openai_errors() {
+    let (status, body) = call(app(&[], 1 << 20), "POST", "/v1/chat/completions", None, &chat("gpt-4")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["code"], "model_not_found");
+    assert_eq!(body["error"]["param"], "model");
+
+    let bad = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": "high"}).to_string();
+    let (status, body) = call(app(&[], 1 << 20), "POST", "/v1/chat/completions", None, &bad).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(body["error"]["param"], "top_p");
+
+    let (status, body) = call(app(&[], 1 << 20), "POST", "/v1/completions", None, "{not json").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("JSON"));
+
+    let (status, body) = call(app(&[], 64), "POST", "/v1/chat/completions", None, &chat("tiny")).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["error"]["code"], "request_too_large");
+
+    // A valid request with no healthy coordinator: 503, OpenAI error JSON.
+    let (status, body) = call(app(&[], 1 << 20), "POST", "/v1/chat/completions", None, &chat("tiny")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"]["type"], "server_error");
+
+    let (status, body) = call(app(&[], 1 << 20), "GET", "/v1/nothing", None, "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].is_object());
+}
+
+#[tokio::test]
+async fn ready_needs_a_healthy_coordinator() {
+    let (status, _) = call(app(&[], 1 << 20), "GET", "/ready", None, "").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+}

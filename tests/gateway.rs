@@ -1,0 +1,176 @@
+//! The HTTP API end to end: `epserve up` checked with the official `openai` Python client, 64
+//! concurrent streams, and a coordinator killed under a gateway with two.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{Process, tiny_fixture};
+
+/// `epserve up`, stopped (and its cluster with it) when dropped, also when a test fails.
+struct Up(Option<std::process::Child>);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts `epserve up` on the tiny fixture and waits for its URL.
+fn up(extra: &[&str]) -> (Up, String) {
+    let port = free_port();
+    let model = tiny_fixture();
+    let mut args = vec!["up", "--model", model.to_str().expect("utf-8"), "--workers", "2", "--port"];
+    let port_s = port.to_string();
+    args.push(&port_s);
+    args.extend_from_slice(extra);
+    let mut child = Command::new(support::epserve())
+        .args(&args)
+        .env("EPSERVE_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("epserve up");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "epserve up did not come up");
+        match lines.next() {
+            Some(Ok(line)) if line.contains("OpenAI API:") => break,
+            Some(Ok(_)) => continue,
+            _ => panic!("epserve up exited before it was ready"),
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    (Up(Some(child)), format!("127.0.0.1:{port}"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+fn stop(mut up: Up) {
+    let Some(mut child) = up.0.take() else { return };
+    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            assert!(status.success(), "epserve up exited with {status}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!("epserve up did not stop on Ctrl-C");
+}
+
+/// POSTs `body` to `path`; returns the status and the body (for SSE: the whole event stream).
+fn post(addr: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut response = Vec::new();
+    std::io::Read::read_to_end(&mut s, &mut response).expect("read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+#[test]
+fn openai_python_client_against_epserve_up() {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_openai = Command::new(&python).args(["-c", "import openai"]).status().map(|s| s.success()).unwrap_or(false);
+    assert!(has_openai, "the `openai` Python package is missing: `pip install openai` (scripts/test installs it)");
+    let (child, addr) = up(&["--api-key", "sk-test"]);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/openai_client.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .args([&format!("http://{addr}/v1"), "sk-test", "tiny-llama4"])
+        .output()
+        .expect("python");
+    stop(child);
+    assert!(
+        out.status.success(),
+        "openai client checks failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn sixty_four_concurrent_streams_complete() {
+    let (child, addr) = up(&[]);
+    let handles: Vec<_> = (0..64)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let body = format!(
+                    r#"{{"model": "tiny-llama4", "messages": [{{"role": "user", "content": "Request number {i}"}}], "max_tokens": 8, "temperature": 0.7, "seed": {i}, "ignore_eos": true, "stream": true}}"#
+                );
+                post(&addr, "/v1/chat/completions", &body)
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (status, text) = h.join().expect("thread");
+        assert_eq!(status, 200, "request {i}: {text}");
+        assert!(text.contains(r#""finish_reason":"length""#), "request {i} did not finish: {text}");
+        assert!(text.contains("data: [DONE]"), "request {i}: {text}");
+    }
+    stop(child);
+}
+
+#[test]
+fn gateway_keeps_serving_when_a_coordinator_dies() {
+    let model = tiny_fixture();
+    let model = model.to_str().expect("utf-8");
+    let mut a = Process::start(&["coordinator", "--model", model, "--listen", "127.0.0.1:0"]);
+    let b = Process::start(&["coordinator", "--model", model, "--listen", "127.0.0.1:0"]);
+    let coordinators = format!("{},{}", a.addr, b.addr);
+    let gateway = Process::start(&[
+        "gateway",
+        "--model",
+        model,
+        "--listen",
+        "127.0.0.1:0",
+        "--coordinators",
+        &coordinators,
+        "--health-interval-ms",
+        "200",
+    ]);
+    let chat = r#"{"model": "tiny-llama4", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}"#;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while post(&gateway.addr, "/v1/chat/completions", chat).0 != 200 {
+        assert!(Instant::now() < deadline, "the gateway never served");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a.kill();
+    let killed = Instant::now();
+    let mut served_after = None;
+    while killed.elapsed() < Duration::from_secs(5) {
+        let (status, text) = post(&gateway.addr, "/v1/chat/completions", chat);
+        if status == 200 {
+            served_after = Some(killed.elapsed());
+            break;
+        }
+        assert_eq!(status, 503, "only 'no healthy coordinator' is acceptable meanwhile: {text}");
+    }
+    let served_after = served_after.expect("the gateway did not serve within 5 s of the kill");
+    for _ in 0..10 {
+        let (status, text) = post(&gateway.addr, "/v1/chat/completions", chat);
+        assert_eq!(status, 200, "{text}");
+    }
+    eprintln!("first request served {served_after:?} after the kill");
+    drop(b);
+}
