@@ -68,6 +68,14 @@ pub fn run(args: GatewayArgs) -> Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(model = %name, auth = !keys.is_empty(), "gateway serving http://{addr}/v1");
         println!("listening on {addr}");
+        // Streamed chunks are small writes: without TCP_NODELAY, Nagle's algorithm holds one back
+        // until the client's delayed ACK (up to 40 ms), which shows as time to first token.
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!("TCP_NODELAY: {e}");
+            }
+        });
         axum::serve(listener, app).with_graceful_shutdown(crate::shutdown_signal()).await?;
         tracing::info!("gateway stopped");
         Ok(())

@@ -1,6 +1,7 @@
 //! `epserve`: the one binary of the project. Argument parsing and wiring only: every subcommand
 //! delegates to the crate that owns the behaviour (`epserve-model` for the offline commands).
 
+mod bench;
 mod coordinator;
 mod decode_bench;
 mod engine_bench;
@@ -42,6 +43,8 @@ enum Command {
     Coordinator(coordinator::CoordinatorArgs),
     /// Measure decode throughput of the engine at given batch sizes (local or through workers).
     DecodeBench(decode_bench::DecodeBenchArgs),
+    /// Load generator for any OpenAI-compatible endpoint (or a coordinator's gRPC API).
+    Bench(bench::BenchArgs),
     /// Measure the serving engine in process under closed-loop load (tokens/s, TTFT).
     EngineBench(engine_bench::EngineBenchArgs),
     /// Measure expert-exchange round trips with one running worker.
@@ -90,6 +93,7 @@ fn main() -> std::process::ExitCode {
         Command::DecodeBench(args) => decode_bench::run(args),
         Command::ExchangeBench(args) => exchange_bench::run(args),
         Command::EngineBench(args) => engine_bench::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -43,42 +43,36 @@ fn prefilled(m: &Mini, batch: usize) -> (Vec<KvCache>, Vec<u32>) {
     (caches, next)
 }
 
-fn bench(c: &mut Criterion) {
-    let m = mini();
-    let mut layer_group = c.benchmark_group("mini_moe_layer");
+/// Times `step` on decode batches of 1 and 32 sequences, each with a prefilled cache.
+fn decode_group(c: &mut Criterion, m: &Mini, name: &str, step: impl Fn(&Mini, &mut [SequenceStep<'_>]) -> usize) {
+    let mut group = c.benchmark_group(name);
     for batch in [1usize, 32] {
-        let (caches, next) = prefilled(&m, batch);
-        layer_group.throughput(Throughput::Elements(batch as u64));
-        layer_group.bench_with_input(BenchmarkId::new("decode", batch), &batch, |b, _| {
+        let (caches, next) = prefilled(m, batch);
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_with_input(BenchmarkId::new("decode", batch), &batch, |b, _| {
             b.iter(|| {
                 // Cloned caches share their buffers; a step writes past the prompt and is dropped.
                 let mut caches = caches.clone();
                 let tokens: Vec<[u32; 1]> = next.iter().map(|t| [*t]).collect();
                 let mut seqs: Vec<SequenceStep<'_>> =
                     caches.iter_mut().zip(&tokens).map(|(cache, t)| SequenceStep { tokens: t, cache }).collect();
-                let mut step = m.model.begin_step(&mut seqs).expect("step");
-                m.model.run_layer(&mut step, 0, &m.experts, None).expect("layer");
-                step.hidden().dims().len()
+                step(m, &mut seqs)
             })
         });
     }
-    layer_group.finish();
+    group.finish();
+}
 
-    let mut step_group = c.benchmark_group("mini_decode_step");
-    for batch in [1usize, 32] {
-        let (caches, next) = prefilled(&m, batch);
-        step_group.throughput(Throughput::Elements(batch as u64));
-        step_group.bench_with_input(BenchmarkId::new("decode", batch), &batch, |b, _| {
-            b.iter(|| {
-                let mut caches = caches.clone();
-                let tokens: Vec<[u32; 1]> = next.iter().map(|t| [*t]).collect();
-                let mut seqs: Vec<SequenceStep<'_>> =
-                    caches.iter_mut().zip(&tokens).map(|(cache, t)| SequenceStep { tokens: t, cache }).collect();
-                m.model.forward(&mut seqs, &m.experts, LogitsFor::Last, None).expect("step")
-            })
-        });
-    }
-    step_group.finish();
+fn bench(c: &mut Criterion) {
+    let m = mini();
+    decode_group(c, &m, "mini_moe_layer", |m, seqs| {
+        let mut step = m.model.begin_step(seqs).expect("step");
+        m.model.run_layer(&mut step, 0, &m.experts, None).expect("layer");
+        step.hidden().dims().len()
+    });
+    decode_group(c, &m, "mini_decode_step", |m, seqs| {
+        m.model.forward(seqs, &m.experts, LogitsFor::Last, None).expect("step").dims().len()
+    });
 }
 
 criterion_group! {
