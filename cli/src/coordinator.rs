@@ -75,9 +75,8 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         EngineConfig {
             max_batch_tokens: args.max_batch_tokens,
             max_running: args.max_running,
-            max_model_len,
             overlap: args.experts.overlap,
-            eos_token_ids: config.text.eos_token_ids.clone(),
+            ..EngineConfig::new(&config.text, max_model_len)
         },
     );
     runtime.block_on(async move {

@@ -57,10 +57,8 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
         pool,
         EngineConfig {
             max_batch_tokens: args.max_batch_tokens,
-            max_running: 256,
-            max_model_len: args.kv_capacity_tokens,
             overlap: args.experts.overlap,
-            eos_token_ids: config.text.eos_token_ids.clone(),
+            ..EngineConfig::new(&config.text, args.kv_capacity_tokens)
         },
     );
     let mut results = Vec::new();

@@ -32,6 +32,19 @@ pub struct EngineConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
+impl EngineConfig {
+    /// Defaults (512-token steps, 256 running sequences, no overlap) for a model, with its EOS ids.
+    pub fn new(text: &epserve_model::TextConfig, max_model_len: usize) -> Self {
+        EngineConfig {
+            max_batch_tokens: 512,
+            max_running: 256,
+            max_model_len,
+            overlap: false,
+            eos_token_ids: text.eos_token_ids.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Request {
     pub id: String,

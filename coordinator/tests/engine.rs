@@ -35,13 +35,7 @@ fn start(capacity_tokens: usize, block_size: usize, max_batch_tokens: usize) -> 
         model,
         experts,
         pool,
-        EngineConfig {
-            max_batch_tokens,
-            max_running: 64,
-            max_model_len: 4096,
-            overlap: false,
-            eos_token_ids: cfg.text.eos_token_ids.clone(),
-        },
+        EngineConfig { max_batch_tokens, max_running: 64, ..EngineConfig::new(&cfg.text, 4096) },
     )
 }
 
