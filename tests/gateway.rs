@@ -3,12 +3,11 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{Process, tiny_fixture};
+use support::{Process, post, tiny_fixture};
 
 /// `epserve up`, stopped (and its cluster with it) when dropped, also when a test fails.
 struct Up(Option<std::process::Child>);
@@ -68,23 +67,6 @@ fn stop(mut up: Up) {
     }
     let _ = child.kill();
     panic!("epserve up did not stop on Ctrl-C");
-}
-
-/// POSTs `body` to `path`; returns the status and the body (for SSE: the whole event stream).
-fn post(addr: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut response = Vec::new();
-    std::io::Read::read_to_end(&mut s, &mut response).expect("read");
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, text)
 }
 
 #[test]
