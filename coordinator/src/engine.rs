@@ -204,6 +204,7 @@ pub fn start<E: ExpertBackend + 'static>(
                 load,
                 steps: 0,
                 preemptions: 0,
+                failures: 0,
             };
             engine.run(rx);
         })
@@ -223,7 +224,13 @@ struct Engine<E> {
     load: Arc<Mutex<Load>>,
     steps: u64,
     preemptions: u64,
+    /// Failed steps in a row.
+    failures: u32,
 }
+
+/// How many times in a row a failed step is retried (after 100, 200, 400 ms) before its requests
+/// are ended with an error.
+pub const STEP_RETRIES: u32 = 3;
 
 impl<E: ExpertBackend> Engine<E> {
     fn run(&mut self, commands: Receiver<Command>) {
@@ -349,10 +356,24 @@ impl<E: ExpertBackend> Engine<E> {
         metrics::histogram!(m::ENGINE_STEP_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::histogram!(m::ENGINE_BATCH_TOKENS).record(batch_tokens as f64);
         let rows = match result {
-            Ok(rows) => rows,
+            Ok(rows) => {
+                self.failures = 0;
+                rows
+            }
             Err(e) => {
-                // The caches were not committed; the requests of this step cannot go on.
-                tracing::error!("step failed: {e}");
+                // No cache was committed, so the step can simply run again: a worker that hiccups
+                // costs latency, not requests. After `STEP_RETRIES` failures in a row the requests of
+                // the step end with the reason, instead of waiting forever on experts that are gone.
+                self.failures += 1;
+                metrics::counter!(m::ENGINE_STEP_FAILURES_TOTAL).increment(1);
+                if self.failures <= STEP_RETRIES {
+                    let backoff = Duration::from_millis(100 << (self.failures - 1));
+                    tracing::warn!(attempt = self.failures, "step failed, retrying in {backoff:?}: {e}");
+                    std::thread::sleep(backoff);
+                    return;
+                }
+                tracing::error!("step failed {} times in a row, failing its requests: {e}", self.failures);
+                self.failures = 0;
                 let message = e.to_string();
                 let scheduled: Vec<u64> = plan.iter().map(|p| p.0).collect();
                 let pool = &mut self.pool;

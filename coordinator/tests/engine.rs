@@ -10,7 +10,10 @@ use epserve_coordinator::ExpertTransport;
 use epserve_coordinator::engine::{self, EngineConfig, EngineHandle, Event, FinishReason, Request};
 use epserve_coordinator::kv_pool::{KvCapacity, KvPool};
 use epserve_coordinator::sampling::SamplingParams;
-use epserve_model::{Checkpoint, ExpertShard, KvCache, LogitsFor, ModelConfig, SequenceStep, TextModel};
+use epserve_model::{
+    Checkpoint, ExpertBackend, ExpertBatch, ExpertShard, ExpertsInFlight, KvCache, LogitsFor, ModelConfig,
+    SequenceStep, TextModel,
+};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 fn fixture() -> PathBuf {
@@ -29,6 +32,17 @@ fn load() -> (ModelConfig, TextModel, ExpertTransport) {
 
 fn start(capacity_tokens: usize, block_size: usize, max_batch_tokens: usize) -> EngineHandle {
     let (cfg, model, experts) = load();
+    start_with(cfg, model, experts, capacity_tokens, block_size, max_batch_tokens)
+}
+
+fn start_with<E: ExpertBackend + 'static>(
+    cfg: ModelConfig,
+    model: TextModel,
+    experts: E,
+    capacity_tokens: usize,
+    block_size: usize,
+    max_batch_tokens: usize,
+) -> EngineHandle {
     let pool = KvPool::new(&cfg.text, KvCapacity::Tokens(capacity_tokens), block_size, DType::F32, &Device::Cpu)
         .expect("pool");
     engine::start(
@@ -245,4 +259,51 @@ fn bad_requests_are_refused_with_a_reason() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
+}
+
+/// Experts that fail the first `failures` layers they are asked for, then work.
+struct FlakyExperts {
+    inner: ExpertTransport,
+    failures: std::sync::atomic::AtomicU32,
+}
+
+impl ExpertBackend for FlakyExperts {
+    fn submit<'a>(&'a self, batch: ExpertBatch) -> epserve_model::Result<Box<dyn ExpertsInFlight + 'a>> {
+        let left = self.failures.load(std::sync::atomic::Ordering::Relaxed);
+        if left > 0 {
+            self.failures.store(left - 1, std::sync::atomic::Ordering::Relaxed);
+            return Err(epserve_model::Error::Experts {
+                layer: batch.layer,
+                reason: "worker unavailable (injected)".into(),
+            });
+        }
+        self.inner.submit(batch)
+    }
+}
+
+/// A step whose experts fail is retried: the requests complete with the tokens they get without the
+/// failure. Failures that persist end the requests with an error naming the cause, not a hang.
+#[test]
+fn failed_steps_are_retried_then_reported() {
+    let alone = collect(submit(&start(4096, 4, 64), 0, prompt(9, 4), greedy(6))).tokens;
+
+    let (cfg, model, experts) = load();
+    let flaky = FlakyExperts { inner: experts, failures: 2.into() };
+    let engine = start_with(cfg, model, flaky, 4096, 4, 64);
+    let out = collect(submit(&engine, 0, prompt(9, 4), greedy(6)));
+    assert_eq!(out.tokens, alone, "transient failures change nothing");
+
+    let (cfg, model, experts) = load();
+    let broken = FlakyExperts { inner: experts, failures: u32::MAX.into() };
+    let engine = start_with(cfg, model, broken, 4096, 4, 64);
+    let started = Instant::now();
+    let mut rx = submit(&engine, 0, prompt(9, 4), greedy(6));
+    match rx.blocking_recv() {
+        Some(Event::Finished { reason: FinishReason::Error, message: Some(m), .. }) => {
+            assert!(m.contains("injected"), "{m}")
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "gave up after {:?}", started.elapsed());
+    wait_idle(&engine);
 }

@@ -29,6 +29,8 @@ pub const ENGINE_BATCH_TOKENS: &str = "epserve_engine_batch_tokens";
 pub const ENGINE_PREFILL_TOKENS_TOTAL: &str = "epserve_engine_prefill_tokens_total";
 /// Counter: tokens decoded one at a time.
 pub const ENGINE_DECODE_TOKENS_TOTAL: &str = "epserve_engine_decode_tokens_total";
+/// Counter: engine steps that failed (and were retried, or failed their requests).
+pub const ENGINE_STEP_FAILURES_TOTAL: &str = "epserve_engine_step_failures_total";
 /// Counter: sequences preempted because the KV cache was full (they are recomputed later).
 pub const ENGINE_PREEMPTIONS_TOTAL: &str = "epserve_engine_preemptions_total";
 /// Gauge: requests queued, not yet running.
