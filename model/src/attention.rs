@@ -84,49 +84,56 @@ impl Attention {
         deviation: Option<Deviation>,
     ) -> Result<Tensor> {
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
-        let q_all = self.q_proj.forward(x)?;
-        let k_all = self.k_proj.forward(x)?;
-        let v_all = self.v_proj.forward(x)?;
+        let n = x.dim(0)?;
+        // Position-wise work runs once for all rows of the step, each row with its own position:
+        // as `[rows, heads, 1, d]`, a row is a batch of its own for RoPE.
+        let positions: Vec<usize> = spans.iter().flat_map(|s| s.pos..s.pos + s.len).collect();
+        let mut q_all = self.q_proj.forward(x)?.reshape((n, nh, 1, d))?;
+        let mut k_all = self.k_proj.forward(x)?.reshape((n, nkv, 1, d))?;
+        let v_all = self.v_proj.forward(x)?.reshape((n, nkv, 1, d))?;
+        if self.kind.uses_rope() {
+            let (cos, sin) = rope.cos_sin(positions.iter().copied(), x.device())?;
+            let (cos, sin) = (
+                cos.reshape((n, 1, d / 2))?.to_dtype(q_all.dtype())?,
+                sin.reshape((n, 1, d / 2))?.to_dtype(q_all.dtype())?,
+            );
+            let apply = |m: &Tensor| -> Result<Tensor> {
+                Ok(if deviation == Some(Deviation::RotateHalfRope) {
+                    candle_nn::rotary_emb::rope(m, &cos, &sin)?
+                } else {
+                    candle_nn::rotary_emb::rope_i(m, &cos, &sin)?
+                })
+            };
+            q_all = apply(&q_all)?;
+            k_all = apply(&k_all)?;
+            if let Some(norm) = self.qk_norm.as_ref().filter(|_| deviation != Some(Deviation::NoQkNorm)) {
+                q_all = norm.forward(&q_all)?;
+                k_all = norm.forward(&k_all)?;
+            }
+        }
+        if let Some((attn_scale, floor_scale)) = self.temperature
+            && deviation != Some(Deviation::NoTemperatureTuning)
+        {
+            // s(p) = 1 + attn_scale·ln(1 + floor((p + 1) / floor_scale)), p absolute.
+            let scales: Vec<f32> = positions
+                .iter()
+                .map(|&p| (1.0 + attn_scale * (1.0 + ((p as f64 + 1.0) / floor_scale).floor()).ln()) as f32)
+                .collect();
+            let scales = Tensor::from_vec(scales, (n, 1, 1, 1), x.device())?.to_dtype(q_all.dtype())?;
+            q_all = q_all.broadcast_mul(&scales)?;
+        }
+        let chunk = if deviation == Some(Deviation::NoChunkMask) { None } else { self.chunk };
+
         let mut outputs = Vec::with_capacity(spans.len());
         for (span, cache) in spans.iter().zip(caches.iter_mut()) {
             let t = span.len;
-            // [T, heads·d] → [heads, T, d]
-            let heads = |m: &Tensor, n: usize| -> Result<Tensor> {
-                Ok(m.narrow(0, span.start, t)?.reshape((t, n, d))?.transpose(0, 1)?.contiguous()?)
+            // [T, heads, 1, d] → [heads, T, d]
+            let heads = |m: &Tensor, h: usize| -> Result<Tensor> {
+                Ok(m.narrow(0, span.start, t)?.reshape((t, h, d))?.transpose(0, 1)?.contiguous()?)
             };
-            let mut q = heads(&q_all, nh)?;
-            let mut k = heads(&k_all, nkv)?;
+            let q = heads(&q_all, nh)?;
+            let k = heads(&k_all, nkv)?;
             let v = heads(&v_all, nkv)?;
-            let chunk = if deviation == Some(Deviation::NoChunkMask) { None } else { self.chunk };
-
-            if self.kind.uses_rope() {
-                let (cos, sin) = rope.cos_sin(span.pos..span.pos + t, x.device())?;
-                let apply = |m: &Tensor| -> Result<Tensor> {
-                    let m = m.unsqueeze(0)?;
-                    let out = if deviation == Some(Deviation::RotateHalfRope) {
-                        candle_nn::rotary_emb::rope(&m, &cos, &sin)?
-                    } else {
-                        candle_nn::rotary_emb::rope_i(&m, &cos, &sin)?
-                    };
-                    Ok(out.squeeze(0)?)
-                };
-                q = apply(&q)?;
-                k = apply(&k)?;
-                if let Some(norm) = self.qk_norm.as_ref().filter(|_| deviation != Some(Deviation::NoQkNorm)) {
-                    q = norm.forward(&q)?;
-                    k = norm.forward(&k)?;
-                }
-            }
-            if let Some((attn_scale, floor_scale)) = self.temperature
-                && deviation != Some(Deviation::NoTemperatureTuning)
-            {
-                // s(p) = 1 + attn_scale·ln(1 + floor((p + 1) / floor_scale)), p absolute.
-                let scales: Vec<f32> = (span.pos..span.pos + t)
-                    .map(|p| (1.0 + attn_scale * (1.0 + ((p as f64 + 1.0) / floor_scale).floor()).ln()) as f32)
-                    .collect();
-                let scales = Tensor::from_vec(scales, (1, t, 1), x.device())?.to_dtype(q.dtype())?;
-                q = q.broadcast_mul(&scales)?;
-            }
 
             // Keys needed: the whole prefix on full layers; from the first query's chunk start on
             // chunked layers (older keys are masked out for every query of this step anyway).
