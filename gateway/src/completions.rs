@@ -36,9 +36,12 @@ pub struct Prepared {
     pub include_usage: bool,
     /// Which body field the prompt came from, for errors.
     pub prompt_param: &'static str,
+    /// Carried to the coordinator, so that both logs name the request the same way.
+    pub request_id: String,
 }
 
-fn request_id(kind: Kind) -> String {
+/// The OpenAI-style id of a response (`chatcmpl-…`, `cmpl-…`).
+fn response_id(kind: Kind) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -176,7 +179,7 @@ pub async fn run(state: Arc<AppState>, p: Prepared, permit: OwnedSemaphorePermit
     let max_tokens = p.sampling.max_tokens.unwrap_or_else(|| limit.map_or(4096, |l| l - p.prompt.len() as u32));
     let s = &p.sampling;
     let request = GenerateRequest {
-        request_id: request_id(p.kind),
+        request_id: p.request_id.clone(),
         prompt_tokens: p.prompt.clone(),
         sampling: Some(pb::SamplingParams {
             temperature: s.temperature,
@@ -194,7 +197,7 @@ pub async fn run(state: Arc<AppState>, p: Prepared, permit: OwnedSemaphorePermit
         }),
         priority: 0,
     };
-    let id = request.request_id.clone();
+    let id = response_id(p.kind);
     let generation = match state.pool.generate(request).await {
         Ok(g) => g,
         Err(RouteError::Rejected(m)) => return ApiError::invalid(None, m).into_response(),

@@ -9,7 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use epserve_proto::metric_names as m;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
@@ -81,14 +81,40 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// One span and two metrics per request.
-async fn observe(request: Request, next: Next) -> Response {
+/// The id that follows a request through the gateway's and the coordinator's logs: the client's
+/// `x-request-id` when it sent a sane one, else a fresh one. Echoed in the response.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+fn request_id(request: &Request) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let given = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).filter(|v| {
+        !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    });
+    match given {
+        Some(v) => v.to_owned(),
+        None => {
+            let t =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+            format!("req-{:x}-{:x}", t, NEXT.fetch_add(1, Ordering::Relaxed))
+        }
+    }
+}
+
+/// One span (with the request id) and two metrics per request.
+async fn observe(mut request: Request, next: Next) -> Response {
     const ROUTES: [&str; 6] =
         ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics"];
     let route: &'static str = ROUTES.iter().find(|r| **r == request.uri().path()).copied().unwrap_or("other");
-    let span = tracing::info_span!("http", method = %request.method(), route);
+    let id = request_id(&request);
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!("http", method = %request.method(), route, request_id = %id);
     let started = Instant::now();
-    let response = next.run(request).instrument(span).await;
+    let mut response = next.run(request).instrument(span).await;
+    if let Ok(value) = header::HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
     let status = response.status().as_u16().to_string();
     metrics::counter!(m::HTTP_REQUESTS_TOTAL, "route" => route, "status" => status).increment(1);
     metrics::histogram!(m::HTTP_REQUEST_SECONDS, "route" => route).record(started.elapsed().as_secs_f64());
@@ -106,9 +132,14 @@ async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match presented {
-        Some(key) if state.api_keys.iter().any(|k| k == key) => next.run(request).await,
+        Some(key) if state.api_keys.iter().any(|k| same_secret(k, key)) => next.run(request).await,
         _ => ApiError::unauthorized().into_response(),
     }
+}
+
+/// Compares two keys in time that depends only on their length, not on where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn read_json(state: &AppState, body: Body) -> Result<Value, ApiError> {
@@ -122,7 +153,7 @@ fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
     if model == state.model_name { Ok(()) } else { Err(ApiError::model_not_found(model, &state.model_name)) }
 }
 
-async fn chat(State(state): State<Arc<AppState>>, body: Body) -> Response {
+async fn chat(State(state): State<Arc<AppState>>, Extension(id): Extension<RequestId>, body: Body) -> Response {
     let prepared = async {
         let body = read_json(&state, body).await?;
         let r = openai::parse_chat(&body)?;
@@ -137,12 +168,13 @@ async fn chat(State(state): State<Arc<AppState>>, body: Body) -> Response {
             stream: r.stream,
             include_usage: r.include_usage,
             prompt_param: "messages",
+            request_id: id.0,
         })
     };
     dispatch(state.clone(), prepared.await).await
 }
 
-async fn completion(State(state): State<Arc<AppState>>, body: Body) -> Response {
+async fn completion(State(state): State<Arc<AppState>>, Extension(id): Extension<RequestId>, body: Body) -> Response {
     let prepared = async {
         let body = read_json(&state, body).await?;
         let r = openai::parse_completion(&body)?;
@@ -161,6 +193,7 @@ async fn completion(State(state): State<Arc<AppState>>, body: Body) -> Response 
             stream: r.stream,
             include_usage: r.include_usage,
             prompt_param: "prompt",
+            request_id: id.0,
         })
     };
     dispatch(state.clone(), prepared.await).await

@@ -80,6 +80,14 @@ async fn openai_errors() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["error"]["type"], "server_error");
 
+    // Every response carries a request id: the client's own when it sent one.
+    let req = Request::builder().uri("/health").header("x-request-id", "abc-123").body(Body::empty()).expect("request");
+    let response = app(&[], 1 << 20).oneshot(req).await.expect("response");
+    assert_eq!(response.headers()["x-request-id"], "abc-123");
+    let req = Request::builder().uri("/health").body(Body::empty()).expect("request");
+    let response = app(&[], 1 << 20).oneshot(req).await.expect("response");
+    assert!(response.headers()["x-request-id"].to_str().is_ok_and(|v| v.starts_with("req-")));
+
     let (status, body) = call(app(&[], 1 << 20), "GET", "/v1/nothing", None, "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body["error"].is_object());
