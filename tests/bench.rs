@@ -13,16 +13,8 @@ use support::{post, run_json, tiny_fixture};
 fn reported_tokens_equal_server_usage() {
     let model = tiny_fixture();
     let model = model.to_str().expect("utf-8");
-    let coordinator = support::Process::start(&["coordinator", "--model", model, "--listen", "127.0.0.1:0"]);
-    let gateway = support::Process::start(&[
-        "gateway",
-        "--model",
-        model,
-        "--listen",
-        "127.0.0.1:0",
-        "--coordinators",
-        &coordinator.addr,
-    ]);
+    let coordinator = support::coordinator(model, &[]);
+    let gateway = support::gateway(model, &coordinator.addr, &[]);
     let dir = tempfile::tempdir().expect("tempdir");
     let prompts = dir.path().join("prompts.jsonl");
     let texts = ["The experts", "Hello there, how are you?", "One two three four five six seven"];

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{Process, post, tiny_fixture};
+use support::{post, tiny_fixture};
 
 /// `epserve up`, stopped (and its cluster with it) when dropped, also when a test fails.
 struct Up(Option<std::process::Child>);
@@ -117,20 +117,10 @@ fn sixty_four_concurrent_streams_complete() {
 fn gateway_keeps_serving_when_a_coordinator_dies() {
     let model = tiny_fixture();
     let model = model.to_str().expect("utf-8");
-    let mut a = Process::start(&["coordinator", "--model", model, "--listen", "127.0.0.1:0"]);
-    let b = Process::start(&["coordinator", "--model", model, "--listen", "127.0.0.1:0"]);
+    let mut a = support::coordinator(model, &[]);
+    let b = support::coordinator(model, &[]);
     let coordinators = format!("{},{}", a.addr, b.addr);
-    let gateway = Process::start(&[
-        "gateway",
-        "--model",
-        model,
-        "--listen",
-        "127.0.0.1:0",
-        "--coordinators",
-        &coordinators,
-        "--health-interval-ms",
-        "200",
-    ]);
+    let gateway = support::gateway(model, &coordinators, &["--health-interval-ms", "200"]);
     let chat = r#"{"model": "tiny-llama4", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}"#;
     let deadline = Instant::now() + Duration::from_secs(30);
     while post(&gateway.addr, "/v1/chat/completions", chat).0 != 200 {

@@ -65,25 +65,13 @@ fn concurrent_equals_alone(coordinator: &Process) -> Vec<Vec<u32>> {
 fn sixteen_concurrent_streams_match_alone_local_and_grpc() {
     let model = tiny_fixture();
     let model = model.to_str().expect("utf-8");
-    let local = Process::start(&["coordinator", "--model", model, "--listen", "127.0.0.1:0", "--kv-block-size", "4"]);
+    let local = support::coordinator(model, &["--kv-block-size", "4"]);
     let local_tokens = concurrent_equals_alone(&local);
 
     let workers =
         workers(&tiny_fixture(), &[&["--shard", "0/4"], &["--shard", "1/4"], &["--shard", "2/4"], &["--shard", "3/4"]]);
     let addrs = workers.iter().map(|w| w.addr.as_str()).collect::<Vec<_>>().join(",");
-    let remote = Process::start(&[
-        "coordinator",
-        "--model",
-        model,
-        "--listen",
-        "127.0.0.1:0",
-        "--kv-block-size",
-        "4",
-        "--workers",
-        &addrs,
-        "--wire-dtype",
-        "f32",
-    ]);
+    let remote = support::coordinator(model, &["--kv-block-size", "4", "--workers", &addrs, "--wire-dtype", "f32"]);
     let remote_tokens = concurrent_equals_alone(&remote);
     assert_eq!(local_tokens, remote_tokens, "experts in process and through workers agree");
 }
@@ -91,8 +79,7 @@ fn sixteen_concurrent_streams_match_alone_local_and_grpc() {
 #[test]
 fn invalid_requests_get_invalid_argument() {
     let model = tiny_fixture();
-    let coordinator =
-        Process::start(&["coordinator", "--model", model.to_str().expect("utf-8"), "--listen", "127.0.0.1:0"]);
+    let coordinator = support::coordinator(model.to_str().expect("utf-8"), &[]);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
     runtime.block_on(async {
         let mut client =

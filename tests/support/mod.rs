@@ -77,6 +77,20 @@ impl Drop for Process {
     }
 }
 
+/// Starts `epserve coordinator` on a free port (extra flags appended).
+pub fn coordinator(model: &str, extra: &[&str]) -> Process {
+    let mut args = vec!["coordinator", "--model", model, "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    Process::start(&args)
+}
+
+/// Starts `epserve gateway` on a free port in front of `coordinators` (comma-separated).
+pub fn gateway(model: &str, coordinators: &str, extra: &[&str]) -> Process {
+    let mut args = vec!["gateway", "--model", model, "--listen", "127.0.0.1:0", "--coordinators", coordinators];
+    args.extend_from_slice(extra);
+    Process::start(&args)
+}
+
 /// Starts one worker per argument list (`--shard 0/4`, `--experts 0-3,9`...) on free ports.
 pub fn workers(model: &std::path::Path, selections: &[&[&str]]) -> Vec<Process> {
     let model = model.to_str().expect("utf-8 path");
