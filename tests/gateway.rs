@@ -146,3 +146,60 @@ fn gateway_keeps_serving_when_a_coordinator_dies() {
     eprintln!("first request served {served_after:?} after the kill");
     drop(b);
 }
+
+/// A prompt longer than the context is refused with 400 naming both numbers; past the in-flight
+/// limit requests get 429.
+#[test]
+fn context_limit_and_overload_errors() {
+    let model = tiny_fixture();
+    let model = model.to_str().expect("utf-8");
+    let coordinator = support::coordinator(model, &["--max-model-len", "64"]);
+    let gateway = support::gateway(model, &coordinator.addr, &["--max-concurrent-requests", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while post(&gateway.addr, "/ready", "").0 != 200 {
+        assert!(Instant::now() < deadline, "the gateway never became ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let long: Vec<u32> = (0..100).map(|i| 10 + i % 400).collect();
+    let body = serde_json::json!({ "model": "tiny-llama4", "prompt": long, "max_tokens": 4 }).to_string();
+    let (status, response) = post(&gateway.addr, "/v1/completions", &body);
+    assert_eq!(status, 400, "{response}");
+    let error = support::body_json(&response);
+    let message = error["error"]["message"].as_str().expect("message");
+    assert!(message.contains("64") && message.contains("100"), "{message}");
+    assert_eq!(error["error"]["param"], "prompt");
+
+    // One stream holds the only slot (once its first chunk has arrived); a second request meanwhile
+    // is told to back off, and is served once the stream has ended.
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(&gateway.addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let body = r#"{"model": "tiny-llama4", "prompt": "hello", "max_tokens": 200, "ignore_eos": true, "stream": true}"#;
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut first = [0u8; 512];
+    let n = stream.read(&mut first).expect("first chunk");
+    assert!(
+        String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&first[..n])
+    );
+    let (status, response) = post(&gateway.addr, "/v1/models", "");
+    assert_eq!(status, 200, "the models list is not limited: {response}");
+    let short = r#"{"model": "tiny-llama4", "prompt": "hi", "max_tokens": 1}"#;
+    let (status, response) = post(&gateway.addr, "/v1/completions", short);
+    assert_eq!(status, 429, "{response}");
+    assert_eq!(support::body_json(&response)["error"]["code"], "overloaded");
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while post(&gateway.addr, "/v1/completions", short).0 != 200 {
+        assert!(Instant::now() < deadline, "the slot was never released");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
