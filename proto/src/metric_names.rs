@@ -50,3 +50,19 @@ pub const INTER_TOKEN_LATENCY_SECONDS: &str = "epserve_inter_token_latency_secon
 pub const HTTP_REQUESTS_TOTAL: &str = "epserve_http_requests_total";
 /// Histogram, seconds, label `route`: time to the response head (whole body when not streaming).
 pub const HTTP_REQUEST_SECONDS: &str = "epserve_http_request_seconds";
+
+// Control plane and failover.
+/// Gauge: version of the expert placement map this process last saw (or wrote).
+pub const CONTROL_PLACEMENT_VERSION: &str = "epserve_placement_version";
+/// Gauge: expert workers registered and alive, as seen by the placement leader.
+pub const CONTROL_LIVE_WORKERS: &str = "epserve_live_workers";
+/// Counter: times this instance found its lease lost and registered again.
+pub const CONTROL_REREGISTRATIONS_TOTAL: &str = "epserve_reregistrations_total";
+/// Counter, by `worker`: workers the coordinator stopped sending to (stream lost or lease gone).
+pub const FAILOVERS_TOTAL: &str = "epserve_failovers_total";
+/// Counter, by `reason`: exchanges sent again to another host of their experts.
+pub const EXCHANGE_RETRIES_TOTAL: &str = "epserve_exchange_retries_total";
+/// Histogram: from losing a worker to the first step that finished without it.
+pub const FAILOVER_RECOVERY_SECONDS: &str = "epserve_failover_recovery_seconds";
+/// Counter: experts a worker loaded because the placement leader assigned them to it.
+pub const WORKER_EXPERTS_LOADED_TOTAL: &str = "epserve_worker_experts_loaded_total";

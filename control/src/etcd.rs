@@ -1,0 +1,211 @@
+//! The etcd backend (etcd v3 API through `etcd-client`). Keys live under `/epserve/<cluster>/`;
+//! leases are etcd leases; the compare-and-swap token is etcd's per-key `version`; watches are etcd
+//! prefix watches whose events are turned into coalesced change notifications. The client
+//! reconnects by itself when etcd comes back; a broken watch closes its channel so that the caller
+//! lists again.
+
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use tokio::sync::mpsc;
+
+use crate::registry::{BoxFuture, Changes, Entry, LeaseId, Registry, RegistryError, Result};
+
+#[derive(Clone)]
+pub struct EtcdRegistry {
+    client: Client,
+    endpoints: Vec<String>,
+    namespace: String,
+}
+
+impl std::fmt::Debug for EtcdRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdRegistry").field("endpoints", &self.endpoints).field("namespace", &self.namespace).finish()
+    }
+}
+
+fn unavailable(e: etcd_client::Error) -> RegistryError {
+    RegistryError::Unavailable(e.to_string())
+}
+
+impl EtcdRegistry {
+    /// Connects to `endpoints` (`host:port`); keys go under `/epserve/<cluster>/`. The connection is
+    /// established lazily, so this succeeds while etcd is briefly down; operations fail until it is
+    /// back.
+    pub async fn connect(endpoints: &[String], cluster: &str) -> Result<Self> {
+        if endpoints.is_empty() {
+            return Err(RegistryError::Invalid("no etcd endpoint given".into()));
+        }
+        let urls: Vec<String> =
+            endpoints.iter().map(|e| if e.contains("://") { e.clone() } else { format!("http://{e}") }).collect();
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        let client = Client::connect(&urls, Some(options)).await.map_err(unavailable)?;
+        Ok(EtcdRegistry { client, endpoints: endpoints.to_vec(), namespace: format!("/epserve/{cluster}/") })
+    }
+
+    fn full(&self, key: &str) -> String {
+        format!("{}{key}", self.namespace)
+    }
+
+    fn entry(&self, kv: &etcd_client::KeyValue) -> Result<Entry> {
+        let key = kv
+            .key_str()
+            .map_err(|e| RegistryError::Corrupt { key: format!("{:?}", kv.key()), reason: e.to_string() })?;
+        Ok(Entry {
+            key: key.strip_prefix(&self.namespace).unwrap_or(key).to_owned(),
+            value: kv.value().to_vec(),
+            version: kv.version().max(0) as u64,
+            lease: (kv.lease() != 0).then_some(kv.lease()),
+        })
+    }
+}
+
+fn put_options(lease: Option<LeaseId>) -> Option<PutOptions> {
+    lease.map(|l| PutOptions::new().with_lease(l))
+}
+
+impl Registry for EtcdRegistry {
+    fn grant(&self, ttl: Duration) -> BoxFuture<'_, Result<LeaseId>> {
+        Box::pin(async move {
+            let secs = ttl.as_secs_f64().ceil().max(1.0) as i64;
+            let granted = self.client.clone().lease_grant(secs, None).await.map_err(unavailable)?;
+            Ok(granted.id())
+        })
+    }
+
+    fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async move {
+            match self.client.clone().lease_keep_alive(lease).await {
+                Ok(_) => Ok(true),
+                // The client reports a renewal answered with TTL 0 this way: the lease is gone.
+                Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => Ok(false),
+                Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => Ok(false),
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+    }
+
+    fn revoke(&self, lease: LeaseId) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            match self.client.clone().lease_revoke(lease).await {
+                Ok(_) => Ok(()),
+                Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => Ok(()),
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+    }
+
+    fn put<'a>(&'a self, key: &'a str, value: Vec<u8>, lease: Option<LeaseId>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            match self.client.clone().put(self.full(key), value, put_options(lease)).await {
+                Ok(_) => Ok(()),
+                Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => {
+                    Err(RegistryError::Invalid(format!(
+                        "lease {:x} does not exist (expired or revoked)",
+                        lease.unwrap_or(0)
+                    )))
+                }
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+    }
+
+    fn put_if_version<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        expected: u64,
+        lease: Option<LeaseId>,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let full = self.full(key);
+            let txn = Txn::new()
+                .when([Compare::version(full.clone(), CompareOp::Equal, expected as i64)])
+                .and_then([TxnOp::put(full, value, put_options(lease))]);
+            match self.client.clone().txn(txn).await {
+                Ok(r) => Ok(r.succeeded()),
+                Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => {
+                    Err(RegistryError::Invalid(format!(
+                        "lease {:x} does not exist (expired or revoked)",
+                        lease.unwrap_or(0)
+                    )))
+                }
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+    }
+
+    fn delete_if_lease<'a>(&'a self, key: &'a str, lease: LeaseId) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let full = self.full(key);
+            let txn = Txn::new()
+                .when([Compare::lease(full.clone(), CompareOp::Equal, lease)])
+                .and_then([TxnOp::delete(full, None)]);
+            Ok(self.client.clone().txn(txn).await.map_err(unavailable)?.succeeded())
+        })
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>>> {
+        Box::pin(async move {
+            let got = self.client.clone().get(self.full(key), None).await.map_err(unavailable)?;
+            got.kvs().first().map(|kv| self.entry(kv)).transpose()
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<Entry>>> {
+        Box::pin(async move {
+            let got = self
+                .client
+                .clone()
+                .get(self.full(prefix), Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(unavailable)?;
+            got.kvs().iter().map(|kv| self.entry(kv)).collect()
+        })
+    }
+
+    fn watch<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Changes>> {
+        Box::pin(async move {
+            let mut stream = self
+                .client
+                .clone()
+                .watch(self.full(prefix), Some(WatchOptions::new().with_prefix()))
+                .await
+                .map_err(unavailable)?;
+            let (tx, rx) = mpsc::channel(1);
+            let prefix = prefix.to_owned();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tx.closed() => break,
+                        message = stream.message() => match message {
+                            Ok(Some(r)) if r.canceled() => {
+                                tracing::warn!(prefix, "etcd watch canceled: {}", r.cancel_reason());
+                                break;
+                            }
+                            Ok(Some(r)) => {
+                                if !r.events().is_empty() && matches!(tx.try_send(()), Err(mpsc::error::TrySendError::Closed(_))) {
+                                    break;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::warn!(prefix, "etcd watch broke: {e}");
+                                break;
+                            }
+                        }
+                    }
+                }
+                // Dropping `tx` closes the channel: the owner lists again and re-watches.
+            });
+            Ok(rx)
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd://{}", self.endpoints.join(","))
+    }
+}

@@ -1,0 +1,108 @@
+//! What the control plane stores: instance records and the versioned expert placement map (JSON
+//! values, so that `etcdctl get` shows them readably).
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Gateway,
+    Coordinator,
+    Worker,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Gateway => "gateway",
+            Kind::Coordinator => "coordinator",
+            Kind::Worker => "worker",
+        }
+    }
+}
+
+/// A registered process. The record lives under `instances/<kind>/<id>` as long as the process
+/// keeps its lease alive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Stable name (`--name`); a restarted process re-registers under the same id.
+    pub id: String,
+    pub kind: Kind,
+    /// Where it serves (gRPC for coordinators and workers, HTTP for gateways).
+    pub addr: String,
+    /// Changes every time the process starts: tells a restart from a record update.
+    pub incarnation: u64,
+    /// Workers: the expert ids loaded and served, in every MoE layer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub experts: Vec<u32>,
+    /// The checkpoint served, for operators.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model: String,
+}
+
+impl Instance {
+    pub fn new(kind: Kind, id: impl Into<String>, addr: impl Into<String>) -> Self {
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ u64::from(std::process::id());
+        Instance { id: id.into(), kind, addr: addr.into(), incarnation, experts: Vec::new(), model: String::new() }
+    }
+
+    pub fn key(&self) -> String {
+        instance_key(self.kind, &self.id)
+    }
+}
+
+pub fn instance_key(kind: Kind, id: &str) -> String {
+    format!("{}{id}", instances_prefix(kind))
+}
+
+pub fn instances_prefix(kind: Kind) -> String {
+    format!("instances/{}/", kind.as_str())
+}
+
+pub const PLACEMENT_KEY: &str = "placement";
+
+/// For every MoE layer, every expert's hosts (worker ids) in order of preference. `version` is the
+/// registry's version of the key (not stored in the value): the compare-and-swap token.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementMap {
+    #[serde(skip)]
+    pub version: u64,
+    pub layers: Vec<LayerPlacement>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerPlacement {
+    pub layer: u32,
+    /// `hosts[expert]`: worker ids.
+    pub hosts: Vec<Vec<String>>,
+}
+
+impl PlacementMap {
+    /// The hosts of `(layer, expert)`, preferred first; empty when unknown.
+    pub fn hosts(&self, layer: u32, expert: u32) -> &[String] {
+        self.layers
+            .iter()
+            .find(|l| l.layer == layer)
+            .and_then(|l| l.hosts.get(expert as usize))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The expert ids assigned to `worker` in any layer.
+    pub fn experts_of(&self, worker: &str) -> BTreeSet<u32> {
+        let mut out = BTreeSet::new();
+        for l in &self.layers {
+            for (e, hosts) in l.hosts.iter().enumerate() {
+                if hosts.iter().any(|h| h == worker) {
+                    out.insert(e as u32);
+                }
+            }
+        }
+        out
+    }
+}
