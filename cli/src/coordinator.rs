@@ -1,6 +1,7 @@
 //! `epserve coordinator`: the serving engine behind the `CoordinatorService` gRPC API.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
@@ -8,6 +9,11 @@ use epserve_coordinator::engine::{self, EngineConfig};
 use epserve_coordinator::kv_pool::{KvCapacity, KvPool};
 use epserve_coordinator::server::{self, Coordinator};
 
+use epserve_control::controller::{self, Layout};
+use epserve_control::{Instance, Kind, Membership};
+use epserve_model::ModelConfig;
+
+use crate::control::{Control, ControlArgs};
 use crate::load::{ComputeDtype, ExpertArgs, engine_parts};
 
 #[derive(Debug, clap::Args)]
@@ -42,6 +48,8 @@ pub struct CoordinatorArgs {
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     #[arg(long, env = "EPSERVE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 pub fn run(args: CoordinatorArgs) -> Result<()> {
@@ -52,8 +60,9 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     if let Some(addr) = &args.metrics_listen {
         runtime.block_on(crate::metrics_http::serve(addr))?;
     }
-    let remote = (!args.experts.workers.is_empty()).then_some(&runtime);
-    let (config, model, experts) = engine_parts(&args.model, args.dtype, &args.experts, remote)?;
+    let control = args.control.connect()?;
+    let remote = (!args.experts.workers.is_empty() || control.is_some()).then_some(&runtime);
+    let (config, model, experts) = engine_parts(&args.model, args.dtype, &args.experts, remote, control.as_ref())?;
     let capacity = match args.kv_capacity_mib {
         Some(mib) => KvCapacity::Bytes(mib << 20),
         None => KvCapacity::Tokens(args.kv_capacity_tokens),
@@ -82,10 +91,33 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     runtime.block_on(async move {
         let listener =
             tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-        println!("listening on {}", listener.local_addr()?);
+        let local = listener.local_addr()?;
+        let membership = control.as_ref().map(|control| join(control, &local.to_string(), &args.model, &config));
+        println!("listening on {local}");
         server::serve(Coordinator::new(engine.clone()), listener, crate::shutdown_signal()).await?;
+        if let (Some(control), Some(membership)) = (&control, membership) {
+            control.runtime.spawn(async move { membership.leave().await }).await.ok();
+        }
         engine.stop();
         tracing::info!("coordinator stopped");
         Ok(())
     })
+}
+
+/// Registers the coordinator, and campaigns to be the one that runs the placement controller.
+fn join(control: &Control, addr: &str, model: &Path, config: &ModelConfig) -> Arc<Membership> {
+    let record = Instance {
+        model: model.display().to_string(),
+        ..Instance::new(Kind::Coordinator, format!("coordinator-{addr}"), addr.to_owned())
+    };
+    let membership = Arc::new(control.register(record));
+    let _guard = control.runtime.enter();
+    let leading = control.plane.campaign("placement", &membership);
+    let layout = Layout {
+        moe_layers: config.text.moe_layers().map(|l| l as u32).collect(),
+        num_experts: config.text.num_local_experts as u32,
+    };
+    let (workers, placement) = (control.plane.instances(Kind::Worker), control.plane.watch_placement());
+    control.runtime.spawn(controller::run(control.plane.clone(), layout, leading, workers, placement));
+    membership
 }

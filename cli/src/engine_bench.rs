@@ -48,7 +48,7 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let remote = (!args.experts.workers.is_empty()).then_some(&runtime);
-    let (config, model, experts) = engine_parts(&args.model, args.dtype, &args.experts, remote)?;
+    let (config, model, experts) = engine_parts(&args.model, args.dtype, &args.experts, remote, None)?;
     let pool = KvPool::new(&config.text, KvCapacity::Tokens(args.kv_capacity_tokens), 16, model.dtype(), &Device::Cpu)?;
     let vocab = config.text.vocab_size;
     let engine = engine::start(

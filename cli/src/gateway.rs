@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use epserve_control::{Instance, Kind};
 use epserve_gateway::{AppState, CoordinatorPool, TextCodec};
+
+use crate::control::{Control, ControlArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct GatewayArgs {
@@ -15,8 +18,8 @@ pub struct GatewayArgs {
     /// HTTP address; port 0 picks a free port (printed on stdout).
     #[arg(long, default_value = "127.0.0.1:8000", env = "EPSERVE_LISTEN")]
     pub listen: String,
-    /// Coordinators (`host:port`, comma-separated).
-    #[arg(long, value_delimiter = ',', required = true, env = "EPSERVE_COORDINATORS")]
+    /// Coordinators (`host:port`, comma-separated); with `--registry`, found there instead.
+    #[arg(long, value_delimiter = ',', env = "EPSERVE_COORDINATORS")]
     pub coordinators: Vec<String>,
     /// Accepted API keys (repeat the flag or separate with commas); none = no authentication.
     #[arg(long = "api-key", value_delimiter = ',', env = "EPSERVE_API_KEYS", hide_env_values = true)]
@@ -33,6 +36,8 @@ pub struct GatewayArgs {
     /// How often coordinators' health and load are polled, in milliseconds.
     #[arg(long, default_value_t = 500, env = "EPSERVE_HEALTH_INTERVAL_MS")]
     pub health_interval_ms: u64,
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 pub fn served_name(model: &std::path::Path) -> String {
@@ -46,6 +51,10 @@ pub fn run(args: GatewayArgs) -> Result<()> {
     if args.max_concurrent_requests == 0 {
         bail!("--max-concurrent-requests must be positive");
     }
+    if args.coordinators.is_empty() && args.control.registry.is_none() {
+        bail!("give --coordinators ADDR[,ADDR] or --registry etcd://HOST:PORT to find them");
+    }
+    let control = args.control.connect()?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
@@ -56,6 +65,11 @@ pub fn run(args: GatewayArgs) -> Result<()> {
     runtime.block_on(async move {
         let pool = CoordinatorPool::new(&args.coordinators)?;
         pool.spawn_health_checks(Duration::from_millis(args.health_interval_ms.max(50)));
+        if let Some(control) = &control
+            && args.coordinators.is_empty()
+        {
+            pool.follow(coordinator_addresses(control));
+        }
         let mut state = AppState::new(text, pool, name.clone()).with_limits(
             keys.clone(),
             args.max_body_bytes,
@@ -66,6 +80,9 @@ pub fn run(args: GatewayArgs) -> Result<()> {
         let listener =
             tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
+        let membership = control
+            .as_ref()
+            .map(|c| c.register(Instance::new(Kind::Gateway, format!("gateway-{addr}"), addr.to_string())));
         tracing::info!(model = %name, auth = !keys.is_empty(), "gateway serving http://{addr}/v1");
         println!("listening on {addr}");
         // Streamed chunks are small writes: without TCP_NODELAY, Nagle's algorithm holds one back
@@ -77,7 +94,27 @@ pub fn run(args: GatewayArgs) -> Result<()> {
             }
         });
         axum::serve(listener, app).with_graceful_shutdown(crate::shutdown_signal()).await?;
+        if let (Some(control), Some(membership)) = (&control, membership) {
+            control.runtime.spawn(async move { membership.leave().await }).await.ok();
+        }
         tracing::info!("gateway stopped");
         Ok(())
     })
+}
+
+/// The registered coordinators' addresses, kept up to date on the control runtime.
+fn coordinator_addresses(control: &Control) -> tokio::sync::watch::Receiver<Vec<String>> {
+    let _guard = control.runtime.enter();
+    let mut instances = control.plane.instances(Kind::Coordinator);
+    let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+    control.runtime.spawn(async move {
+        loop {
+            let addrs: Vec<String> = instances.borrow_and_update().iter().map(|i| i.addr.clone()).collect();
+            tx.send_replace(addrs);
+            if instances.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }

@@ -6,9 +6,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
+use epserve_control::Kind;
 use epserve_coordinator::{ExpertTransport, GrpcConfig, GrpcExperts};
 use epserve_model::{Checkpoint, ExpertShard, LogitsFor, ModelConfig, SequenceStep, TextModel, WeightSource};
 use epserve_proto::wire::WireDtype;
+
+use crate::control::Control;
 
 /// Compute dtype on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -54,6 +57,13 @@ pub struct ExpertArgs {
     /// Deadline of every exchange with a worker, in milliseconds.
     #[arg(long, default_value_t = 10_000, env = "EPSERVE_EXCHANGE_TIMEOUT_MS")]
     pub exchange_timeout_ms: u64,
+    /// How long a step waits, when an expert has no live worker, for one to appear (a worker coming
+    /// back, or the placement leader reassigning the expert) before its requests fail with 503.
+    #[arg(long, default_value_t = 30_000, env = "EPSERVE_HOST_WAIT_MS")]
+    pub host_wait_ms: u64,
+    /// With `--registry`: how long start-up waits for every expert to have a live worker.
+    #[arg(long, default_value_t = 120_000, env = "EPSERVE_STARTUP_WAIT_MS")]
+    pub startup_wait_ms: u64,
     /// Split each step into two micro-batches whose attention and expert phases overlap.
     #[arg(long, env = "EPSERVE_OVERLAP")]
     pub overlap: bool,
@@ -123,13 +133,15 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     ModelConfig::from_file(&path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// Loads the non-expert weights, and the experts either from the checkpoint (no `--workers`) or
-/// through the workers, whose streams live on `runtime`.
+/// Loads the non-expert weights, and the experts either from the checkpoint (no `--workers`, no
+/// registry) or through the workers — listed, or found in the control plane — whose streams live on
+/// `runtime`.
 pub fn engine_parts(
     dir: &Path,
     dtype: ComputeDtype,
     experts: &ExpertArgs,
     runtime: Option<&tokio::runtime::Runtime>,
+    control: Option<&Control>,
 ) -> Result<(ModelConfig, TextModel, ExpertTransport)> {
     let config = read_config(dir)?;
     let ckpt = Checkpoint::open(dir)?;
@@ -146,10 +158,22 @@ pub fn engine_parts(
             let cfg = GrpcConfig {
                 wire: experts.wire_dtype.into(),
                 exchange_timeout: Duration::from_millis(experts.exchange_timeout_ms),
+                host_wait: Duration::from_millis(experts.host_wait_ms),
                 ..GrpcConfig::new(experts.workers.clone())
             };
-            let grpc = runtime.block_on(GrpcExperts::connect(&cfg, &config.text, dtype.into()))?;
-            tracing::info!("experts through {} workers, {} wire", experts.workers.len(), cfg.wire);
+            let grpc = match control {
+                Some(control) if experts.workers.is_empty() => {
+                    let (members, placement) = {
+                        let _guard = control.runtime.enter();
+                        (control.plane.instances(Kind::Worker), control.plane.watch_placement())
+                    };
+                    let wait = Duration::from_millis(experts.startup_wait_ms);
+                    tracing::info!("waiting for expert workers in the registry (up to {wait:?})");
+                    runtime.block_on(GrpcExperts::follow(&cfg, &config.text, dtype.into(), members, placement, wait))?
+                }
+                _ => runtime.block_on(GrpcExperts::connect(&cfg, &config.text, dtype.into()))?,
+            };
+            tracing::info!("experts through workers {:?}, {} wire", grpc.workers(), cfg.wire);
             ExpertTransport::Grpc(grpc)
         }
     };
@@ -171,6 +195,6 @@ pub fn engine(dir: &Path, dtype: ComputeDtype, experts: &ExpertArgs) -> Result<E
                 .build()?,
         )
     };
-    let (config, model, experts_transport) = engine_parts(dir, dtype, experts, runtime.as_ref())?;
+    let (config, model, experts_transport) = engine_parts(dir, dtype, experts, runtime.as_ref(), None)?;
     Ok(Engine { config, model, experts: experts_transport, overlap: experts.overlap, _runtime: runtime })
 }

@@ -2,6 +2,7 @@
 //! delegates to the crate that owns the behaviour (`epserve-model` for the offline commands).
 
 mod bench;
+mod control;
 mod coordinator;
 mod decode_bench;
 mod engine_bench;
@@ -76,6 +77,8 @@ pub(crate) async fn shutdown_signal() {
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: logs collected from files and pipes stay greppable.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EPSERVE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -1,6 +1,6 @@
 //! `epserve up`: a whole cluster on this machine — W expert workers, C coordinators and the gateway,
-//! each a separate `epserve` process talking real gRPC over loopback (static placement: no control
-//! plane needed). Waits until the gateway is ready, prints the URL and a curl example, and stops
+//! each a separate `epserve` process talking real gRPC over loopback. Wired with static addresses
+//! by default; with `--registry etcd://...` every component registers there instead. Waits until the gateway is ready, prints the URL and a curl example, and stops
 //! everything on Ctrl-C (or when any component dies).
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -35,6 +35,18 @@ pub struct UpArgs {
     /// Where the demo checkpoint is kept.
     #[arg(long, env = "EPSERVE_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Hosts per expert: each worker also serves the next `R-1` workers' shards, so that the
+    /// cluster survives losing a worker without reloading anything.
+    #[arg(long, default_value_t = 1, env = "EPSERVE_UP_REPLICAS")]
+    pub replicas: usize,
+    /// Register every component in this control plane (`etcd://host:port`) instead of wiring them
+    /// with static addresses; `--cluster` and `--lease-ttl-ms` are passed on.
+    #[arg(long, env = "EPSERVE_REGISTRY")]
+    pub registry: Option<String>,
+    #[arg(long, default_value = "default", env = "EPSERVE_CLUSTER")]
+    pub cluster: String,
+    #[arg(long, default_value_t = 10_000, env = "EPSERVE_LEASE_TTL_MS")]
+    pub lease_ttl_ms: u64,
 }
 
 fn cache_dir(explicit: Option<PathBuf>) -> PathBuf {
@@ -134,9 +146,24 @@ fn demo_model(cache: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Worker `i` of `n` serves its own shard and the next `replicas - 1` shards, as an `--experts` list.
+fn worker_experts(i: usize, n: usize, replicas: usize, num_experts: usize) -> Result<String> {
+    let mut ids = Vec::new();
+    for k in 0..replicas {
+        let shard = epserve_expert_worker::ExpertSelection::Shard { index: (i + k) % n, count: n };
+        ids.extend(shard.resolve(num_experts)?);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+}
+
 pub fn run(args: UpArgs) -> Result<()> {
     if args.coordinators == 0 {
         bail!("--coordinators must be at least 1");
+    }
+    if args.replicas == 0 || (args.workers > 0 && args.replicas > args.workers) {
+        bail!("--replicas must be between 1 and --workers ({})", args.workers);
     }
     let model = match &args.model {
         Some(m) => m.clone(),
@@ -146,26 +173,38 @@ pub fn run(args: UpArgs) -> Result<()> {
     let mut cluster = Cluster { children: Vec::new() };
     let started = Instant::now();
 
+    let registry: Vec<String> = match &args.registry {
+        Some(url) => ["--registry", url, "--cluster", &args.cluster, "--lease-ttl-ms", &args.lease_ttl_ms.to_string()]
+            .map(String::from)
+            .to_vec(),
+        None => Vec::new(),
+    };
+    let num_experts = crate::load::read_config(&model)?.text.num_local_experts;
     let mut workers = Vec::new();
     for i in 0..args.workers {
-        let a =
-            ["worker", "--model", &model_arg, "--listen", "127.0.0.1:0", "--shard", &format!("{i}/{}", args.workers)];
-        workers.push(cluster.start(format!("worker {i}"), &a.map(String::from))?);
+        let mut a: Vec<String> =
+            ["worker", "--model", &model_arg, "--listen", "127.0.0.1:0", "--experts"].map(String::from).to_vec();
+        a.push(worker_experts(i, args.workers, args.replicas, num_experts)?);
+        a.extend(registry.iter().cloned());
+        workers.push(cluster.start(format!("worker {i}"), &a)?);
     }
     let mut coordinators = Vec::new();
     for i in 0..args.coordinators {
         let mut a: Vec<String> =
             ["coordinator", "--model", &model_arg, "--listen", "127.0.0.1:0"].map(String::from).to_vec();
         a.extend(["--kv-capacity-tokens".into(), args.kv_capacity_tokens.to_string()]);
-        if !workers.is_empty() {
+        if registry.is_empty() && !workers.is_empty() {
             a.extend(["--workers".into(), workers.join(",")]);
         }
+        a.extend(registry.iter().cloned());
         coordinators.push(cluster.start(format!("coordinator {i}"), &a)?);
     }
     let listen = format!("{}:{}", args.host, args.port);
-    let mut a: Vec<String> =
-        ["gateway", "--model", &model_arg, "--listen", &listen, "--coordinators"].map(String::from).to_vec();
-    a.push(coordinators.join(","));
+    let mut a: Vec<String> = ["gateway", "--model", &model_arg, "--listen", &listen].map(String::from).to_vec();
+    if registry.is_empty() {
+        a.extend(["--coordinators".into(), coordinators.join(",")]);
+    }
+    a.extend(registry.iter().cloned());
     if !args.api_keys.is_empty() {
         a.extend(["--api-key".into(), args.api_keys.join(",")]);
     }

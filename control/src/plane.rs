@@ -68,7 +68,6 @@ pub struct Membership {
     updates: mpsc::UnboundedSender<()>,
     state: watch::Receiver<MemberState>,
     stop: watch::Sender<bool>,
-    keeper: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Membership {
@@ -107,12 +106,16 @@ impl Membership {
         }
     }
 
-    /// Revokes the lease (the record disappears at once) and stops the keeper.
-    pub async fn leave(mut self) {
+    /// Revokes the lease (the record disappears at once) and stops the keeper; waits for that at
+    /// most 3 s (the lease then expires by itself).
+    pub async fn leave(&self) {
         let _ = self.stop.send(true);
-        if let Some(keeper) = self.keeper.take() {
-            let _ = keeper.await;
-        }
+        let mut state = self.state.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(3), async {
+            // The keeper drops its sender when it is done.
+            while state.changed().await.is_ok() {}
+        })
+        .await;
     }
 }
 
@@ -159,7 +162,7 @@ impl ControlPlane {
         let (stop, mut stopped) = watch::channel(false);
         let registry = self.registry.clone();
         let rec = record.clone();
-        let keeper = tokio::spawn(async move {
+        tokio::spawn(async move {
             let renew = (ttl / 3).max(Duration::from_millis(50));
             let mut re_registrations = 0u64;
             'register: loop {
@@ -226,7 +229,7 @@ impl ControlPlane {
                 continue 'register;
             }
         });
-        Membership { record, updates, state, stop, keeper: Some(keeper) }
+        Membership { record, updates, state, stop }
     }
 
     /// The registered instances of `kind`, once.

@@ -62,6 +62,8 @@ pub enum FinishReason {
     Length,
     /// The engine could not compute the request (e.g. the experts failed).
     Error,
+    /// Some experts have no live host (after the transport waited for one): try again later.
+    Unavailable,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -358,15 +360,18 @@ impl<E: ExpertBackend> Engine<E> {
         let rows = match result {
             Ok(rows) => {
                 self.failures = 0;
+                self.experts.step_finished();
                 rows
             }
             Err(e) => {
+                let unavailable = matches!(e, epserve_model::Error::ExpertsUnavailable { .. });
                 // No cache was committed, so the step can simply run again: a worker that hiccups
                 // costs latency, not requests. After `STEP_RETRIES` failures in a row the requests of
                 // the step end with the reason, instead of waiting forever on experts that are gone.
                 self.failures += 1;
                 metrics::counter!(m::ENGINE_STEP_FAILURES_TOTAL).increment(1);
-                if self.failures <= STEP_RETRIES {
+                // Without a live host the transport has already waited: retrying now cannot help.
+                if self.failures <= STEP_RETRIES && !unavailable {
                     let backoff = Duration::from_millis(100 << (self.failures - 1));
                     tracing::warn!(attempt = self.failures, "step failed, retrying in {backoff:?}: {e}");
                     std::thread::sleep(backoff);
@@ -383,7 +388,7 @@ impl<E: ExpertBackend> Engine<E> {
                     }
                     pool.release(&mut s.blocks);
                     let _ = s.events.send(Event::Finished {
-                        reason: FinishReason::Error,
+                        reason: if unavailable { FinishReason::Unavailable } else { FinishReason::Error },
                         usage: s.usage(),
                         message: Some(message.clone()),
                     });

@@ -17,6 +17,15 @@ pub enum TransportError {
     #[error("expert worker {worker} rejected exchange {exchange}: {code:?}: {message}")]
     Rejected { worker: String, exchange: u64, code: tonic::Code, message: String },
 
+    /// No live worker hosts the expert, even after waiting for one (a worker coming back, or the
+    /// placement leader reassigning the expert).
+    #[error(
+        "no live expert worker hosts expert {expert} of layer {layer} (waited {} ms){}",
+        waited.as_millis(),
+        why.iter().map(|w| format!("; {w}")).collect::<String>()
+    )]
+    NoHost { layer: usize, expert: u32, waited: Duration, why: Vec<String> },
+
     /// The workers together do not host every expert, or do not serve this model.
     #[error("expert placement: {0}")]
     Placement(String),
@@ -33,6 +42,7 @@ impl TransportError {
             TransportError::Unavailable { .. } => "unavailable",
             TransportError::Deadline { .. } => "deadline",
             TransportError::Rejected { .. } => "rejected",
+            TransportError::NoHost { .. } => "no_host",
             TransportError::Placement(_) => "placement",
         }
     }
@@ -40,10 +50,14 @@ impl TransportError {
 
 impl From<TransportError> for epserve_model::Error {
     fn from(e: TransportError) -> Self {
-        let layer = match &e {
-            TransportError::Deadline { layer, .. } => *layer,
-            _ => usize::MAX,
-        };
-        epserve_model::Error::Experts { layer, reason: e.to_string() }
+        match &e {
+            TransportError::NoHost { layer, .. } => {
+                epserve_model::Error::ExpertsUnavailable { layer: *layer, reason: e.to_string() }
+            }
+            TransportError::Deadline { layer, .. } => {
+                epserve_model::Error::Experts { layer: *layer, reason: e.to_string() }
+            }
+            _ => epserve_model::Error::Experts { layer: usize::MAX, reason: e.to_string() },
+        }
     }
 }

@@ -17,5 +17,4 @@ pub mod server;
 pub mod transport;
 
 pub use errors::TransportError;
-pub use placement::Placement;
 pub use transport::{ExpertTransport, GrpcConfig, GrpcExperts};

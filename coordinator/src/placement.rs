@@ -1,55 +1,25 @@
-//! Static expert placement: which worker serves each (layer, expert), built from what the workers
-//! report they host. Every expert of every MoE layer must have a host, or the coordinator refuses to
-//! start and lists the gaps.
+//! Checking that every expert of every MoE layer has a host, and listing the gaps compactly when
+//! not (the coordinator refuses to start, or to wait any longer, with that list).
 
 use epserve_model::TextConfig;
 
 use crate::errors::TransportError;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Placement {
-    /// `hosts[layer][expert]`: indices of the workers hosting it (empty for dense layers).
-    hosts: Vec<Vec<Vec<usize>>>,
-}
-
-impl Placement {
-    /// `hosted[w]` lists `(layer, experts)` for worker `w`.
-    pub fn from_hosted(cfg: &TextConfig, hosted: &[Vec<(usize, Vec<u32>)>]) -> Self {
-        let mut hosts = vec![vec![Vec::new(); cfg.num_local_experts]; cfg.num_hidden_layers];
-        for (w, layers) in hosted.iter().enumerate() {
-            for (layer, experts) in layers {
-                for &e in experts {
-                    if let Some(slot) = hosts.get_mut(*layer).and_then(|l| l.get_mut(e as usize)) {
-                        slot.push(w);
-                    }
-                }
-            }
+/// Fails with every (layer, expert) of an MoE layer for which `has_host` is false, compactly.
+pub fn check_complete(cfg: &TextConfig, has_host: impl Fn(usize, u32) -> bool) -> Result<(), TransportError> {
+    let mut gaps = Vec::new();
+    for layer in cfg.moe_layers() {
+        let missing: Vec<u32> = (0..cfg.num_local_experts as u32).filter(|&e| !has_host(layer, e)).collect();
+        if !missing.is_empty() {
+            gaps.push(format!("layer {layer}: experts {}", ranges(&missing)));
         }
-        Placement { hosts }
     }
-
-    /// Fails with every (layer, expert) of an MoE layer that no worker hosts, compactly.
-    pub fn check_complete(&self, cfg: &TextConfig) -> Result<(), TransportError> {
-        let mut gaps = Vec::new();
-        for layer in cfg.moe_layers() {
-            let missing: Vec<u32> =
-                (0..cfg.num_local_experts as u32).filter(|&e| self.hosts[layer][e as usize].is_empty()).collect();
-            if !missing.is_empty() {
-                gaps.push(format!("layer {layer}: experts {}", ranges(&missing)));
-            }
-        }
-        if gaps.is_empty() {
-            return Ok(());
-        }
-        let shown: Vec<&str> = gaps.iter().take(8).map(String::as_str).collect();
-        let more = if gaps.len() > 8 { format!("; and {} more layers", gaps.len() - 8) } else { String::new() };
-        Err(TransportError::Placement(format!("no worker hosts {}{more}", shown.join("; "))))
+    if gaps.is_empty() {
+        return Ok(());
     }
-
-    /// The worker that serves `(layer, expert)`: the first host (replicas are for failover).
-    pub fn worker_for(&self, layer: usize, expert: u32) -> Option<usize> {
-        self.hosts.get(layer)?.get(expert as usize)?.first().copied()
-    }
+    let shown: Vec<&str> = gaps.iter().take(8).map(String::as_str).collect();
+    let more = if gaps.len() > 8 { format!("; and {} more layers", gaps.len() - 8) } else { String::new() };
+    Err(TransportError::Placement(format!("no worker hosts {}{more}", shown.join("; "))))
 }
 
 /// `[0, 1, 2, 5, 7, 8]` → `0-2,5,7-8`.
@@ -81,12 +51,9 @@ mod tests {
     #[test]
     fn gaps_are_listed() {
         let cfg = cfg();
-        let all_layers = |experts: Vec<u32>| (0..4).map(|l| (l, experts.clone())).collect::<Vec<_>>();
-        let p = Placement::from_hosted(&cfg, &[all_layers((0..8).collect()), all_layers(vec![8, 9, 12])]);
-        let err = p.check_complete(&cfg).expect_err("gaps").to_string();
+        let hosted = |experts: Vec<u32>| move |_: usize, e: u32| experts.contains(&e);
+        let err = check_complete(&cfg, hosted(vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12])).expect_err("gaps").to_string();
         assert!(err.contains("layer 0: experts 10-11,13-15"), "{err}");
-        let p = Placement::from_hosted(&cfg, &[all_layers((0..8).collect()), all_layers((8..16).collect())]);
-        p.check_complete(&cfg).expect("complete");
-        assert_eq!(p.worker_for(2, 9), Some(1));
+        check_complete(&cfg, hosted((0..16).collect())).expect("complete");
     }
 }

@@ -62,10 +62,11 @@ fn to_event(event: Event) -> TokenEvent {
             finish_reason: match reason {
                 FinishReason::Stop => pb::FinishReason::Stop,
                 FinishReason::Length => pb::FinishReason::Length,
-                FinishReason::Error => pb::FinishReason::Error,
+                FinishReason::Error | FinishReason::Unavailable => pb::FinishReason::Error,
             } as i32,
             usage: Some(pb::Usage { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens }),
             error: message.unwrap_or_default(),
+            unavailable: reason == FinishReason::Unavailable,
         },
     }
 }

@@ -2,8 +2,8 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -30,7 +30,8 @@ pub struct WorkerStats {
 /// A loaded shard and what the worker needs to check exchanges against its model.
 #[derive(Debug)]
 pub struct ExpertWorker {
-    shard: ExpertShard,
+    /// Written only when the placement leader assigns more experts here (a brief swap of slots).
+    shard: RwLock<ExpertShard>,
     text: TextConfig,
     model_name: String,
     dtype: DType,
@@ -40,11 +41,27 @@ pub struct ExpertWorker {
 impl ExpertWorker {
     pub fn new(shard: ExpertShard, text: TextConfig, model_name: String, dtype: DType) -> Self {
         metrics::gauge!(m::WORKER_RESIDENT_EXPERT_BYTES).set(shard.resident_bytes() as f64);
-        ExpertWorker { shard, text, model_name, dtype, stats: WorkerStats::default() }
+        ExpertWorker { shard: RwLock::new(shard), text, model_name, dtype, stats: WorkerStats::default() }
     }
 
-    pub fn shard(&self) -> &ExpertShard {
-        &self.shard
+    fn shard(&self) -> std::sync::RwLockReadGuard<'_, ExpertShard> {
+        // A panic in compute cannot leave the shard half-written: only `add_experts` writes.
+        self.shard.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The hosted expert ids, ascending.
+    pub fn experts(&self) -> Vec<u32> {
+        self.shard().experts().to_vec()
+    }
+
+    /// Starts serving the experts of `more` as well (loaded from the same checkpoint).
+    pub fn add_experts(&self, more: ExpertShard) -> epserve_model::Result<()> {
+        let added = more.experts().len();
+        let mut shard = self.shard.write().unwrap_or_else(|p| p.into_inner());
+        shard.absorb(more)?;
+        metrics::gauge!(m::WORKER_RESIDENT_EXPERT_BYTES).set(shard.resident_bytes() as f64);
+        metrics::counter!(m::WORKER_EXPERTS_LOADED_TOTAL).increment(added as u64);
+        Ok(())
     }
 
     /// Checks what only this worker knows: the layer exists and is MoE, the row width is the model's,
@@ -61,11 +78,12 @@ impl ExpertWorker {
         if x.hidden != self.text.hidden_size {
             return Err(format!("rows are {} wide, the model's hidden size is {}", x.hidden, self.text.hidden_size));
         }
-        if let Some(g) = x.groups.iter().find(|g| !self.shard.hosts(layer, g.expert)) {
+        let shard = self.shard();
+        if let Some(g) = x.groups.iter().find(|g| !shard.hosts(layer, g.expert)) {
             return Err(format!(
                 "expert {} of layer {layer} is not hosted on this worker (hosts {:?})",
                 g.expert,
-                self.shard.experts()
+                shard.experts()
             ));
         }
         Ok(())
@@ -80,7 +98,7 @@ impl ExpertWorker {
             .map_err(|e| e.to_string())?;
         let groups: Vec<ExpertGroup> =
             x.groups.iter().map(|g| ExpertGroup { expert: g.expert, rows: g.rows }).collect();
-        let out = self.shard.compute(x.layer as usize, &groups, &rows).map_err(|e| e.to_string())?;
+        let out = self.shard().compute(x.layer as usize, &groups, &rows).map_err(|e| e.to_string())?;
         let out = out.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>());
         Ok(x.dtype.encode(&out.map_err(|e| e.to_string())?))
     }
@@ -133,17 +151,18 @@ impl ExpertWorker {
     }
 
     fn status(&self) -> StatusResponse {
+        let shard = self.shard();
         let layers = self
             .text
             .moe_layers()
             .map(|layer| LayerExperts {
                 layer: layer as u32,
-                experts: self.shard.experts().iter().copied().filter(|&e| self.shard.hosts(layer, e)).collect(),
+                experts: shard.experts().iter().copied().filter(|&e| shard.hosts(layer, e)).collect(),
             })
             .collect();
         StatusResponse {
             layers,
-            resident_bytes: self.shard.resident_bytes(),
+            resident_bytes: shard.resident_bytes(),
             rows_served: self.stats.rows_served.load(Ordering::Relaxed),
             exchanges_served: self.stats.exchanges_served.load(Ordering::Relaxed),
             hidden: self.text.hidden_size as u32,

@@ -76,6 +76,19 @@ struct Piece {
     /// Some when the answer ends with this event.
     finish: Option<&'static str>,
     error: Option<String>,
+    /// The error is the cluster's temporary state (503), not a failure of this request (500).
+    unavailable: bool,
+}
+
+impl Piece {
+    fn error_response(&self) -> Option<ApiError> {
+        let error = self.error.as_ref()?;
+        Some(if self.unavailable {
+            ApiError::unavailable(format!("generation stopped, the cluster cannot serve it now: {error}"))
+        } else {
+            ApiError::internal(format!("generation failed: {error}"))
+        })
+    }
 }
 
 impl<'a> Assembler<'a> {
@@ -127,6 +140,7 @@ impl<'a> Assembler<'a> {
         if event.finish_reason != 0 {
             if event.finish_reason == FinishReason::Error as i32 {
                 piece.error = Some(event.error.clone());
+                piece.unavailable = event.unavailable;
             }
             piece.text.push_str(&self.stops.finish());
             piece.finish = Some(finish_name(event.finish_reason));
@@ -225,10 +239,10 @@ async fn whole(state: &AppState, p: &Prepared, mut generation: Generation, id: &
         };
         let piece = asm.push(&e);
         text.push_str(&piece.text);
-        logprobs.extend(piece.logprobs);
-        if let Some(error) = piece.error {
-            return ApiError::internal(format!("generation failed: {error}")).into_response();
+        if let Some(err) = piece.error_response() {
+            return err.into_response();
         }
+        logprobs.extend(piece.logprobs);
         if let Some(f) = piece.finish {
             break f;
         }
@@ -300,9 +314,8 @@ fn stream(
         let mut event = Some(generation.first.clone());
         while let Some(e) = event.take() {
             let piece = asm.push(&e);
-            if let Some(error) = piece.error {
-                let err = ApiError::internal(format!("generation failed: {error}")).body();
-                let _ = send(err).await;
+            if let Some(err) = piece.error_response() {
+                let _ = send(err.body()).await;
                 break;
             }
             let logprobs = (!piece.logprobs.is_empty()).then(|| match p.kind {

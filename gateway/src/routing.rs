@@ -2,8 +2,8 @@
 //! in the background; one that stops answering is taken out and polled again until it answers. A
 //! request that fails before its first token is retried on another coordinator.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use epserve_proto::v1::coordinator_service_client::CoordinatorServiceClient;
@@ -20,11 +20,16 @@ struct Backend {
     /// Waiting + running, from the last `Load`.
     queued: AtomicU32,
     max_model_len: AtomicU32,
+    /// Set when the coordinator left the membership: its poller stops.
+    removed: AtomicBool,
 }
 
+/// The coordinators requests can go to: a fixed list, or one followed in the control plane.
 #[derive(Debug)]
 pub struct CoordinatorPool {
-    backends: Vec<Arc<Backend>>,
+    backends: RwLock<Vec<Arc<Backend>>>,
+    /// Set by `spawn_health_checks`: coordinators added later are polled at the same interval.
+    interval: Mutex<Option<Duration>>,
 }
 
 /// Why a generation could not start.
@@ -58,62 +63,73 @@ impl Drop for InFlight {
 impl CoordinatorPool {
     /// Connects lazily: coordinators that are not up yet are picked up by the health checks.
     pub fn new(addrs: &[String]) -> anyhow::Result<Arc<Self>> {
-        let mut backends = Vec::with_capacity(addrs.len());
-        for addr in addrs {
-            let uri = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
-            let channel = Endpoint::from_shared(uri)?
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(2))
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(5))
-                .connect_lazy();
-            backends.push(Arc::new(Backend {
-                addr: addr.clone(),
-                client: CoordinatorServiceClient::new(channel),
-                healthy: AtomicBool::new(false),
-                in_flight: AtomicUsize::new(0),
-                queued: AtomicU32::new(0),
-                max_model_len: AtomicU32::new(0),
-            }));
-        }
-        Ok(Arc::new(CoordinatorPool { backends }))
+        let backends = addrs.iter().map(|a| backend(a)).collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Arc::new(CoordinatorPool { backends: RwLock::new(backends), interval: Mutex::new(None) }))
+    }
+
+    fn backends(&self) -> Vec<Arc<Backend>> {
+        self.backends.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Polls every coordinator's `Load` every `interval` (with a timeout of the same length).
     pub fn spawn_health_checks(self: &Arc<Self>, interval: Duration) {
-        for backend in &self.backends {
-            let backend = backend.clone();
-            tokio::spawn(async move {
-                loop {
-                    let mut client = backend.client.clone();
-                    let answer =
-                        tokio::time::timeout(interval.max(Duration::from_millis(500)), client.load(LoadRequest {}))
-                            .await;
-                    match answer {
-                        Ok(Ok(load)) => {
-                            let load = load.into_inner();
-                            backend.queued.store(load.waiting + load.running, Ordering::Relaxed);
-                            backend.max_model_len.store(load.max_model_len, Ordering::Relaxed);
-                            if !backend.healthy.swap(true, Ordering::Relaxed) {
-                                tracing::info!(coordinator = %backend.addr, "coordinator is healthy");
-                            }
-                        }
-                        Ok(Err(e)) => mark_down(&backend, &e.to_string()),
-                        Err(_) => mark_down(&backend, "Load timed out"),
-                    }
-                    tokio::time::sleep(interval).await;
-                }
-            });
+        *self.interval.lock().unwrap_or_else(|p| p.into_inner()) = Some(interval);
+        for backend in self.backends() {
+            poll(backend, interval);
         }
     }
 
+    /// Replaces the membership with `addrs`: new coordinators are added (and polled), departed ones
+    /// stop receiving requests (streams already running on them continue).
+    pub fn set_members(&self, addrs: &[String]) {
+        let interval = *self.interval.lock().unwrap_or_else(|p| p.into_inner());
+        let mut backends = self.backends.write().unwrap_or_else(|p| p.into_inner());
+        backends.retain(|b| {
+            let keep = addrs.contains(&b.addr);
+            if !keep {
+                b.removed.store(true, Ordering::Relaxed);
+                tracing::info!(coordinator = %b.addr, "coordinator left the cluster");
+            }
+            keep
+        });
+        for addr in addrs {
+            if backends.iter().any(|b| &b.addr == addr) {
+                continue;
+            }
+            match backend(addr) {
+                Ok(b) => {
+                    tracing::info!(coordinator = %addr, "coordinator joined the cluster");
+                    if let Some(interval) = interval {
+                        poll(b.clone(), interval);
+                    }
+                    backends.push(b);
+                }
+                Err(e) => tracing::warn!(coordinator = %addr, "bad coordinator address: {e}"),
+            }
+        }
+    }
+
+    /// Follows a published membership until its sender is gone.
+    pub fn follow(self: &Arc<Self>, mut members: tokio::sync::watch::Receiver<Vec<String>>) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let addrs = members.borrow_and_update().clone();
+                pool.set_members(&addrs);
+                if members.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
     pub fn any_healthy(&self) -> bool {
-        self.backends.iter().any(|b| b.healthy.load(Ordering::Relaxed))
+        self.backends().iter().any(|b| b.healthy.load(Ordering::Relaxed))
     }
 
     /// The context limit the coordinators enforce (the smallest among the healthy ones).
     pub fn max_model_len(&self) -> Option<u32> {
-        self.backends
+        self.backends()
             .iter()
             .filter(|b| b.healthy.load(Ordering::Relaxed))
             .map(|b| b.max_model_len.load(Ordering::Relaxed))
@@ -123,7 +139,7 @@ impl CoordinatorPool {
 
     /// Healthy coordinators, least loaded first.
     fn candidates(&self) -> Vec<Arc<Backend>> {
-        let mut healthy: Vec<_> = self.backends.iter().filter(|b| b.healthy.load(Ordering::Relaxed)).cloned().collect();
+        let mut healthy: Vec<_> = self.backends().into_iter().filter(|b| b.healthy.load(Ordering::Relaxed)).collect();
         healthy.sort_by_key(|b| b.in_flight.load(Ordering::Relaxed) + b.queued.load(Ordering::Relaxed) as usize);
         healthy
     }
@@ -149,6 +165,11 @@ impl CoordinatorPool {
                 }
             };
             match stream.message().await {
+                // Nothing was sent to the client yet: a coordinator whose experts are unavailable
+                // is as good as down for this request, so another one is tried.
+                Ok(Some(first)) if first.unavailable => {
+                    last_error = format!("{}: {}", backend.addr, first.error);
+                }
                 Ok(Some(first)) => return Ok(Generation { first, rest: stream, _in_flight: guard }),
                 Ok(None) => last_error = format!("{}: the stream ended before any event", backend.addr),
                 Err(status) => {
@@ -159,6 +180,49 @@ impl CoordinatorPool {
         }
         Err(RouteError::Unavailable(last_error))
     }
+}
+
+fn backend(addr: &str) -> anyhow::Result<Arc<Backend>> {
+    let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+    let channel = Endpoint::from_shared(uri)?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    Ok(Arc::new(Backend {
+        addr: addr.to_owned(),
+        client: CoordinatorServiceClient::new(channel),
+        healthy: AtomicBool::new(false),
+        in_flight: AtomicUsize::new(0),
+        queued: AtomicU32::new(0),
+        max_model_len: AtomicU32::new(0),
+        removed: AtomicBool::new(false),
+    }))
+}
+
+/// Polls `backend`'s `Load` every `interval` until it is removed.
+fn poll(backend: Arc<Backend>, interval: Duration) {
+    tokio::spawn(async move {
+        while !backend.removed.load(Ordering::Relaxed) {
+            let mut client = backend.client.clone();
+            let answer =
+                tokio::time::timeout(interval.max(Duration::from_millis(500)), client.load(LoadRequest {})).await;
+            match answer {
+                Ok(Ok(load)) => {
+                    let load = load.into_inner();
+                    backend.queued.store(load.waiting + load.running, Ordering::Relaxed);
+                    backend.max_model_len.store(load.max_model_len, Ordering::Relaxed);
+                    if !backend.healthy.swap(true, Ordering::Relaxed) {
+                        tracing::info!(coordinator = %backend.addr, "coordinator is healthy");
+                    }
+                }
+                Ok(Err(e)) => mark_down(&backend, &e.to_string()),
+                Err(_) => mark_down(&backend, "Load timed out"),
+            }
+            tokio::time::sleep(interval).await;
+        }
+    });
 }
 
 fn mark_down(backend: &Backend, reason: &str) {

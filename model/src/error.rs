@@ -35,6 +35,11 @@ pub enum Error {
     #[error("experts of layer {layer}: {reason}")]
     Experts { layer: usize, reason: String },
 
+    /// Some experts have no live host, even after the backend waited for one: retrying at once
+    /// cannot help; the cluster has to heal first.
+    #[error("experts of layer {layer} unavailable: {reason}")]
+    ExpertsUnavailable { layer: usize, reason: String },
+
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 }

@@ -73,6 +73,27 @@ impl ExpertShard {
         Ok(ExpertShard { layers, experts: ids, inter: t.intermediate_size, hidden: t.hidden_size, resident_bytes })
     }
 
+    /// Takes over the experts of `other` (loaded later from the same checkpoint, e.g. because the
+    /// placement leader assigned them here). Experts already hosted are kept as they are.
+    pub fn absorb(&mut self, other: ExpertShard) -> Result<()> {
+        if (other.inter, other.hidden, other.layers.len()) != (self.inter, self.hidden, self.layers.len()) {
+            return Err(Error::Input("the shards come from different models".into()));
+        }
+        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
+            for (slot, ffn) in mine.iter_mut().zip(theirs) {
+                if let (None, Some(ffn)) = (&slot, ffn) {
+                    self.resident_bytes += ((ffn.gate_up.elem_count() + ffn.down.elem_count())
+                        * ffn.gate_up.dtype().size_in_bytes()) as u64;
+                    *slot = Some(ffn);
+                }
+            }
+        }
+        self.experts.extend(other.experts);
+        self.experts.sort_unstable();
+        self.experts.dedup();
+        Ok(())
+    }
+
     /// The hosted expert ids, ascending.
     pub fn experts(&self) -> &[u32] {
         &self.experts

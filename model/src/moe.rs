@@ -45,6 +45,9 @@ pub trait ExpertsInFlight: Send {
 pub trait ExpertBackend: Send + Sync {
     /// Starts the computation and returns without waiting for it when the backend is remote.
     fn submit<'a>(&'a self, batch: ExpertBatch) -> Result<Box<dyn ExpertsInFlight + 'a>>;
+
+    /// Told after every step that completed, for backends that track recoveries (failover).
+    fn step_finished(&self) {}
 }
 
 /// Which experts each token row chose at each MoE layer, for tests and load statistics.

@@ -26,11 +26,20 @@ pub struct Process {
 impl Process {
     /// Starts `epserve ARGS` and waits (up to 60 s) for its `listening on` line.
     pub fn start(args: &[&str]) -> Process {
+        Self::spawn(args, Stdio::inherit())
+    }
+
+    /// Like [`Process::start`], with the log (stderr, `warn` and above) written to `log`.
+    pub fn start_logged(args: &[&str], log: &std::path::Path) -> Process {
+        Self::spawn(args, Stdio::from(std::fs::File::create(log).expect("create log")))
+    }
+
+    fn spawn(args: &[&str], stderr: Stdio) -> Process {
         let mut child = Command::new(epserve())
             .args(args)
             .env("EPSERVE_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn epserve");
         let stdout = child.stdout.take().expect("stdout");

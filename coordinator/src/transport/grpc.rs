@@ -1,36 +1,43 @@
 //! The `grpc` transport: one `ExpertService.Exchange` stream per worker, many exchanges in flight on
-//! each, matched by id. An MoE layer's rows are split by the worker hosting their expert, all
-//! workers' requests leave before any answer is awaited, and the combine waits for every answer or
-//! the deadline, whichever comes first. A worker whose stream ends fails its exchanges in flight and
-//! every later one at once, with the reason.
+//! each, matched by id. An MoE layer's rows are split by the worker hosting their expert (replicas
+//! share the load: the host is picked by layer and expert among the live ones), all workers'
+//! requests leave before any answer is awaited, and the combine waits for every answer.
+//!
+//! Failover: an exchange whose worker dies (stream reset) or misses the deadline is sent again to
+//! another live host of its experts, within the same step; the worker is taken out until it
+//! reconnects. When an expert has no live host, the step waits (up to `host_wait`) for one to
+//! appear — a worker coming back, or the placement leader assigning the expert to a survivor — and
+//! then fails with the list of what is missing.
 
-use std::collections::HashMap;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
+use epserve_control::{Instance, Kind, PlacementMap};
 use epserve_model::{ExpertBatch, ExpertsInFlight, TextConfig};
 use epserve_proto::exchange::{Exchange, RowGroup};
 use epserve_proto::metric_names as m;
+use epserve_proto::v1::StatusRequest;
 use epserve_proto::v1::expert_service_client::ExpertServiceClient;
-use epserve_proto::v1::{ExchangeRequest, ExchangeResponse, StatusRequest};
 use epserve_proto::wire::WireDtype;
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, oneshot};
-use tonic::transport::{Channel, Endpoint};
+use tokio::sync::{oneshot, watch};
 
+use super::links::{Cluster, Reply, WorkerLink, check_model, endpoint, lock};
 use crate::errors::TransportError;
-use crate::placement::Placement;
 
 #[derive(Debug, Clone)]
 pub struct GrpcConfig {
-    /// `host:port` (or `http://host:port`) of every worker.
+    /// `host:port` (or `http://host:port`) of every worker, when they are given statically.
     pub workers: Vec<String>,
     pub wire: WireDtype,
     /// Deadline of every exchange, from send to answer.
     pub exchange_timeout: Duration,
     pub connect_timeout: Duration,
+    /// How long a step waits for an expert without a live host to get one before failing.
+    pub host_wait: Duration,
 }
 
 impl GrpcConfig {
@@ -40,113 +47,121 @@ impl GrpcConfig {
             wire: WireDtype::Bf16,
             exchange_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            host_wait: Duration::ZERO,
         }
     }
 }
 
-type Reply = Result<ExchangeResponse, TransportError>;
-
-/// One worker's stream: the sender side of its requests and the exchanges awaiting an answer.
-#[derive(Debug)]
-struct WorkerLink {
-    addr: String,
-    requests: mpsc::Sender<ExchangeRequest>,
-    pending: Arc<Mutex<Pending>>,
-}
-
-#[derive(Debug, Default)]
-struct Pending {
-    waiting: HashMap<u64, oneshot::Sender<Reply>>,
-    /// Set when the stream ended: why, so that later exchanges fail at once with the reason.
-    dead: Option<String>,
-}
+/// The senders of a fixed membership (static `--workers`), kept alive for the follower task.
+type FixedMembers = (watch::Sender<Vec<Instance>>, watch::Sender<Option<PlacementMap>>);
 
 #[derive(Debug)]
 pub struct GrpcExperts {
-    links: Vec<WorkerLink>,
-    placement: Placement,
+    cluster: Arc<Cluster>,
     hidden: usize,
     dtype: DType,
     wire: WireDtype,
     timeout: Duration,
+    host_wait: Duration,
     next_id: AtomicU64,
     runtime: Handle,
-}
-
-fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, TransportError> {
-    let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
-    let unavailable = |reason: String| TransportError::Unavailable { worker: addr.to_owned(), reason };
-    Ok(Endpoint::from_shared(uri)
-        .map_err(|e| unavailable(format!("bad address: {e}")))?
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(16 << 20))
-        .initial_connection_window_size(Some(64 << 20))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5)))
+    /// With static workers: the fixed membership, kept alive for the follower.
+    _fixed: Option<FixedMembers>,
 }
 
 impl GrpcExperts {
-    /// Connects to every worker, builds the placement from what they host, refuses to start if an
-    /// expert has no host or a worker serves another model, and opens the exchange streams.
-    /// Must run inside the tokio runtime that will carry the streams.
+    /// Static workers: connects to each, learns what it hosts, refuses to start if an expert has no
+    /// host or a worker serves another model. Must run inside the runtime that will carry the
+    /// streams.
     pub async fn connect(cfg: &GrpcConfig, model: &TextConfig, dtype: DType) -> Result<Self, TransportError> {
         if cfg.workers.is_empty() {
             return Err(TransportError::Placement("no expert worker address given".into()));
         }
-        let mut clients = Vec::with_capacity(cfg.workers.len());
-        let mut hosted = Vec::with_capacity(cfg.workers.len());
+        let mut records = Vec::with_capacity(cfg.workers.len());
         for addr in &cfg.workers {
             let unavailable = |reason: String| TransportError::Unavailable { worker: addr.clone(), reason };
-            let channel: Channel =
+            let channel =
                 endpoint(addr, cfg.connect_timeout)?.connect().await.map_err(|e| unavailable(format!("{e:?}")))?;
-            let mut client = ExpertServiceClient::new(channel)
-                .max_decoding_message_size(epserve_proto::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(epserve_proto::MAX_MESSAGE_BYTES);
-            let status = client.status(StatusRequest {}).await.map_err(|e| unavailable(e.to_string()))?.into_inner();
-            if (status.hidden as usize, status.num_layers as usize, status.num_experts as usize)
-                != (model.hidden_size, model.num_hidden_layers, model.num_local_experts)
-            {
-                return Err(TransportError::Placement(format!(
-                    "worker {addr} serves a model with hidden {}, {} layers, {} experts; this one has {}, {}, {}",
-                    status.hidden,
-                    status.num_layers,
-                    status.num_experts,
-                    model.hidden_size,
-                    model.num_hidden_layers,
-                    model.num_local_experts
-                )));
-            }
-            tracing::info!(
-                worker = %addr,
-                resident_mib = status.resident_bytes as f64 / 1048576.0,
-                "worker hosts experts {:?}",
-                status.layers.first().map(|l| &l.experts)
-            );
-            hosted.push(status.layers.iter().map(|l| (l.layer as usize, l.experts.clone())).collect::<Vec<_>>());
-            clients.push(client);
+            let status = ExpertServiceClient::new(channel)
+                .status(StatusRequest {})
+                .await
+                .map_err(|e| unavailable(e.to_string()))?
+                .into_inner();
+            check_model(addr, &status, model)?;
+            let mut experts: Vec<u32> = status.layers.iter().flat_map(|l| l.experts.iter().copied()).collect();
+            experts.sort_unstable();
+            experts.dedup();
+            records.push(Instance {
+                incarnation: 0,
+                experts,
+                ..Instance::new(Kind::Worker, addr.clone(), addr.clone())
+            });
         }
-        let placement = Placement::from_hosted(model, &hosted);
-        placement.check_complete(model)?;
+        let cluster = Cluster::new(model, cfg.connect_timeout);
+        cluster.sync(&records, None).await;
+        cluster.routes().check_complete(model)?;
+        let (members, members_rx) = watch::channel(records);
+        let (placement, placement_rx) = watch::channel(None);
+        tokio::spawn(cluster.clone().follow(members_rx, placement_rx));
+        Ok(Self::with(cluster, cfg, model, dtype, Some((members, placement))))
+    }
 
-        let mut links = Vec::with_capacity(clients.len());
-        for (client, addr) in clients.into_iter().zip(&cfg.workers) {
-            links.push(open_stream(client, addr.clone()).await?);
+    /// Workers found through the control plane: follows `members` (and `placement`'s preference
+    /// order) for as long as they are published, and waits up to `startup_wait` for every expert to
+    /// have a live host. Must run inside the runtime that will carry the streams.
+    pub async fn follow(
+        cfg: &GrpcConfig,
+        model: &TextConfig,
+        dtype: DType,
+        members: watch::Receiver<Vec<Instance>>,
+        placement: watch::Receiver<Option<PlacementMap>>,
+        startup_wait: Duration,
+    ) -> Result<Self, TransportError> {
+        let cluster = Cluster::new(model, cfg.connect_timeout);
+        let mut generation = cluster.generation.subscribe();
+        tokio::spawn(cluster.clone().follow(members, placement));
+        let deadline = tokio::time::Instant::now() + startup_wait;
+        loop {
+            match cluster.routes().check_complete(model) {
+                Ok(()) => break,
+                Err(e) => {
+                    if tokio::time::timeout_at(deadline, generation.changed()).await.is_err() {
+                        return Err(TransportError::Placement(format!("after waiting {startup_wait:?}: {e}")));
+                    }
+                }
+            }
         }
-        Ok(GrpcExperts {
-            links,
-            placement,
+        Ok(Self::with(cluster, cfg, model, dtype, None))
+    }
+
+    fn with(
+        cluster: Arc<Cluster>,
+        cfg: &GrpcConfig,
+        model: &TextConfig,
+        dtype: DType,
+        fixed: Option<FixedMembers>,
+    ) -> Self {
+        GrpcExperts {
+            cluster,
             hidden: model.hidden_size,
             dtype,
             wire: cfg.wire,
             timeout: cfg.exchange_timeout,
+            host_wait: cfg.host_wait,
             next_id: AtomicU64::new(1),
             runtime: Handle::current(),
-        })
+            _fixed: fixed,
+        }
     }
 
-    pub fn workers(&self) -> impl Iterator<Item = &str> {
-        self.links.iter().map(|l| l.addr.as_str())
+    /// Addresses of the connected workers.
+    pub fn workers(&self) -> Vec<String> {
+        self.cluster.workers()
+    }
+
+    /// After a step succeeded: reports recoveries from lost workers.
+    pub fn step_finished(&self) {
+        self.cluster.step_finished();
     }
 
     /// Splits the batch by worker and sends every part. Called from a compute thread, never from
@@ -160,197 +175,234 @@ impl GrpcExperts {
                 reason: format!("{} values for {} rows of {hidden}", rows.len(), batch.total_rows()),
             });
         }
-        // Per worker: its groups in batch order, and where each group's rows sit in the batch.
-        let mut parts: Vec<(usize, Vec<RowGroup>, Vec<std::ops::Range<usize>>)> = Vec::new();
+        let mut groups = Vec::with_capacity(batch.groups.len());
         let mut offset = 0;
         for g in &batch.groups {
             let n = g.rows as usize;
-            let worker =
-                self.placement.worker_for(batch.layer, g.expert).ok_or_else(|| epserve_model::Error::Experts {
-                    layer: batch.layer,
-                    reason: format!("no worker hosts expert {}", g.expert),
-                })?;
-            let part = match parts.iter().position(|p| p.0 == worker) {
-                Some(i) => &mut parts[i],
-                None => {
-                    parts.push((worker, Vec::new(), Vec::new()));
-                    parts.last_mut().ok_or_else(|| epserve_model::Error::Input("empty parts".into()))?
-                }
-            };
-            part.1.push(RowGroup { expert: g.expert, rows: g.rows });
-            part.2.push(offset..offset + n);
+            groups.push(Group { expert: g.expert, rows: offset..offset + n });
             offset += n;
         }
-
-        let deadline = Instant::now() + self.timeout;
-        let mut in_flight = Vec::with_capacity(parts.len());
-        for (worker, groups, ranges) in parts {
-            let link = &self.links[worker];
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let mut values = Vec::with_capacity(ranges.iter().map(|r| r.len()).sum::<usize>() * hidden);
-            for r in &ranges {
-                values.extend_from_slice(&rows[r.start * hidden..r.end * hidden]);
-            }
-            let payload = self.wire.encode(&values);
-            metrics::counter!(m::EXCHANGE_SENT_BYTES_TOTAL, "worker" => link.addr.clone())
-                .increment(payload.len() as u64);
-            let request = Exchange {
-                id,
-                step: 0,
-                layer: batch.layer as u32,
-                micro_batch: 0,
-                groups,
-                dtype: self.wire,
-                hidden,
-                payload,
-            }
-            .into_proto();
-            let (tx, rx) = oneshot::channel();
-            {
-                let mut pending = lock(&link.pending);
-                if let Some(reason) = &pending.dead {
-                    return Err(self.fail(
-                        link,
-                        TransportError::Unavailable { worker: link.addr.clone(), reason: reason.clone() },
-                    ));
-                }
-                pending.waiting.insert(id, tx);
-            }
-            if link.requests.blocking_send(request).is_err() {
-                lock(&link.pending).waiting.remove(&id);
-                let reason = "its exchange stream is closed".to_owned();
-                return Err(self.fail(link, TransportError::Unavailable { worker: link.addr.clone(), reason }));
-            }
-            in_flight.push(Part { worker, id, ranges, reply: rx, sent: Instant::now() });
-        }
-        Ok(Box::new(GrpcInFlight { experts: self, parts: in_flight, layer: batch.layer, total_rows: offset, deadline }))
-    }
-
-    fn fail(&self, link: &WorkerLink, e: TransportError) -> epserve_model::Error {
-        metrics::counter!(m::EXCHANGE_ERRORS_TOTAL, "worker" => link.addr.clone(), "kind" => e.kind()).increment(1);
-        e.into()
-    }
-}
-
-fn lock(p: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
-    // A panic while holding this lock leaves the map consistent (single inserts/removes).
-    p.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Opens the worker's exchange stream and spawns the task that matches answers to exchanges.
-async fn open_stream(mut client: ExpertServiceClient<Channel>, addr: String) -> Result<WorkerLink, TransportError> {
-    let (tx, rx) = mpsc::channel::<ExchangeRequest>(1024);
-    let response = client
-        .exchange(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|e| TransportError::Unavailable { worker: addr.clone(), reason: e.to_string() })?;
-    let mut inbound = response.into_inner();
-    let pending = Arc::new(Mutex::new(Pending::default()));
-    let reader_pending = pending.clone();
-    let reader_addr = addr.clone();
-    tokio::spawn(async move {
-        let reason = loop {
-            match inbound.message().await {
-                Ok(Some(answer)) => {
-                    if let Some(tx) = lock(&reader_pending).waiting.remove(&answer.id) {
-                        let _ = tx.send(Ok(answer));
-                    }
-                }
-                Ok(None) => break "the worker closed its exchange stream".to_owned(),
-                Err(status) => break format!("exchange stream failed: {}", status.message()),
-            }
+        let mut in_flight = GrpcInFlight {
+            experts: self,
+            layer: batch.layer,
+            total_rows: offset,
+            rows,
+            groups,
+            parts: VecDeque::new(),
+            excluded: HashSet::new(),
         };
-        tracing::error!(worker = %reader_addr, "expert worker lost: {reason}");
-        let mut p = lock(&reader_pending);
-        p.dead = Some(reason.clone());
-        for (_, tx) in p.waiting.drain() {
-            let _ = tx.send(Err(TransportError::Unavailable { worker: reader_addr.clone(), reason: reason.clone() }));
+        let all: Vec<usize> = (0..in_flight.groups.len()).collect();
+        in_flight.dispatch(&all, None)?;
+        Ok(Box::new(in_flight))
+    }
+
+    /// A live host of `(layer, expert)` not in `excluded`, waiting up to `host_wait` for one.
+    fn pick(
+        &self,
+        layer: usize,
+        expert: u32,
+        excluded: &HashSet<String>,
+        last_failure: Option<&TransportError>,
+    ) -> Result<Arc<WorkerLink>, TransportError> {
+        let started = Instant::now();
+        let mut generation = self.cluster.generation.subscribe();
+        loop {
+            let routes = self.cluster.routes();
+            let live: Vec<&Arc<WorkerLink>> =
+                routes.live(layer, expert).into_iter().filter(|l| !excluded.contains(&l.id)).collect();
+            if !live.is_empty() {
+                return Ok(live[(layer + expert as usize) % live.len()].clone());
+            }
+            let waited = started.elapsed();
+            if waited >= self.host_wait {
+                let mut why = routes.why_dead(layer, expert);
+                if let Some(e) = last_failure {
+                    why.insert(0, e.to_string());
+                }
+                why.dedup();
+                return Err(TransportError::NoHost { layer, expert, waited, why });
+            }
+            let deadline = tokio::time::Instant::from_std(started + self.host_wait);
+            let _ = self.runtime.block_on(async { tokio::time::timeout_at(deadline, generation.changed()).await });
         }
-    });
-    Ok(WorkerLink { addr, requests: tx, pending })
+    }
+
+    fn fail(&self, worker: &str, e: TransportError) -> TransportError {
+        metrics::counter!(m::EXCHANGE_ERRORS_TOTAL, "worker" => worker.to_owned(), "kind" => e.kind()).increment(1);
+        e
+    }
+}
+
+/// One expert's rows in the batch.
+#[derive(Debug)]
+struct Group {
+    expert: u32,
+    rows: std::ops::Range<usize>,
 }
 
 struct Part {
-    worker: usize,
+    link: Arc<WorkerLink>,
     id: u64,
-    ranges: Vec<std::ops::Range<usize>>,
+    /// Indices into the in-flight's groups.
+    groups: Vec<usize>,
     reply: oneshot::Receiver<Reply>,
     sent: Instant,
+    deadline: Instant,
 }
 
 struct GrpcInFlight<'a> {
     experts: &'a GrpcExperts,
-    parts: Vec<Part>,
     layer: usize,
     total_rows: usize,
-    deadline: Instant,
+    rows: Vec<f32>,
+    groups: Vec<Group>,
+    parts: VecDeque<Part>,
+    /// Workers that failed this exchange: not tried again for it.
+    excluded: HashSet<String>,
+}
+
+impl GrpcInFlight<'_> {
+    /// Sends `groups` to their hosts, one exchange per worker.
+    fn dispatch(&mut self, groups: &[usize], last_failure: Option<&TransportError>) -> Result<(), TransportError> {
+        let x = self.experts;
+        let mut by_worker: Vec<(Arc<WorkerLink>, Vec<usize>)> = Vec::new();
+        for &g in groups {
+            let link = x.pick(self.layer, self.groups[g].expert, &self.excluded, last_failure)?;
+            match by_worker.iter_mut().find(|(l, _)| Arc::ptr_eq(l, &link)) {
+                Some((_, gs)) => gs.push(g),
+                None => by_worker.push((link, vec![g])),
+            }
+        }
+        for (link, gs) in by_worker {
+            let part = self.send(link, gs);
+            self.parts.push_back(part);
+        }
+        Ok(())
+    }
+
+    fn send(&self, link: Arc<WorkerLink>, groups: Vec<usize>) -> Part {
+        let x = self.experts;
+        let hidden = x.hidden;
+        let id = x.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut values = Vec::with_capacity(groups.iter().map(|&g| self.groups[g].rows.len()).sum::<usize>() * hidden);
+        let mut wire_groups = Vec::with_capacity(groups.len());
+        for &g in &groups {
+            let r = &self.groups[g].rows;
+            values.extend_from_slice(&self.rows[r.start * hidden..r.end * hidden]);
+            wire_groups.push(RowGroup { expert: self.groups[g].expert, rows: r.len() as u32 });
+        }
+        let payload = x.wire.encode(&values);
+        metrics::counter!(m::EXCHANGE_SENT_BYTES_TOTAL, "worker" => link.addr.clone()).increment(payload.len() as u64);
+        let request = Exchange {
+            id,
+            step: 0,
+            layer: self.layer as u32,
+            micro_batch: 0,
+            groups: wire_groups,
+            dtype: x.wire,
+            hidden,
+            payload,
+        }
+        .into_proto();
+        let (tx, rx) = oneshot::channel();
+        let dead = {
+            let mut pending = lock(&link.pending);
+            match &pending.dead {
+                Some(reason) => Some((tx, reason.clone())),
+                None => {
+                    pending.waiting.insert(id, tx);
+                    None
+                }
+            }
+        };
+        match dead {
+            Some((tx, reason)) => {
+                let _ = tx.send(Err(TransportError::Unavailable { worker: link.addr.clone(), reason }));
+            }
+            None => {
+                if link.requests.blocking_send(request).is_err() {
+                    x.cluster.lose(&link, "its exchange stream is closed");
+                }
+            }
+        }
+        let now = Instant::now();
+        Part { link, id, groups, reply: rx, sent: now, deadline: now + x.timeout }
+    }
+
+    /// The answer to `part`, or why there is none.
+    fn answer(&self, part: &mut Part) -> Result<Vec<f32>, TransportError> {
+        let x = self.experts;
+        let link = &part.link;
+        let deadline = tokio::time::Instant::from_std(part.deadline);
+        // The timer must be created inside the runtime: this thread is not one of its workers.
+        let answer = match x.runtime.block_on(async { tokio::time::timeout_at(deadline, &mut part.reply).await }) {
+            Err(_) => {
+                lock(&link.pending).waiting.remove(&part.id);
+                let e = TransportError::Deadline {
+                    worker: link.addr.clone(),
+                    exchange: part.id,
+                    layer: self.layer,
+                    deadline: x.timeout,
+                };
+                // A worker that stops answering is taken out until it reconnects.
+                x.cluster.lose(link, &e.to_string());
+                return Err(e);
+            }
+            Ok(Err(_)) => {
+                let reason = "the answer channel closed".to_owned();
+                return Err(TransportError::Unavailable { worker: link.addr.clone(), reason });
+            }
+            Ok(Ok(reply)) => reply?,
+        };
+        metrics::histogram!(m::EXCHANGE_LATENCY_SECONDS, "worker" => link.addr.clone())
+            .record(part.sent.elapsed().as_secs_f64());
+        metrics::counter!(m::EXCHANGE_RECEIVED_BYTES_TOTAL, "worker" => link.addr.clone())
+            .increment(answer.payload.len() as u64);
+        let rejected =
+            |code, message| TransportError::Rejected { worker: link.addr.clone(), exchange: part.id, code, message };
+        if answer.code != tonic::Code::Ok as i32 {
+            return Err(rejected(tonic::Code::from_i32(answer.code), answer.message));
+        }
+        let rows: usize = part.groups.iter().map(|&g| self.groups[g].rows.len()).sum();
+        let wire = WireDtype::from_proto(answer.dtype).unwrap_or(x.wire);
+        if answer.payload.len() != rows * x.hidden * wire.size() {
+            let message = format!("answered {} bytes for {rows} rows", answer.payload.len());
+            return Err(rejected(tonic::Code::DataLoss, message));
+        }
+        let mut decoded = Vec::new();
+        wire.decode_into(&answer.payload, &mut decoded);
+        Ok(decoded)
+    }
 }
 
 impl ExpertsInFlight for GrpcInFlight<'_> {
-    fn wait(self: Box<Self>) -> epserve_model::Result<Tensor> {
-        let GrpcInFlight { experts, parts, layer, total_rows, deadline } = *self;
-        let hidden = experts.hidden;
-        let mut out = vec![0f32; total_rows * hidden];
-        let mut decoded = Vec::new();
-        for part in parts {
-            let link = &experts.links[part.worker];
-            let waited = experts.runtime.block_on(async { tokio::time::timeout_at(deadline.into(), part.reply).await });
-            let answer = match waited {
-                Err(_) => {
-                    lock(&link.pending).waiting.remove(&part.id);
-                    return Err(experts.fail(
-                        link,
-                        TransportError::Deadline {
-                            worker: link.addr.clone(),
-                            exchange: part.id,
-                            layer,
-                            deadline: experts.timeout,
-                        },
-                    ));
+    fn wait(mut self: Box<Self>) -> epserve_model::Result<Tensor> {
+        let hidden = self.experts.hidden;
+        let mut out = vec![0f32; self.total_rows * hidden];
+        while let Some(mut part) = self.parts.pop_front() {
+            let decoded = match self.answer(&mut part) {
+                Ok(decoded) => decoded,
+                Err(e) => {
+                    let e = self.experts.fail(&part.link.addr, e);
+                    if !e.retryable() {
+                        return Err(e.into());
+                    }
+                    // Send the same rows again, to other hosts of their experts.
+                    self.excluded.insert(part.link.id.clone());
+                    metrics::counter!(m::EXCHANGE_RETRIES_TOTAL, "reason" => e.kind()).increment(1);
+                    tracing::info!(layer = self.layer, "re-sending exchange {} to replicas: {e}", part.id);
+                    self.dispatch(&part.groups, Some(&e))?;
+                    continue;
                 }
-                Ok(Err(_)) => {
-                    let reason = "the answer channel closed".to_owned();
-                    return Err(experts.fail(link, TransportError::Unavailable { worker: link.addr.clone(), reason }));
-                }
-                Ok(Ok(Err(e))) => return Err(experts.fail(link, e)),
-                Ok(Ok(Ok(answer))) => answer,
             };
-            metrics::histogram!(m::EXCHANGE_LATENCY_SECONDS, "worker" => link.addr.clone())
-                .record(part.sent.elapsed().as_secs_f64());
-            metrics::counter!(m::EXCHANGE_RECEIVED_BYTES_TOTAL, "worker" => link.addr.clone())
-                .increment(answer.payload.len() as u64);
-            if answer.code != tonic::Code::Ok as i32 {
-                return Err(experts.fail(
-                    link,
-                    TransportError::Rejected {
-                        worker: link.addr.clone(),
-                        exchange: part.id,
-                        code: tonic::Code::from_i32(answer.code),
-                        message: answer.message,
-                    },
-                ));
-            }
-            let rows: usize = part.ranges.iter().map(|r| r.len()).sum();
-            let wire = WireDtype::from_proto(answer.dtype).unwrap_or(experts.wire);
-            if answer.payload.len() != rows * hidden * wire.size() {
-                return Err(experts.fail(
-                    link,
-                    TransportError::Rejected {
-                        worker: link.addr.clone(),
-                        exchange: part.id,
-                        code: tonic::Code::DataLoss,
-                        message: format!("answered {} bytes for {rows} rows", answer.payload.len()),
-                    },
-                ));
-            }
-            wire.decode_into(&answer.payload, &mut decoded);
             let mut at = 0;
-            for r in &part.ranges {
+            for &g in &part.groups {
+                let r = &self.groups[g].rows;
                 let n = r.len() * hidden;
                 out[r.start * hidden..r.end * hidden].copy_from_slice(&decoded[at..at + n]);
                 at += n;
             }
         }
-        Ok(Tensor::from_vec(out, (total_rows, hidden), &Device::Cpu)?.to_dtype(experts.dtype)?)
+        Ok(Tensor::from_vec(out, (self.total_rows, hidden), &Device::Cpu)?.to_dtype(self.experts.dtype)?)
     }
 }

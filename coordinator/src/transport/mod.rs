@@ -5,6 +5,7 @@
 //! - `grpc`: expert workers over one bidirectional stream each ([`GrpcExperts`]).
 
 mod grpc;
+mod links;
 
 use epserve_model::{ExpertBackend, ExpertBatch, ExpertShard, ExpertsInFlight};
 use epserve_proto::metric_names as m;
@@ -37,6 +38,12 @@ impl ExpertBackend for ExpertTransport {
         match self {
             ExpertTransport::Local(shard) => shard.submit(batch),
             ExpertTransport::Grpc(grpc) => grpc.submit(batch),
+        }
+    }
+
+    fn step_finished(&self) {
+        if let ExpertTransport::Grpc(grpc) = self {
+            grpc.step_finished();
         }
     }
 }

@@ -1,0 +1,357 @@
+//! The `grpc` transport's view of the workers: one [`WorkerLink`] (exchange stream) per live worker
+//! and the [`Routes`] from every (layer, expert) to the links hosting it, kept up to date from a
+//! membership list — fixed (`--workers`) or followed in the registry. A link whose stream ends is
+//! dead at once (a killed process resets its connection); a worker that leaves the list (lease
+//! expired, or it stopped) is dead too; one that is listed but not connected is retried every
+//! second, so a worker that comes back is used again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use epserve_control::{Instance, PlacementMap};
+use epserve_model::TextConfig;
+use epserve_proto::metric_names as m;
+use epserve_proto::v1::expert_service_client::ExpertServiceClient;
+use epserve_proto::v1::{ExchangeRequest, ExchangeResponse, StatusRequest};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::errors::TransportError;
+
+pub(super) type Reply = Result<ExchangeResponse, TransportError>;
+
+/// One worker's stream: the sender side of its requests and the exchanges awaiting an answer.
+#[derive(Debug)]
+pub(super) struct WorkerLink {
+    pub id: String,
+    pub addr: String,
+    incarnation: u64,
+    /// Updated in place when the worker announces experts it loaded.
+    experts: RwLock<Vec<u32>>,
+    pub requests: mpsc::Sender<ExchangeRequest>,
+    pub pending: Arc<Mutex<Pending>>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Pending {
+    pub waiting: HashMap<u64, oneshot::Sender<Reply>>,
+    /// Set when the link died: why, so that later exchanges fail at once with the reason.
+    pub dead: Option<String>,
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section leaves the maps consistent (single inserts/removes).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl WorkerLink {
+    fn experts(&self) -> Vec<u32> {
+        self.experts.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn dead(&self) -> Option<String> {
+        lock(&self.pending).dead.clone()
+    }
+
+    /// Marks the link dead and fails every exchange waiting on it. True if it was alive.
+    pub fn kill(&self, reason: &str) -> bool {
+        let mut p = lock(&self.pending);
+        if p.dead.is_some() {
+            return false;
+        }
+        p.dead = Some(reason.to_owned());
+        for (_, tx) in p.waiting.drain() {
+            let _ = tx.send(Err(TransportError::Unavailable { worker: self.addr.clone(), reason: reason.to_owned() }));
+        }
+        true
+    }
+}
+
+/// `hosts[layer][expert]`: the links serving it, preferred first (dense layers: empty).
+#[derive(Debug, Default)]
+pub(super) struct Routes {
+    pub hosts: Vec<Vec<Vec<Arc<WorkerLink>>>>,
+}
+
+impl Routes {
+    /// The live hosts of `(layer, expert)`.
+    pub fn live(&self, layer: usize, expert: u32) -> Vec<&Arc<WorkerLink>> {
+        self.hosts
+            .get(layer)
+            .and_then(|l| l.get(expert as usize))
+            .map(|hosts| hosts.iter().filter(|h| h.dead().is_none()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Why each host of `(layer, expert)` is dead, for errors.
+    pub fn why_dead(&self, layer: usize, expert: u32) -> Vec<String> {
+        self.hosts
+            .get(layer)
+            .and_then(|l| l.get(expert as usize))
+            .map(|hosts| {
+                hosts
+                    .iter()
+                    .filter_map(|h| h.dead().map(|reason| format!("expert worker {} is unavailable: {reason}", h.addr)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every (layer, expert) of an MoE layer without a live host, compactly; `Ok` if none.
+    pub fn check_complete(&self, cfg: &TextConfig) -> Result<(), TransportError> {
+        crate::placement::check_complete(cfg, |layer, e| !self.live(layer, e).is_empty())
+    }
+}
+
+/// A worker lost, until the first step that finished without it.
+#[derive(Debug)]
+struct Loss {
+    worker: String,
+    at: Instant,
+    unix_ms: u128,
+}
+
+/// Shared between the transport (engine thread) and the membership task (IO runtime).
+#[derive(Debug)]
+pub(super) struct Cluster {
+    model: TextConfig,
+    connect_timeout: Duration,
+    links: Mutex<HashMap<String, Arc<WorkerLink>>>,
+    routes: RwLock<Arc<Routes>>,
+    /// Bumped whenever the routes change; waiting for a host listens to it.
+    pub generation: watch::Sender<u64>,
+    changed: Notify,
+    losses: Mutex<Vec<Loss>>,
+}
+
+fn unix_ms() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+impl Cluster {
+    pub fn new(model: &TextConfig, connect_timeout: Duration) -> Arc<Self> {
+        Arc::new(Cluster {
+            model: model.clone(),
+            connect_timeout,
+            links: Mutex::new(HashMap::new()),
+            routes: RwLock::new(Arc::new(Routes::default())),
+            generation: watch::channel(0).0,
+            changed: Notify::new(),
+            losses: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn routes(&self) -> Arc<Routes> {
+        self.routes.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn workers(&self) -> Vec<String> {
+        let mut addrs: Vec<String> = lock(&self.links).values().map(|l| l.addr.clone()).collect();
+        addrs.sort();
+        addrs
+    }
+
+    /// Stops sending to `link` (its exchanges in flight fail over to replicas) and notes the loss.
+    pub fn lose(&self, link: &WorkerLink, reason: &str) {
+        if link.kill(reason) {
+            tracing::warn!(worker = %link.addr, id = %link.id, "expert worker lost: {reason}");
+            metrics::counter!(m::FAILOVERS_TOTAL, "worker" => link.addr.clone()).increment(1);
+            lock(&self.losses).push(Loss { worker: link.addr.clone(), at: Instant::now(), unix_ms: unix_ms() });
+            self.changed.notify_one();
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// Called after every step that succeeded: reports how long each loss took to get past.
+    pub fn step_finished(&self) {
+        let mut losses = lock(&self.losses);
+        for loss in losses.drain(..) {
+            let took = loss.at.elapsed();
+            metrics::histogram!(m::FAILOVER_RECOVERY_SECONDS).record(took.as_secs_f64());
+            tracing::warn!(
+                worker = %loss.worker,
+                lost_at_unix_ms = loss.unix_ms as u64,
+                recovered_at_unix_ms = unix_ms() as u64,
+                "failover: first step without worker {} finished {:.1} ms after it was lost",
+                loss.worker,
+                took.as_secs_f64() * 1e3
+            );
+        }
+    }
+
+    /// Keeps the links in line with `members` (and `placement`'s preference order) until the
+    /// membership sender is dropped.
+    pub async fn follow(
+        self: Arc<Self>,
+        mut members: watch::Receiver<Vec<Instance>>,
+        mut placement: watch::Receiver<Option<PlacementMap>>,
+    ) {
+        loop {
+            let want = members.borrow_and_update().clone();
+            let map = placement.borrow_and_update().clone();
+            self.sync(&want, map.as_ref()).await;
+            tokio::select! {
+                r = members.changed() => if r.is_err() { return },
+                _ = placement.changed() => {}
+                _ = self.changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// One pass: connect new or restarted workers, drop departed ones, rebuild the routes.
+    pub async fn sync(self: &Arc<Self>, want: &[Instance], placement: Option<&PlacementMap>) {
+        let current: HashMap<String, Arc<WorkerLink>> = lock(&self.links).clone();
+        let mut next: HashMap<String, Arc<WorkerLink>> = HashMap::new();
+        for (id, link) in &current {
+            if !want.iter().any(|w| &w.id == id) {
+                self.lose(link, "it left the registry (lease expired, or it stopped)");
+            }
+        }
+        for w in want {
+            if let Some(old) = current.get(&w.id) {
+                if old.dead().is_none() && old.incarnation == w.incarnation && old.addr == w.addr {
+                    if old.experts() != w.experts {
+                        tracing::info!(worker = %w.addr, "worker now serves experts {:?}", w.experts);
+                        *old.experts.write().unwrap_or_else(|p| p.into_inner()) = w.experts.clone();
+                    }
+                    next.insert(w.id.clone(), old.clone());
+                    continue;
+                }
+                self.lose(old, "it restarted");
+            }
+            match self.connect(w).await {
+                Ok(link) => {
+                    tracing::info!(worker = %w.addr, id = %w.id, "connected; serves experts {:?}", w.experts);
+                    next.insert(w.id.clone(), link);
+                }
+                Err(e) => {
+                    tracing::debug!(worker = %w.addr, "not connected yet: {e}");
+                    // Still listed: keep the dead link so that errors can say what happened to it.
+                    if let Some(old) = current.get(&w.id) {
+                        next.insert(w.id.clone(), old.clone());
+                    }
+                }
+            }
+        }
+        let routes = Arc::new(self.build_routes(&next, placement));
+        *lock(&self.links) = next;
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn build_routes(&self, links: &HashMap<String, Arc<WorkerLink>>, placement: Option<&PlacementMap>) -> Routes {
+        let cfg = &self.model;
+        let mut ids: Vec<&String> = links.keys().collect();
+        ids.sort();
+        let mut hosts = vec![vec![Vec::new(); cfg.num_local_experts]; cfg.num_hidden_layers];
+        for layer in cfg.moe_layers() {
+            for e in 0..cfg.num_local_experts as u32 {
+                let slot: &mut Vec<Arc<WorkerLink>> = &mut hosts[layer][e as usize];
+                let preferred = placement.map(|p| p.hosts(layer as u32, e)).unwrap_or_default();
+                for id in preferred.iter().chain(ids.iter().copied()) {
+                    if let Some(link) = links.get(id)
+                        && link.experts().contains(&e)
+                        && !slot.iter().any(|l| l.id == link.id)
+                    {
+                        slot.push(link.clone());
+                    }
+                }
+            }
+        }
+        Routes { hosts }
+    }
+
+    async fn connect(self: &Arc<Self>, w: &Instance) -> Result<Arc<WorkerLink>, TransportError> {
+        let unavailable = |reason: String| TransportError::Unavailable { worker: w.addr.clone(), reason };
+        let channel: Channel =
+            tokio::time::timeout(self.connect_timeout, endpoint(&w.addr, self.connect_timeout)?.connect())
+                .await
+                .map_err(|_| unavailable("connect timed out".into()))?
+                .map_err(|e| unavailable(format!("{e:?}")))?;
+        let mut client = ExpertServiceClient::new(channel)
+            .max_decoding_message_size(epserve_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(epserve_proto::MAX_MESSAGE_BYTES);
+        let status = client.status(StatusRequest {}).await.map_err(|e| unavailable(e.to_string()))?.into_inner();
+        check_model(&w.addr, &status, &self.model)?;
+        open_stream(client, w, self.clone()).await
+    }
+}
+
+pub(super) fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, TransportError> {
+    let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+    let unavailable = |reason: String| TransportError::Unavailable { worker: addr.to_owned(), reason };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| unavailable(format!("bad address: {e}")))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(64 << 20))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5)))
+}
+
+pub(super) fn check_model(
+    addr: &str,
+    status: &epserve_proto::v1::StatusResponse,
+    model: &TextConfig,
+) -> Result<(), TransportError> {
+    if (status.hidden as usize, status.num_layers as usize, status.num_experts as usize)
+        != (model.hidden_size, model.num_hidden_layers, model.num_local_experts)
+    {
+        return Err(TransportError::Placement(format!(
+            "worker {addr} serves a model with hidden {}, {} layers, {} experts; this one has {}, {}, {}",
+            status.hidden,
+            status.num_layers,
+            status.num_experts,
+            model.hidden_size,
+            model.num_hidden_layers,
+            model.num_local_experts
+        )));
+    }
+    Ok(())
+}
+
+/// Opens the worker's exchange stream and spawns the task that matches answers to exchanges; when
+/// the stream ends the link is lost (and its waiting exchanges fail over).
+async fn open_stream(
+    mut client: ExpertServiceClient<Channel>,
+    w: &Instance,
+    cluster: Arc<Cluster>,
+) -> Result<Arc<WorkerLink>, TransportError> {
+    let (tx, rx) = mpsc::channel::<ExchangeRequest>(1024);
+    let response = client
+        .exchange(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|e| TransportError::Unavailable { worker: w.addr.clone(), reason: e.to_string() })?;
+    let mut inbound = response.into_inner();
+    let link = Arc::new(WorkerLink {
+        id: w.id.clone(),
+        addr: w.addr.clone(),
+        incarnation: w.incarnation,
+        experts: RwLock::new(w.experts.clone()),
+        requests: tx,
+        pending: Arc::new(Mutex::new(Pending::default())),
+    });
+    // Weak: once the link is dropped (worker gone), its request sender goes and the stream closes.
+    let reader = Arc::downgrade(&link);
+    let pending = link.pending.clone();
+    tokio::spawn(async move {
+        let reason = loop {
+            match inbound.message().await {
+                Ok(Some(answer)) => {
+                    if let Some(tx) = lock(&pending).waiting.remove(&answer.id) {
+                        let _ = tx.send(Ok(answer));
+                    }
+                }
+                Ok(None) => break "the worker closed its exchange stream".to_owned(),
+                Err(status) => break format!("exchange stream failed: {}", status.message()),
+            }
+        };
+        if let Some(link) = reader.upgrade() {
+            cluster.lose(&link, &reason);
+        }
+    });
+    Ok(link)
+}

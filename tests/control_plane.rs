@@ -1,0 +1,268 @@
+//! The control plane end to end, on a real etcd: components find each other through it, a killed
+//! worker is failed over to its replicas without losing a request, experts without a live host are
+//! reassigned by the elected coordinator, and the cluster survives etcd itself restarting.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use epserve_control::etcd_server::EtcdServer;
+use epserve_control::{ControlPlane, Kind};
+use support::{Process, body_json, post, tiny_fixture};
+
+const TTL_MS: &str = "2000";
+
+fn unix_ms() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_millis()
+}
+
+/// A cluster registered in etcd: workers, coordinators (logs kept), a gateway.
+struct Cluster {
+    etcd: EtcdServer,
+    workers: Vec<Process>,
+    coordinators: Vec<Process>,
+    gateway: Process,
+    logs: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// `selections[i]`: worker i's `--experts` list.
+    fn start(selections: &[&str], coordinators: usize, coordinator_flags: &[&str]) -> Cluster {
+        let logs = tempfile::tempdir().expect("tempdir");
+        let etcd = EtcdServer::start(logs.path()).expect("start etcd (Debian package etcd-server)");
+        let url = etcd.url();
+        let model = tiny_fixture();
+        let model = model.to_str().expect("utf-8");
+        let registry = ["--registry", url.as_str(), "--cluster", "test", "--lease-ttl-ms", TTL_MS];
+        let workers = selections
+            .iter()
+            .map(|experts| {
+                let mut a = vec!["worker", "--model", model, "--listen", "127.0.0.1:0", "--experts", experts];
+                a.extend_from_slice(&registry);
+                Process::start(&a)
+            })
+            .collect();
+        let coordinators = (0..coordinators)
+            .map(|i| {
+                let mut a = vec!["coordinator", "--model", model, "--listen", "127.0.0.1:0"];
+                a.extend_from_slice(&registry);
+                a.extend_from_slice(coordinator_flags);
+                Process::start_logged(&a, &logs.path().join(format!("coordinator-{i}.log")))
+            })
+            .collect();
+        let mut a = vec!["gateway", "--model", model, "--listen", "127.0.0.1:0", "--health-interval-ms", "200"];
+        a.extend_from_slice(&registry);
+        let gateway = Process::start(&a);
+        let cluster = Cluster { etcd, workers, coordinators, gateway, logs };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while post(&cluster.gateway.addr, "/ready", "").0 != 200 {
+            assert!(Instant::now() < deadline, "the gateway found no coordinator through etcd within 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    fn plane(&self, runtime: &tokio::runtime::Runtime) -> ControlPlane {
+        runtime.block_on(epserve_control::connect(&self.etcd.url(), "test")).expect("connect to etcd")
+    }
+
+    fn coordinator_log(&self) -> String {
+        (0..self.coordinators.len())
+            .map(|i| std::fs::read_to_string(self.logs.path().join(format!("coordinator-{i}.log"))).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn completion(prompt: &str, max_tokens: u32, stream: bool) -> String {
+    format!(
+        r#"{{"model": "tiny-llama4", "prompt": "{prompt}", "max_tokens": {max_tokens}, "temperature": 0, "ignore_eos": true, "stream": {stream}}}"#
+    )
+}
+
+/// Streams a completion; signals `started` at the first event; returns the status and the text.
+fn stream(addr: &str, body: &str, started: mpsc::Sender<()>) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut all = String::new();
+    let mut signalled = false;
+    for line in BufReader::new(s).lines() {
+        let Ok(line) = line else { break };
+        if !signalled && line.starts_with("data: ") {
+            let _ = started.send(());
+            signalled = true;
+        }
+        all.push_str(&line);
+        all.push('\n');
+    }
+    let status = all.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, all)
+}
+
+/// The generated text of an SSE completion stream, and its finish reason.
+fn sse_text(response: &str) -> (String, Option<String>) {
+    let mut text = String::new();
+    let mut finish = None;
+    for data in response.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else { continue };
+        assert!(v.get("error").is_none(), "error event: {data}");
+        if let Some(t) = v["choices"][0]["text"].as_str() {
+            text.push_str(t);
+        }
+        if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+            finish = Some(f.to_owned());
+        }
+    }
+    (text, finish)
+}
+
+/// Runs `n` concurrent streamed completions; `during` runs once the first has produced an event.
+fn run_streams(addr: &str, n: usize, max_tokens: u32, during: impl FnOnce()) -> Vec<String> {
+    let (started_tx, started) = mpsc::channel();
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let (addr, tx) = (addr.to_owned(), started_tx.clone());
+            let body = completion(&format!("Request {i} asks about {}", "expert ".repeat(i % 5 + 1)), max_tokens, true);
+            std::thread::spawn(move || stream(&addr, &body, tx))
+        })
+        .collect();
+    started.recv_timeout(Duration::from_secs(60)).expect("a stream started");
+    during();
+    handles
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let (status, response) = h.join().expect("thread");
+            assert_eq!(status, 200, "request {i}: {response}");
+            let (text, finish) = sse_text(&response);
+            assert_eq!(finish.as_deref(), Some("length"), "request {i} did not complete: {response}");
+            assert!(response.contains("data: [DONE]"), "request {i}: {response}");
+            text
+        })
+        .collect()
+}
+
+/// Each expert on 2 of 4 workers; 32 streams running; one worker SIGKILLed mid-stream: every
+/// stream completes with exactly the tokens of a run without the failure.
+#[test]
+fn killed_worker_fails_over_to_replicas_without_losing_a_request() {
+    // Worker i serves shards i and i+1 (mod 4) of 16 experts.
+    let selections = ["0-7", "4-11", "8-15", "0-3,12-15"];
+    let mut cluster = Cluster::start(&selections, 2, &[]);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let plane = cluster.plane(&runtime);
+    let registered = |kind| runtime.block_on(plane.list(kind)).expect("list").len();
+    assert_eq!((registered(Kind::Worker), registered(Kind::Coordinator), registered(Kind::Gateway)), (4, 2, 1));
+
+    let started = Instant::now();
+    let reference = run_streams(&cluster.gateway.addr, 32, 128, || {});
+    eprintln!("32 streams of 128 tokens took {:?}", started.elapsed());
+    let mut killed_at = 0;
+    let victim = &mut cluster.workers[1];
+    let with_failure = run_streams(&cluster.gateway.addr, 32, 128, || {
+        // Mid-stream: the streams have started and have most of their tokens still to come.
+        std::thread::sleep(Duration::from_millis(100));
+        killed_at = unix_ms();
+        victim.kill();
+    });
+    for (i, (a, b)) in reference.iter().zip(&with_failure).enumerate() {
+        assert_eq!(a, b, "request {i} produced other tokens after the failover");
+    }
+    // How long after the kill each coordinator finished its first step without the worker.
+    let log = cluster.coordinator_log();
+    let recoveries: Vec<i128> = log
+        .lines()
+        .filter(|l| l.contains("failover: first step without worker"))
+        .filter_map(|l| l.split("recovered_at_unix_ms=").nth(1)?.split_whitespace().next()?.parse::<i128>().ok())
+        .map(|at| at - killed_at as i128)
+        .collect();
+    assert!(!recoveries.is_empty(), "no coordinator reported the failover:\n{log}");
+    eprintln!("kill → first step without the dead worker: {recoveries:?} ms (per coordinator)");
+    assert!(recoveries.iter().all(|&ms| ms < 5_000), "{recoveries:?}");
+    assert!(log.contains("expert worker lost"), "{log}");
+}
+
+/// Without replicas, the elected coordinator reassigns a dead worker's experts to the survivors,
+/// which load them; requests meanwhile wait and then complete (or get a clear 503).
+#[test]
+fn dead_workers_experts_are_reassigned_without_replicas() {
+    let selections = ["0-3", "4-7", "8-11", "12-15"];
+    let mut cluster = Cluster::start(&selections, 1, &["--host-wait-ms", "20000"]);
+    let body = completion("The cluster heals", 16, false);
+    let (status, response) = post(&cluster.gateway.addr, "/v1/completions", &body);
+    assert_eq!(status, 200, "{response}");
+    let reference = body_json(&response)["choices"][0]["text"].clone();
+
+    cluster.workers[2].kill();
+    let killed = Instant::now();
+    let served_after = loop {
+        let (status, response) = post(&cluster.gateway.addr, "/v1/completions", &body);
+        match status {
+            200 => {
+                assert_eq!(body_json(&response)["choices"][0]["text"], reference, "other tokens after reassignment");
+                break killed.elapsed();
+            }
+            503 => assert!(response.contains("service_unavailable") || response.contains("unavailable"), "{response}"),
+            other => panic!("only 200 or 503 are acceptable during the gap, got {other}: {response}"),
+        }
+        assert!(killed.elapsed() < Duration::from_secs(30), "not serving 30 s after the kill");
+    };
+    eprintln!("served again {served_after:?} after the kill (lease TTL {TTL_MS} ms)");
+    assert!(served_after < Duration::from_secs(2 + 10), "TTL + load time exceeded: {served_after:?}");
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let plane = cluster.plane(&runtime);
+    let map = runtime.block_on(plane.placement()).expect("read").expect("a placement map");
+    let dead = format!("worker-{}", cluster.workers[2].addr);
+    for e in 8..12 {
+        let hosts = map.hosts(0, e);
+        assert!(!hosts.is_empty() && !hosts.contains(&dead), "expert {e}: {hosts:?}");
+    }
+    assert!(map.version >= 2, "the leader wrote a new version: {}", map.version);
+    let workers = runtime.block_on(plane.list(Kind::Worker)).expect("list");
+    let hosted: usize = workers.iter().map(|w| w.experts.len()).sum();
+    assert_eq!((workers.len(), hosted), (3, 16), "{workers:?}");
+}
+
+/// etcd stopped (serving goes on: the data plane does not pass through it), then started again
+/// with its data wiped: every instance registers again and the placement map is rebuilt.
+#[test]
+fn etcd_restart_does_not_stop_serving() {
+    let selections = ["0-7", "8-15"];
+    let mut cluster = Cluster::start(&selections, 1, &[]);
+    let body = completion("etcd goes away", 8, false);
+    let check = |cluster: &Cluster, when: &str| {
+        let (status, response) = post(&cluster.gateway.addr, "/v1/completions", &body);
+        assert_eq!(status, 200, "{when}: {response}");
+    };
+    check(&cluster, "before");
+    cluster.etcd.stop();
+    for _ in 0..5 {
+        check(&cluster, "while etcd is down");
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    cluster.etcd.restart_empty().expect("restart etcd");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let plane = cluster.plane(&runtime);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let count = |kind| runtime.block_on(plane.list(kind)).map(|v| v.len()).unwrap_or(0);
+        let placement = runtime.block_on(plane.placement()).ok().flatten();
+        if (count(Kind::Worker), count(Kind::Coordinator), count(Kind::Gateway)) == (2, 1, 1) && placement.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "instances did not register again within 20 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    check(&cluster, "after etcd came back");
+    let _ = Path::new("");
+}
