@@ -35,6 +35,12 @@ impl ControlArgs {
     /// Connects when `--registry` is given.
     pub fn connect(&self) -> Result<Option<Control>> {
         let Some(url) = &self.registry else { return Ok(None) };
+        if !url.starts_with("etcd://") {
+            anyhow::bail!(
+                "--registry {url}: a separate process needs a shared registry, `etcd://host:port[,host:port]` \
+                 (the in-memory registry only exists inside one process)"
+            );
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("epserve-control")

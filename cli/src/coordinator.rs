@@ -61,6 +61,16 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         runtime.block_on(crate::metrics_http::serve(addr))?;
     }
     let control = args.control.connect()?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(&args.listen))
+        .with_context(|| format!("binding {}", args.listen))?;
+    let local = listener.local_addr()?;
+    // Registered (not ready) before waiting for the workers, so that this coordinator can be elected
+    // and heal the placement that it may itself be waiting on.
+    let membership = match &control {
+        Some(control) => Some(join(control, &local.to_string(), &args.model, &crate::load::read_config(&args.model)?)),
+        None => None,
+    };
     let remote = (!args.experts.workers.is_empty() || control.is_some()).then_some(&runtime);
     let (config, model, experts) = engine_parts(&args.model, args.dtype, &args.experts, remote, control.as_ref())?;
     let capacity = match args.kv_capacity_mib {
@@ -89,10 +99,9 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         },
     );
     runtime.block_on(async move {
-        let listener =
-            tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-        let local = listener.local_addr()?;
-        let membership = control.as_ref().map(|control| join(control, &local.to_string(), &args.model, &config));
+        if let Some(m) = &membership {
+            m.update(|i| i.ready = true);
+        }
         println!("listening on {local}");
         server::serve(Coordinator::new(engine.clone()), listener, crate::shutdown_signal()).await?;
         if let (Some(control), Some(membership)) = (&control, membership) {
@@ -108,6 +117,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
 fn join(control: &Control, addr: &str, model: &Path, config: &ModelConfig) -> Arc<Membership> {
     let record = Instance {
         model: model.display().to_string(),
+        ready: false,
         ..Instance::new(Kind::Coordinator, format!("coordinator-{addr}"), addr.to_owned())
     };
     let membership = Arc::new(control.register(record));

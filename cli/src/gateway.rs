@@ -109,7 +109,8 @@ fn coordinator_addresses(control: &Control) -> tokio::sync::watch::Receiver<Vec<
     let (tx, rx) = tokio::sync::watch::channel(Vec::new());
     control.runtime.spawn(async move {
         loop {
-            let addrs: Vec<String> = instances.borrow_and_update().iter().map(|i| i.addr.clone()).collect();
+            let addrs: Vec<String> =
+                instances.borrow_and_update().iter().filter(|i| i.ready).map(|i| i.addr.clone()).collect();
             tx.send_replace(addrs);
             if instances.changed().await.is_err() {
                 return;

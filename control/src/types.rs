@@ -40,6 +40,18 @@ pub struct Instance {
     /// The checkpoint served, for operators.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub model: String,
+    /// False while the instance is starting (registered, e.g. to take part in elections, but not
+    /// to be sent requests yet).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub ready: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl Instance {
@@ -49,7 +61,15 @@ impl Instance {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
             ^ u64::from(std::process::id());
-        Instance { id: id.into(), kind, addr: addr.into(), incarnation, experts: Vec::new(), model: String::new() }
+        Instance {
+            id: id.into(),
+            kind,
+            addr: addr.into(),
+            incarnation,
+            experts: Vec::new(),
+            model: String::new(),
+            ready: true,
+        }
     }
 
     pub fn key(&self) -> String {

@@ -7,7 +7,7 @@ pub const EXCHANGE_LATENCY_SECONDS: &str = "epserve_exchange_latency_seconds";
 pub const EXCHANGE_SENT_BYTES_TOTAL: &str = "epserve_exchange_sent_bytes_total";
 /// Counter, label `worker`: payload bytes the coordinator received from a worker.
 pub const EXCHANGE_RECEIVED_BYTES_TOTAL: &str = "epserve_exchange_received_bytes_total";
-/// Counter, labels `worker`, `kind` (`deadline`, `unavailable`, `rejected`): failed exchanges.
+/// Counter, labels `worker`, `kind` (`deadline`, `unavailable`, `rejected`, `no_host`): failed exchanges.
 pub const EXCHANGE_ERRORS_TOTAL: &str = "epserve_exchange_errors_total";
 /// Counter, labels `layer`, `expert`: routed token rows per expert (the load-balancing signal).
 pub const EXPERT_ROWS_TOTAL: &str = "epserve_expert_rows_total";
