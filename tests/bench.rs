@@ -6,38 +6,29 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 
-use support::{post, run_json, tiny_fixture};
+use support::{post, run_json};
 
-/// The token counts `epserve bench` reports are the usage the server returned for the same prompts.
+/// Against a running `epserve up`: the token counts `epserve bench` reports are the usage the
+/// server returned for the same prompts.
 #[test]
 fn reported_tokens_equal_server_usage() {
-    let model = tiny_fixture();
-    let model = model.to_str().expect("utf-8");
-    let coordinator = support::coordinator(model, &[]);
-    let gateway = support::gateway(model, &coordinator.addr, &[]);
+    let (up, gateway) = support::up(&[]);
     let dir = tempfile::tempdir().expect("tempdir");
     let prompts = dir.path().join("prompts.jsonl");
     let texts = ["The experts", "Hello there, how are you?", "One two three four five six seven"];
     let lines: Vec<String> = texts.iter().map(|t| serde_json::json!({ "prompt": t }).to_string()).collect();
     std::fs::write(&prompts, lines.join("\n")).expect("write prompts");
 
-    // Wait until the gateway has a healthy coordinator.
-    for _ in 0..100 {
-        if post(&gateway.addr, "/ready", "").0 == 200 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
     // Usage the server reports for each prompt, non-streamed.
     let mut expected_prompt = 0;
     for t in texts {
         let body = serde_json::json!({ "model": "tiny-llama4", "prompt": t, "max_tokens": 5, "ignore_eos": true });
-        let (status, response) = post(&gateway.addr, "/v1/completions", &body.to_string());
+        let (status, response) = post(&gateway, "/v1/completions", &body.to_string());
         assert_eq!(status, 200, "{response}");
         let v = support::body_json(&response);
         expected_prompt += v["usage"]["prompt_tokens"].as_u64().expect("usage");
     }
-    let url = format!("http://{}/v1", gateway.addr);
+    let url = format!("http://{gateway}/v1");
     let prompts = prompts.to_str().expect("utf-8");
     let report = run_json(&[
         "bench",
@@ -59,6 +50,7 @@ fn reported_tokens_equal_server_usage() {
     assert_eq!(report["output_tokens"], 15, "{report}");
     assert_eq!(report["prompt_tokens"], expected_prompt, "{report}");
     assert!(report["ttft"]["p50_ms"].as_f64().is_some_and(|v| v > 0.0));
+    support::stop(up);
 }
 
 /// A server that answers every request after one second, streaming one chunk with usage.

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub fn epserve() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_epserve"))
@@ -151,4 +151,64 @@ pub fn post(addr: &str, path: &str, body: &str) -> (u16, String) {
 pub fn body_json(response: &str) -> serde_json::Value {
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {response}"))
+}
+
+/// `epserve up`, stopped (and its cluster with it) when dropped, also when a test fails.
+pub struct Up(Option<std::process::Child>);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts `epserve up` on the tiny fixture and waits for its URL.
+pub fn up(extra: &[&str]) -> (Up, String) {
+    let port = free_port();
+    let model = tiny_fixture();
+    let mut args = vec!["up", "--model", model.to_str().expect("utf-8"), "--workers", "2", "--port"];
+    let port_s = port.to_string();
+    args.push(&port_s);
+    args.extend_from_slice(extra);
+    let mut child = Command::new(epserve())
+        .args(&args)
+        .env("EPSERVE_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("epserve up");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "epserve up did not come up");
+        match lines.next() {
+            Some(Ok(line)) if line.contains("OpenAI API:") => break,
+            Some(Ok(_)) => continue,
+            _ => panic!("epserve up exited before it was ready"),
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    (Up(Some(child)), format!("127.0.0.1:{port}"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+pub fn stop(mut up: Up) {
+    let Some(mut child) = up.0.take() else { return };
+    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            assert!(status.success(), "epserve up exited with {status}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!("epserve up did not stop on Ctrl-C");
 }
