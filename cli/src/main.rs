@@ -75,6 +75,14 @@ pub(crate) async fn shutdown_signal() {
 }
 
 fn main() -> std::process::ExitCode {
+    // candle asks for its thread count at every matrix product and, unless RAYON_NUM_THREADS is set,
+    // parses /proc/cpuinfo each time: ~6 % of a decode step at batch 32 (docs/benchmarks.md). Pin it
+    // once to the CPUs this process may run on.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: first statement of main, before any other thread exists.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Colour only on a terminal: logs collected from files and pipes stay greppable.
