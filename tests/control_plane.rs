@@ -301,3 +301,23 @@ fn etcd_restart_does_not_stop_serving() {
     }
     check(&cluster, "after etcd came back");
 }
+
+/// `epserve up --registry` starts the same cluster registered in etcd (with replicas).
+#[test]
+fn epserve_up_registers_everything_in_etcd() {
+    let logs = tempfile::tempdir().expect("tempdir");
+    let etcd = EtcdServer::start(logs.path()).expect("start etcd");
+    let url = etcd.url();
+    let (up, gateway) = support::up(&["--registry", &url, "--cluster", "up", "--replicas", "2", "--coordinators", "2"]);
+    let (status, response) = post(&gateway, "/v1/completions", &completion("registered", 4, false));
+    assert_eq!(status, 200, "{response}");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let plane = runtime.block_on(epserve_control::connect(&url, "up")).expect("connect");
+    let workers = runtime.block_on(plane.list(Kind::Worker)).expect("list");
+    assert_eq!(workers.len(), 2);
+    assert!(workers.iter().all(|w| w.experts.len() == 16), "2 workers × 2 replicas: every worker has all: {workers:?}");
+    assert_eq!(runtime.block_on(plane.list(Kind::Coordinator)).expect("list").len(), 2);
+    support::stop(up);
+    // Stopping revokes the leases: the records go at once, not a TTL later.
+    assert!(runtime.block_on(plane.list(Kind::Worker)).expect("list").is_empty());
+}

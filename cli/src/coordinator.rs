@@ -98,13 +98,15 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             ..EngineConfig::new(&config.text, max_model_len)
         },
     );
+    // Borrowed, not moved: the control runtime must not be dropped inside the async block.
+    let control = &control;
     runtime.block_on(async move {
         if let Some(m) = &membership {
             m.update(|i| i.ready = true);
         }
         println!("listening on {local}");
         server::serve(Coordinator::new(engine.clone()), listener, crate::shutdown_signal()).await?;
-        if let (Some(control), Some(membership)) = (&control, membership) {
+        if let (Some(control), Some(membership)) = (control, membership) {
             control.runtime.spawn(async move { membership.leave().await }).await.ok();
         }
         engine.stop();

@@ -62,6 +62,8 @@ pub fn run(args: GatewayArgs) -> Result<()> {
     let name = args.served_model_name.clone().unwrap_or_else(|| served_name(&args.model));
     let keys: Vec<String> = args.api_keys.iter().map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()).collect();
     let runtime = tokio::runtime::Builder::new_multi_thread().thread_name("epserve-io").enable_all().build()?;
+    // Borrowed, not moved: the control runtime must not be dropped inside the async block.
+    let control = &control;
     runtime.block_on(async move {
         let pool = CoordinatorPool::new(&args.coordinators)?;
         pool.spawn_health_checks(Duration::from_millis(args.health_interval_ms.max(50)));
@@ -94,7 +96,7 @@ pub fn run(args: GatewayArgs) -> Result<()> {
             }
         });
         axum::serve(listener, app).with_graceful_shutdown(crate::shutdown_signal()).await?;
-        if let (Some(control), Some(membership)) = (&control, membership) {
+        if let (Some(control), Some(membership)) = (control, membership) {
             control.runtime.spawn(async move { membership.leave().await }).await.ok();
         }
         tracing::info!("gateway stopped");

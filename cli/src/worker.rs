@@ -61,6 +61,8 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     );
 
     let runtime = tokio::runtime::Builder::new_multi_thread().thread_name("epserve-io").enable_all().build()?;
+    // Borrowed, not moved: the control runtime must not be dropped inside the async block.
+    let control = &control;
     runtime.block_on(async move {
         if let Some(addr) = &args.metrics_listen {
             crate::metrics_http::serve(addr).await?;
@@ -83,7 +85,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             membership
         });
         epserve_expert_worker::serve(worker, listener, crate::shutdown_signal()).await?;
-        if let (Some(control), Some(membership)) = (&control, membership) {
+        if let (Some(control), Some(membership)) = (control, membership) {
             // Leaving revokes the lease: coordinators stop sending here now, not a TTL later.
             control.runtime.spawn(async move { membership.leave().await }).await.ok();
         }

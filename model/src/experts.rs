@@ -111,13 +111,6 @@ impl ExpertShard {
 
     /// SwiGLU of every group's rows with its expert: one matrix product per expert, not per row.
     pub fn compute(&self, layer: usize, groups: &[ExpertGroup], rows: &Tensor) -> Result<Tensor> {
-        if rows.dtype() == DType::F32
-            && rows.device().is_cpu()
-            && groups.iter().all(|g| g.rows as usize <= FAST_PATH_ROWS)
-            && let Some(out) = self.compute_f32_skinny(layer, groups, rows)?
-        {
-            return Ok(out);
-        }
         let err = |reason: String| Error::Experts { layer, reason };
         let slots = self.layers.get(layer).ok_or_else(|| err(format!("layer out of range ({})", self.layers.len())))?;
         let total: usize = groups.iter().map(|g| g.rows as usize).sum();
@@ -128,13 +121,25 @@ impl ExpertShard {
                 self.hidden
             )));
         }
+        let ffns = groups
+            .iter()
+            .map(|g| {
+                slots
+                    .get(g.expert as usize)
+                    .and_then(Option::as_ref)
+                    .ok_or_else(|| err(format!("expert {} is not hosted here", g.expert)))
+            })
+            .collect::<Result<Vec<&ExpertFfn>>>()?;
+        if rows.dtype() == DType::F32
+            && rows.device().is_cpu()
+            && groups.iter().all(|g| g.rows as usize <= FAST_PATH_ROWS)
+            && let Some(out) = self.compute_skinny_f32(groups, &ffns, rows)?
+        {
+            return Ok(out);
+        }
         let mut outputs = Vec::with_capacity(groups.len());
         let mut offset = 0;
-        for g in groups {
-            let ffn = slots
-                .get(g.expert as usize)
-                .and_then(Option::as_ref)
-                .ok_or_else(|| err(format!("expert {} is not hosted here", g.expert)))?;
+        for (g, ffn) in groups.iter().zip(ffns) {
             let n = g.rows as usize;
             if n == 0 {
                 continue;
@@ -148,6 +153,28 @@ impl ExpertShard {
             return Ok(rows.zeros_like()?);
         }
         Ok(if outputs.len() == 1 { outputs.swap_remove(0) } else { Tensor::cat(&outputs, 0)? })
+    }
+
+    /// The decode path: every group with its expert, in plain Rust (see [`kernels`]). `None` when a
+    /// weight is not an f32 CPU tensor (the caller falls back to candle).
+    fn compute_skinny_f32(&self, groups: &[ExpertGroup], ffns: &[&ExpertFfn], rows: &Tensor) -> Result<Option<Tensor>> {
+        let x = rows.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; x.len()];
+        let mut offset = 0;
+        for (g, ffn) in groups.iter().zip(ffns) {
+            let n = g.rows as usize;
+            let span = offset * self.hidden..(offset + n) * self.hidden;
+            let done = with_f32(&ffn.gate_up, |gate_up| {
+                with_f32(&ffn.down, |down| {
+                    kernels::swiglu_expert(&x[span.clone()], n, gate_up, down, self.inter, &mut out[span.clone()])
+                })
+            });
+            if done.flatten().is_none() {
+                return Ok(None);
+            }
+            offset += n;
+        }
+        Ok(Some(Tensor::from_vec(out, rows.dims(), rows.device())?))
     }
 }
 
@@ -165,44 +192,6 @@ fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Option<T> {
     let data = cpu.as_slice::<f32>().ok()?;
     let start = layout.start_offset();
     Some(f(data.get(start..start + t.elem_count())?))
-}
-
-impl ExpertShard {
-    /// The decode path: every group with its expert, in plain Rust (see [`kernels`]). `None` when a
-    /// weight is not an f32 CPU tensor (the caller falls back to candle).
-    fn compute_f32_skinny(&self, layer: usize, groups: &[ExpertGroup], rows: &Tensor) -> Result<Option<Tensor>> {
-        let err = |reason: String| Error::Experts { layer, reason };
-        let slots = self.layers.get(layer).ok_or_else(|| err(format!("layer out of range ({})", self.layers.len())))?;
-        let total: usize = groups.iter().map(|g| g.rows as usize).sum();
-        if rows.dims() != [total, self.hidden] {
-            return Err(err(format!(
-                "rows have shape {:?}, the groups announce [{total}, {}]",
-                rows.dims(),
-                self.hidden
-            )));
-        }
-        let x = rows.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; total * self.hidden];
-        let mut offset = 0;
-        for g in groups {
-            let ffn = slots
-                .get(g.expert as usize)
-                .and_then(Option::as_ref)
-                .ok_or_else(|| err(format!("expert {} is not hosted here", g.expert)))?;
-            let n = g.rows as usize;
-            let span = offset * self.hidden..(offset + n) * self.hidden;
-            let done = with_f32(&ffn.gate_up, |gate_up| {
-                with_f32(&ffn.down, |down| {
-                    kernels::swiglu_expert(&x[span.clone()], n, gate_up, down, self.inter, &mut out[span.clone()])
-                })
-            });
-            if done.flatten().is_none() {
-                return Ok(None);
-            }
-            offset += n;
-        }
-        Ok(Some(Tensor::from_vec(out, (total, self.hidden), rows.device())?))
-    }
 }
 
 struct LocalInFlight<'a> {
