@@ -209,6 +209,7 @@ impl Cluster {
                 self.lose(link, "it left the registry (lease expired, or it stopped)");
             }
         }
+        let mut connecting = tokio::task::JoinSet::new();
         for w in want {
             if let Some(old) = current.get(&w.id) {
                 if old.dead().is_none() && old.incarnation == w.incarnation && old.addr == w.addr {
@@ -219,9 +220,20 @@ impl Cluster {
                     next.insert(w.id.clone(), old.clone());
                     continue;
                 }
-                self.lose(old, "it restarted");
+                if old.incarnation != w.incarnation || old.addr != w.addr {
+                    self.lose(old, "it restarted");
+                }
             }
-            match self.connect(w).await {
+            // Concurrently: one worker that hangs at connect must not hold up the others.
+            let (cluster, w) = (self.clone(), w.clone());
+            connecting.spawn(async move {
+                let result = cluster.connect(&w).await;
+                (w, result)
+            });
+        }
+        while let Some(joined) = connecting.join_next().await {
+            let Ok((w, result)) = joined else { continue };
+            match result {
                 Ok(link) => {
                     tracing::info!(worker = %w.addr, id = %w.id, "connected; serves experts {:?}", w.experts);
                     next.insert(w.id.clone(), link);
