@@ -321,3 +321,23 @@ fn epserve_up_registers_everything_in_etcd() {
     // Stopping revokes the leases: the records go at once, not a TTL later.
     assert!(runtime.block_on(plane.list(Kind::Worker)).expect("list").is_empty());
 }
+
+/// A worker that hangs (SIGSTOP) instead of dying: its exchanges miss the deadline and go to the
+/// replicas; every stream still completes with the same tokens.
+#[test]
+fn hung_worker_is_failed_over_after_the_exchange_deadline() {
+    let selections = ["0-7", "4-11", "8-15", "0-3,12-15"];
+    let cluster = Cluster::start(&selections, 1, &["--exchange-timeout-ms", "1000"]);
+    let reference = run_streams(&cluster.gateway.addr, 16, 64, || {});
+    let started = Instant::now();
+    let with_hang = run_streams(&cluster.gateway.addr, 16, 64, || {
+        std::thread::sleep(Duration::from_millis(50));
+        cluster.workers[2].signal("STOP");
+    });
+    let took = started.elapsed();
+    cluster.workers[2].signal("CONT");
+    assert_eq!(reference, with_hang, "other tokens after failing over a hung worker");
+    eprintln!("16 streams with a hung worker took {took:?} (exchange deadline 1 s)");
+    let log = cluster.coordinator_log();
+    assert!(log.contains("did not answer"), "the deadline should have been hit:\n{log}");
+}
