@@ -132,7 +132,7 @@ impl ExpertShard {
             .collect::<Result<Vec<&ExpertFfn>>>()?;
         if rows.dtype() == DType::F32
             && rows.device().is_cpu()
-            && groups.iter().all(|g| g.rows as usize <= FAST_PATH_ROWS)
+            && groups.iter().all(|g| g.rows as usize <= kernels::SKINNY_ROWS)
             && let Some(out) = self.compute_skinny_f32(groups, &ffns, rows)?
         {
             return Ok(out);
@@ -164,8 +164,8 @@ impl ExpertShard {
         for (g, ffn) in groups.iter().zip(ffns) {
             let n = g.rows as usize;
             let span = offset * self.hidden..(offset + n) * self.hidden;
-            let done = with_f32(&ffn.gate_up, |gate_up| {
-                with_f32(&ffn.down, |down| {
+            let done = kernels::with_f32(&ffn.gate_up, |gate_up| {
+                kernels::with_f32(&ffn.down, |down| {
                     kernels::swiglu_expert(&x[span.clone()], n, gate_up, down, self.inter, &mut out[span.clone()])
                 })
             });
@@ -176,22 +176,6 @@ impl ExpertShard {
         }
         Ok(Some(Tensor::from_vec(out, rows.dims(), rows.device())?))
     }
-}
-
-/// Up to this many rows per expert, f32 experts on the CPU go through [`kernels::swiglu_expert`]
-/// (decode); more rows (prefill) are compute-bound and go to candle's blocked gemm.
-const FAST_PATH_ROWS: usize = 8;
-
-/// Runs `f` on the f32 values of a contiguous CPU tensor; `None` for any other tensor.
-fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Option<T> {
-    if !t.is_contiguous() {
-        return None;
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else { return None };
-    let data = cpu.as_slice::<f32>().ok()?;
-    let start = layout.start_offset();
-    Some(f(data.get(start..start + t.elem_count())?))
 }
 
 struct LocalInFlight<'a> {

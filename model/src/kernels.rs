@@ -79,6 +79,39 @@ fn dot_block(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, yt: &mut [f32])
     }
 }
 
+/// Runs `f` on the f32 values of a contiguous CPU tensor; `None` for any other tensor.
+pub(crate) fn with_f32<T>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) -> T) -> Option<T> {
+    if !t.is_contiguous() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { return None };
+    let data = cpu.as_slice::<f32>().ok()?;
+    let start = layout.start_offset();
+    Some(f(data.get(start..start + t.elem_count())?))
+}
+
+/// `x · Wᵀ` for f32 `x` `[m, k]` and `w` `[n, k]` on the CPU, `m` ≤ [`SKINNY_ROWS`]; `None` when the
+/// tensors are not that (the caller uses candle).
+pub(crate) fn skinny_matmul_t(x: &candle_core::Tensor, w: &candle_core::Tensor) -> Option<candle_core::Tensor> {
+    let (&[m, k], &[n, k2]) = (x.dims(), w.dims()) else { return None };
+    if m > SKINNY_ROWS || k != k2 || x.dtype() != candle_core::DType::F32 || !x.device().is_cpu() {
+        return None;
+    }
+    let mut yt = vec![0f32; n * m];
+    with_f32(x, |xs| with_f32(w, |ws| rows_times_weight_t(xs, m, ws, n, k, &mut yt)))??;
+    let mut y = vec![0f32; m * n];
+    for o in 0..n {
+        for r in 0..m {
+            y[r * n + o] = yt[o * m + r];
+        }
+    }
+    candle_core::Tensor::from_vec(y, (m, n), x.device()).ok()
+}
+
+/// Rows up to which [`skinny_matmul_t`] beats candle's gemm (decode); more rows are compute-bound.
+pub const SKINNY_ROWS: usize = 8;
+
 /// One SwiGLU expert on `m` rows, f32: `down(silu(gate(x)) ⊙ up(x))` with `gate_up` `[2·inter, k]`
 /// (gate rows first) and `down` `[k_out, inter]`; `out` `[m, k_out]` row-major.
 pub fn swiglu_expert(x: &[f32], m: usize, gate_up: &[f32], down: &[f32], inter: usize, out: &mut [f32]) {

@@ -40,6 +40,9 @@ const SKINNY_ROWS: usize = 16;
 /// weight faster as the left operand when `x` has few rows: for eight `[2048, 512]` weights, 2.4 ms
 /// instead of 3.1 ms at 2 rows, 3.0 vs 3.4 ms at 16, but 8.0 vs 6.1 ms at 32 (docs/benchmarks.md).
 pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if let Some(y) = crate::kernels::skinny_matmul_t(x, w) {
+        return Ok(y);
+    }
     if x.dim(0)? <= SKINNY_ROWS && x.device().is_cpu() {
         Ok(w.matmul(&x.t()?.contiguous()?)?.t()?.contiguous()?)
     } else {
