@@ -28,6 +28,20 @@ fn unavailable(e: etcd_client::Error) -> RegistryError {
     RegistryError::Unavailable(e.to_string())
 }
 
+/// etcd answers a write under an expired or revoked lease with this status.
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("lease not found"))
+}
+
+/// The error of a write under `lease`: `Invalid` when the lease is gone (retrying cannot help).
+fn write_error(e: etcd_client::Error, lease: Option<LeaseId>) -> RegistryError {
+    if lease_not_found(&e) {
+        RegistryError::Invalid(format!("lease {:x} does not exist (expired or revoked)", lease.unwrap_or(0)))
+    } else {
+        unavailable(e)
+    }
+}
+
 impl EtcdRegistry {
     /// Connects to `endpoints` (`host:port`); keys go under `/epserve/<cluster>/`. The connection is
     /// established lazily, so this succeeds while etcd is briefly down; operations fail until it is
@@ -82,7 +96,7 @@ impl Registry for EtcdRegistry {
                 Ok(_) => Ok(true),
                 // The client reports a renewal answered with TTL 0 this way: the lease is gone.
                 Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => Ok(false),
-                Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => Ok(false),
+                Err(e) if lease_not_found(&e) => Ok(false),
                 Err(e) => Err(unavailable(e)),
             }
         })
@@ -92,7 +106,7 @@ impl Registry for EtcdRegistry {
         Box::pin(async move {
             match self.client.clone().lease_revoke(lease).await {
                 Ok(_) => Ok(()),
-                Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => Ok(()),
+                Err(e) if lease_not_found(&e) => Ok(()),
                 Err(e) => Err(unavailable(e)),
             }
         })
@@ -102,13 +116,7 @@ impl Registry for EtcdRegistry {
         Box::pin(async move {
             match self.client.clone().put(self.full(key), value, put_options(lease)).await {
                 Ok(_) => Ok(()),
-                Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => {
-                    Err(RegistryError::Invalid(format!(
-                        "lease {:x} does not exist (expired or revoked)",
-                        lease.unwrap_or(0)
-                    )))
-                }
-                Err(e) => Err(unavailable(e)),
+                Err(e) => Err(write_error(e, lease)),
             }
         })
     }
@@ -127,13 +135,7 @@ impl Registry for EtcdRegistry {
                 .and_then([TxnOp::put(full, value, put_options(lease))]);
             match self.client.clone().txn(txn).await {
                 Ok(r) => Ok(r.succeeded()),
-                Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => {
-                    Err(RegistryError::Invalid(format!(
-                        "lease {:x} does not exist (expired or revoked)",
-                        lease.unwrap_or(0)
-                    )))
-                }
-                Err(e) => Err(unavailable(e)),
+                Err(e) => Err(write_error(e, lease)),
             }
         })
     }
