@@ -219,7 +219,9 @@ fn dead_workers_experts_are_reassigned_without_replicas() {
         assert!(killed.elapsed() < Duration::from_secs(30), "not serving 30 s after the kill");
     };
     eprintln!("served again {served_after:?} after the kill (lease TTL {TTL_MS} ms)");
-    assert!(served_after < Duration::from_secs(2 + 10), "TTL + load time exceeded: {served_after:?}");
+    // TTL (2 s) + noticing it + loading 4 tiny experts: a few hundred ms past the TTL here; 5 s of
+    // slack for a loaded CI machine.
+    assert!(served_after < Duration::from_secs(2 + 5), "TTL + load time exceeded: {served_after:?}");
 
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let plane = cluster.plane(&runtime);
