@@ -132,7 +132,7 @@ impl ExpertShard {
             .collect::<Result<Vec<&ExpertFfn>>>()?;
         if rows.dtype() == DType::F32
             && rows.device().is_cpu()
-            && groups.iter().all(|g| g.rows as usize <= kernels::SKINNY_ROWS)
+            && groups.iter().all(|g| g.rows as usize <= kernels::max_rows())
             && let Some(out) = self.compute_skinny_f32(groups, &ffns, rows)?
         {
             return Ok(out);
@@ -159,21 +159,24 @@ impl ExpertShard {
     /// weight is not an f32 CPU tensor (the caller falls back to candle).
     fn compute_skinny_f32(&self, groups: &[ExpertGroup], ffns: &[&ExpertFfn], rows: &Tensor) -> Result<Option<Tensor>> {
         let x = rows.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; x.len()];
-        let mut offset = 0;
-        for (g, ffn) in groups.iter().zip(ffns) {
-            let n = g.rows as usize;
-            let span = offset * self.hidden..(offset + n) * self.hidden;
-            let done = kernels::with_f32(&ffn.gate_up, |gate_up| {
-                kernels::with_f32(&ffn.down, |down| {
-                    kernels::swiglu_expert(&x[span.clone()], n, gate_up, down, self.inter, &mut out[span.clone()])
-                })
-            });
-            if done.flatten().is_none() {
+        let mut views = Vec::with_capacity(ffns.len());
+        for ffn in ffns {
+            let (Some(gate_up), Some(down)) = (kernels::F32View::new(&ffn.gate_up), kernels::F32View::new(&ffn.down))
+            else {
                 return Ok(None);
-            }
-            offset += n;
+            };
+            views.push((gate_up, down));
         }
+        let mut experts = Vec::with_capacity(groups.len());
+        let mut offset = 0;
+        for (g, (gate_up, down)) in groups.iter().zip(&views) {
+            let m = g.rows as usize;
+            let x = &x[offset * self.hidden..(offset + m) * self.hidden];
+            experts.push(kernels::ExpertRows { x, m, gate_up: gate_up.as_slice(), down: down.as_slice() });
+            offset += m;
+        }
+        let mut out = vec![0f32; x.len()];
+        kernels::swiglu_experts(&experts, self.inter, &mut out);
         Ok(Some(Tensor::from_vec(out, rows.dims(), rows.device())?))
     }
 }

@@ -162,11 +162,13 @@ impl TextModel {
         which: LogitsFor,
         mut trace: Option<&mut RoutingTrace>,
     ) -> Result<Tensor> {
-        let mut step = self.begin_step(seqs)?;
-        for layer in 0..self.layers.len() {
-            self.run_layer(&mut step, layer, experts, trace.as_deref_mut())?;
-        }
-        self.finish_step(step, which)
+        crate::kernels::on_pool(|| {
+            let mut step = self.begin_step(seqs)?;
+            for layer in 0..self.layers.len() {
+                self.run_layer(&mut step, layer, experts, trace.as_deref_mut())?;
+            }
+            self.finish_step(step, which)
+        })
     }
 
     /// Embeds the new tokens of every sequence. The caches are not changed until

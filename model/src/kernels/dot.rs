@@ -1,0 +1,60 @@
+//! The dot-product form, for up to [`MAX_ROWS`] rows: vectors along `k`, each weight row read once
+//! from memory for every input row while it is in L1, one horizontal sum per output. AVX2 when the
+//! CPU has it (the same code compiled with 8-wide vectors), else portable.
+
+/// Rows of `x` per pass over a weight row: the accumulators stay in registers.
+const ROW_BLOCK: usize = 4;
+/// Up to this many rows the dot-product form is used.
+pub const MAX_ROWS: usize = 8;
+
+/// `yt[o][r]` for every feature `o` of `w` (`[n, k]`) and row `r` of `x` (`[m, k]`).
+pub fn features(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, yt: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            unsafe { avx2(x, m, w, n, k, yt) };
+            return;
+        }
+    }
+    dot_block(x, m, w, n, k, yt);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, yt: &mut [f32]) {
+    // The same code, compiled with 8-wide vectors.
+    dot_block(x, m, w, n, k, yt);
+}
+
+#[inline(always)]
+fn dot_block(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, yt: &mut [f32]) {
+    const LANES: usize = 8;
+    let tail = k - k % LANES;
+    for o in 0..n {
+        let row = &w[o * k..(o + 1) * k];
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = (m - r0).min(ROW_BLOCK);
+            let mut acc = [[0f32; LANES]; ROW_BLOCK];
+            for i in (0..tail).step_by(LANES) {
+                let wv = &row[i..i + LANES];
+                for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                    let xs = &x[(r0 + r) * k + i..(r0 + r) * k + i + LANES];
+                    for l in 0..LANES {
+                        a[l] += wv[l] * xs[l];
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate().take(rows) {
+                let xr = &x[(r0 + r) * k..(r0 + r + 1) * k];
+                let mut sum: f32 = a.iter().sum();
+                for i in tail..k {
+                    sum += row[i] * xr[i];
+                }
+                yt[o * m + r0 + r] = sum;
+            }
+            r0 += rows;
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! Plain-Rust f32 kernels for the products candle's CPU gemm handles poorly: a weight streamed once
+//! against up to 64 rows, as in every decode-time product (a batch of 32 tokens gives each of 16
+//! experts about two rows, and the attention projections, shared expert and lm_head 32 rows).
+//! candle packs both operands and pays a fixed cost per op, which at that shape halves the
+//! bandwidth the weight streams at (docs/benchmarks.md); here each weight row is read once from
+//! memory and multiplied against every input row while it is in cache.
+//!
+//! Two forms: [`dot`] (vectors along `k`, up to 8 rows, AVX2 or portable) and [`outer`] (vectors
+//! along the rows, 9 to 64 rows, AVX-512). Several products can run as one parallel region
+//! ([`products`]): a decode step makes hundreds of them, and waking the thread pool for each costs
+//! more than a small product.
+
+mod dot;
+#[cfg(target_arch = "x86_64")]
+mod outer;
+
+use rayon::prelude::*;
+
+/// Output features per parallel task: a multiple of every block height of [`outer`].
+const TASK_FEATURES: usize = 120;
+
+/// One product `yᵀ = (x · wᵀ)ᵀ` for `x` `[m, k]` and `w` `[n, k]`, both row-major, into `yt`
+/// `[n, m]` (transposed: each parallel task owns a contiguous range of output features).
+#[derive(Debug)]
+pub struct Product<'a> {
+    pub x: &'a [f32],
+    pub m: usize,
+    pub w: &'a [f32],
+    pub k: usize,
+    pub yt: &'a mut [f32],
+}
+
+/// Every product of `batch` as one parallel region of rayon's pool, split by output features.
+pub fn products(batch: Vec<Product<'_>>) {
+    // The outer form reads `x` transposed; done once per product, before the region.
+    let staged: Vec<Option<Vec<f32>>> = batch.iter().map(|p| transposed_for_outer(p.x, p.m, p.k)).collect();
+    let mut tasks = Vec::new();
+    for (p, xt) in batch.into_iter().zip(&staged) {
+        debug_assert_eq!(p.x.len(), p.m * p.k);
+        debug_assert_eq!(p.w.len() * p.m, p.yt.len() * p.k);
+        if p.m == 0 {
+            continue;
+        }
+        let (m, k) = (p.m, p.k);
+        for (i, yt) in p.yt.chunks_mut(TASK_FEATURES * m).enumerate() {
+            let first = i * TASK_FEATURES;
+            let w = &p.w[first * k..(first + yt.len() / m) * k];
+            let x = match xt {
+                Some(xt) => Input::Transposed(xt),
+                None => Input::Rows(p.x),
+            };
+            tasks.push((x, m, w, k, yt));
+        }
+    }
+    tasks.into_par_iter().for_each(|(x, m, w, k, yt)| match x {
+        Input::Rows(x) => dot::features(x, m, w, w.len() / k, k, yt),
+        #[cfg(target_arch = "x86_64")]
+        Input::Transposed(xt) => outer::features_of(xt, m, w, k, yt),
+        #[cfg(not(target_arch = "x86_64"))]
+        Input::Transposed(_) => unreachable!("no outer form on this architecture"),
+    });
+}
+
+/// The rows of a product as a task reads them.
+enum Input<'a> {
+    /// `[m, k]`, for the dot form.
+    Rows(&'a [f32]),
+    /// `[k, padded m]`, for the outer form.
+    Transposed(&'a [f32]),
+}
+
+/// `x` laid out for the outer form when that form takes `m` rows on this CPU, else `None`.
+fn transposed_for_outer(x: &[f32], m: usize, k: usize) -> Option<Vec<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if m > dot::MAX_ROWS && m <= outer::MAX_ROWS && outer::available() {
+            return Some(outer::transpose_rows(x, m, k));
+        }
+    }
+    let _ = (x, m, k);
+    None
+}
+
+/// One product (see [`Product`]); `n` is the number of output features.
+pub fn rows_times_weight_t(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, yt: &mut [f32]) {
+    debug_assert_eq!(w.len(), n * k);
+    products(vec![Product { x, m, w, k, yt }]);
+}
+
+/// The most rows [`products`] should be given on this CPU: 64 with AVX-512, else 8. Beyond that a
+/// product is compute-bound and candle's packed gemm does better.
+pub fn max_rows() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if outer::available() {
+            return outer::MAX_ROWS;
+        }
+    }
+    dot::MAX_ROWS
+}
+
+/// Runs `f` on a thread of rayon's global pool (at once when already on one). A decode step starts
+/// a few hundred parallel regions; started from outside the pool, each one wakes the pool's
+/// threads and puts the caller to sleep, which on a small machine costs more than the product. A
+/// step run inside the pool hands its products to the other threads through the work queues.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() { f() } else { rayon::scope(|_| f()) }
+}
+
+/// The f32 values of a contiguous CPU tensor, borrowed for as long as the view lives.
+pub(crate) struct F32View<'t> {
+    storage: Box<dyn std::ops::Deref<Target = candle_core::Storage> + 't>,
+    range: std::ops::Range<usize>,
+}
+
+impl<'t> F32View<'t> {
+    /// `None` for a tensor that is not f32, contiguous and on the CPU.
+    pub fn new(t: &'t candle_core::Tensor) -> Option<Self> {
+        if !t.is_contiguous() {
+            return None;
+        }
+        let (storage, layout) = t.storage_and_layout();
+        let range = layout.start_offset()..layout.start_offset() + t.elem_count();
+        let view = F32View { storage: Box::new(storage), range };
+        view.values()?;
+        Some(view)
+    }
+
+    fn values(&self) -> Option<&[f32]> {
+        let candle_core::Storage::Cpu(cpu) = &**self.storage else { return None };
+        cpu.as_slice::<f32>().ok()?.get(self.range.clone())
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        // Checked when the view was made; the storage cannot change while it is borrowed.
+        self.values().unwrap_or_default()
+    }
+}
+
+/// `x · Wᵀ` for f32 `x` `[m, k]` and `w` `[n, k]` on the CPU, `m` ≤ [`max_rows`]; `None` when the
+/// tensors are not that (the caller uses candle).
+pub(crate) fn skinny_matmul_t(x: &candle_core::Tensor, w: &candle_core::Tensor) -> Option<candle_core::Tensor> {
+    let (&[m, k], &[n, k2]) = (x.dims(), w.dims()) else { return None };
+    if m > max_rows() || k != k2 || x.dtype() != candle_core::DType::F32 || !x.device().is_cpu() {
+        return None;
+    }
+    let (xs, ws) = (F32View::new(x)?, F32View::new(w)?);
+    let mut yt = vec![0f32; n * m];
+    rows_times_weight_t(xs.as_slice(), m, ws.as_slice(), n, k, &mut yt);
+    let mut y = vec![0f32; m * n];
+    transpose(&yt, n, m, &mut y);
+    candle_core::Tensor::from_vec(y, (m, n), x.device()).ok()
+}
+
+/// `b[c][r] = a[r][c]` for `a` `[rows, cols]`, in tiles so that both sides are read and written a
+/// cache line at a time.
+pub fn transpose(a: &[f32], rows: usize, cols: usize, b: &mut [f32]) {
+    const TILE: usize = 16;
+    debug_assert!(a.len() == rows * cols && b.len() == rows * cols);
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    b[c * rows + r] = a[r * cols + c];
+                }
+            }
+        }
+    }
+}
+
+/// The rows one SwiGLU expert computes: `x` `[m, k]`, `gate_up` `[2·inter, k]` (gate rows first),
+/// `down` `[k_out, inter]`.
+#[derive(Debug)]
+pub struct ExpertRows<'a> {
+    pub x: &'a [f32],
+    pub m: usize,
+    pub gate_up: &'a [f32],
+    pub down: &'a [f32],
+}
+
+/// `down(silu(gate(x)) ⊙ up(x))` for every expert of `experts`, each on its own rows, in two
+/// parallel regions (all gate/up products, then all down products); `out` holds every expert's
+/// `[m, k_out]` result, in order.
+pub fn swiglu_experts(experts: &[ExpertRows<'_>], inter: usize, out: &mut [f32]) {
+    let rows: usize = experts.iter().map(|e| e.m).sum();
+    let k_out = out.len() / rows.max(1);
+    let mut gu_t: Vec<Vec<f32>> = experts.iter().map(|e| vec![0f32; 2 * inter * e.m]).collect();
+    products(
+        experts
+            .iter()
+            .zip(&mut gu_t)
+            .map(|(e, yt)| Product { x: e.x, m: e.m, w: e.gate_up, k: e.x.len() / e.m.max(1), yt })
+            .collect(),
+    );
+    // h[r][j] = silu(gate[j][r]) · up[j][r], row-major for the next product.
+    let h: Vec<Vec<f32>> = experts
+        .iter()
+        .zip(&gu_t)
+        .map(|(e, gu_t)| {
+            let m = e.m;
+            let mut h = vec![0f32; m * inter];
+            for j in 0..inter {
+                for r in 0..m {
+                    let g = gu_t[j * m + r];
+                    let u = gu_t[(inter + j) * m + r];
+                    h[r * inter + j] = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            h
+        })
+        .collect();
+    let mut y_t: Vec<Vec<f32>> = experts.iter().map(|e| vec![0f32; k_out * e.m]).collect();
+    products(
+        experts
+            .iter()
+            .zip(&h)
+            .zip(&mut y_t)
+            .map(|((e, h), yt)| Product { x: h, m: e.m, w: e.down, k: inter, yt })
+            .collect(),
+    );
+    let mut offset = 0;
+    for (e, y_t) in experts.iter().zip(&y_t) {
+        transpose(y_t, k_out, e.m, &mut out[offset..offset + e.m * k_out]);
+        offset += e.m * k_out;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let mut yt = vec![0f32; n * m];
+        for o in 0..n {
+            for r in 0..m {
+                yt[o * m + r] = (0..k).map(|i| f64::from(x[r * k + i]) * f64::from(w[o * k + i])).sum::<f64>() as f32;
+            }
+        }
+        yt
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::synthetic::SplitMix64::new(seed);
+        (0..n).map(|_| (rng.next_u64() % 2000) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn matches_a_plain_dot_product_for_every_row_count_and_ragged_sizes() {
+        for (m, n, k) in [
+            (1, 3, 5),
+            (2, 257, 64),
+            (3, 130, 37),
+            (4, 128, 512),
+            (5, 300, 24),
+            (9, 16, 100),
+            (16, 250, 64),
+            (17, 13, 33),
+            (32, 500, 512),
+            (47, 7, 5),
+            (64, 241, 96),
+        ] {
+            let (x, w) = (values(m * k, 1), values(n * k, 2));
+            let mut yt = vec![f32::NAN; n * m];
+            rows_times_weight_t(&x, m, &w, n, k, &mut yt);
+            // And the same product as one of a batch, beside another.
+            let mut other = vec![f32::NAN; 5 * m];
+            let mut batched = vec![f32::NAN; n * m];
+            products(vec![
+                Product { x: &x, m, w: &w[..5.min(n) * k], k, yt: &mut other[..5.min(n) * m] },
+                Product { x: &x, m, w: &w, k, yt: &mut batched },
+            ]);
+            assert_eq!(yt, batched);
+            for (a, b) in yt.iter().zip(reference(&x, m, &w, n, k)) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "m={m} n={n} k={k}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn swiglu_experts_match_their_definition_for_every_row_count() {
+        let (k, inter) = (40, 24);
+        let counts = [3, 1, 9, 33];
+        let rows: usize = counts.iter().sum();
+        let x = values(rows * k, 3);
+        let weights: Vec<(Vec<f32>, Vec<f32>)> =
+            (0..counts.len() as u64).map(|e| (values(2 * inter * k, 4 + e), values(k * inter, 40 + e))).collect();
+        let mut experts = Vec::new();
+        let mut offset = 0;
+        for (&m, (gu, down)) in counts.iter().zip(&weights) {
+            experts.push(ExpertRows { x: &x[offset * k..(offset + m) * k], m, gate_up: gu, down });
+            offset += m;
+        }
+        let mut out = vec![0f32; rows * k];
+        swiglu_experts(&experts, inter, &mut out);
+        let mut r = 0;
+        for e in &experts {
+            for local in 0..e.m {
+                let xr = &e.x[local * k..(local + 1) * k];
+                let proj = |o: usize| (0..k).map(|i| xr[i] * e.gate_up[o * k + i]).sum::<f32>();
+                let h: Vec<f32> = (0..inter).map(|j| proj(j) / (1.0 + (-proj(j)).exp()) * proj(inter + j)).collect();
+                for o in 0..k {
+                    let want: f32 = (0..inter).map(|j| h[j] * e.down[o * inter + j]).sum();
+                    assert!((out[r * k + o] - want).abs() <= 1e-4 * (1.0 + want.abs()), "row {r}, feature {o}");
+                }
+                r += 1;
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_of_ragged_shapes() {
+        for (rows, cols) in [(1, 1), (3, 17), (16, 16), (33, 5), (40, 70)] {
+            let a = values(rows * cols, 9);
+            let mut b = vec![0f32; rows * cols];
+            transpose(&a, rows, cols, &mut b);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(b[c * rows + r], a[r * cols + c]);
+                }
+            }
+        }
+    }
+}
