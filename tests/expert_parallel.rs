@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use candle_core::{DType, Device};
 use epserve_coordinator::{ExpertTransport, GrpcConfig, GrpcExperts};
-use epserve_model::{Checkpoint, ExpertBackend, ExpertShard, LogitsFor, ModelConfig, SequenceStep, TextModel};
+use epserve_model::{
+    Checkpoint, ExpertBackend, ExpertShard, LogitsFor, ModelConfig, SequenceStep, TextModel, WeightStorage,
+};
 use epserve_proto::v1::expert_service_client::ExpertServiceClient;
 use epserve_proto::v1::{ExchangeRequest, ExpertRows, HealthRequest, StatusRequest};
 use epserve_proto::wire::WireDtype;
@@ -45,7 +47,9 @@ impl Coordinator {
         let ckpt = Checkpoint::open(&dir).expect("checkpoint");
         let model = TextModel::load(&config, &ckpt, DType::F32, &Device::Cpu, &mut |_, _| {}).expect("model");
         let all: Vec<u32> = (0..16).collect();
-        let shard = ExpertShard::load(&config, &ckpt, &all, DType::F32, &Device::Cpu, &mut || {}).expect("experts");
+        let shard =
+            ExpertShard::load(&config, &ckpt, &all, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut || {})
+                .expect("experts");
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
         Coordinator { runtime, config, model, local: ExpertTransport::Local(shard) }
     }
@@ -242,20 +246,26 @@ fn dead_or_stuck_worker_fails_the_step_within_the_deadline() {
     assert!(started.elapsed() < deadline + Duration::from_secs(1), "failed after {:?}", started.elapsed());
 }
 
-/// Status reports hosted experts and resident bytes that are the worker's share of the experts.
+/// Status reports hosted experts and resident bytes that are the worker's share of the experts:
+/// kept in bf16 as the checkpoint stores them, or in f32 with `--expert-weights compute`.
 #[test]
 fn worker_holds_only_its_share_of_the_experts() {
     let config = ModelConfig::from_file(&tiny_fixture().join("config.json")).expect("config");
-    let all_experts_f32 = (config.text.expert_bytes_per_layer(4) * 16 * config.text.moe_layers().count()) as u64;
-    let workers = workers(&tiny_fixture(), &[&["--shard", "1/4"], &["--experts", "0-3,9"]]);
+    let all_experts =
+        |bytes| (config.text.expert_bytes_per_layer(bytes) * 16 * config.text.moe_layers().count()) as u64;
+    let workers = workers(
+        &tiny_fixture(),
+        &[&["--shard", "1/4"], &["--experts", "0-3,9"], &["--shard", "2/4", "--expert-weights", "compute"]],
+    );
+    let expected = [(4, vec![4, 5, 6, 7], 2), (5, vec![0, 1, 2, 3, 9], 2), (4, vec![8, 9, 10, 11], 4)];
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
     runtime.block_on(async {
-        for (worker, (share, experts)) in workers.iter().zip([(4, vec![4, 5, 6, 7]), (5, vec![0, 1, 2, 3, 9])]) {
+        for (worker, (share, experts, bytes)) in workers.iter().zip(expected) {
             let mut client = ExpertServiceClient::connect(format!("http://{}", worker.addr)).await.expect("connect");
             let status = client.status(StatusRequest {}).await.expect("status").into_inner();
             assert_eq!(status.layers.len(), 4);
             assert!(status.layers.iter().all(|l| l.experts == experts), "{:?}", status.layers);
-            assert_eq!(status.resident_bytes, all_experts_f32 * share / 16, "{share} of 16 experts");
+            assert_eq!(status.resident_bytes, all_experts(bytes) * share / 16, "{share} of 16 experts, {bytes} B each");
         }
     });
 }
@@ -276,7 +286,8 @@ fn scout_sized_exchange_goes_through() {
 
     let ckpt = Checkpoint::open(dir.path()).expect("checkpoint");
     let all: Vec<u32> = (0..16).collect();
-    let local = ExpertShard::load(&config, &ckpt, &all, DType::F32, &Device::Cpu, &mut || {}).expect("experts");
+    let local = ExpertShard::load(&config, &ckpt, &all, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut || {})
+        .expect("experts");
     let groups: Vec<epserve_model::ExpertGroup> =
         (0..16).map(|e| epserve_model::ExpertGroup { expert: e, rows: if e < 8 { 60 } else { 65 } }).collect();
     let rows = candle_core::Tensor::randn(0f32, 1.0, (1000, 5120), &Device::Cpu).expect("rows");

@@ -8,7 +8,9 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use epserve_control::Kind;
 use epserve_coordinator::{ExpertTransport, GrpcConfig, GrpcExperts};
-use epserve_model::{Checkpoint, ExpertShard, LogitsFor, ModelConfig, SequenceStep, TextModel, WeightSource};
+use epserve_model::{
+    Checkpoint, ExpertShard, LogitsFor, ModelConfig, SequenceStep, TextModel, WeightSource, WeightStorage,
+};
 use epserve_proto::wire::WireDtype;
 
 use crate::control::Control;
@@ -25,6 +27,24 @@ impl From<ComputeDtype> for DType {
         match d {
             ComputeDtype::F32 => DType::F32,
             ComputeDtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// How routed-expert weights are kept in memory, on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExpertWeightsArg {
+    /// bf16 checkpoints' experts stay bf16 for f32 compute, widened as they are read.
+    AsStored,
+    /// Converted to the compute dtype at load.
+    Compute,
+}
+
+impl From<ExpertWeightsArg> for WeightStorage {
+    fn from(w: ExpertWeightsArg) -> Self {
+        match w {
+            ExpertWeightsArg::AsStored => WeightStorage::AsStored,
+            ExpertWeightsArg::Compute => WeightStorage::Compute,
         }
     }
 }
@@ -67,6 +87,12 @@ pub struct ExpertArgs {
     /// Split each step into two micro-batches whose attention and expert phases overlap.
     #[arg(long, env = "EPSERVE_OVERLAP")]
     pub overlap: bool,
+    /// How the routed experts' weights are kept when they run in this process: `as-stored` keeps a
+    /// bf16 checkpoint's experts in bf16 for f32 compute (widened as they are read: the same
+    /// results, half the memory and half the bytes a decode step reads); `compute` converts them
+    /// to the compute dtype at load.
+    #[arg(long, value_enum, default_value = "as-stored", env = "EPSERVE_EXPERT_WEIGHTS")]
+    pub expert_weights: ExpertWeightsArg,
 }
 
 /// A model ready to run steps, with its experts (and the runtime carrying the worker streams).
@@ -151,7 +177,9 @@ pub fn engine_parts(
     let transport = match runtime {
         None => {
             let all: Vec<u32> = (0..config.text.num_local_experts as u32).collect();
-            let shard = ExpertShard::load(&config, &ckpt, &all, dtype.into(), &device, &mut || progress.tick())?;
+            let storage = experts.expert_weights.into();
+            let shard =
+                ExpertShard::load(&config, &ckpt, &all, dtype.into(), storage, &device, &mut || progress.tick())?;
             ExpertTransport::Local(shard)
         }
         Some(runtime) => {

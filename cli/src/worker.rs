@@ -7,10 +7,10 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use epserve_control::{Instance, Kind, Membership};
 use epserve_expert_worker::{ExpertSelection, ExpertWorker};
-use epserve_model::{Checkpoint, ExpertShard, ModelConfig};
+use epserve_model::{Checkpoint, ExpertShard, ModelConfig, WeightStorage};
 
 use crate::control::{Control, ControlArgs};
-use crate::load::{ComputeDtype, LoadProgress, read_config};
+use crate::load::{ComputeDtype, ExpertWeightsArg, LoadProgress, read_config};
 
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
@@ -28,6 +28,11 @@ pub struct WorkerArgs {
     pub experts: Option<String>,
     #[arg(long, value_enum, default_value = "f32", env = "EPSERVE_DTYPE")]
     pub dtype: ComputeDtype,
+    /// How the experts' weights are kept: `as-stored` keeps a bf16 checkpoint's experts in bf16
+    /// for f32 compute (widened as they are read: the same results at half the memory);
+    /// `compute` converts them to the compute dtype at load.
+    #[arg(long, value_enum, default_value = "as-stored", env = "EPSERVE_EXPERT_WEIGHTS")]
+    pub expert_weights: ExpertWeightsArg,
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     #[arg(long, env = "EPSERVE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -48,16 +53,16 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let experts = selection.resolve(config.text.num_local_experts)?;
     let ckpt = Checkpoint::open(&args.model)?;
     let mut progress = LoadProgress::new(&ckpt, "experts");
-    let shard = ExpertShard::load(&config, &ckpt, &experts, args.dtype.into(), &Device::Cpu, &mut || progress.tick())?;
+    let storage = args.expert_weights.into();
+    let shard =
+        ExpertShard::load(&config, &ckpt, &experts, args.dtype.into(), storage, &Device::Cpu, &mut || progress.tick())?;
     progress.finish();
-    let total_expert_bytes = config.text.expert_bytes_per_layer(candle_core::DType::from(args.dtype).size_in_bytes())
-        * config.text.moe_layers().count()
-        * config.text.num_local_experts;
     tracing::info!(
-        "hosting experts {experts:?} of {} MoE layers: {:.1} MiB resident, {:.1}% of all expert weights",
+        "hosting {} of {} experts {experts:?} of {} MoE layers: {:.1} MiB resident",
+        experts.len(),
+        config.text.num_local_experts,
         config.text.moe_layers().count(),
         shard.resident_bytes() as f64 / 1048576.0,
-        100.0 * shard.resident_bytes() as f64 / total_expert_bytes.max(1) as f64
     );
 
     let runtime = tokio::runtime::Builder::new_multi_thread().thread_name("epserve-io").enable_all().build()?;
@@ -81,7 +86,14 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                 ..Instance::new(Kind::Worker, format!("worker-{local}"), local.to_string())
             };
             let membership = Arc::new(control.register(record));
-            follow_assignments(control, membership.clone(), worker.clone(), &args.model, &config, args.dtype);
+            follow_assignments(
+                control,
+                membership.clone(),
+                worker.clone(),
+                &args.model,
+                &config,
+                (args.dtype, args.expert_weights.into()),
+            );
             membership
         });
         epserve_expert_worker::serve(worker, listener, crate::shutdown_signal()).await?;
@@ -102,7 +114,7 @@ fn follow_assignments(
     worker: Arc<ExpertWorker>,
     dir: &Path,
     config: &ModelConfig,
-    dtype: ComputeDtype,
+    (dtype, storage): (ComputeDtype, WeightStorage),
 ) {
     let _guard = control.runtime.enter();
     let mut placement = control.plane.watch_placement();
@@ -118,7 +130,8 @@ fn follow_assignments(
                 let (w, dir, config, ids) = (worker.clone(), dir.clone(), config.clone(), missing.clone());
                 let loaded = tokio::task::spawn_blocking(move || -> Result<()> {
                     let ckpt = Checkpoint::open(&dir)?;
-                    let shard = ExpertShard::load(&config, &ckpt, &ids, dtype.into(), &Device::Cpu, &mut || ())?;
+                    let shard =
+                        ExpertShard::load(&config, &ckpt, &ids, dtype.into(), storage, &Device::Cpu, &mut || ())?;
                     w.add_experts(shard)?;
                     Ok(())
                 })

@@ -12,7 +12,7 @@ use epserve_coordinator::kv_pool::{KvCapacity, KvPool};
 use epserve_coordinator::sampling::SamplingParams;
 use epserve_model::{
     Checkpoint, ExpertBackend, ExpertBatch, ExpertShard, ExpertsInFlight, KvCache, LogitsFor, ModelConfig,
-    SequenceStep, TextModel,
+    SequenceStep, TextModel, WeightStorage,
 };
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -26,7 +26,8 @@ fn load() -> (ModelConfig, TextModel, ExpertTransport) {
     let ckpt = Checkpoint::open(&dir).expect("checkpoint");
     let model = TextModel::load(&cfg, &ckpt, DType::F32, &Device::Cpu, &mut |_, _| {}).expect("model");
     let all: Vec<u32> = (0..16).collect();
-    let experts = ExpertShard::load(&cfg, &ckpt, &all, DType::F32, &Device::Cpu, &mut || {}).expect("experts");
+    let experts = ExpertShard::load(&cfg, &ckpt, &all, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut || {})
+        .expect("experts");
     (cfg, model, ExpertTransport::Local(experts))
 }
 

@@ -7,7 +7,7 @@
 use candle_core::{DType, Device};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use epserve_model::synthetic::{Preset, RandomWeights};
-use epserve_model::{ExpertShard, KvCache, LogitsFor, ModelConfig, SequenceStep, TextModel};
+use epserve_model::{ExpertShard, KvCache, LogitsFor, ModelConfig, SequenceStep, TextModel, WeightStorage};
 
 // Below the cache's 128-slot capacity, so that a measured step never pays for growing the cache.
 const CONTEXT: usize = 100;
@@ -23,7 +23,8 @@ fn mini() -> Mini {
     let all: Vec<u32> = (0..16).collect();
     Mini {
         model: TextModel::load(&cfg, &src, DType::F32, &Device::Cpu, &mut |_, _| {}).expect("model"),
-        experts: ExpertShard::load(&cfg, &src, &all, DType::F32, &Device::Cpu, &mut || {}).expect("experts"),
+        experts: ExpertShard::load(&cfg, &src, &all, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut || {})
+            .expect("experts"),
     }
 }
 

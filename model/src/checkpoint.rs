@@ -31,6 +31,12 @@ pub trait WeightSource {
         device: &Device,
     ) -> Result<Tensor>;
 
+    /// The dtype `key` is stored in (`None` when unknown or not a float type candle reads).
+    fn stored_dtype(&self, key: &str) -> Option<DType> {
+        let _ = key;
+        None
+    }
+
     /// Bytes of stored data in the source, for progress reports (`None` when unknown).
     fn total_bytes(&self) -> Option<u64> {
         None
@@ -200,6 +206,15 @@ impl WeightSource for Checkpoint {
         let mut sub_shape = shape.to_vec();
         sub_shape[0] = len;
         Self::convert(key, entry, bytes, &sub_shape, dtype, device)
+    }
+
+    fn stored_dtype(&self, key: &str) -> Option<DType> {
+        match self.tensors.get(key)?.dtype {
+            Dtype::BF16 => Some(DType::BF16),
+            Dtype::F16 => Some(DType::F16),
+            Dtype::F32 => Some(DType::F32),
+            _ => None,
+        }
     }
 
     fn total_bytes(&self) -> Option<u64> {

@@ -24,6 +24,26 @@ struct ExpertFfn {
     down: Tensor,
 }
 
+/// How routed-expert weights are kept in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightStorage {
+    /// bf16 as the checkpoint stores them when computing in f32 on the CPU, where the kernels
+    /// widen them as they read them: the same numbers as converting at load, bit for bit, at half
+    /// the memory and half the bytes per decode step. Any other case: the compute dtype.
+    #[default]
+    AsStored,
+    /// Converted to the compute dtype at load.
+    Compute,
+}
+
+impl WeightStorage {
+    /// The dtype a tensor stored as `stored` is kept in, computing in `compute` on `dev`.
+    pub fn dtype(self, stored: Option<DType>, compute: DType, dev: &Device) -> DType {
+        let widened_by_kernels = compute == DType::F32 && dev.is_cpu() && stored == Some(DType::BF16);
+        if self == WeightStorage::AsStored && widened_by_kernels { DType::BF16 } else { compute }
+    }
+}
+
 #[derive(Debug)]
 pub struct ExpertShard {
     /// `layers[l][e]`: expert `e` of layer `l`, when layer `l` is MoE and `e` is hosted here.
@@ -41,6 +61,7 @@ impl ExpertShard {
         src: &dyn WeightSource,
         experts: &[u32],
         dtype: DType,
+        storage: WeightStorage,
         dev: &Device,
         progress: &mut dyn FnMut(),
     ) -> Result<Self> {
@@ -59,12 +80,15 @@ impl ExpertShard {
             if *kind == FeedForwardKind::Moe {
                 let gu_key = format!("{prefix}layers.{l}.feed_forward.experts.gate_up_proj");
                 let down_key = format!("{prefix}layers.{l}.feed_forward.experts.down_proj");
+                let gu_dtype = storage.dtype(src.stored_dtype(&gu_key), dtype, dev);
+                let down_dtype = storage.dtype(src.stored_dtype(&down_key), dtype, dev);
                 for &e in &ids {
                     let e = e as usize;
-                    let gate_up = src.rows(&gu_key, &t.expert_gate_up_shape(), e, 1, dtype, dev)?.squeeze(0)?;
-                    let down = src.rows(&down_key, &t.expert_down_shape(), e, 1, dtype, dev)?.squeeze(0)?;
+                    let gate_up = src.rows(&gu_key, &t.expert_gate_up_shape(), e, 1, gu_dtype, dev)?.squeeze(0)?;
+                    let down = src.rows(&down_key, &t.expert_down_shape(), e, 1, down_dtype, dev)?.squeeze(0)?;
                     let (gate_up, down) = (gate_up.t()?.contiguous()?, down.t()?.contiguous()?);
-                    resident_bytes += ((gate_up.elem_count() + down.elem_count()) * dtype.size_in_bytes()) as u64;
+                    resident_bytes += (gate_up.elem_count() * gu_dtype.size_in_bytes()
+                        + down.elem_count() * down_dtype.size_in_bytes()) as u64;
                     slots[e] = Some(ExpertFfn { gate_up, down });
                     progress();
                 }
@@ -83,8 +107,9 @@ impl ExpertShard {
         for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
             for (slot, ffn) in mine.iter_mut().zip(theirs) {
                 if let (None, Some(ffn)) = (&slot, ffn) {
-                    self.resident_bytes += ((ffn.gate_up.elem_count() + ffn.down.elem_count())
-                        * ffn.gate_up.dtype().size_in_bytes()) as u64;
+                    self.resident_bytes += (ffn.gate_up.elem_count() * ffn.gate_up.dtype().size_in_bytes()
+                        + ffn.down.elem_count() * ffn.down.dtype().size_in_bytes())
+                        as u64;
                     *slot = Some(ffn);
                 }
             }
@@ -110,7 +135,13 @@ impl ExpertShard {
     }
 
     /// SwiGLU of every group's rows with its expert: one matrix product per expert, not per row.
+    /// Runs on rayon's pool (see [`kernels::on_pool`]): an expert worker calls it from its own
+    /// threads.
     pub fn compute(&self, layer: usize, groups: &[ExpertGroup], rows: &Tensor) -> Result<Tensor> {
+        kernels::on_pool(|| self.compute_here(layer, groups, rows))
+    }
+
+    fn compute_here(&self, layer: usize, groups: &[ExpertGroup], rows: &Tensor) -> Result<Tensor> {
         let err = |reason: String| Error::Experts { layer, reason };
         let slots = self.layers.get(layer).ok_or_else(|| err(format!("layer out of range ({})", self.layers.len())))?;
         let total: usize = groups.iter().map(|g| g.rows as usize).sum();
@@ -130,12 +161,15 @@ impl ExpertShard {
                     .ok_or_else(|| err(format!("expert {} is not hosted here", g.expert)))
             })
             .collect::<Result<Vec<&ExpertFfn>>>()?;
-        if rows.dtype() == DType::F32
-            && rows.device().is_cpu()
-            && groups.iter().all(|g| g.rows as usize <= kernels::max_rows())
-            && let Some(out) = self.compute_skinny_f32(groups, &ffns, rows)?
-        {
-            return Ok(out);
+        // The plain-Rust kernels take every group of up to `max_rows` rows, and every group when
+        // the weights are kept in bf16 (in blocks of `max_rows`: candle cannot mix the dtypes).
+        if rows.dtype() == DType::F32 && rows.device().is_cpu() {
+            let narrow = ffns.iter().any(|f| f.gate_up.dtype() != DType::F32 || f.down.dtype() != DType::F32);
+            if (narrow || groups.iter().all(|g| g.rows as usize <= kernels::max_rows()))
+                && let Some(out) = self.compute_kernels_f32(groups, &ffns, rows)?
+            {
+                return Ok(out);
+            }
         }
         let mut outputs = Vec::with_capacity(groups.len());
         let mut offset = 0;
@@ -145,8 +179,8 @@ impl ExpertShard {
                 continue;
             }
             let x = rows.narrow(0, offset, n)?;
-            let gu = matmul_t(&x, &ffn.gate_up)?;
-            outputs.push(swiglu_down(&gu, self.inter, |h| matmul_t(h, &ffn.down))?);
+            let gu = matmul_t(&x, &ffn.gate_up.to_dtype(x.dtype())?)?;
+            outputs.push(swiglu_down(&gu, self.inter, |h| matmul_t(h, &ffn.down.to_dtype(h.dtype())?))?);
             offset += n;
         }
         if outputs.is_empty() {
@@ -155,13 +189,19 @@ impl ExpertShard {
         Ok(if outputs.len() == 1 { outputs.swap_remove(0) } else { Tensor::cat(&outputs, 0)? })
     }
 
-    /// The decode path: every group with its expert, in plain Rust (see [`kernels`]). `None` when a
-    /// weight is not an f32 CPU tensor (the caller falls back to candle).
-    fn compute_skinny_f32(&self, groups: &[ExpertGroup], ffns: &[&ExpertFfn], rows: &Tensor) -> Result<Option<Tensor>> {
+    /// Every group with its expert in plain Rust (see [`kernels`]), groups longer than
+    /// [`kernels::max_rows`] in blocks of that many rows. `None` when a weight is not an f32 or bf16
+    /// CPU tensor (the caller falls back to candle).
+    fn compute_kernels_f32(
+        &self,
+        groups: &[ExpertGroup],
+        ffns: &[&ExpertFfn],
+        rows: &Tensor,
+    ) -> Result<Option<Tensor>> {
         let x = rows.flatten_all()?.to_vec1::<f32>()?;
         let mut views = Vec::with_capacity(ffns.len());
         for ffn in ffns {
-            let (Some(gate_up), Some(down)) = (kernels::F32View::new(&ffn.gate_up), kernels::F32View::new(&ffn.down))
+            let (Some(gate_up), Some(down)) = (kernels::CpuView::new(&ffn.gate_up), kernels::CpuView::new(&ffn.down))
             else {
                 return Ok(None);
             };
@@ -169,11 +209,15 @@ impl ExpertShard {
         }
         let mut experts = Vec::with_capacity(groups.len());
         let mut offset = 0;
+        let block = kernels::max_rows();
         for (g, (gate_up, down)) in groups.iter().zip(&views) {
-            let m = g.rows as usize;
-            let x = &x[offset * self.hidden..(offset + m) * self.hidden];
-            experts.push(kernels::ExpertRows { x, m, gate_up: gate_up.as_slice(), down: down.as_slice() });
-            offset += m;
+            let end = offset + g.rows as usize;
+            while offset < end {
+                let m = (end - offset).min(block);
+                let x = &x[offset * self.hidden..(offset + m) * self.hidden];
+                experts.push(kernels::ExpertRows { x, m, gate_up: gate_up.weights(), down: down.weights() });
+                offset += m;
+            }
         }
         let mut out = vec![0f32; x.len()];
         kernels::swiglu_experts(&experts, self.inter, &mut out);

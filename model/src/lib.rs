@@ -27,7 +27,7 @@ mod parity_tests;
 pub use checkpoint::{Checkpoint, WeightSource};
 pub use config::{ModelConfig, TextConfig};
 pub use error::{Error, Result};
-pub use experts::ExpertShard;
+pub use experts::{ExpertShard, WeightStorage};
 pub use kv_cache::{KvCache, KvStore};
 pub use moe::{ExpertBackend, ExpertBatch, ExpertGroup, ExpertsInFlight, RoutingTrace};
 pub use text_model::{LayerInFlight, LogitsFor, SequenceStep, Step, TextModel};

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::WeightSource;
 use crate::checkpoint::{Checkpoint, write_checkpoint};
 use crate::config::ModelConfig;
-use crate::experts::ExpertShard;
+use crate::experts::{ExpertShard, WeightStorage};
 use crate::moe::RoutingTrace;
 use crate::text_model::{Deviation, LogitsFor, SequenceStep, TextModel};
 
@@ -56,7 +56,8 @@ fn load_with(cfg: &ModelConfig, src: &dyn WeightSource) -> Loaded {
     let all: Vec<u32> = (0..cfg.text.num_local_experts as u32).collect();
     Loaded {
         model: TextModel::load(cfg, src, DType::F32, &dev, &mut |_, _| {}).expect("model loads"),
-        experts: ExpertShard::load(cfg, src, &all, DType::F32, &dev, &mut || {}).expect("experts load"),
+        experts: ExpertShard::load(cfg, src, &all, DType::F32, WeightStorage::AsStored, &dev, &mut || {})
+            .expect("experts load"),
     }
 }
 
@@ -162,6 +163,29 @@ fn full_forward_matches_transformers() {
         assert!(diff < TOLERANCE, "T={}: max |Δlogit| = {diff}", case.input_ids.len());
         assert_eq!(trace_by_layer(&trace), case.router_topk, "router top-k, T={}", case.input_ids.len());
         assert_eq!(m.greedy_full(&case.input_ids, 16), case.greedy_tokens, "greedy, T={}", case.input_ids.len());
+    }
+}
+
+#[test]
+fn experts_kept_in_bf16_compute_what_experts_converted_at_load_compute() {
+    let dir = fixture_dir();
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).expect("config");
+    let ckpt = Checkpoint::open(&dir).expect("checkpoint");
+    let all: Vec<u32> = (0..cfg.text.num_local_experts as u32).collect();
+    let load = |storage| ExpertShard::load(&cfg, &ckpt, &all, DType::F32, storage, &Device::Cpu, &mut || {});
+    let (kept, widened) = (load(WeightStorage::AsStored).expect("bf16"), load(WeightStorage::Compute).expect("f32"));
+    assert_eq!(kept.resident_bytes() * 2, widened.resident_bytes(), "bf16 experts take half the memory");
+    let model = || TextModel::load(&cfg, &ckpt, DType::F32, &Device::Cpu, &mut |_, _| {}).expect("model");
+    let (kept, widened) = (Loaded { model: model(), experts: kept }, Loaded { model: model(), experts: widened });
+    for case in golden().cases {
+        // Prefill: long expert groups may take different (equally exact) paths for f32 weights.
+        let (a, _) = kept.full(&case.input_ids);
+        let (b, _) = widened.full(&case.input_ids);
+        assert!(max_abs_diff(&a, &b) < 1e-4, "prefill, T={}", case.input_ids.len());
+        // Decode steps (one row per expert group): the same kernels on the same values, bit for bit.
+        let (a, _) = kept.incremental(&case.input_ids, &[1]);
+        let (b, _) = widened.incremental(&case.input_ids, &[1]);
+        assert_eq!(a, b, "token by token, T={}", case.input_ids.len());
     }
 }
 

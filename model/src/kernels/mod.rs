@@ -5,16 +5,95 @@
 //! bandwidth the weight streams at (docs/benchmarks.md); here each weight row is read once from
 //! memory and multiplied against every input row while it is in cache.
 //!
-//! Two forms: [`dot`] (vectors along `k`, up to 8 rows, AVX2 or portable) and [`outer`] (vectors
-//! along the rows, 9 to 64 rows, AVX-512). Several products can run as one parallel region
+//! Two forms: the dot-product form (vectors along `k`, up to 8 rows: [`dot512`] on AVX-512, else
+//! [`dot`], AVX2 or portable) and the outer-product form ([`outer`]: vectors along the rows, 9 to
+//! 64 rows, AVX-512). Several products can run as one parallel region
 //! ([`products`]): a decode step makes hundreds of them, and waking the thread pool for each costs
 //! more than a small product.
 
 mod dot;
 #[cfg(target_arch = "x86_64")]
+mod dot512;
+#[cfg(target_arch = "x86_64")]
 mod outer;
 
 use rayon::prelude::*;
+
+/// A stored weight element, widened to f32 where it is multiplied. bf16 weights are the
+/// checkpoint's own values: widening is exact, so a product over bf16 weights equals the product
+/// over the same weights converted to f32 at load, bit for bit, at half the bytes read.
+pub trait Weight: Copy + Send + Sync {
+    fn widen(self) -> f32;
+
+    /// 16 consecutive weights from `p`, widened.
+    ///
+    /// # Safety
+    /// 16 elements must be readable from `p`, and the CPU must have AVX-512F (callers are compiled
+    /// with it; this is inlined into them).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller guarantees 16 readable elements and AVX-512F.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl Weight for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const half::bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 16 readable elements (32 bytes) and AVX-512F.
+        unsafe {
+            let halves = _mm256_loadu_si256(p.cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)))
+        }
+    }
+}
+
+/// A weight matrix `[n, k]`, row-major, in one of the stored element types.
+#[derive(Debug, Clone, Copy)]
+pub enum Weights<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl<'a> Weights<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            Weights::F32(w) => w.len(),
+            Weights::Bf16(w) => w.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows `first..first + count` of a matrix with rows of `k` elements.
+    fn rows(&self, first: usize, count: usize, k: usize) -> Weights<'a> {
+        let range = first * k..(first + count) * k;
+        match *self {
+            Weights::F32(w) => Weights::F32(&w[range]),
+            Weights::Bf16(w) => Weights::Bf16(&w[range]),
+        }
+    }
+}
 
 /// Output features per parallel task: a multiple of every block height of [`outer`].
 const TASK_FEATURES: usize = 120;
@@ -25,7 +104,7 @@ const TASK_FEATURES: usize = 120;
 pub struct Product<'a> {
     pub x: &'a [f32],
     pub m: usize,
-    pub w: &'a [f32],
+    pub w: Weights<'a>,
     pub k: usize,
     pub yt: &'a mut [f32],
 }
@@ -44,7 +123,7 @@ pub fn products(batch: Vec<Product<'_>>) {
         let (m, k) = (p.m, p.k);
         for (i, yt) in p.yt.chunks_mut(TASK_FEATURES * m).enumerate() {
             let first = i * TASK_FEATURES;
-            let w = &p.w[first * k..(first + yt.len() / m) * k];
+            let w = p.w.rows(first, yt.len() / m, k);
             let x = match xt {
                 Some(xt) => Input::Transposed(xt),
                 None => Input::Rows(p.x),
@@ -52,13 +131,22 @@ pub fn products(batch: Vec<Product<'_>>) {
             tasks.push((x, m, w, k, yt));
         }
     }
-    tasks.into_par_iter().for_each(|(x, m, w, k, yt)| match x {
+    tasks.into_par_iter().for_each(|(x, m, w, k, yt)| match w {
+        Weights::F32(w) => task(x, m, w, k, yt),
+        Weights::Bf16(w) => task(x, m, w, k, yt),
+    });
+}
+
+fn task<W: Weight>(x: Input<'_>, m: usize, w: &[W], k: usize, yt: &mut [f32]) {
+    match x {
+        #[cfg(target_arch = "x86_64")]
+        Input::Rows(x) if outer::available() => dot512::features_of(x, m, w, k, yt),
         Input::Rows(x) => dot::features(x, m, w, w.len() / k, k, yt),
         #[cfg(target_arch = "x86_64")]
         Input::Transposed(xt) => outer::features_of(xt, m, w, k, yt),
         #[cfg(not(target_arch = "x86_64"))]
         Input::Transposed(_) => unreachable!("no outer form on this architecture"),
-    });
+    }
 }
 
 /// The rows of a product as a task reads them.
@@ -82,7 +170,7 @@ fn transposed_for_outer(x: &[f32], m: usize, k: usize) -> Option<Vec<f32>> {
 }
 
 /// One product (see [`Product`]); `n` is the number of output features.
-pub fn rows_times_weight_t(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, yt: &mut [f32]) {
+pub fn rows_times_weight_t(x: &[f32], m: usize, w: Weights<'_>, n: usize, k: usize, yt: &mut [f32]) {
     debug_assert_eq!(w.len(), n * k);
     products(vec![Product { x, m, w, k, yt }]);
 }
@@ -107,33 +195,44 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() { f() } else { rayon::scope(|_| f()) }
 }
 
-/// The f32 values of a contiguous CPU tensor, borrowed for as long as the view lives.
-pub(crate) struct F32View<'t> {
+/// The values of a contiguous CPU tensor (f32 or bf16), borrowed for as long as the view lives.
+pub(crate) struct CpuView<'t> {
     storage: Box<dyn std::ops::Deref<Target = candle_core::Storage> + 't>,
     range: std::ops::Range<usize>,
 }
 
-impl<'t> F32View<'t> {
-    /// `None` for a tensor that is not f32, contiguous and on the CPU.
+impl<'t> CpuView<'t> {
+    /// `None` for a tensor that is not contiguous, on the CPU, and f32 or bf16.
     pub fn new(t: &'t candle_core::Tensor) -> Option<Self> {
         if !t.is_contiguous() {
             return None;
         }
         let (storage, layout) = t.storage_and_layout();
         let range = layout.start_offset()..layout.start_offset() + t.elem_count();
-        let view = F32View { storage: Box::new(storage), range };
+        let view = CpuView { storage: Box::new(storage), range };
         view.values()?;
         Some(view)
     }
 
-    fn values(&self) -> Option<&[f32]> {
+    fn values(&self) -> Option<Weights<'_>> {
         let candle_core::Storage::Cpu(cpu) = &**self.storage else { return None };
-        cpu.as_slice::<f32>().ok()?.get(self.range.clone())
+        if let Ok(v) = cpu.as_slice::<f32>() {
+            return Some(Weights::F32(v.get(self.range.clone())?));
+        }
+        Some(Weights::Bf16(cpu.as_slice::<half::bf16>().ok()?.get(self.range.clone())?))
     }
 
-    pub fn as_slice(&self) -> &[f32] {
-        // Checked when the view was made; the storage cannot change while it is borrowed.
-        self.values().unwrap_or_default()
+    /// The values; checked when the view was made (the storage cannot change while borrowed).
+    pub fn weights(&self) -> Weights<'_> {
+        self.values().unwrap_or(Weights::F32(&[]))
+    }
+
+    /// The values when they are f32.
+    pub fn f32(&self) -> Option<&[f32]> {
+        match self.weights() {
+            Weights::F32(v) => Some(v),
+            Weights::Bf16(_) => None,
+        }
     }
 }
 
@@ -144,9 +243,9 @@ pub(crate) fn skinny_matmul_t(x: &candle_core::Tensor, w: &candle_core::Tensor) 
     if m > max_rows() || k != k2 || x.dtype() != candle_core::DType::F32 || !x.device().is_cpu() {
         return None;
     }
-    let (xs, ws) = (F32View::new(x)?, F32View::new(w)?);
+    let (xs, ws) = (CpuView::new(x)?, CpuView::new(w)?);
     let mut yt = vec![0f32; n * m];
-    rows_times_weight_t(xs.as_slice(), m, ws.as_slice(), n, k, &mut yt);
+    rows_times_weight_t(xs.f32()?, m, ws.weights(), n, k, &mut yt);
     let mut y = vec![0f32; m * n];
     transpose(&yt, n, m, &mut y);
     candle_core::Tensor::from_vec(y, (m, n), x.device()).ok()
@@ -174,8 +273,8 @@ pub fn transpose(a: &[f32], rows: usize, cols: usize, b: &mut [f32]) {
 pub struct ExpertRows<'a> {
     pub x: &'a [f32],
     pub m: usize,
-    pub gate_up: &'a [f32],
-    pub down: &'a [f32],
+    pub gate_up: Weights<'a>,
+    pub down: Weights<'a>,
 }
 
 /// `down(silu(gate(x)) ⊙ up(x))` for every expert of `experts`, each on its own rows, in two
@@ -261,15 +360,23 @@ mod tests {
         ] {
             let (x, w) = (values(m * k, 1), values(n * k, 2));
             let mut yt = vec![f32::NAN; n * m];
-            rows_times_weight_t(&x, m, &w, n, k, &mut yt);
+            rows_times_weight_t(&x, m, Weights::F32(&w), n, k, &mut yt);
             // And the same product as one of a batch, beside another.
             let mut other = vec![f32::NAN; 5 * m];
             let mut batched = vec![f32::NAN; n * m];
             products(vec![
-                Product { x: &x, m, w: &w[..5.min(n) * k], k, yt: &mut other[..5.min(n) * m] },
-                Product { x: &x, m, w: &w, k, yt: &mut batched },
+                Product { x: &x, m, w: Weights::F32(&w[..5.min(n) * k]), k, yt: &mut other[..5.min(n) * m] },
+                Product { x: &x, m, w: Weights::F32(&w), k, yt: &mut batched },
             ]);
             assert_eq!(yt, batched);
+            // The portable/AVX2 dot form, which this CPU may not pick, on its own.
+            if m <= dot::MAX_ROWS {
+                let mut portable = vec![f32::NAN; n * m];
+                dot::features(&x, m, &w, n, k, &mut portable);
+                for (a, b) in portable.iter().zip(reference(&x, m, &w, n, k)) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "dot form m={m} n={n} k={k}: {a} vs {b}");
+                }
+            }
             for (a, b) in yt.iter().zip(reference(&x, m, &w, n, k)) {
                 assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "m={m} n={n} k={k}: {a} vs {b}");
             }
@@ -277,29 +384,56 @@ mod tests {
     }
 
     #[test]
-    fn swiglu_experts_match_their_definition_for_every_row_count() {
+    fn bf16_weights_give_the_f32_product_of_the_same_values_bit_for_bit() {
+        for (m, n, k) in [(1, 130, 37), (4, 128, 512), (7, 33, 64), (16, 250, 64), (40, 17, 100), (64, 130, 40)] {
+            let x = values(m * k, 11);
+            let stored: Vec<half::bf16> = values(n * k, 12).into_iter().map(half::bf16::from_f32).collect();
+            let widened: Vec<f32> = stored.iter().map(|v| v.to_f32()).collect();
+            let (mut from_bf16, mut from_f32) = (vec![f32::NAN; n * m], vec![f32::NAN; n * m]);
+            rows_times_weight_t(&x, m, Weights::Bf16(&stored), n, k, &mut from_bf16);
+            rows_times_weight_t(&x, m, Weights::F32(&widened), n, k, &mut from_f32);
+            assert_eq!(from_bf16, from_f32, "m={m} n={n} k={k}");
+        }
+    }
+
+    #[test]
+    fn swiglu_experts_match_their_definition_for_every_row_count_and_weight_type() {
         let (k, inter) = (40, 24);
         let counts = [3, 1, 9, 33];
         let rows: usize = counts.iter().sum();
         let x = values(rows * k, 3);
-        let weights: Vec<(Vec<f32>, Vec<f32>)> =
-            (0..counts.len() as u64).map(|e| (values(2 * inter * k, 4 + e), values(k * inter, 40 + e))).collect();
+        // Weights rounded to bf16 values, so that both stored types hold the same numbers.
+        let round = |v: Vec<f32>| -> Vec<half::bf16> { v.into_iter().map(half::bf16::from_f32).collect() };
+        let stored: Vec<(Vec<half::bf16>, Vec<half::bf16>)> = (0..counts.len() as u64)
+            .map(|e| (round(values(2 * inter * k, 4 + e)), round(values(k * inter, 40 + e))))
+            .collect();
+        let widened: Vec<(Vec<f32>, Vec<f32>)> = stored
+            .iter()
+            .map(|(gu, d)| (gu.iter().map(|v| v.to_f32()).collect(), d.iter().map(|v| v.to_f32()).collect()))
+            .collect();
         let mut experts = Vec::new();
         let mut offset = 0;
-        for (&m, (gu, down)) in counts.iter().zip(&weights) {
-            experts.push(ExpertRows { x: &x[offset * k..(offset + m) * k], m, gate_up: gu, down });
+        for (e, &m) in counts.iter().enumerate() {
+            let x = &x[offset * k..(offset + m) * k];
+            // Alternate the stored type between experts of one call.
+            experts.push(if e % 2 == 0 {
+                ExpertRows { x, m, gate_up: Weights::F32(&widened[e].0), down: Weights::F32(&widened[e].1) }
+            } else {
+                ExpertRows { x, m, gate_up: Weights::Bf16(&stored[e].0), down: Weights::Bf16(&stored[e].1) }
+            });
             offset += m;
         }
         let mut out = vec![0f32; rows * k];
         swiglu_experts(&experts, inter, &mut out);
         let mut r = 0;
-        for e in &experts {
-            for local in 0..e.m {
-                let xr = &e.x[local * k..(local + 1) * k];
-                let proj = |o: usize| (0..k).map(|i| xr[i] * e.gate_up[o * k + i]).sum::<f32>();
+        for (e, expert) in experts.iter().enumerate() {
+            let (gu, down) = &widened[e];
+            for local in 0..expert.m {
+                let xr = &expert.x[local * k..(local + 1) * k];
+                let proj = |o: usize| (0..k).map(|i| xr[i] * gu[o * k + i]).sum::<f32>();
                 let h: Vec<f32> = (0..inter).map(|j| proj(j) / (1.0 + (-proj(j)).exp()) * proj(inter + j)).collect();
                 for o in 0..k {
-                    let want: f32 = (0..inter).map(|j| h[j] * e.down[o * inter + j]).sum();
+                    let want: f32 = (0..inter).map(|j| h[j] * down[o * inter + j]).sum();
                     assert!((out[r * k + o] - want).abs() <= 1e-4 * (1.0 + want.abs()), "row {r}, feature {o}");
                 }
                 r += 1;

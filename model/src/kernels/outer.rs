@@ -5,6 +5,8 @@
 
 use std::arch::x86_64::*;
 
+use super::Weight;
+
 /// Rows of `x` up to which a block of `x` stays in L2 (64 rows of 4,096 floats: 1 MiB).
 pub const MAX_ROWS: usize = 64;
 const LANES: usize = 16;
@@ -27,40 +29,40 @@ pub fn transpose_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
 
 /// `yt[o][r]` for every feature `o` of `w` (`[n, k]`) and row `r` of `x`, given as
 /// [`transpose_rows`] left it.
-pub fn features_of(xt: &[f32], m: usize, w: &[f32], k: usize, yt: &mut [f32]) {
+pub fn features_of<W: Weight>(xt: &[f32], m: usize, w: &[W], k: usize, yt: &mut [f32]) {
     assert!(available(), "the outer-product form needs AVX-512");
     // SAFETY: the CPU has AVX-512F (asserted above); every slice bound is asserted inside.
     unsafe {
         match m.div_ceil(LANES) {
-            1 => features::<12, 1>(xt, w, k, m, yt),
-            2 => features::<8, 2>(xt, w, k, m, yt),
-            3 => features::<6, 3>(xt, w, k, m, yt),
-            _ => features::<5, 4>(xt, w, k, m, yt),
+            1 => features::<12, 1, W>(xt, w, k, m, yt),
+            2 => features::<8, 2, W>(xt, w, k, m, yt),
+            3 => features::<6, 3, W>(xt, w, k, m, yt),
+            _ => features::<5, 4, W>(xt, w, k, m, yt),
         }
     }
 }
 
 /// Every output feature of `w` (`[n, k]`) in blocks of `O`, the remainder one at a time.
 #[target_feature(enable = "avx512f")]
-unsafe fn features<const O: usize, const V: usize>(xt: &[f32], w: &[f32], k: usize, m: usize, yt: &mut [f32]) {
+unsafe fn features<const O: usize, const V: usize, W: Weight>(xt: &[f32], w: &[W], k: usize, m: usize, yt: &mut [f32]) {
     let n = w.len() / k;
     assert!(xt.len() >= k * V * LANES && yt.len() == n * m && m <= V * LANES);
     let mut o = 0;
     while o + O <= n {
         // SAFETY: rows o..o+O of `w` and of `yt` exist (checked by the loop and the assert).
-        unsafe { block::<O, V>(xt, &w[o * k..(o + O) * k], k, m, &mut yt[o * m..(o + O) * m]) };
+        unsafe { block::<O, V, W>(xt, &w[o * k..(o + O) * k], k, m, &mut yt[o * m..(o + O) * m]) };
         o += O;
     }
     while o < n {
         // SAFETY: as above, one row.
-        unsafe { block::<1, V>(xt, &w[o * k..(o + 1) * k], k, m, &mut yt[o * m..(o + 1) * m]) };
+        unsafe { block::<1, V, W>(xt, &w[o * k..(o + 1) * k], k, m, &mut yt[o * m..(o + 1) * m]) };
         o += 1;
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn block<const O: usize, const V: usize>(xt: &[f32], w: &[f32], k: usize, m: usize, yt: &mut [f32]) {
+unsafe fn block<const O: usize, const V: usize, W: Weight>(xt: &[f32], w: &[W], k: usize, m: usize, yt: &mut [f32]) {
     let stride = V * LANES;
     let mut acc = [[_mm512_setzero_ps(); V]; O];
     let (xp, wp) = (xt.as_ptr(), w.as_ptr());
@@ -72,7 +74,7 @@ unsafe fn block<const O: usize, const V: usize>(xt: &[f32], w: &[f32], k: usize,
                 *x = _mm512_loadu_ps(xp.add(i * stride + v * LANES));
             }
             for (a, row) in acc.iter_mut().enumerate() {
-                let wb = _mm512_set1_ps(*wp.add(a * k + i));
+                let wb = _mm512_set1_ps((*wp.add(a * k + i)).widen());
                 for (v, x) in xv.iter().enumerate() {
                     row[v] = _mm512_fmadd_ps(wb, *x, row[v]);
                 }
