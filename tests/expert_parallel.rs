@@ -45,7 +45,8 @@ impl Coordinator {
         let dir = tiny_fixture();
         let config = ModelConfig::from_file(&dir.join("config.json")).expect("config");
         let ckpt = Checkpoint::open(&dir).expect("checkpoint");
-        let model = TextModel::load(&config, &ckpt, DType::F32, &Device::Cpu, &mut |_, _| {}).expect("model");
+        let model = TextModel::load(&config, &ckpt, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut |_, _| {})
+            .expect("model");
         let all: Vec<u32> = (0..16).collect();
         let shard =
             ExpertShard::load(&config, &ckpt, &all, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut || {})
@@ -247,7 +248,7 @@ fn dead_or_stuck_worker_fails_the_step_within_the_deadline() {
 }
 
 /// Status reports hosted experts and resident bytes that are the worker's share of the experts:
-/// kept in bf16 as the checkpoint stores them, or in f32 with `--expert-weights compute`.
+/// kept in bf16 as the checkpoint stores them, or in f32 with `--weight-storage compute`.
 #[test]
 fn worker_holds_only_its_share_of_the_experts() {
     let config = ModelConfig::from_file(&tiny_fixture().join("config.json")).expect("config");
@@ -255,7 +256,7 @@ fn worker_holds_only_its_share_of_the_experts() {
         |bytes| (config.text.expert_bytes_per_layer(bytes) * 16 * config.text.moe_layers().count()) as u64;
     let workers = workers(
         &tiny_fixture(),
-        &[&["--shard", "1/4"], &["--experts", "0-3,9"], &["--shard", "2/4", "--expert-weights", "compute"]],
+        &[&["--shard", "1/4"], &["--experts", "0-3,9"], &["--shard", "2/4", "--weight-storage", "compute"]],
     );
     let expected = [(4, vec![4, 5, 6, 7], 2), (5, vec![0, 1, 2, 3, 9], 2), (4, vec![8, 9, 10, 11], 4)];
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");

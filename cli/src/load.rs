@@ -31,20 +31,20 @@ impl From<ComputeDtype> for DType {
     }
 }
 
-/// How routed-expert weights are kept in memory, on the command line.
+/// How weight matrices are kept in memory, on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExpertWeightsArg {
+pub enum WeightStorageArg {
     /// bf16 checkpoints' experts stay bf16 for f32 compute, widened as they are read.
     AsStored,
     /// Converted to the compute dtype at load.
     Compute,
 }
 
-impl From<ExpertWeightsArg> for WeightStorage {
-    fn from(w: ExpertWeightsArg) -> Self {
+impl From<WeightStorageArg> for WeightStorage {
+    fn from(w: WeightStorageArg) -> Self {
         match w {
-            ExpertWeightsArg::AsStored => WeightStorage::AsStored,
-            ExpertWeightsArg::Compute => WeightStorage::Compute,
+            WeightStorageArg::AsStored => WeightStorage::AsStored,
+            WeightStorageArg::Compute => WeightStorage::Compute,
         }
     }
 }
@@ -87,12 +87,12 @@ pub struct ExpertArgs {
     /// Split each step into two micro-batches whose attention and expert phases overlap.
     #[arg(long, env = "EPSERVE_OVERLAP")]
     pub overlap: bool,
-    /// How the routed experts' weights are kept when they run in this process: `as-stored` keeps a
-    /// bf16 checkpoint's experts in bf16 for f32 compute (widened as they are read: the same
-    /// results, half the memory and half the bytes a decode step reads); `compute` converts them
-    /// to the compute dtype at load.
-    #[arg(long, value_enum, default_value = "as-stored", env = "EPSERVE_EXPERT_WEIGHTS")]
-    pub expert_weights: ExpertWeightsArg,
+    /// How weight matrices (linear layers, and the routed experts when they run in this process)
+    /// are kept: `as-stored` keeps a bf16 checkpoint's matrices in bf16 for f32 compute (widened as
+    /// they are read: the same results, half the memory and half the bytes a decode step reads);
+    /// `compute` converts them to the compute dtype at load.
+    #[arg(long, value_enum, default_value = "as-stored", env = "EPSERVE_WEIGHT_STORAGE")]
+    pub weight_storage: WeightStorageArg,
 }
 
 /// A model ready to run steps, with its experts (and the runtime carrying the worker streams).
@@ -173,11 +173,11 @@ pub fn engine_parts(
     let ckpt = Checkpoint::open(dir)?;
     let device = Device::Cpu;
     let mut progress = LoadProgress::new(&ckpt, "weights");
-    let model = TextModel::load(&config, &ckpt, dtype.into(), &device, &mut |_, _| progress.tick())?;
+    let storage = experts.weight_storage.into();
+    let model = TextModel::load(&config, &ckpt, dtype.into(), storage, &device, &mut |_, _| progress.tick())?;
     let transport = match runtime {
         None => {
             let all: Vec<u32> = (0..config.text.num_local_experts as u32).collect();
-            let storage = experts.expert_weights.into();
             let shard =
                 ExpertShard::load(&config, &ckpt, &all, dtype.into(), storage, &device, &mut || progress.tick())?;
             ExpertTransport::Local(shard)

@@ -10,7 +10,7 @@ use epserve_expert_worker::{ExpertSelection, ExpertWorker};
 use epserve_model::{Checkpoint, ExpertShard, ModelConfig, WeightStorage};
 
 use crate::control::{Control, ControlArgs};
-use crate::load::{ComputeDtype, ExpertWeightsArg, LoadProgress, read_config};
+use crate::load::{ComputeDtype, LoadProgress, WeightStorageArg, read_config};
 
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
@@ -31,8 +31,8 @@ pub struct WorkerArgs {
     /// How the experts' weights are kept: `as-stored` keeps a bf16 checkpoint's experts in bf16
     /// for f32 compute (widened as they are read: the same results at half the memory);
     /// `compute` converts them to the compute dtype at load.
-    #[arg(long, value_enum, default_value = "as-stored", env = "EPSERVE_EXPERT_WEIGHTS")]
-    pub expert_weights: ExpertWeightsArg,
+    #[arg(long, value_enum, default_value = "as-stored", env = "EPSERVE_WEIGHT_STORAGE")]
+    pub weight_storage: WeightStorageArg,
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     #[arg(long, env = "EPSERVE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -53,7 +53,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let experts = selection.resolve(config.text.num_local_experts)?;
     let ckpt = Checkpoint::open(&args.model)?;
     let mut progress = LoadProgress::new(&ckpt, "experts");
-    let storage = args.expert_weights.into();
+    let storage = args.weight_storage.into();
     let shard =
         ExpertShard::load(&config, &ckpt, &experts, args.dtype.into(), storage, &Device::Cpu, &mut || progress.tick())?;
     progress.finish();
@@ -92,7 +92,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                 worker.clone(),
                 &args.model,
                 &config,
-                (args.dtype, args.expert_weights.into()),
+                (args.dtype, args.weight_storage.into()),
             );
             membership
         });

@@ -24,7 +24,8 @@ fn load() -> (ModelConfig, TextModel, ExpertTransport) {
     let dir = fixture();
     let cfg = ModelConfig::from_file(&dir.join("config.json")).expect("config");
     let ckpt = Checkpoint::open(&dir).expect("checkpoint");
-    let model = TextModel::load(&cfg, &ckpt, DType::F32, &Device::Cpu, &mut |_, _| {}).expect("model");
+    let model =
+        TextModel::load(&cfg, &ckpt, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut |_, _| {}).expect("model");
     let all: Vec<u32> = (0..16).collect();
     let experts = ExpertShard::load(&cfg, &ckpt, &all, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut || {})
         .expect("experts");

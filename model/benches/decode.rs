@@ -22,7 +22,8 @@ fn mini() -> Mini {
     let src = RandomWeights::new(7);
     let all: Vec<u32> = (0..16).collect();
     Mini {
-        model: TextModel::load(&cfg, &src, DType::F32, &Device::Cpu, &mut |_, _| {}).expect("model"),
+        model: TextModel::load(&cfg, &src, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut |_, _| {})
+            .expect("model"),
         experts: ExpertShard::load(&cfg, &src, &all, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut || {})
             .expect("experts"),
     }

@@ -13,7 +13,7 @@ use crate::checkpoint::WeightSource;
 use crate::config::{AttentionKind, TextConfig};
 use crate::error::Result;
 use crate::kv_cache::KvStore;
-use crate::layers::{Linear, RmsNorm};
+use crate::layers::{Linear, RmsNorm, WeightStorage};
 use crate::rope::Rope;
 use crate::text_model::Deviation;
 
@@ -48,7 +48,7 @@ impl Attention {
         layer: usize,
         src: &dyn WeightSource,
         prefix: &str,
-        dtype: DType,
+        (dtype, storage): (DType, WeightStorage),
         dev: &Device,
     ) -> Result<Self> {
         let (h, nh, nkv, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
@@ -56,10 +56,10 @@ impl Attention {
         let p = |name: &str| format!("{prefix}self_attn.{name}.weight");
         Ok(Attention {
             layer,
-            q_proj: Linear::load(src, &p("q_proj"), nh * d, h, dtype, dev)?,
-            k_proj: Linear::load(src, &p("k_proj"), nkv * d, h, dtype, dev)?,
-            v_proj: Linear::load(src, &p("v_proj"), nkv * d, h, dtype, dev)?,
-            o_proj: Linear::load(src, &p("o_proj"), h, nh * d, dtype, dev)?,
+            q_proj: Linear::load(src, &p("q_proj"), (nh * d, h), dtype, storage, dev)?,
+            k_proj: Linear::load(src, &p("k_proj"), (nkv * d, h), dtype, storage, dev)?,
+            v_proj: Linear::load(src, &p("v_proj"), (nkv * d, h), dtype, storage, dev)?,
+            o_proj: Linear::load(src, &p("o_proj"), (h, nh * d), dtype, storage, dev)?,
             kind,
             qk_norm: if kind.uses_rope() && cfg.use_qk_norm {
                 Some(RmsNorm::unit(d, cfg.rms_norm_eps, dtype, dev)?)

@@ -11,7 +11,7 @@ use crate::checkpoint::WeightSource;
 use crate::config::{FeedForwardKind, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::layers::{matmul_t, swiglu_down};
+use crate::layers::{WeightStorage, matmul_t, swiglu_down};
 use crate::moe::{ExpertBackend, ExpertBatch, ExpertGroup, ExpertsInFlight};
 
 /// One expert's weights, transposed at load from the checkpoint's `x·W` layout to `[out, in]`:
@@ -22,26 +22,6 @@ struct ExpertFfn {
     gate_up: Tensor,
     /// `[hidden, inter]`.
     down: Tensor,
-}
-
-/// How routed-expert weights are kept in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum WeightStorage {
-    /// bf16 as the checkpoint stores them when computing in f32 on the CPU, where the kernels
-    /// widen them as they read them: the same numbers as converting at load, bit for bit, at half
-    /// the memory and half the bytes per decode step. Any other case: the compute dtype.
-    #[default]
-    AsStored,
-    /// Converted to the compute dtype at load.
-    Compute,
-}
-
-impl WeightStorage {
-    /// The dtype a tensor stored as `stored` is kept in, computing in `compute` on `dev`.
-    pub fn dtype(self, stored: Option<DType>, compute: DType, dev: &Device) -> DType {
-        let widened_by_kernels = compute == DType::F32 && dev.is_cpu() && stored == Some(DType::BF16);
-        if self == WeightStorage::AsStored && widened_by_kernels { DType::BF16 } else { compute }
-    }
 }
 
 #[derive(Debug)]

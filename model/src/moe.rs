@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::checkpoint::WeightSource;
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
-use crate::layers::{Linear, Mlp};
+use crate::layers::{Linear, Mlp, WeightStorage};
 use crate::text_model::Deviation;
 
 /// `rows` consecutive rows of an [`ExpertBatch`] go to expert `expert`.
@@ -72,7 +72,7 @@ impl MoeBlock {
         layer: usize,
         src: &dyn WeightSource,
         prefix: &str,
-        dtype: DType,
+        (dtype, storage): (DType, WeightStorage),
         dev: &Device,
     ) -> Result<Self> {
         let p = format!("{prefix}feed_forward.");
@@ -81,17 +81,17 @@ impl MoeBlock {
             router: Linear::load(
                 src,
                 &format!("{p}router.weight"),
-                cfg.num_local_experts,
-                cfg.hidden_size,
+                (cfg.num_local_experts, cfg.hidden_size),
                 dtype,
+                storage,
                 dev,
             )?,
             shared_expert: Mlp::load(
                 src,
                 &format!("{p}shared_expert."),
-                cfg.hidden_size,
-                cfg.intermediate_size,
+                (cfg.hidden_size, cfg.intermediate_size),
                 dtype,
+                storage,
                 dev,
             )?,
             top_k: cfg.num_experts_per_tok,

@@ -10,7 +10,8 @@ use serde::Deserialize;
 use crate::WeightSource;
 use crate::checkpoint::{Checkpoint, write_checkpoint};
 use crate::config::ModelConfig;
-use crate::experts::{ExpertShard, WeightStorage};
+use crate::experts::ExpertShard;
+use crate::layers::WeightStorage;
 use crate::moe::RoutingTrace;
 use crate::text_model::{Deviation, LogitsFor, SequenceStep, TextModel};
 
@@ -55,7 +56,8 @@ fn load_with(cfg: &ModelConfig, src: &dyn WeightSource) -> Loaded {
     let dev = Device::Cpu;
     let all: Vec<u32> = (0..cfg.text.num_local_experts as u32).collect();
     Loaded {
-        model: TextModel::load(cfg, src, DType::F32, &dev, &mut |_, _| {}).expect("model loads"),
+        model: TextModel::load(cfg, src, DType::F32, WeightStorage::AsStored, &dev, &mut |_, _| {})
+            .expect("model loads"),
         experts: ExpertShard::load(cfg, src, &all, DType::F32, WeightStorage::AsStored, &dev, &mut || {})
             .expect("experts load"),
     }
@@ -167,7 +169,7 @@ fn full_forward_matches_transformers() {
 }
 
 #[test]
-fn experts_kept_in_bf16_compute_what_experts_converted_at_load_compute() {
+fn weights_kept_in_bf16_compute_what_weights_converted_at_load_compute() {
     let dir = fixture_dir();
     let cfg = ModelConfig::from_file(&dir.join("config.json")).expect("config");
     let ckpt = Checkpoint::open(&dir).expect("checkpoint");
@@ -175,14 +177,16 @@ fn experts_kept_in_bf16_compute_what_experts_converted_at_load_compute() {
     let load = |storage| ExpertShard::load(&cfg, &ckpt, &all, DType::F32, storage, &Device::Cpu, &mut || {});
     let (kept, widened) = (load(WeightStorage::AsStored).expect("bf16"), load(WeightStorage::Compute).expect("f32"));
     assert_eq!(kept.resident_bytes() * 2, widened.resident_bytes(), "bf16 experts take half the memory");
-    let model = || TextModel::load(&cfg, &ckpt, DType::F32, &Device::Cpu, &mut |_, _| {}).expect("model");
-    let (kept, widened) = (Loaded { model: model(), experts: kept }, Loaded { model: model(), experts: widened });
+    let model =
+        |storage| TextModel::load(&cfg, &ckpt, DType::F32, storage, &Device::Cpu, &mut |_, _| {}).expect("model");
+    let kept = Loaded { model: model(WeightStorage::AsStored), experts: kept };
+    let widened = Loaded { model: model(WeightStorage::Compute), experts: widened };
     for case in golden().cases {
-        // Prefill: long expert groups may take different (equally exact) paths for f32 weights.
+        // Prefill: more rows than `kernels::max_rows` take candle's gemm for f32 weights.
         let (a, _) = kept.full(&case.input_ids);
         let (b, _) = widened.full(&case.input_ids);
         assert!(max_abs_diff(&a, &b) < 1e-4, "prefill, T={}", case.input_ids.len());
-        // Decode steps (one row per expert group): the same kernels on the same values, bit for bit.
+        // Decode steps: the same kernels on the same values, bit for bit.
         let (a, _) = kept.incremental(&case.input_ids, &[1]);
         let (b, _) = widened.incremental(&case.input_ids, &[1]);
         assert_eq!(a, b, "token by token, T={}", case.input_ids.len());
@@ -281,7 +285,8 @@ fn checkpoint_errors_name_the_key() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("read")).expect("json");
     value["text_config"]["intermediate_size"] = serde_json::json!(96);
     let cfg = ModelConfig::from_json(&value).expect("config");
-    let err = TextModel::load(&cfg, &ckpt, DType::F32, &Device::Cpu, &mut |_, _| {}).expect_err("shape mismatch");
+    let err = TextModel::load(&cfg, &ckpt, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut |_, _| {})
+        .expect_err("shape mismatch");
     let message = err.to_string();
     assert!(
         message.contains("language_model.model.layers.0.feed_forward.shared_expert.gate_proj.weight")
@@ -302,6 +307,7 @@ fn checkpoint_errors_name_the_key() {
     write_checkpoint(out.path(), &tensors, None).expect("write");
     let partial = Checkpoint::open(out.path()).expect("open");
     let cfg = ModelConfig::from_file(&dir.join("config.json")).expect("config");
-    let err = TextModel::load(&cfg, &partial, DType::F32, &Device::Cpu, &mut |_, _| {}).expect_err("missing");
+    let err = TextModel::load(&cfg, &partial, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut |_, _| {})
+        .expect_err("missing");
     assert!(err.to_string().contains("language_model.model.layers.2.self_attn.k_proj.weight"), "{err}");
 }

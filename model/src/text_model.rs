@@ -11,7 +11,7 @@ use crate::checkpoint::WeightSource;
 use crate::config::{FeedForwardKind, ModelConfig, TextConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, KvStore};
-use crate::layers::{Linear, Mlp, RmsNorm};
+use crate::layers::{Linear, Mlp, RmsNorm, WeightStorage};
 use crate::moe::{ExpertBackend, MoeBlock, MoeInFlight, RoutingTrace};
 use crate::rope::Rope;
 
@@ -71,11 +71,13 @@ pub struct TextModel {
 }
 
 impl TextModel {
-    /// Loads every non-expert text weight. `progress(done_tensors, total_tensors)` follows the load.
+    /// Loads every non-expert text weight, the matrices kept as `storage` says.
+    /// `progress(done_tensors, total_tensors)` follows the load.
     pub fn load(
         cfg: &ModelConfig,
         src: &dyn WeightSource,
         dtype: DType,
+        storage: WeightStorage,
         device: &Device,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
@@ -92,19 +94,19 @@ impl TextModel {
                 RmsNorm::load(src, &format!("{p}{name}.weight"), t.hidden_size, t.rms_norm_eps, dtype, device)
             };
             let feed_forward = match t.feed_forward[i] {
-                FeedForwardKind::Moe => FeedForward::Moe(MoeBlock::load(t, i, src, &p, dtype, device)?),
+                FeedForwardKind::Moe => FeedForward::Moe(MoeBlock::load(t, i, src, &p, (dtype, storage), device)?),
                 FeedForwardKind::Dense => FeedForward::Dense(Mlp::load(
                     src,
                     &format!("{p}feed_forward."),
-                    t.hidden_size,
-                    t.intermediate_size_mlp,
+                    (t.hidden_size, t.intermediate_size_mlp),
                     dtype,
+                    storage,
                     device,
                 )?),
             };
             layers.push(DecoderLayer {
                 input_layernorm: norm("input_layernorm")?,
-                attention: Attention::load(t, i, src, &p, dtype, device)?,
+                attention: Attention::load(t, i, src, &p, (dtype, storage), device)?,
                 post_attention_layernorm: norm("post_attention_layernorm")?,
                 feed_forward,
             });
@@ -114,7 +116,7 @@ impl TextModel {
         let lm_head = if t.tie_word_embeddings {
             Linear::from_weight(embed_tokens.clone())
         } else {
-            Linear::load(src, cfg.architecture.lm_head_key(), t.vocab_size, t.hidden_size, dtype, device)?
+            Linear::load(src, cfg.architecture.lm_head_key(), (t.vocab_size, t.hidden_size), dtype, storage, device)?
         };
         progress(total, total);
         Ok(TextModel {

@@ -53,21 +53,18 @@ unsafe fn block<const O: usize, const M: usize, W: Weight>(x: &[f32], w: &[W], k
     for i in (0..body).step_by(LANES) {
         // SAFETY: i + 16 ≤ k, so every load below stays within its row of `x` or `w`.
         unsafe {
-            let mut wv = [_mm512_setzero_ps(); O];
-            for (a, v) in wv.iter_mut().enumerate() {
-                *v = W::load16(wp.add(a * k + i));
-            }
-            for r in 0..M {
-                let xv = _mm512_loadu_ps(xp.add(r * k + i));
-                for a in 0..O {
-                    acc[a][r] = _mm512_fmadd_ps(wv[a], xv, acc[a][r]);
+            let wv: [__m512; O] = std::array::from_fn(|a| W::load16(wp.add(a * k + i)));
+            let xv: [__m512; M] = std::array::from_fn(|r| _mm512_loadu_ps(xp.add(r * k + i)));
+            for (row, w) in acc.iter_mut().zip(&wv) {
+                for (sum, x) in row.iter_mut().zip(&xv) {
+                    *sum = _mm512_fmadd_ps(*w, *x, *sum);
                 }
             }
         }
     }
-    for a in 0..O {
-        for r in 0..M {
-            let mut sum = _mm512_reduce_add_ps(acc[a][r]);
+    for (a, row) in acc.iter().enumerate() {
+        for (r, v) in row.iter().enumerate() {
+            let mut sum = _mm512_reduce_add_ps(*v);
             for i in body..k {
                 sum += w[a * k + i].widen() * x[r * k + i];
             }

@@ -215,11 +215,16 @@ impl<'t> CpuView<'t> {
     }
 
     fn values(&self) -> Option<Weights<'_>> {
-        let candle_core::Storage::Cpu(cpu) = &**self.storage else { return None };
-        if let Ok(v) = cpu.as_slice::<f32>() {
-            return Some(Weights::F32(v.get(self.range.clone())?));
+        // Matched, not asked with `as_slice`: a refusal there builds an error with a backtrace.
+        match &**self.storage {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+                Some(Weights::F32(v.get(self.range.clone())?))
+            }
+            candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => {
+                Some(Weights::Bf16(v.get(self.range.clone())?))
+            }
+            _ => None,
         }
-        Some(Weights::Bf16(cpu.as_slice::<half::bf16>().ok()?.get(self.range.clone())?))
     }
 
     /// The values; checked when the view was made (the storage cannot change while borrowed).
@@ -236,18 +241,28 @@ impl<'t> CpuView<'t> {
     }
 }
 
-/// `x · Wᵀ` for f32 `x` `[m, k]` and `w` `[n, k]` on the CPU, `m` ≤ [`max_rows`]; `None` when the
-/// tensors are not that (the caller uses candle).
-pub(crate) fn skinny_matmul_t(x: &candle_core::Tensor, w: &candle_core::Tensor) -> Option<candle_core::Tensor> {
+/// `x · Wᵀ` for f32 `x` `[m, k]` and an f32 or bf16 `w` `[n, k]` on the CPU, in blocks of
+/// [`max_rows`] rows (one parallel region for all); `None` when the tensors are not that (the
+/// caller uses candle).
+pub(crate) fn matmul_t(x: &candle_core::Tensor, w: &candle_core::Tensor) -> Option<candle_core::Tensor> {
     let (&[m, k], &[n, k2]) = (x.dims(), w.dims()) else { return None };
-    if m > max_rows() || k != k2 || x.dtype() != candle_core::DType::F32 || !x.device().is_cpu() {
+    if k != k2 || x.dtype() != candle_core::DType::F32 || !x.device().is_cpu() {
         return None;
     }
     let (xs, ws) = (CpuView::new(x)?, CpuView::new(w)?);
+    let (xs, ws) = (xs.f32()?, ws.weights());
+    let block = max_rows();
     let mut yt = vec![0f32; n * m];
-    rows_times_weight_t(xs.f32()?, m, ws.weights(), n, k, &mut yt);
+    products(
+        xs.chunks(block * k)
+            .zip(yt.chunks_mut(block * n))
+            .map(|(x, yt)| Product { x, m: x.len() / k.max(1), w: ws, k, yt })
+            .collect(),
+    );
     let mut y = vec![0f32; m * n];
-    transpose(&yt, n, m, &mut y);
+    for (yt, y) in yt.chunks(block * n).zip(y.chunks_mut(block * n)) {
+        transpose(yt, n, yt.len() / n.max(1), y);
+    }
     candle_core::Tensor::from_vec(y, (m, n), x.device()).ok()
 }
 

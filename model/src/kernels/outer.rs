@@ -66,20 +66,23 @@ unsafe fn block<const O: usize, const V: usize, W: Weight>(xt: &[f32], w: &[W], 
     let stride = V * LANES;
     let mut acc = [[_mm512_setzero_ps(); V]; O];
     let (xp, wp) = (xt.as_ptr(), w.as_ptr());
-    for i in 0..k {
-        // SAFETY: i < k, so `xt[i·stride .. (i+1)·stride]` and `w[a·k + i]` are in bounds.
-        unsafe {
-            let mut xv = [_mm512_setzero_ps(); V];
-            for (v, x) in xv.iter_mut().enumerate() {
-                *x = _mm512_loadu_ps(xp.add(i * stride + v * LANES));
-            }
-            for (a, row) in acc.iter_mut().enumerate() {
-                let wb = _mm512_set1_ps((*wp.add(a * k + i)).widen());
-                for (v, x) in xv.iter().enumerate() {
-                    row[v] = _mm512_fmadd_ps(wb, *x, row[v]);
-                }
-            }
+    // Weights are widened 16 at a time into a buffer the broadcasts read from: a bf16 weight then
+    // costs one vector conversion per 16, not a scalar conversion per use.
+    let body = k - k % LANES;
+    let mut widened = [[0f32; LANES]; O];
+    for i0 in (0..body).step_by(LANES) {
+        for (a, buf) in widened.iter_mut().enumerate() {
+            // SAFETY: i0 + 16 ≤ k: 16 weights of row `a` are readable; `buf` holds 16 floats.
+            unsafe { _mm512_storeu_ps(buf.as_mut_ptr(), W::load16(wp.add(a * k + i0))) };
         }
+        for j in 0..LANES {
+            // SAFETY: i0 + j < k.
+            unsafe { step(&mut acc, xp.add((i0 + j) * stride), std::array::from_fn(|a| widened[a][j])) };
+        }
+    }
+    for i in body..k {
+        // SAFETY: i < k.
+        unsafe { step(&mut acc, xp.add(i * stride), std::array::from_fn(|a| w[a * k + i].widen())) };
     }
     for (a, row) in acc.iter().enumerate() {
         for (v, sum) in row.iter().enumerate() {
@@ -88,6 +91,25 @@ unsafe fn block<const O: usize, const V: usize, W: Weight>(xt: &[f32], w: &[W], 
             let dst = &mut yt[a * m + first..a * m + first + lanes];
             // SAFETY: `dst` has `lanes` elements and the mask writes exactly that many.
             unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), (1u32 << lanes).wrapping_sub(1) as u16, *sum) };
+        }
+    }
+}
+
+/// One step of `k`: every accumulator gets its output's weight times its vector of rows.
+///
+/// # Safety
+/// `V` vectors of 16 floats must be readable from `xrow`; the caller is compiled with AVX-512F
+/// (this is inlined into it).
+#[inline(always)]
+unsafe fn step<const O: usize, const V: usize>(acc: &mut [[__m512; V]; O], xrow: *const f32, weights: [f32; O]) {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        let xv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(xrow.add(v * LANES)));
+        for (row, weight) in acc.iter_mut().zip(weights) {
+            let wb = _mm512_set1_ps(weight);
+            for (sum, x) in row.iter_mut().zip(&xv) {
+                *sum = _mm512_fmadd_ps(wb, *x, *sum);
+            }
         }
     }
 }
