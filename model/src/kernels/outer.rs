@@ -75,6 +75,7 @@ unsafe fn block<const O: usize, const V: usize, W: Weight>(xt: &[f32], w: &[W], 
             // SAFETY: i0 + 16 ≤ k: 16 weights of row `a` are readable; `buf` holds 16 floats.
             unsafe { _mm512_storeu_ps(buf.as_mut_ptr(), W::load16(wp.add(a * k + i0))) };
         }
+        #[allow(clippy::needless_range_loop)] // `j` is a column of every row of `widened`
         for j in 0..LANES {
             // SAFETY: i0 + j < k.
             unsafe { step(&mut acc, xp.add((i0 + j) * stride), std::array::from_fn(|a| widened[a][j])) };
