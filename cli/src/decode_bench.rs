@@ -2,12 +2,19 @@
 //! Each batch of sequences is prefilled with a prompt, then every step decodes one token for every
 //! sequence; the figure is generated tokens per second of wall time over the measured steps.
 //! Compares `local` and `grpc` experts, with and without micro-batch overlap, in one run.
+//!
+//! With experts in process it also counts the weight bytes each step reads (every matrix of the
+//! model, plus one copy of each expert that any row of the step was routed to, per layer) and, with
+//! `--probe-bandwidth`, measures the machine's read bandwidth, so that each batch size can be put
+//! against its memory bound in the same run: a decode step cannot be faster than its bytes over the
+//! bandwidth.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use epserve_model::{LogitsFor, SequenceStep};
+use epserve_coordinator::ExpertTransport;
+use epserve_model::{LogitsFor, RoutingTrace, SequenceStep};
 use serde_json::json;
 
 use crate::load::{ComputeDtype, ExpertArgs, engine};
@@ -30,6 +37,10 @@ pub struct DecodeBenchArgs {
     pub both_overlap: bool,
     #[arg(long, value_enum, default_value = "f32", env = "EPSERVE_DTYPE")]
     pub dtype: ComputeDtype,
+    /// Measure the machine's memory read bandwidth first (summing 1 GiB on every thread of the
+    /// pool) and report each batch size against its memory bound.
+    #[arg(long)]
+    pub probe_bandwidth: bool,
     #[command(flatten)]
     pub experts: ExpertArgs,
 }
@@ -40,6 +51,14 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
     }
     let mut engine = engine(&args.model, args.dtype, &args.experts)?;
     let vocab = engine.config.text.vocab_size as u32;
+    let bandwidth = args.probe_bandwidth.then(read_bandwidth);
+    if let Some(b) = bandwidth {
+        tracing::info!("memory read bandwidth: {:.1} GB/s", b / 1e9);
+    }
+    let expert_bytes = match &engine.experts {
+        ExpertTransport::Local(shard) => shard.expert_bytes(),
+        ExpertTransport::Grpc(_) => None,
+    };
     let modes: Vec<bool> = if args.both_overlap { vec![false, true] } else { vec![args.experts.overlap] };
     let mut results = Vec::new();
     for &batch in &args.batch {
@@ -54,13 +73,15 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
             }
             let mut next: Vec<[u32; 1]> = (0..batch).map(|b| [(b as u32 * 13 + 5) % vocab]).collect();
             let mut started = Instant::now();
+            let mut trace = RoutingTrace::default();
             for step in 0..args.steps + 3 {
                 if step == 3 {
                     started = Instant::now();
+                    trace = RoutingTrace::default();
                 }
                 let mut seqs: Vec<SequenceStep<'_>> =
                     caches.iter_mut().zip(&next).map(|(cache, t)| SequenceStep { tokens: t, cache }).collect();
-                let logits = engine.step(&mut seqs, LogitsFor::Last)?.to_vec2::<f32>()?;
+                let logits = engine.step_traced(&mut seqs, LogitsFor::Last, Some(&mut trace))?.to_vec2::<f32>()?;
                 for (n, row) in next.iter_mut().zip(&logits) {
                     n[0] = crate::generate::sample(row, 0.0, &mut epserve_model::synthetic::SplitMix64::new(0));
                 }
@@ -73,7 +94,7 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
                 "{tokens_per_s:.1} tokens/s ({:.2} ms per step)",
                 secs * 1e3 / args.steps as f64
             );
-            results.push(json!({
+            let mut row = json!({
                 "transport": engine.experts.name(),
                 "workers": args.experts.workers.len(),
                 "wire": if args.experts.workers.is_empty() { "none".to_owned() } else { format!("{:?}", args.experts.wire_dtype).to_lowercase() },
@@ -82,9 +103,71 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
                 "steps": args.steps,
                 "step_ms": secs * 1e3 / args.steps as f64,
                 "tokens_per_s": tokens_per_s,
-            }));
+            });
+            // Overlap does not trace its routing: no byte count then.
+            if let (Some(expert_bytes), false) = (expert_bytes, trace.layers.is_empty()) {
+                let touched = experts_touched(&trace) / args.steps as f64;
+                let bytes = engine.model.matrix_bytes() as f64 + touched * expert_bytes as f64;
+                let achieved = bytes / (secs / args.steps as f64);
+                tracing::info!(
+                    batch,
+                    "{:.1} experts per MoE layer, {:.1} MB of weights per step, read at {:.1} GB/s",
+                    touched / engine.config.text.moe_layers().count().max(1) as f64,
+                    bytes / 1e6,
+                    achieved / 1e9
+                );
+                row["experts_per_moe_layer"] = json!(touched / engine.config.text.moe_layers().count().max(1) as f64);
+                row["weight_bytes_per_step"] = json!(bytes);
+                row["weight_gb_per_s"] = json!(achieved / 1e9);
+                if let Some(bandwidth) = bandwidth {
+                    row["bound_tokens_per_s"] = json!(batch as f64 * bandwidth / bytes);
+                    row["fraction_of_bound"] = json!(achieved / bandwidth);
+                }
+            }
+            results.push(row);
         }
+    }
+    if let Some(b) = bandwidth {
+        results.push(json!({ "memory_read_gb_per_s": b / 1e9 }));
     }
     println!("{}", serde_json::to_string_pretty(&results)?);
     Ok(())
+}
+
+/// Distinct (layer, expert) pairs routed to in each step of `trace`, summed over the steps: the
+/// experts whose weights those steps had to read. A trace holds one entry per MoE layer per step.
+fn experts_touched(trace: &RoutingTrace) -> f64 {
+    trace
+        .layers
+        .iter()
+        .map(|(_, rows)| rows.iter().flatten().collect::<std::collections::BTreeSet<_>>().len() as f64)
+        .sum()
+}
+
+/// Bytes per second read by summing a 1 GiB buffer on every thread of rayon's pool (best of 3).
+fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 18;
+    let data = vec![1.0f32; 1 << 28];
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let sum: f32 = data
+            .par_chunks(CHUNK)
+            .map(|chunk| {
+                // 16 independent sums: vectorized loads, no dependency chain on one accumulator.
+                let mut acc = [0f32; 16];
+                for block in chunk.chunks_exact(16) {
+                    for (a, v) in acc.iter_mut().zip(block) {
+                        *a += v;
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        let rate = (data.len() * 4) as f64 / started.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        best = best.max(rate);
+    }
+    best
 }

@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use epserve_control::Kind;
 use epserve_coordinator::{ExpertTransport, GrpcConfig, GrpcExperts};
 use epserve_model::{
-    Checkpoint, ExpertShard, LogitsFor, ModelConfig, SequenceStep, TextModel, WeightSource, WeightStorage,
+    Checkpoint, ExpertShard, LogitsFor, ModelConfig, RoutingTrace, SequenceStep, TextModel, WeightSource, WeightStorage,
 };
 use epserve_proto::wire::WireDtype;
 
@@ -106,10 +106,20 @@ pub struct Engine {
 
 impl Engine {
     pub fn step(&self, seqs: &mut [SequenceStep<'_>], which: LogitsFor) -> Result<candle_core::Tensor> {
+        self.step_traced(seqs, which, None)
+    }
+
+    /// A step that records the routing in `trace` (not with overlap, which does not trace).
+    pub fn step_traced(
+        &self,
+        seqs: &mut [SequenceStep<'_>],
+        which: LogitsFor,
+        trace: Option<&mut RoutingTrace>,
+    ) -> Result<candle_core::Tensor> {
         Ok(if self.overlap {
             epserve_coordinator::overlap::forward_overlapped(&self.model, seqs, &self.experts, which)?
         } else {
-            self.model.forward(seqs, &self.experts, which, None)?
+            self.model.forward(seqs, &self.experts, which, trace)?
         })
     }
 }

@@ -43,6 +43,11 @@ pub(crate) struct Attention {
 }
 
 impl Attention {
+    /// Bytes of the four projections as kept in memory.
+    pub fn matrix_bytes(&self) -> u64 {
+        self.q_proj.bytes() + self.k_proj.bytes() + self.v_proj.bytes() + self.o_proj.bytes()
+    }
+
     pub fn load(
         cfg: &TextConfig,
         layer: usize,

@@ -109,9 +109,18 @@ impl ExpertShard {
         matches!(self.layers.get(layer).and_then(|l| l.get(expert as usize)), Some(Some(_)))
     }
 
-    /// Bytes of expert weights held in memory, in the compute dtype.
+    /// Bytes of expert weights held in memory.
     pub fn resident_bytes(&self) -> u64 {
         self.resident_bytes
+    }
+
+    /// Bytes of one expert of one layer as held in memory (`None` when nothing is hosted).
+    pub fn expert_bytes(&self) -> Option<u64> {
+        let ffn = self.layers.iter().flatten().flatten().next()?;
+        Some(
+            (ffn.gate_up.elem_count() * ffn.gate_up.dtype().size_in_bytes()
+                + ffn.down.elem_count() * ffn.down.dtype().size_in_bytes()) as u64,
+        )
     }
 
     /// SwiGLU of every group's rows with its expert: one matrix product per expert, not per row.

@@ -54,6 +54,11 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         matmul_t(x, &self.weight)
     }
+
+    /// Bytes of the weight as kept in memory.
+    pub fn bytes(&self) -> u64 {
+        (self.weight.elem_count() * self.weight.dtype().size_in_bytes()) as u64
+    }
 }
 
 /// Up to this many rows, `x·Wᵀ` is computed as `(W·xᵀ)ᵀ`.
@@ -131,6 +136,11 @@ impl Mlp {
             (gate.weight.to_dtype(dtype)?, up.weight.to_dtype(dtype)?)
         };
         Ok(Mlp { gate_up: Linear { weight: Tensor::cat(&[gate, up], 0)? }, down, inter })
+    }
+
+    /// Bytes of the three matrices as kept in memory.
+    pub fn bytes(&self) -> u64 {
+        self.gate_up.bytes() + self.down.bytes()
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -67,6 +67,11 @@ pub(crate) struct MoeBlock {
 }
 
 impl MoeBlock {
+    /// Bytes of the router and the shared expert as kept in memory.
+    pub fn matrix_bytes(&self) -> u64 {
+        self.router.bytes() + self.shared_expert.bytes()
+    }
+
     pub fn load(
         cfg: &TextConfig,
         layer: usize,

@@ -136,6 +136,23 @@ impl TextModel {
         &self.cfg
     }
 
+    /// Bytes of every weight matrix a step multiplies by (attention, router, shared expert, dense
+    /// MLPs, lm_head; not the routed experts), as kept in memory: what any decode step reads.
+    pub fn matrix_bytes(&self) -> u64 {
+        let layers: u64 = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.attention.matrix_bytes()
+                    + match &l.feed_forward {
+                        FeedForward::Moe(moe) => moe.matrix_bytes(),
+                        FeedForward::Dense(mlp) => mlp.bytes(),
+                    }
+            })
+            .sum();
+        layers + self.lm_head.bytes()
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
