@@ -5,7 +5,7 @@
 #   2. epserve up                `epserve up --workers 4`: gateway + coordinator + 4 expert workers over
 #                                gRPC, measured with `epserve bench` through the gateway's /v1/completions
 #   3. llama.cpp                 llama-cpp-python's OpenAI server (PyPI `llama-cpp-python[server]`,
-#                                compiled here, CPU only) on the checkpoint converted to GGUF at f32 with
+#                                compiled here, CPU only) on the checkpoint converted to GGUF (f32; see COMPARE_GGUF_TYPE) with
 #                                the converter in the same sdist, `--n_threads $(nproc)`, measured with the
 #                                same `epserve bench` commands
 #   4. transformers              `Llama4ForCausalLM.generate()` in process, f32, eager attention,
@@ -38,6 +38,8 @@
 #   COMPARE_WARMUP [2]            unmeasured requests before each HTTP measurement
 #   COMPARE_SYSTEMS [epserve up llama.cpp llama-server transformers]  which to run (names as listed)
 #   COMPARE_MODEL [mini]          the bench/common.sh preset
+#   COMPARE_GGUF_TYPE [f32]       the GGUF llama.cpp runs: f32, or bf16 (the checkpoint's own
+#                                 dtype, as many bytes per weight as epserve's default storage)
 #   LLAMA_CPP_PYTHON_VERSION [0.3.36], TORCH_VERSION [2.15.0], TRANSFORMERS_VERSION [5.23.0]
 source "$(dirname "$0")/common.sh"
 
@@ -52,6 +54,7 @@ TTFT_OUT="${COMPARE_TTFT_OUTPUT_LEN:-8}"
 WARMUP="${COMPARE_WARMUP:-2}"
 SYSTEMS="${COMPARE_SYSTEMS:-epserve up llama.cpp llama-server transformers}"
 PRESET="${COMPARE_MODEL:-mini}"
+GGUF_TYPE="${COMPARE_GGUF_TYPE:-f32}"
 LCP_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 TORCH_VERSION="${TORCH_VERSION:-2.15.0}"
 TRANSFORMERS_VERSION="${TRANSFORMERS_VERSION:-5.23.0}"
@@ -249,9 +252,9 @@ FIX
   progress "llama-server built in $((SECONDS - started)) s"
 }
 
-# The checkpoint as GGUF f32, with the sdist's own converter (see bench/convert_gguf.py for the one
+# The checkpoint as GGUF ($GGUF_TYPE), with the sdist's own converter (see bench/convert_gguf.py for the one
 # workaround: the synthetic tokenizer's pre-tokenizer hash).
-GGUF="$CACHE/gguf/$(basename "$model")-f32.gguf"
+GGUF="$CACHE/gguf/$(basename "$model")-$GGUF_TYPE.gguf"
 ensure_gguf() {
   local log="$LOGS/convert-gguf.log"
   if [ -s "$GGUF" ] && [ "$GGUF" -nt "$model/model.safetensors" ]; then return 0; fi
@@ -259,11 +262,11 @@ ensure_gguf() {
     GGUF_ERROR="the GGUF conversion (convert_hf_to_gguf.py) needs torch + transformers, which are missing: $HF_ERROR"
     return 1
   fi
-  progress "converting $model to GGUF f32 with llama.cpp's convert_hf_to_gguf.py (log $log)"
+  progress "converting $model to GGUF $GGUF_TYPE with llama.cpp's convert_hf_to_gguf.py (log $log)"
   if ! "$HF_VENV/bin/python" "$root/bench/convert_gguf.py" "$LCP_SRC/vendor/llama.cpp" -- "$model" \
-      --outtype f32 --outfile "$GGUF.tmp" >"$log" 2>&1; then
+      --outtype "$GGUF_TYPE" --outfile "$GGUF.tmp" >"$log" 2>&1; then
     rm -f "$GGUF.tmp"
-    GGUF_ERROR="convert_hf_to_gguf.py --outtype f32 failed: $(grep -v '^INFO' "$log" | tail -n 4 | tr '\n' ' ' | cut -c1-900)"
+    GGUF_ERROR="convert_hf_to_gguf.py --outtype $GGUF_TYPE failed: $(grep -v '^INFO' "$log" | tail -n 4 | tr '\n' ' ' | cut -c1-900)"
     return 1
   fi
   mv "$GGUF.tmp" "$GGUF"
@@ -470,7 +473,7 @@ fi
 versions="epserve $(git -C "$root" rev-parse --short HEAD 2>/dev/null)$(git -C "$root" diff --quiet 2>/dev/null || echo '+dirty')"
 [ -x "$LCP_VENV/bin/python" ] && versions+=", llama-cpp-python $("$LCP_VENV/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null || echo '?')"
 [ -x "$HF_VENV/bin/python" ] && versions+=", $("$HF_VENV/bin/python" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")' 2>/dev/null || echo 'torch ?')"
-"$PY" - "$RUN" "$SYSTEMS" "$machine_line" "$versions" "$model" "$OUT_LEN" "$PROMPT_LEN" "$C1_REQ" "$CONC" "$CONC_REQ" \
+GGUF_TYPE="$GGUF_TYPE" "$PY" - "$RUN" "$SYSTEMS" "$machine_line" "$versions" "$model" "$OUT_LEN" "$PROMPT_LEN" "$C1_REQ" "$CONC" "$CONC_REQ" \
   "$TTFT_LEN" "$TTFT_REQ" "$TTFT_OUT" "$WARMUP" "$THREADS" <<'PY' | tee "$RUN/report.md"
 import json, os, sys
 (run, systems, machine, versions, model, out_len, prompt_len, c1_req, conc, conc_req, ttft_len, ttft_req, ttft_out,
@@ -523,7 +526,7 @@ for name in ["epserve", "up", "llama.cpp", "llama-server", "transformers"]:
 label = {
     "epserve": "epserve in process (`engine-bench`)",
     "up": "`epserve up` (gateway + coordinator + 4 gRPC expert workers)",
-    "llama.cpp": "llama.cpp (llama-cpp-python server, GGUF f32)",
+    "llama.cpp": f"llama.cpp (llama-cpp-python server, GGUF {os.environ['GGUF_TYPE']})",
     "llama-server": "llama.cpp's own `llama-server` (same source and GGUF)",
     "transformers": "transformers (`generate()`, f32, eager)",
 }
