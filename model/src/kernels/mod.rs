@@ -112,7 +112,9 @@ pub struct Product<'a> {
 /// Every product of `batch` as one parallel region of rayon's pool, split by output features.
 pub fn products(batch: Vec<Product<'_>>) {
     // The outer form reads `x` transposed; done once per product, before the region.
-    let staged: Vec<Option<Vec<f32>>> = batch.iter().map(|p| transposed_for_outer(p.x, p.m, p.k)).collect();
+    let stage = |p: &Product<'_>| transposed_for_outer(p.x, p.m, p.k);
+    let staged: Vec<Option<Vec<f32>>> =
+        if batch.len() > 1 { batch.par_iter().map(stage).collect() } else { batch.iter().map(stage).collect() };
     let mut tasks = Vec::new();
     for (p, xt) in batch.into_iter().zip(&staged) {
         debug_assert_eq!(p.x.len(), p.m * p.k);
@@ -260,8 +262,11 @@ pub(crate) fn matmul_t(x: &candle_core::Tensor, w: &candle_core::Tensor) -> Opti
             .collect(),
     );
     let mut y = vec![0f32; m * n];
-    for (yt, y) in yt.chunks(block * n).zip(y.chunks_mut(block * n)) {
-        transpose(yt, n, yt.len() / n.max(1), y);
+    let unblock = |(yt, y): (&[f32], &mut [f32])| transpose(yt, n, yt.len() / n.max(1), y);
+    if m > block {
+        yt.par_chunks(block * n).zip(y.par_chunks_mut(block * n)).for_each(unblock);
+    } else {
+        unblock((&yt, &mut y));
     }
     candle_core::Tensor::from_vec(y, (m, n), x.device()).ok()
 }
@@ -306,23 +311,22 @@ pub fn swiglu_experts(experts: &[ExpertRows<'_>], inter: usize, out: &mut [f32])
             .map(|(e, yt)| Product { x: e.x, m: e.m, w: e.gate_up, k: e.x.len() / e.m.max(1), yt })
             .collect(),
     );
-    // h[r][j] = silu(gate[j][r]) · up[j][r], row-major for the next product.
-    let h: Vec<Vec<f32>> = experts
-        .iter()
-        .zip(&gu_t)
-        .map(|(e, gu_t)| {
-            let m = e.m;
-            let mut h = vec![0f32; m * inter];
-            for j in 0..inter {
-                for r in 0..m {
-                    let g = gu_t[j * m + r];
-                    let u = gu_t[(inter + j) * m + r];
-                    h[r * inter + j] = g / (1.0 + (-g).exp()) * u;
-                }
-            }
-            h
-        })
-        .collect();
+    // h[r][j] = silu(gate[j][r]) · up[j][r]: computed in the products' transposed layout, where gate
+    // and up are contiguous, then transposed to row-major for the next product.
+    let silu = |(e, gu_t): (&ExpertRows<'_>, &Vec<f32>)| {
+        let (gate, up) = gu_t.split_at(inter * e.m);
+        let h_t: Vec<f32> = gate.iter().zip(up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
+        let mut h = vec![0f32; e.m * inter];
+        transpose(&h_t, inter, e.m, &mut h);
+        h
+    };
+    // In parallel when there is enough of it (prefill); a decode step's share is too small to split.
+    let parallel = rows > max_rows();
+    let h: Vec<Vec<f32>> = if parallel {
+        experts.par_iter().zip(&gu_t).map(silu).collect()
+    } else {
+        experts.iter().zip(&gu_t).map(silu).collect()
+    };
     let mut y_t: Vec<Vec<f32>> = experts.iter().map(|e| vec![0f32; k_out * e.m]).collect();
     products(
         experts
@@ -332,10 +336,18 @@ pub fn swiglu_experts(experts: &[ExpertRows<'_>], inter: usize, out: &mut [f32])
             .map(|((e, h), yt)| Product { x: h, m: e.m, w: e.down, k: inter, yt })
             .collect(),
     );
-    let mut offset = 0;
-    for (e, y_t) in experts.iter().zip(&y_t) {
-        transpose(y_t, k_out, e.m, &mut out[offset..offset + e.m * k_out]);
-        offset += e.m * k_out;
+    let mut outs = Vec::with_capacity(experts.len());
+    let mut rest = out;
+    for e in experts {
+        let (mine, others) = rest.split_at_mut(e.m * k_out);
+        outs.push(mine);
+        rest = others;
+    }
+    let finish = |((e, y_t), out): ((&ExpertRows<'_>, &Vec<f32>), &mut [f32])| transpose(y_t, k_out, e.m, out);
+    if parallel {
+        experts.par_iter().zip(&y_t).zip(outs).for_each(finish);
+    } else {
+        experts.iter().zip(&y_t).zip(outs).for_each(finish);
     }
 }
 
