@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
+use clap::ValueEnum;
 use epserve_control::Kind;
 use epserve_coordinator::{ExpertTransport, GrpcConfig, GrpcExperts};
 use epserve_model::{
@@ -185,11 +186,18 @@ pub fn engine_parts(
     let mut progress = LoadProgress::new(&ckpt, "weights");
     let storage = experts.weight_storage.into();
     let model = TextModel::load(&config, &ckpt, dtype.into(), storage, &device, &mut |_, _| progress.tick())?;
+    tracing::info!(
+        "weight matrices: {:.1} MiB resident (--weight-storage {}, compute {:?})",
+        model.matrix_bytes() as f64 / 1048576.0,
+        experts.weight_storage.to_possible_value().map_or_else(String::new, |v| v.get_name().to_owned()),
+        DType::from(dtype)
+    );
     let transport = match runtime {
         None => {
             let all: Vec<u32> = (0..config.text.num_local_experts as u32).collect();
             let shard =
                 ExpertShard::load(&config, &ckpt, &all, dtype.into(), storage, &device, &mut || progress.tick())?;
+            tracing::info!("routed experts in process: {:.1} MiB resident", shard.resident_bytes() as f64 / 1048576.0);
             ExpertTransport::Local(shard)
         }
         Some(runtime) => {
