@@ -67,3 +67,43 @@ fn commands_accept_a_gen_model_checkpoint() {
         run_json(&["logits", "--model", again.path().to_str().expect("utf-8"), "--tokens", "480,100,200", "--last"]);
     assert!(logits == logits_again, "a sharded and a single-file copy of the same seed agree");
 }
+
+/// `decode-bench` counts the weight bytes a step reads — every matrix once, plus one copy of each
+/// expert routed to, per MoE layer — as kept in memory (bf16 as the fixture stores them, f32 with
+/// `--weight-storage compute`), and puts them against the probed bandwidth.
+#[test]
+fn decode_bench_counts_the_bytes_a_step_reads() {
+    let dir = tiny_fixture();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config")).expect("json");
+    let t = &config["text_config"];
+    let get = |k: &str| t[k].as_u64().unwrap_or_else(|| panic!("{k} in the fixture's config")) as f64;
+    let (h, inter, layers) = (get("hidden_size"), get("intermediate_size"), get("num_hidden_layers"));
+    let (q, kv) = (get("num_attention_heads") * get("head_dim"), get("num_key_value_heads") * get("head_dim"));
+    assert_eq!(t["moe_layers"].as_array().map(Vec::len), Some(layers as usize), "every fixture layer is MoE");
+    // Per layer: q, k, v, o; the router; the shared expert (gate, up, down). Then lm_head.
+    let per_layer = 2.0 * q * h + 2.0 * kv * h + get("num_local_experts") * h + 3.0 * h * inter;
+    let matrices = layers * per_layer + get("vocab_size") * h;
+    let expert = 3.0 * h * inter;
+    let model = dir.to_str().expect("utf-8");
+    for (storage, bytes) in [("as-stored", 2.0), ("compute", 4.0)] {
+        let args = ["decode-bench", "--model", model, "--batch", "1,8", "--steps", "3", "--prompt-len", "4"];
+        let rows = run_json(&[&args[..], &["--weight-storage", storage, "--probe-bandwidth"]].concat());
+        let rows = rows.as_array().expect("rows");
+        let (one, eight, probe) = (&rows[0], &rows[1], &rows[2]);
+        let f = |row: &serde_json::Value, k: &str| row[k].as_f64().unwrap_or_else(|| panic!("{k} in {row}"));
+        assert_eq!(f(one, "experts_per_moe_layer"), 1.0, "one row, top-1: one expert per layer");
+        assert_eq!(f(one, "weight_bytes_per_step"), (matrices + layers * expert) * bytes, "{storage}");
+        let touched = f(eight, "experts_per_moe_layer");
+        assert!((1.0..=8.0).contains(&touched), "8 rows reach 1 to 8 experts, not {touched}");
+        let want = (matrices + touched * layers * expert) * bytes;
+        assert!((f(eight, "weight_bytes_per_step") - want).abs() < 1e-6 * want, "{storage}: {eight}");
+        let bandwidth = f(probe, "memory_read_gb_per_s") * 1e9;
+        assert!(bandwidth > 1e8, "a machine reads more than 0.1 GB/s: {probe}");
+        for (row, batch) in [(one, 1.0), (eight, 8.0)] {
+            let bound = batch * bandwidth / f(row, "weight_bytes_per_step");
+            assert!((f(row, "bound_tokens_per_s") - bound).abs() < 1e-6 * bound, "{row}");
+            assert!(f(row, "fraction_of_bound") > 0.0, "{row}");
+        }
+    }
+}
