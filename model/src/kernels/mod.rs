@@ -95,8 +95,24 @@ impl<'a> Weights<'a> {
     }
 }
 
-/// Output features per parallel task: a multiple of every block height of [`outer`].
-const TASK_FEATURES: usize = 120;
+/// Output features per parallel task for the outer form: a multiple of its every block height.
+const OUTER_TASK_FEATURES: usize = 120;
+/// Tasks per thread of the pool the dot form aims at, and the multiple of its block heights a task
+/// is rounded to.
+const DOT_TASKS_PER_THREAD: usize = 4;
+const DOT_TASK_MULTIPLE: usize = 24;
+
+/// Output features per task for a product with `n` of them. The dot form (decode, memory-bound)
+/// splits every product into a few tasks per thread, so that no thread idles while another streams
+/// the last rows of a small matrix (a `[128, 512]` projection in fixed tasks of 120 features left
+/// one thread 8 of them); the compute-bound outer form keeps large tasks.
+fn task_features(n: usize, outer: bool) -> usize {
+    if outer {
+        return OUTER_TASK_FEATURES;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    n.div_ceil(threads * DOT_TASKS_PER_THREAD).next_multiple_of(DOT_TASK_MULTIPLE).max(DOT_TASK_MULTIPLE)
+}
 
 /// One product `yᵀ = (x · wᵀ)ᵀ` for `x` `[m, k]` and `w` `[n, k]`, both row-major, into `yt`
 /// `[n, m]` (transposed: each parallel task owns a contiguous range of output features).
@@ -123,8 +139,9 @@ pub fn products(batch: Vec<Product<'_>>) {
             continue;
         }
         let (m, k) = (p.m, p.k);
-        for (i, yt) in p.yt.chunks_mut(TASK_FEATURES * m).enumerate() {
-            let first = i * TASK_FEATURES;
+        let per_task = task_features(p.yt.len() / m, xt.is_some());
+        for (i, yt) in p.yt.chunks_mut(per_task * m).enumerate() {
+            let first = i * per_task;
             let w = p.w.rows(first, yt.len() / m, k);
             let x = match xt {
                 Some(xt) => Input::Transposed(xt),
