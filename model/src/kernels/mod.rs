@@ -315,17 +315,78 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// `b[c][r] = a[r][c]` for `a` `[rows, cols]`, in tiles so that both sides are read and written a
-/// cache line at a time.
+/// cache line at a time; whole 8 × 8 blocks with AVX shuffles where the CPU has AVX.
 pub fn transpose(a: &[f32], rows: usize, cols: usize, b: &mut [f32]) {
     const TILE: usize = 16;
-    debug_assert!(a.len() == rows * cols && b.len() == rows * cols);
+    assert!(a.len() == rows * cols && b.len() == rows * cols, "transpose: lengths disagree with the shape");
+    #[cfg(target_arch = "x86_64")]
+    let avx = std::is_x86_feature_detected!("avx");
     for r0 in (0..rows).step_by(TILE) {
         for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
+            let (r_end, c_end) = ((r0 + TILE).min(rows), (c0 + TILE).min(cols));
+            #[cfg(target_arch = "x86_64")]
+            if avx && r_end - r0 == TILE && c_end - c0 == TILE {
+                for (dr, dc) in [(0, 0), (0, 8), (8, 0), (8, 8)] {
+                    let (r, c) = (r0 + dr, c0 + dc);
+                    // SAFETY: the CPU has AVX; rows r..r+8 and columns c..c+8 are inside `a`
+                    // (`[rows, cols]`) and columns c..c+8 of rows r..r+8 of `b` (`[cols, rows]`).
+                    unsafe { transpose8x8(a.as_ptr().add(r * cols + c), cols, b.as_mut_ptr().add(c * rows + r), rows) };
+                }
+                continue;
+            }
+            for r in r0..r_end {
+                for c in c0..c_end {
                     b[c * rows + r] = a[r * cols + c];
                 }
             }
+        }
+    }
+}
+
+/// One 8 × 8 block: `dst[j][i] = src[i][j]`, rows `src_stride` and `dst_stride` floats apart.
+///
+/// # Safety
+/// The CPU has AVX; 8 rows of 8 floats are readable at `src` and writable at `dst`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose8x8(src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * src_stride)));
+        // Interleave pairs of rows, then pairs of pairs, then the 128-bit halves.
+        let t = [
+            _mm256_unpacklo_ps(r[0], r[1]),
+            _mm256_unpackhi_ps(r[0], r[1]),
+            _mm256_unpacklo_ps(r[2], r[3]),
+            _mm256_unpackhi_ps(r[2], r[3]),
+            _mm256_unpacklo_ps(r[4], r[5]),
+            _mm256_unpackhi_ps(r[4], r[5]),
+            _mm256_unpacklo_ps(r[6], r[7]),
+            _mm256_unpackhi_ps(r[6], r[7]),
+        ];
+        let u = [
+            _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+            _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+            _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+            _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+            _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+            _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+            _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+            _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+        ];
+        let out = [
+            _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
+            _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
+            _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
+            _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
+            _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
+            _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
+            _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
+            _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
+        ];
+        for (i, row) in out.iter().enumerate() {
+            _mm256_storeu_ps(dst.add(i * dst_stride), *row);
         }
     }
 }
@@ -532,7 +593,7 @@ mod tests {
 
     #[test]
     fn transpose_of_ragged_shapes() {
-        for (rows, cols) in [(1, 1), (3, 17), (16, 16), (33, 5), (40, 70)] {
+        for (rows, cols) in [(1, 1), (3, 17), (8, 8), (16, 16), (33, 5), (32, 48), (40, 70), (64, 2048)] {
             let a = values(rows * cols, 9);
             let mut b = vec![0f32; rows * cols];
             transpose(&a, rows, cols, &mut b);
