@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use epserve_model::config::{AttentionKind, TextConfig};
-use epserve_model::{KvStore, Result};
+use epserve_model::{KvSlots, KvStore, Result};
 
 /// How much memory the pool gets, fixed at start-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,6 +234,28 @@ impl KvStore for PagedKv<'_> {
     }
 
     fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor, from: usize) -> Result<(Tensor, Tensor)> {
+        let slots = self.store(layer, k, v, from)?;
+        let n = slots.len();
+        let index = Tensor::from_vec(slots, n, self.pool.k.device())?;
+        let keys = self.pool.k.index_select(&index, 0)?.transpose(0, 1)?.contiguous()?;
+        let values = self.pool.v.index_select(&index, 0)?.transpose(0, 1)?.contiguous()?;
+        Ok((keys, values))
+    }
+
+    fn append_in_place(&mut self, layer: usize, k: &Tensor, v: &Tensor, from: usize) -> Result<Option<KvSlots>> {
+        let slots = self.store(layer, k, v, from)?;
+        Ok(Some(KvSlots { k: self.pool.k.clone(), v: self.pool.v.clone(), slots }))
+    }
+
+    fn commit(&mut self, new: usize) {
+        self.seq.len += new;
+    }
+}
+
+impl PagedKv<'_> {
+    /// Writes `k`, `v` (`[kv, new, d]`) into the slots of positions `len..len+new` of `layer`, and
+    /// returns the slots of positions `from..len+new`.
+    fn store(&mut self, layer: usize, k: &Tensor, v: &Tensor, from: usize) -> Result<Vec<u32>> {
         let pool = self.pool;
         let table = self.seq.layers.get(layer).ok_or_else(|| unreserved(layer))?;
         let new = k.dim(1)?;
@@ -250,17 +272,7 @@ impl KvStore for PagedKv<'_> {
             pool.v.slice_set(&v.narrow(0, at, run)?, 0, slot)?;
             at += run;
         }
-        let slots: Vec<u32> = (from..start + new)
-            .map(|p| pool.slot(table, p).map(|s| s as u32).ok_or_else(|| unreserved(layer)))
-            .collect::<Result<_>>()?;
-        let index = Tensor::from_vec(slots, start + new - from, pool.k.device())?;
-        let keys = pool.k.index_select(&index, 0)?.transpose(0, 1)?.contiguous()?;
-        let values = pool.v.index_select(&index, 0)?.transpose(0, 1)?.contiguous()?;
-        Ok((keys, values))
-    }
-
-    fn commit(&mut self, new: usize) {
-        self.seq.len += new;
+        (from..start + new).map(|p| pool.slot(table, p).map(|s| s as u32).ok_or_else(|| unreserved(layer))).collect()
     }
 }
 

@@ -197,7 +197,13 @@ impl Attention {
             let k = k_all.narrow(0, span.start, 1)?.reshape((nkv, 1, d))?;
             let v = v_all.narrow(0, span.start, 1)?.reshape((nkv, 1, d))?;
             let from = chunk.map_or(0, |c| span.pos / c * c);
-            kv.push(cache.append(self.layer, &k, &v, from)?);
+            kv.push(match cache.append_in_place(self.layer, &k, &v, from)? {
+                Some(slots) => Context::InPlace(slots),
+                None => {
+                    let (k, v) = cache.append(self.layer, &k, &v, from)?;
+                    Context::Gathered(k, v)
+                }
+            });
         }
         let q = q_all.flatten_all()?.to_vec1::<f32>()?;
         let group = nh / nkv;
@@ -207,18 +213,29 @@ impl Attention {
         // once, and write their `group · d` outputs, which are contiguous.
         out.par_chunks_mut(group * d).enumerate().try_for_each(|(task, heads_out)| {
             let (i, kvh) = (task / nkv, task % nkv);
-            let (keys, values) = &kv[i];
             let q = &q[(spans[i].start * nh + kvh * group) * d..(spans[i].start * nh + (kvh + 1) * group) * d];
-            with_rows(keys, d, |keys, k_head| {
-                with_rows(values, d, |values, v_head| {
-                    let keys_n = keys_len(keys, k_head, nkv, d);
-                    let keys = &keys[kvh * k_head..kvh * k_head + keys_n * d];
-                    let values = &values[kvh * v_head..kvh * v_head + keys_n * d];
-                    attend_dispatch(q, keys, values, d, scale, heads_out);
+            let done = match &kv[i] {
+                Context::Gathered(keys, values) => with_rows(keys, d, |keys, k_head| {
+                    with_rows(values, d, |values, v_head| {
+                        let keys_n = keys_len(keys, k_head, nkv, d);
+                        let keys = Rows::Packed(&keys[kvh * k_head..kvh * k_head + keys_n * d]);
+                        let values = Rows::Packed(&values[kvh * v_head..kvh * v_head + keys_n * d]);
+                        attend_dispatch(q, keys, values, d, scale, heads_out);
+                    })
                 })
-            })
-            .flatten()
-            .ok_or_else(|| {
+                .flatten(),
+                Context::InPlace(kv) => {
+                    let (k, v) = (crate::kernels::CpuView::new(&kv.k), crate::kernels::CpuView::new(&kv.v));
+                    match (k.as_ref().and_then(|k| k.f32()), v.as_ref().and_then(|v| v.f32())) {
+                        (Some(k), Some(v)) if k.len() == v.len() => {
+                            let at = |data| Rows::Slots { data, slots: &kv.slots, heads: nkv, head: kvh };
+                            at(k).fits(kv.slots.len(), d).then(|| attend_dispatch(q, at(k), at(v), d, scale, heads_out))
+                        }
+                        _ => None,
+                    }
+                }
+            };
+            done.ok_or_else(|| {
                 crate::error::Error::Input("decode attention: the cache returned an unexpected layout".into())
             })
         })?;
@@ -226,9 +243,56 @@ impl Attention {
     }
 }
 
+/// A sequence's keys and values for one layer of a decode step.
+enum Context {
+    /// Gathered into `[kv_heads, n, head_dim]` tensors.
+    Gathered(Tensor, Tensor),
+    /// Where the cache keeps them.
+    InPlace(crate::kv_cache::KvSlots),
+}
+
+/// One KV head's keys (or values), `n` rows of `d` floats.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    /// Row `j` at `data[j·d..]`.
+    Packed(&'a [f32]),
+    /// Row `j` at `data[(slots[j]·heads + head)·d..]`.
+    Slots { data: &'a [f32], slots: &'a [u32], heads: usize, head: usize },
+}
+
+impl<'a> Rows<'a> {
+    fn len(&self, d: usize) -> usize {
+        match self {
+            Rows::Packed(data) => data.len() / d.max(1),
+            Rows::Slots { slots, .. } => slots.len(),
+        }
+    }
+
+    /// Whether every one of `n` rows lies inside the data (so that `row` cannot panic).
+    fn fits(&self, n: usize, d: usize) -> bool {
+        match self {
+            Rows::Packed(data) => data.len() >= n * d,
+            Rows::Slots { data, slots, heads, head } => {
+                head < heads && slots.iter().all(|&s| (s as usize * heads + head + 1) * d <= data.len())
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn row(&self, j: usize, d: usize) -> &'a [f32] {
+        match *self {
+            Rows::Packed(data) => &data[j * d..(j + 1) * d],
+            Rows::Slots { data, slots, heads, head } => {
+                let at = (slots[j] as usize * heads + head) * d;
+                &data[at..at + d]
+            }
+        }
+    }
+}
+
 /// Softmax attention of the query heads `q` (`[group, d]`) over one KV head's `keys` and `values`
-/// (`[n, d]` each), into `out` (`[group, d]`); compiled for AVX-512 when the CPU has it.
-fn attend_dispatch(q: &[f32], keys: &[f32], values: &[f32], d: usize, scale: f32, out: &mut [f32]) {
+/// (`n` rows of `d` each), into `out` (`[group, d]`); compiled for AVX-512 when the CPU has it.
+fn attend_dispatch(q: &[f32], keys: Rows<'_>, values: Rows<'_>, d: usize, scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
@@ -241,18 +305,19 @@ fn attend_dispatch(q: &[f32], keys: &[f32], values: &[f32], d: usize, scale: f32
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_avx512(q: &[f32], keys: &[f32], values: &[f32], d: usize, scale: f32, out: &mut [f32]) {
+unsafe fn attend_avx512(q: &[f32], keys: Rows<'_>, values: Rows<'_>, d: usize, scale: f32, out: &mut [f32]) {
     // The same code, compiled with 16-wide vectors.
     attend(q, keys, values, d, scale, out);
 }
 
 #[inline(always)]
-fn attend(q: &[f32], keys: &[f32], values: &[f32], d: usize, scale: f32, out: &mut [f32]) {
-    let keys_n = keys.len() / d.max(1);
+fn attend(q: &[f32], keys: Rows<'_>, values: Rows<'_>, d: usize, scale: f32, out: &mut [f32]) {
+    let keys_n = keys.len(d);
     let group = q.len() / d.max(1);
     // Each key is read once for every query head of the group.
     let mut scores = vec![0f32; group * keys_n];
-    for (j, kj) in keys.chunks_exact(d).enumerate() {
+    for j in 0..keys_n {
+        let kj = keys.row(j, d);
         for (g, qh) in q.chunks_exact(d).enumerate() {
             scores[g * keys_n + j] = dot(qh, kj) * scale;
         }
@@ -265,7 +330,8 @@ fn attend(q: &[f32], keys: &[f32], values: &[f32], d: usize, scale: f32, out: &m
             total += *s;
         }
         oh.fill(0.0);
-        for (s, vj) in scores.iter().zip(values.chunks_exact(d)) {
+        for (j, s) in scores.iter().enumerate() {
+            let vj = values.row(j, d);
             let p = s / total;
             for (o, v) in oh.iter_mut().zip(vj) {
                 *o += p * v;

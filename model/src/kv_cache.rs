@@ -24,8 +24,27 @@ pub trait KvStore: Send + std::fmt::Debug {
     /// that fails before the commit must leave `len()` unchanged.
     fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor, from: usize) -> Result<(Tensor, Tensor)>;
 
+    /// Like [`KvStore::append`], but the keys and values of positions `from..len()+new` are returned
+    /// where they are stored, by slot, instead of gathered into new tensors: decode attention reads
+    /// them in place, so a step does not copy the whole context. `None`, with nothing stored, from
+    /// a store without such a layout (the caller then uses `append`).
+    fn append_in_place(&mut self, layer: usize, k: &Tensor, v: &Tensor, from: usize) -> Result<Option<KvSlots>> {
+        let _ = (layer, k, v, from);
+        Ok(None)
+    }
+
     /// Marks the `new` tokens of this step as stored, once every layer has run.
     fn commit(&mut self, new: usize);
+}
+
+/// One layer's keys and values addressed by slot: position `from + j` of KV head `h` is the row of
+/// `head_dim` floats at `(slots[j] · kv_heads + h) · head_dim` of `k` and of `v`, both
+/// `[slots, kv_heads, head_dim]` and contiguous.
+#[derive(Debug, Clone)]
+pub struct KvSlots {
+    pub k: Tensor,
+    pub v: Tensor,
+    pub slots: Vec<u32>,
 }
 
 #[derive(Debug, Clone)]

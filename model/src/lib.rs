@@ -28,7 +28,7 @@ pub use checkpoint::{Checkpoint, WeightSource};
 pub use config::{ModelConfig, TextConfig};
 pub use error::{Error, Result};
 pub use experts::ExpertShard;
-pub use kv_cache::{KvCache, KvStore};
+pub use kv_cache::{KvCache, KvSlots, KvStore};
 pub use layers::WeightStorage;
 pub use moe::{ExpertBackend, ExpertBatch, ExpertGroup, ExpertsInFlight, RoutingTrace};
 pub use text_model::{LayerInFlight, LogitsFor, SequenceStep, Step, TextModel};
