@@ -311,6 +311,55 @@ mod tests {
         assert_eq!(pool.used_blocks(), 0);
     }
 
+    /// Decode reads the pool in place: the rows the slots point at are the keys and values that
+    /// `append` gathers, for two sequences whose blocks interleave in the pool.
+    #[test]
+    fn slots_point_at_what_append_gathers() {
+        let cfg = tiny();
+        let (kv, d) = (cfg.num_key_value_heads, cfg.head_dim);
+        let mut pool = KvPool::new(&cfg, KvCapacity::Tokens(256), 4, DType::F32, &Device::Cpu).expect("pool");
+        let mut seqs = [SeqBlocks::default(), SeqBlocks::default()];
+        let mut value = 0f32;
+        for step in 0..21 {
+            for seq in seqs.iter_mut() {
+                assert!(pool.reserve(seq, 1));
+                let mut view = pool.view(seq);
+                for layer in 0..cfg.num_hidden_layers {
+                    let k: Vec<f32> = (0..kv * d).map(|i| value + i as f32).collect();
+                    value += 1000.0;
+                    let k = Tensor::from_vec(k, (kv, 1, d), &Device::Cpu).expect("k");
+                    let v = (&k * -1.0).expect("v");
+                    // What attention asks for: chunked layers only from the current chunk's start.
+                    let from = pool.chunk_of_layer[layer].map_or(0, |c| step / c * c);
+                    let slots = view
+                        .append_in_place(layer, &k, &v, from)
+                        .unwrap_or_else(|e| panic!("step {step}: {e}"))
+                        .expect("a paged store");
+                    let (keys, values) = view.append(layer, &k, &v, from).expect("gathered");
+                    assert_eq!(slots.slots.len(), keys.dim(1).expect("n"));
+                    let (pool_k, pool_v) = (flat(&slots.k), flat(&slots.v));
+                    let (keys, values) = (keys.to_vec3::<f32>().expect("k"), values.to_vec3::<f32>().expect("v"));
+                    for h in 0..kv {
+                        for (j, &slot) in slots.slots.iter().enumerate() {
+                            let at = (slot as usize * kv + h) * d;
+                            assert_eq!(
+                                &pool_k[at..at + d],
+                                &keys[h][j][..],
+                                "step {step} layer {layer} head {h} key {j}"
+                            );
+                            assert_eq!(&pool_v[at..at + d], &values[h][j][..]);
+                        }
+                    }
+                }
+                view.commit(1);
+            }
+        }
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().expect("flatten").to_vec1().expect("f32")
+    }
+
     #[test]
     fn reserve_refuses_when_short() {
         let cfg = tiny();
