@@ -8,10 +8,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use epserve_control::etcd_server::EtcdServer;
 use epserve_control::{ControlPlane, Kind};
 use epserve_proto::v1::StatusRequest;
 use epserve_proto::v1::expert_service_client::ExpertServiceClient;
+use epserve_testkit::etcd_server::EtcdServer;
 use support::{Process, body_json, post, tiny_fixture};
 
 const TTL_MS: &str = "2000";
@@ -334,10 +334,10 @@ fn hung_worker_is_failed_over_after_the_exchange_deadline() {
     let started = Instant::now();
     let with_hang = run_streams(&cluster.gateway.addr, 16, 64, || {
         std::thread::sleep(Duration::from_millis(50));
-        cluster.workers[2].signal("STOP");
+        cluster.workers[2].signal(support::Signal::SIGSTOP);
     });
     let took = started.elapsed();
-    cluster.workers[2].signal("CONT");
+    cluster.workers[2].signal(support::Signal::SIGCONT);
     assert_eq!(reference, with_hang, "other tokens after failing over a hung worker");
     eprintln!("16 streams with a hung worker took {took:?} (exchange deadline 1 s)");
     let log = cluster.coordinator_log();

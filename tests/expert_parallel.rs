@@ -232,13 +232,13 @@ fn dead_or_stuck_worker_fails_the_step_within_the_deadline() {
     let tokens = &golden()[3].input_ids; // 41 tokens route to experts on both workers
     coordinator.logits(&grpc, tokens).expect("healthy cluster");
 
-    workers[1].signal("STOP");
+    workers[1].signal(support::Signal::SIGSTOP);
     let started = Instant::now();
     let err = coordinator.logits(&grpc, tokens).expect_err("stuck worker").to_string();
     let elapsed = started.elapsed();
     assert!(err.contains(&workers[1].addr) && err.contains("did not answer"), "{err}");
     assert!(elapsed >= deadline && elapsed < deadline + Duration::from_secs(3), "failed after {elapsed:?}");
-    workers[1].signal("CONT");
+    workers[1].signal(support::Signal::SIGCONT);
 
     workers[0].kill();
     let started = Instant::now();

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use epserve_model::synthetic::SplitMix64;
+use rand_xoshiro::SplitMix64;
+use rand_xoshiro::rand_core::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
@@ -116,7 +117,7 @@ enum Payload {
 }
 
 fn prompts(args: &BenchArgs, n: usize) -> Result<Vec<Payload>> {
-    let mut rng = SplitMix64::new(args.seed);
+    let mut rng = SplitMix64::seed_from_u64(args.seed);
     if let Some(path) = &args.prompts {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let lines: Vec<Value> = text
@@ -361,10 +362,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         match args.rate {
             Some(rate) => {
                 // Open loop: exponential gaps; each request starts on schedule in its own task.
-                let mut rng = SplitMix64::new(args.seed ^ 0x5eed);
+                let mut rng = SplitMix64::seed_from_u64(args.seed ^ 0x5eed);
                 let mut at = Duration::ZERO;
                 for i in 0..args.requests {
-                    let gap = -((1.0 - f64::from(rng.uniform())).max(1e-12)).ln() / rate;
+                    let gap = -((1.0 - f64::from(epserve_synthetic::uniform(&mut rng))).max(1e-12)).ln() / rate;
                     at += Duration::from_secs_f64(gap);
                     let (client, args, all, samples, progress) =
                         (client.clone(), args.clone(), all.clone(), samples.clone(), progress.clone());

@@ -4,8 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use epserve_model::synthetic::SplitMix64;
 use epserve_model::{LogitsFor, SequenceStep};
+use rand_xoshiro::SplitMix64;
+use rand_xoshiro::rand_core::SeedableRng;
 use serde_json::{Value, json};
 
 use crate::load::{ComputeDtype, ExpertArgs, engine};
@@ -92,7 +93,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let engine = engine(&args.model, args.dtype, &args.experts)?;
     let eos = eos_ids(&args.model, &engine.config.text.eos_token_ids);
     let mut cache = engine.model.new_cache();
-    let mut rng = SplitMix64::new(args.seed);
+    let mut rng = SplitMix64::seed_from_u64(args.seed);
     let mut generated = Vec::new();
     let mut next = prompt.clone();
     let mut finish_reason = "length";
@@ -143,7 +144,7 @@ pub fn sample(logits: &[f32], temperature: f32, rng: &mut SplitMix64) -> u32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let weights: Vec<f64> = logits.iter().map(|&l| (((l - max) / temperature) as f64).exp()).collect();
     let total: f64 = weights.iter().sum();
-    let mut target = rng.uniform() as f64 * total;
+    let mut target = epserve_synthetic::uniform(rng) as f64 * total;
     for (i, w) in weights.iter().enumerate() {
         target -= w;
         if target < 0.0 {
@@ -160,10 +161,11 @@ mod tests {
     #[test]
     fn greedy_picks_the_first_maximum_and_sampling_is_seeded() {
         let logits = [0.0, 3.0, 3.0, -1.0];
-        assert_eq!(sample(&logits, 0.0, &mut SplitMix64::new(1)), 1);
-        let draw = |seed| (0..32).map(|_| sample(&logits, 1.0, &mut SplitMix64::new(seed))).collect::<Vec<_>>();
+        assert_eq!(sample(&logits, 0.0, &mut SplitMix64::seed_from_u64(1)), 1);
+        let draw =
+            |seed| (0..32).map(|_| sample(&logits, 1.0, &mut SplitMix64::seed_from_u64(seed))).collect::<Vec<_>>();
         assert_eq!(draw(7), draw(7));
-        let mut rng = SplitMix64::new(3);
+        let mut rng = SplitMix64::seed_from_u64(3);
         let picks: Vec<u32> = (0..2000).map(|_| sample(&logits, 1.0, &mut rng)).collect();
         let ones = picks.iter().filter(|&&t| t == 1).count();
         assert!((800..1200).contains(&ones), "token 1 drawn {ones} times of 2000, expected ~47%");

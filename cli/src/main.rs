@@ -13,7 +13,6 @@ mod generate;
 mod load;
 mod logits;
 mod metrics_http;
-mod synthetic_tokenizer;
 mod up;
 mod worker;
 

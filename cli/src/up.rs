@@ -134,11 +134,11 @@ fn demo_model(cache: &Path) -> Result<PathBuf> {
     let dir = cache.join("mini");
     if !dir.join("config.json").exists() {
         tracing::info!("creating the demo checkpoint (random weights, `mini` shape) in {}", dir.display());
-        crate::gen_model::write(
-            epserve_model::synthetic::Preset::Mini,
+        epserve_synthetic::write_checkpoint(
+            epserve_synthetic::Preset::Mini,
             0,
             &dir,
-            crate::gen_model::StoredDtype::Bf16,
+            epserve_synthetic::StoredDtype::Bf16,
             false,
             None,
         )?;

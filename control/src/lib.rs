@@ -11,7 +11,6 @@
 
 pub mod controller;
 mod etcd;
-pub mod etcd_server;
 mod memory;
 mod plane;
 mod registry;

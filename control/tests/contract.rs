@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use epserve_control::etcd_server::EtcdServer;
 use epserve_control::{
     ControlPlane, EtcdRegistry, Instance, Kind, MemoryRegistry, PlacementMap, Registry, RegistryError,
 };
+use epserve_testkit::etcd_server::EtcdServer;
 
 /// A backend under test; holds the etcd server (if any) alive.
 struct Backend {

@@ -285,9 +285,7 @@ mod tests {
     use super::*;
 
     fn tiny() -> TextConfig {
-        epserve_model::ModelConfig::from_json(&epserve_model::synthetic::Preset::Tiny.config_json(480))
-            .expect("tiny")
-            .text
+        epserve_model::ModelConfig::from_json(&epserve_synthetic::Preset::Tiny.config_json(480)).expect("tiny").text
     }
 
     #[test]

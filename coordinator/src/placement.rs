@@ -44,7 +44,7 @@ mod tests {
     use super::*;
 
     fn cfg() -> TextConfig {
-        let json = epserve_model::synthetic::Preset::Tiny.config_json(480);
+        let json = epserve_synthetic::Preset::Tiny.config_json(480);
         epserve_model::ModelConfig::from_json(&json).expect("tiny").text
     }
 

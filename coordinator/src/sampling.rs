@@ -2,7 +2,8 @@
 //! logprobs. Each request owns its [`Sampler`] (and its random state), so a seeded request draws the
 //! same tokens alone or batched with others, and across preemption.
 
-use epserve_model::synthetic::SplitMix64;
+use rand_xoshiro::SplitMix64;
+use rand_xoshiro::rand_core::{Rng, SeedableRng};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -120,7 +121,7 @@ impl Sampler {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
         });
         Sampler {
-            rng: SplitMix64::new(seed),
+            rng: SplitMix64::seed_from_u64(seed),
             seen: prompt.iter().copied().collect(),
             output_counts: Default::default(),
             params,
@@ -199,7 +200,9 @@ impl Sampler {
             keep = n.max(1);
         }
         let total: f64 = probs[..keep].iter().sum();
-        let mut target = f64::from(self.rng.uniform()) * total;
+        // Uniform in [0, 1) from the top 24 bits of one draw.
+        let uniform = (self.rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        let mut target = f64::from(uniform) * total;
         for (i, q) in probs[..keep].iter().enumerate() {
             target -= q;
             if target < 0.0 {

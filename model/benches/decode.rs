@@ -6,8 +6,8 @@
 
 use candle_core::{DType, Device};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use epserve_model::synthetic::{Preset, RandomWeights};
 use epserve_model::{ExpertShard, KvCache, LogitsFor, ModelConfig, SequenceStep, TextModel, WeightStorage};
+use epserve_synthetic::{Preset, RandomWeights};
 
 // Below the cache's 128-slot capacity, so that a measured step never pays for growing the cache.
 const CONTEXT: usize = 100;

@@ -15,7 +15,6 @@ pub mod kernels;
 pub mod kv_cache;
 pub mod moe;
 pub mod rope;
-pub mod synthetic;
 pub mod text_model;
 
 mod attention;

@@ -9,8 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub use nix::sys::signal::Signal;
+use nix::sys::signal::kill;
+use nix::unistd::Pid;
+
 pub fn epserve() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_epserve"))
+    epserve_testkit::epserve_binary()
 }
 
 pub fn tiny_fixture() -> PathBuf {
@@ -71,19 +75,22 @@ impl Process {
         let _ = self.child.wait();
     }
 
-    pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill").args([format!("-{sig}"), self.pid().to_string()]).status().expect("kill");
-        assert!(status.success(), "kill -{sig} failed");
+    pub fn signal(&self, sig: Signal) {
+        kill(pid(&self.child), sig).unwrap_or_else(|e| panic!("kill -{sig}: {e}"));
     }
 }
 
 impl Drop for Process {
     fn drop(&mut self) {
-        let _ =
-            Command::new("kill").args(["-CONT".to_owned(), self.child.id().to_string()]).stderr(Stdio::null()).status();
+        // A test may have stopped it (SIGSTOP): a stopped process does not die of SIGKILL until resumed.
+        let _ = kill(pid(&self.child), Signal::SIGCONT);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn pid(child: &Child) -> Pid {
+    Pid::from_raw(i32::try_from(child.id()).expect("a pid fits in i32"))
 }
 
 /// Starts `epserve coordinator` on a free port (extra flags appended).
@@ -159,7 +166,7 @@ pub struct Up(Option<std::process::Child>);
 impl Drop for Up {
     fn drop(&mut self) {
         if let Some(mut child) = self.0.take() {
-            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+            let _ = kill(pid(&child), Signal::SIGINT);
             let _ = child.wait();
         }
     }
@@ -200,7 +207,7 @@ pub fn free_port() -> u16 {
 
 pub fn stop(mut up: Up) {
     let Some(mut child) = up.0.take() else { return };
-    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let _ = kill(pid(&child), Signal::SIGINT);
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {

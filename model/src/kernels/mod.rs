@@ -470,7 +470,8 @@ mod tests {
     }
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = crate::synthetic::SplitMix64::new(seed);
+        use rand_xoshiro::rand_core::{Rng, SeedableRng};
+        let mut rng = rand_xoshiro::SplitMix64::seed_from_u64(seed);
         (0..n).map(|_| (rng.next_u64() % 2000) as f32 / 1000.0 - 1.0).collect()
     }
 

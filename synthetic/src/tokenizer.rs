@@ -5,12 +5,13 @@
 
 use std::collections::HashMap;
 
-use epserve_model::synthetic::NAMED_SPECIAL_TOKENS;
+use crate::preset::NAMED_SPECIAL_TOKENS;
 use serde_json::{Value, json};
 
-const CORPUS: &str = include_str!("assets/corpus.txt");
+const CORPUS: &str = include_str!("../assets/corpus.txt");
 
 /// A generated tokenizer: its `tokenizer.json` and the id of its first named special token.
+#[derive(Debug)]
 pub struct SyntheticTokenizer {
     pub json: Value,
     pub first_special: u32,

@@ -1,15 +1,10 @@
-//! Random-weight Llama-4 models for benchmarks, demos and tests: named shapes (`tiny`, `mini`), the
-//! list of hub tensor keys a text checkpoint holds, and a [`WeightSource`] that generates every
-//! tensor deterministically from a seed and the tensor's key.
-//!
-//! Scales keep activations O(1) through the stack (embeddings ~N(0,1), linear layers ~N(0, 1/fan_in),
-//! norms at 1), so outputs are neither constant nor NaN and routing spreads over the experts.
+//! Named model shapes (`tiny`, `mini`, `scout-wire`): their hub-style `config.json` and the list of
+//! hub tensor keys a text checkpoint of that shape holds.
 
-use candle_core::{DType, Device, Tensor};
+use epserve_model::ModelConfig;
+use epserve_model::config::FeedForwardKind;
 use serde_json::{Value, json};
 
-use crate::checkpoint::WeightSource;
-use crate::config::{FeedForwardKind, ModelConfig};
 use crate::error::{Error, Result};
 
 /// Number of named special tokens (`<|begin_of_text|>` … `<|image|>`), in Llama 4's order.
@@ -55,7 +50,7 @@ impl Preset {
             "tiny" => Ok(Preset::Tiny),
             "mini" => Ok(Preset::Mini),
             "scout-wire" => Ok(Preset::ScoutWire),
-            other => Err(Error::Input(format!("unknown preset `{other}` (tiny, mini, scout-wire)"))),
+            other => Err(Error::UnknownPreset(other.to_owned())),
         }
     }
 
@@ -163,92 +158,4 @@ pub fn text_tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         specs.push((cfg.architecture.lm_head_key().to_owned(), vec![t.vocab_size, h]));
     }
     specs
-}
-
-/// Deterministic random weights: the same seed and key always give the same tensor.
-#[derive(Debug, Clone)]
-pub struct RandomWeights {
-    seed: u64,
-}
-
-impl RandomWeights {
-    pub fn new(seed: u64) -> Self {
-        RandomWeights { seed }
-    }
-
-    fn generate(&self, key: &str, shape: &[usize]) -> Vec<f32> {
-        let n: usize = shape.iter().product();
-        if key.ends_with("norm.weight") {
-            return vec![1.0; n];
-        }
-        // Fan-in of the product each weight takes part in: nn.Linear stores [out, in]; the fused
-        // experts are [E, in, out]; embeddings are looked up, not multiplied.
-        let std = if key.ends_with("embed_tokens.weight") {
-            1.0
-        } else if key.contains("feed_forward.experts.") {
-            1.0 / (shape[1] as f32).sqrt()
-        } else {
-            1.0 / (shape[shape.len() - 1] as f32).sqrt()
-        };
-        let mut rng = SplitMix64::new(self.seed ^ fnv1a(key.as_bytes()));
-        (0..n).map(|_| rng.normal() * std).collect()
-    }
-}
-
-impl WeightSource for RandomWeights {
-    fn tensor(&self, key: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_vec(self.generate(key, shape), shape, device)?.to_dtype(dtype)?)
-    }
-
-    fn rows(
-        &self,
-        key: &str,
-        shape: &[usize],
-        start: usize,
-        len: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
-        // Only the requested rows become a tensor: a view into the whole generated tensor would keep
-        // all of it alive.
-        let row: usize = shape[1..].iter().product();
-        let all = self.generate(key, shape);
-        let mut sub_shape = shape.to_vec();
-        sub_shape[0] = len;
-        Ok(Tensor::from_slice(&all[start * row..(start + len) * row], sub_shape, device)?.to_dtype(dtype)?)
-    }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-}
-
-/// SplitMix64 (Steele et al. 2014): tiny, fast and identical on every platform and crate version.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    /// Standard normal (Box-Muller).
-    pub fn normal(&mut self) -> f32 {
-        let u1 = ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
 }

@@ -4,14 +4,18 @@
 //! restart.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 #[derive(Debug)]
 pub struct EtcdServer {
     child: Option<Child>,
-    dir: PathBuf,
+    /// Data and log, removed when the server is dropped.
+    dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
 }
@@ -23,7 +27,7 @@ fn free_port() -> std::io::Result<u16> {
 impl EtcdServer {
     /// Starts etcd in a fresh directory under `parent` and waits until it answers (10 s at most).
     pub fn start(parent: &Path) -> std::io::Result<Self> {
-        let dir = tempdir_in(parent)?;
+        let dir = tempfile::Builder::new().prefix("epserve-etcd-").tempdir_in(parent)?;
         let mut server = EtcdServer { child: None, dir, client_port: free_port()?, peer_port: free_port()? };
         server.spawn()?;
         Ok(server)
@@ -42,7 +46,9 @@ impl EtcdServer {
     /// Stops the server (SIGTERM, then SIGKILL after 5 s); the data stays.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -65,17 +71,17 @@ impl EtcdServer {
     /// losing the etcd cluster.
     pub fn restart_empty(&mut self) -> std::io::Result<()> {
         self.stop();
-        let _ = std::fs::remove_dir_all(self.dir.join("data"));
+        let _ = std::fs::remove_dir_all(self.dir.path().join("data"));
         self.spawn()
     }
 
     fn spawn(&mut self) -> std::io::Result<()> {
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::File::create(self.dir.join("etcd.log"))?;
+        let log = std::fs::File::create(self.dir.path().join("etcd.log"))?;
         let child = Command::new("etcd")
             .args(["--name", "epserve-test", "--data-dir"])
-            .arg(self.dir.join("data"))
+            .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("epserve-test={peer}")])
@@ -91,7 +97,7 @@ impl EtcdServer {
                 return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                let log = std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
                 return Err(std::io::Error::other(format!("etcd exited ({status}): {log}")));
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -99,26 +105,24 @@ impl EtcdServer {
         Err(std::io::Error::other("etcd did not become healthy within 10 s"))
     }
 
+    /// etcd's `GET /health` says `{"health":"true"}`. A blocking client without a runtime of its own,
+    /// so that this works from sync tests and from inside async ones alike.
     fn healthy(&self) -> bool {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.client_port)) else { return false };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let request = "GET /health HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\n\r\n";
-        let mut body = String::new();
-        s.write_all(request.as_bytes()).is_ok() && s.read_to_string(&mut body).is_ok() && body.contains("\"true\"")
+        let agent: ureq::Agent =
+            ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(1))).build().into();
+        let url = format!("http://127.0.0.1:{}/health", self.client_port);
+        agent
+            .get(&url)
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .is_some_and(|body| body.contains("\"true\""))
     }
 }
 
 impl Drop for EtcdServer {
     fn drop(&mut self) {
+        // The temporary directory removes itself after this.
         self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn tempdir_in(parent: &Path) -> std::io::Result<PathBuf> {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let dir = parent.join(format!("epserve-etcd-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }

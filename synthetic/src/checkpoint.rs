@@ -1,0 +1,119 @@
+//! A whole random-weight checkpoint in hub layout: `config.json`, safetensors (optionally sharded,
+//! with `model.safetensors.index.json`), `tokenizer.json`, `tokenizer_config.json` with the Llama-4
+//! chat template, and `generation_config.json`.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use epserve_model::checkpoint::write_checkpoint as write_safetensors;
+use epserve_model::{ModelConfig, WeightSource};
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::preset::{NAMED_SPECIAL_TOKENS, Preset, text_tensor_specs};
+use crate::tokenizer;
+use crate::weights::RandomWeights;
+
+const CHAT_TEMPLATE: &str = include_str!("../assets/llama4_chat_template.jinja");
+
+/// The dtype the weights are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDtype {
+    Bf16,
+    F32,
+}
+
+/// Writes a `preset`-shaped checkpoint with weights from `seed` into `out` (created). An existing
+/// checkpoint there is an error unless `force`; `shard_mib` splits the weights into shards of about
+/// that many MiB.
+pub fn write_checkpoint(
+    preset: Preset,
+    seed: u64,
+    out: &Path,
+    dtype: StoredDtype,
+    force: bool,
+    shard_mib: Option<usize>,
+) -> Result<()> {
+    if out.join("config.json").exists() && !force {
+        return Err(Error::AlreadyExists(out.to_path_buf()));
+    }
+    std::fs::create_dir_all(out).map_err(Error::io(out))?;
+    let (max_merges, vocab) = match preset {
+        Preset::Tiny | Preset::ScoutWire => (224, preset.vocab_size()),
+        Preset::Mini => (1500, preset.vocab_size()),
+    };
+    let tokenizer = tokenizer::build(vocab, max_merges);
+    let config_json = preset.config_json(tokenizer.first_special);
+    let config = ModelConfig::from_json(&config_json)?;
+    let special =
+        |name: &str| tokenizer.first_special + NAMED_SPECIAL_TOKENS.iter().position(|t| *t == name).unwrap_or(0) as u32;
+
+    let first_reserved = (tokenizer.first_special as usize + NAMED_SPECIAL_TOKENS.len()).min(vocab);
+    let source = RandomWeights::new(seed);
+    let dtype = match dtype {
+        StoredDtype::Bf16 => DType::BF16,
+        StoredDtype::F32 => DType::F32,
+    };
+    let tensors = text_tensor_specs(&config)
+        .into_iter()
+        .map(|(key, shape)| {
+            let mut t = source.tensor(&key, &shape, dtype, &Device::Cpu)?;
+            if key == config.architecture.lm_head_key() {
+                t = silence_reserved_tokens(&t, first_reserved)?;
+            }
+            Ok((key, t))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Remove what an earlier, differently sharded run left behind.
+    for entry in std::fs::read_dir(out).map_err(Error::io(out))? {
+        let path = entry.map_err(Error::io(out))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.ends_with(".safetensors") || name == "model.safetensors.index.json" {
+            std::fs::remove_file(&path).map_err(Error::io(&path))?;
+        }
+    }
+    write_safetensors(out, &tensors, shard_mib.map(|m| m * 1024 * 1024))?;
+
+    let write_json = |name: &str, value: &serde_json::Value| -> Result<()> {
+        let path = out.join(name);
+        let text = serde_json::to_string_pretty(value).map_err(|source| Error::Json { path: path.clone(), source })?;
+        std::fs::write(&path, text).map_err(Error::io(&path))
+    };
+    write_json("config.json", &config_json)?;
+    write_json("tokenizer.json", &tokenizer.json)?;
+    write_json(
+        "tokenizer_config.json",
+        &json!({
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|eot|>",
+            "pad_token": "<|finetune_right_pad|>",
+            "add_bos_token": true,
+            "model_max_length": 10485760,
+            "chat_template": CHAT_TEMPLATE,
+            "tokenizer_class": "PreTrainedTokenizerFast"
+        }),
+    )?;
+    write_json(
+        "generation_config.json",
+        &json!({
+            "bos_token_id": special("<|begin_of_text|>"),
+            "eos_token_id": [special("<|end_of_text|>"), special("<|eom|>"), special("<|eot|>")],
+            "pad_token_id": special("<|finetune_right_pad|>"),
+        }),
+    )?;
+    tracing::info!("wrote a {preset:?} checkpoint (seed {seed}) to {}", out.display());
+    Ok(())
+}
+
+/// Zeroes the lm_head rows of the reserved special tokens. Their logit is then exactly 0 while real
+/// tokens' logits spread around it, so that a random model writes text, as trained models (which
+/// never see reserved tokens) do, instead of invisible reserved tokens most of the time.
+fn silence_reserved_tokens(lm_head: &Tensor, first_reserved: usize) -> Result<Tensor> {
+    let (vocab, hidden) = lm_head.dims2()?;
+    if first_reserved >= vocab {
+        return Ok(lm_head.clone());
+    }
+    let kept = lm_head.narrow(0, 0, first_reserved)?;
+    let zeros = Tensor::zeros((vocab - first_reserved, hidden), lm_head.dtype(), lm_head.device())?;
+    Ok(Tensor::cat(&[kept, zeros], 0)?)
+}

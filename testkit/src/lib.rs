@@ -1,0 +1,11 @@
+//! Test support shared by the crates' tests and the end-to-end tests in `tests/`: a throw-away etcd
+//! server ([`etcd_server::EtcdServer`]), the `epserve` binary the end-to-end tests start
+//! ([`epserve_binary`]) and the location of the fixtures kept in the repository.
+//!
+//! Boundaries: a dev-dependency only, never a dependency of a serving crate; it depends on no
+//! epserve crate, so that any crate's unit tests (the model's included) can use it.
+
+mod binary;
+pub mod etcd_server;
+
+pub use binary::{epserve_binary, repository_root};
