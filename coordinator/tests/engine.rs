@@ -2,7 +2,6 @@
 //! request the tokens it gets alone, preemption loses nothing, cancellation frees blocks, chunked
 //! layers stay bounded.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
@@ -14,14 +13,11 @@ use epserve_model::{
     Checkpoint, ExpertBackend, ExpertBatch, ExpertShard, ExpertsInFlight, KvCache, LogitsFor, ModelConfig,
     SequenceStep, TextModel, WeightStorage,
 };
+use epserve_testkit::fixtures;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-llama4")
-}
-
 fn load() -> (ModelConfig, TextModel, ExpertTransport) {
-    let dir = fixture();
+    let dir = fixtures::dir(fixtures::TINY_LLAMA4);
     let cfg = ModelConfig::from_file(&dir.join("config.json")).expect("config");
     let ckpt = Checkpoint::open(&dir).expect("checkpoint");
     let model =

@@ -88,7 +88,7 @@ mod tests {
     /// Rendering equals what transformers produced for the fixture, byte for byte.
     #[test]
     fn renders_the_golden_conversations() {
-        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-llama4");
+        let dir = epserve_testkit::fixtures::dir(epserve_testkit::fixtures::TINY_LLAMA4);
         let template = ChatTemplate::from_checkpoint(&dir).expect("template");
         let golden: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("golden/chat.json")).expect("read")).expect("json");

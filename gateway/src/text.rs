@@ -146,7 +146,7 @@ mod tests {
     use super::*;
 
     fn fixture() -> std::path::PathBuf {
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-llama4")
+        epserve_testkit::fixtures::dir(epserve_testkit::fixtures::TINY_LLAMA4)
     }
 
     /// Multi-byte characters split over several byte-level tokens come out whole, never as U+FFFD.

@@ -1,18 +1,17 @@
 //! The HTTP edge in process (`Router::oneshot`): authentication, OpenAI error JSON and status codes,
 //! body limits, probes — with no coordinator behind the gateway.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use epserve_gateway::{AppState, CoordinatorPool, TextCodec, router};
+use epserve_testkit::fixtures;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
 fn app(keys: &[&str], max_body: usize) -> axum::Router {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-llama4");
-    let text = TextCodec::from_checkpoint(&dir).expect("codec");
+    let text = TextCodec::from_checkpoint(&fixtures::dir(fixtures::TINY_LLAMA4)).expect("codec");
     // Nothing listens there: the pool never becomes healthy.
     let pool = CoordinatorPool::new(&["127.0.0.1:9".to_owned()]).expect("pool");
     let state = AppState::new(text, pool, "tiny".into()).with_limits(

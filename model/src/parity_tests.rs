@@ -1,11 +1,15 @@
-//! Parity with Hugging Face transformers on `../shared/fixtures/tiny-llama4` (golden outputs from
-//! transformers 5.24, fp32 compute on the bf16 weights), with full forward passes and with
-//! incremental KV-cache decoding, and negative controls showing that each Llama-4 detail matters.
+//! Parity with Hugging Face transformers on the checkpoints in `tests/fixtures/` (golden outputs from
+//! transformers, fp32 compute on the bf16 weights; see tests/fixtures/README.md), with full forward
+//! passes and with incremental KV-cache decoding, and negative controls showing that each Llama-4
+//! detail matters. One test also checks an independently made copy of `tiny-llama4` when it is
+//! present beside the checkout.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
+
+use epserve_testkit::fixtures;
 
 use crate::WeightSource;
 use crate::checkpoint::{Checkpoint, write_checkpoint};
@@ -18,8 +22,15 @@ use crate::text_model::{Deviation, LogitsFor, SequenceStep, TextModel};
 /// Logits must match to this absolute error (the reference expects ~1e-5 on values of ~3).
 const TOLERANCE: f32 = 1e-3;
 
+/// `tiny-llama4`: text + vision, top-1 routing, every layer MoE, hub-style config.
 pub(crate) fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-llama4")
+    fixtures::dir(fixtures::TINY_LLAMA4)
+}
+
+/// `tiny-llama4-top2`: text only, top-2 routing, dense layers between MoE layers, no qk-norm,
+/// transformers-5 config.
+fn top2_fixture_dir() -> PathBuf {
+    fixtures::dir(fixtures::TINY_LLAMA4_TOP2)
 }
 
 #[derive(Deserialize)]
@@ -36,7 +47,11 @@ struct Case {
 }
 
 fn golden() -> Golden {
-    let path = fixture_dir().join("golden/text.json");
+    golden_in(&fixture_dir())
+}
+
+fn golden_in(dir: &Path) -> Golden {
+    let path = dir.join("golden/text.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("golden/text.json parses")
 }
@@ -155,16 +170,39 @@ impl Loaded {
     }
 }
 
-#[test]
-fn full_forward_matches_transformers() {
-    let m = load_from(&fixture_dir());
-    for case in golden().cases {
+/// Logits of every position, router choices and greedy tokens of every golden case in `dir`.
+fn assert_full_forward_matches(dir: &Path) {
+    let m = load_from(dir);
+    for case in golden_in(dir).cases {
         let (logits, trace) = m.full(&case.input_ids);
         let diff = max_abs_diff(&logits, &case.logits);
         eprintln!("full T={} diff {diff}", case.input_ids.len());
         assert!(diff < TOLERANCE, "T={}: max |Δlogit| = {diff}", case.input_ids.len());
         assert_eq!(trace_by_layer(&trace), case.router_topk, "router top-k, T={}", case.input_ids.len());
         assert_eq!(m.greedy_full(&case.input_ids, 16), case.greedy_tokens, "greedy, T={}", case.input_ids.len());
+    }
+}
+
+#[test]
+fn full_forward_matches_transformers() {
+    assert_full_forward_matches(&fixture_dir());
+}
+
+#[test]
+fn top2_dense_interleaved_full_forward_matches_transformers() {
+    assert_full_forward_matches(&top2_fixture_dir());
+}
+
+/// The goldens of an independently made `tiny-llama4` (other weights, other generator, another
+/// transformers release), when a copy sits beside the checkout at `../shared/fixtures`.
+#[test]
+fn independent_fixture_cross_check() {
+    match fixtures::independent_copy(fixtures::TINY_LLAMA4) {
+        Some(dir) => assert_full_forward_matches(&dir),
+        None => eprintln!(
+            "skipped: no independent fixture at {} (optional cross-check)",
+            fixtures::independent_root().join(fixtures::TINY_LLAMA4).display()
+        ),
     }
 }
 
@@ -195,8 +233,17 @@ fn weights_kept_in_bf16_compute_what_weights_converted_at_load_compute() {
 
 #[test]
 fn kv_cache_decoding_matches_transformers() {
-    let m = load_from(&fixture_dir());
-    for case in golden().cases {
+    assert_kv_cache_decoding_matches(&fixture_dir());
+}
+
+#[test]
+fn top2_dense_interleaved_kv_cache_decoding_matches_transformers() {
+    assert_kv_cache_decoding_matches(&top2_fixture_dir());
+}
+
+fn assert_kv_cache_decoding_matches(dir: &Path) {
+    let m = load_from(dir);
+    for case in golden_in(dir).cases {
         let t = case.input_ids.len();
         // One token per step, and a prefill that ends mid-chunk followed by uneven pieces.
         for pieces in [vec![1], vec![5, 3, 9, 2]] {
@@ -213,8 +260,17 @@ fn kv_cache_decoding_matches_transformers() {
 /// sequence's own logits: the batched path the serving engine uses.
 #[test]
 fn batched_sequences_match_transformers() {
-    let m = load_from(&fixture_dir());
-    let cases = golden().cases;
+    assert_batched_sequences_match(&fixture_dir());
+}
+
+#[test]
+fn top2_dense_interleaved_batched_sequences_match_transformers() {
+    assert_batched_sequences_match(&top2_fixture_dir());
+}
+
+fn assert_batched_sequences_match(dir: &Path) {
+    let m = load_from(dir);
+    let cases = golden_in(dir).cases;
     let mut caches: Vec<_> = cases.iter().map(|_| m.model.new_cache()).collect();
     let mut steps: Vec<SequenceStep<'_>> =
         cases.iter().zip(caches.iter_mut()).map(|(c, cache)| SequenceStep { tokens: &c.input_ids, cache }).collect();

@@ -1,18 +1,13 @@
 //! Config parsing on the fixture files and on transformers-5 spellings, and the shapes derived for
 //! Llama 4 Scout.
 
-use std::path::PathBuf;
-
 use epserve_model::Error;
 use epserve_model::config::{Architecture, AttentionKind, FeedForwardKind, ModelConfig};
+use epserve_testkit::fixtures;
 use serde_json::{Value, json};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
-}
-
 fn read(path: &str) -> Value {
-    let text = std::fs::read_to_string(fixtures().join(path)).expect("fixture");
+    let text = std::fs::read_to_string(fixtures::root().join(path)).expect("fixture");
     serde_json::from_str(&text).expect("json")
 }
 

@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use crate::repository_root;
+
 /// The path of the `epserve` binary built for this test run. Panics, saying what to run, when it is
 /// missing or older than the sources it is built from (a stale binary would test old code).
 pub fn epserve_binary() -> PathBuf {
@@ -27,11 +29,6 @@ pub fn epserve_binary() -> PathBuf {
         );
     }
     binary
-}
-
-/// The repository's root directory (this crate sits one level below it).
-pub fn repository_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// The most recently modified file that the binary is built from: sources, protos, manifests and

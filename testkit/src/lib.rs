@@ -7,5 +7,11 @@
 
 mod binary;
 pub mod etcd_server;
+pub mod fixtures;
 
-pub use binary::{epserve_binary, repository_root};
+pub use binary::epserve_binary;
+
+/// The repository's root directory (this crate sits one level below it).
+pub fn repository_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}

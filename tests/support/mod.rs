@@ -18,7 +18,7 @@ pub fn epserve() -> PathBuf {
 }
 
 pub fn tiny_fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-llama4")
+    epserve_testkit::fixtures::dir(epserve_testkit::fixtures::TINY_LLAMA4)
 }
 
 /// A running process that printed `listening on ADDR` on stdout.
