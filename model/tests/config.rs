@@ -269,7 +269,7 @@ fn eos_is_one_id_or_a_list() {
     v["text_config"]["eos_token_id"] = json!(481);
     assert_eq!(eos(&v), vec![481]);
 
-    // Release-era multimodal files may keep the ids at the top level only.
+    // Without ids of its own, the text config takes the top level's.
     let mut v = base.clone();
     v["text_config"].as_object_mut().expect("object").remove("eos_token_id");
     v["eos_token_id"] = json!([481, 488]);

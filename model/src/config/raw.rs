@@ -37,7 +37,7 @@ pub(super) struct RawConfig {
     /// for mixed-dtype models (`PreTrainedConfig.to_dict`), and we only report a single name.
     pub torch_dtype: Option<Value>,
     pub dtype: Option<Value>,
-    /// Release-era multimodal files sometimes carry the EOS ids here instead of in `text_config`.
+    /// Used when the text config has no `eos_token_id` of its own.
     pub eos_token_id: Option<OneOrMany<TokenId>>,
 }
 
@@ -144,8 +144,9 @@ impl RawModel {
 }
 
 impl RawConfig {
-    /// The class the checkpoint was saved from. A `text_config` object is taken as multimodal even
-    /// without `architectures` (some converters drop it), `model_type: llama4_text` as text-only.
+    /// The class the checkpoint was saved from: `Llama4ForConditionalGeneration` in `architectures`
+    /// or a `text_config` object means multimodal; else `Llama4ForCausalLM` or `model_type:
+    /// llama4_text` means text-only.
     fn architecture(&self) -> Result<Architecture> {
         let architectures = self.architectures.as_ref().map_or(&[][..], OneOrMany::as_slice);
         let named = |class: &str| architectures.iter().any(|Name(a)| a == class);
