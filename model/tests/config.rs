@@ -145,6 +145,22 @@ fn errors_name_the_field() {
     cases.push((v, "text_config.rope_scaling.rope_type"));
 
     let mut v = base.clone();
+    v["text_config"]["rope_scaling"].as_object_mut().expect("object").remove("factor");
+    cases.push((v, "text_config.rope_scaling.factor: is required"));
+
+    let mut v = base.clone();
+    v["text_config"]["rope_scaling"]["high_freq_factor"] = json!(0.5);
+    cases.push((v, "text_config.rope_scaling.high_freq_factor: 0.5 is below low_freq_factor 1"));
+
+    let mut v = base.clone();
+    v["text_config"]["attention_chunk_size"] = json!(0);
+    cases.push((v, "text_config.attention_chunk_size: must be positive"));
+
+    let mut v = base.clone();
+    v["vision_config"].as_object_mut().expect("object").remove("pixel_shuffle_ratio");
+    cases.push((v, "vision_config.pixel_shuffle_ratio: is required"));
+
+    let mut v = base.clone();
     v["architectures"] = json!(["MistralForCausalLM"]);
     v.as_object_mut().expect("object").remove("text_config");
     cases.push((v, "architectures"));
@@ -161,4 +177,175 @@ fn unknown_fields_are_ignored() {
     v["text_config"]["some_future_field"] = json!({"nested": [1, 2, 3]});
     v["quantization_config"] = json!({"quant_method": "none"});
     ModelConfig::from_json(&v).expect("unknown fields are fine");
+}
+
+/// serde reports a value of the wrong type at its whole path, however deep it sits.
+#[test]
+fn type_errors_name_the_path() {
+    let base = read("tiny-llama4/config.json");
+    let mut cases: Vec<(Value, &str)> = Vec::new();
+
+    let mut v = base.clone();
+    v["text_config"]["rope_scaling"]["factor"] = json!("8");
+    cases.push((v, r#"text_config.rope_scaling.factor: expected a number, got "8""#));
+
+    let mut v = base.clone();
+    v["text_config"]["no_rope_layers"][2] = json!(2);
+    cases.push((v, "text_config.no_rope_layers[2]: expected 0 or 1, got 2"));
+
+    let mut v = base.clone();
+    v["text_config"]["moe_layers"][3] = json!("3");
+    cases.push((v, r#"text_config.moe_layers[3]: expected a layer index, got "3""#));
+
+    let mut v = base.clone();
+    v["text_config"]["layer_types"] = json!(["chunked_attention", 7]);
+    cases.push((v, "text_config.layer_types[1]: expected a string, got 7"));
+
+    let mut v = base.clone();
+    v["text_config"]["moe_layers"] = json!(3);
+    cases.push((v, "text_config.moe_layers: expected a list, got 3"));
+
+    let mut v = base.clone();
+    v["text_config"]["use_qk_norm"] = json!(1);
+    cases.push((v, "text_config.use_qk_norm: expected true or false, got 1"));
+
+    let mut v = base.clone();
+    v["text_config"]["attn_temperature_tuning"] = json!("yes");
+    cases.push((v, r#"text_config.attn_temperature_tuning: expected a bool or an integer, got "yes""#));
+
+    let mut v = base.clone();
+    v["text_config"]["rope_scaling"] = json!("llama3");
+    cases.push((v, "text_config.rope_scaling: invalid type: string \"llama3\", expected an object"));
+
+    let mut v = base.clone();
+    v["vision_config"]["patch_size"] = json!(-14);
+    cases.push((v, "vision_config.patch_size: expected a non-negative integer, got -14"));
+
+    let mut v = base.clone();
+    v["image_token_index"] = json!(1.5);
+    cases.push((v, "image_token_index: expected a non-negative integer, got 1.5"));
+
+    cases.push((json!([1, 2]), "config.json: invalid type"));
+
+    for (value, expected) in cases {
+        let message = field_error(&value);
+        assert!(message.starts_with(expected), "expected `{expected}…`, got `{message}`");
+    }
+}
+
+/// Token ids are `u32` everywhere; an id that does not fit is an error at its path, never truncated.
+#[test]
+fn out_of_range_token_ids_are_rejected_with_their_path() {
+    let base = read("tiny-llama4/config.json");
+    let too_big = u64::from(u32::MAX) + 1;
+    let cases = [
+        ("eos_token_id", json!([481, too_big]), "text_config.eos_token_id[1]: 4294967296 does not fit a token id"),
+        ("eos_token_id", json!(too_big), "text_config.eos_token_id: 4294967296 does not fit a token id"),
+        ("eos_token_id", json!([481, -1]), "text_config.eos_token_id[1]: expected a non-negative integer, got -1"),
+        ("bos_token_id", json!(too_big), "text_config.bos_token_id: 4294967296 does not fit a token id"),
+    ];
+    for (key, id, expected) in cases {
+        let mut v = base.clone();
+        v["text_config"][key] = id;
+        assert_eq!(field_error(&v), expected);
+    }
+    let mut v = base.clone();
+    v["text_config"]["eos_token_id"] = json!(u32::MAX);
+    assert_eq!(ModelConfig::from_json(&v).expect("u32::MAX fits").text.eos_token_ids, vec![u32::MAX]);
+}
+
+#[test]
+fn eos_is_one_id_or_a_list() {
+    let base = read("tiny-llama4/config.json");
+    let eos = |value: &Value| ModelConfig::from_json(value).expect("parses").text.eos_token_ids;
+    assert_eq!(eos(&base), vec![481, 487, 488]);
+
+    let mut v = base.clone();
+    v["text_config"]["eos_token_id"] = json!(481);
+    assert_eq!(eos(&v), vec![481]);
+
+    // Without ids of its own, the text config takes the top level's.
+    let mut v = base.clone();
+    v["text_config"].as_object_mut().expect("object").remove("eos_token_id");
+    v["eos_token_id"] = json!([481, 488]);
+    assert_eq!(eos(&v), vec![481, 488]);
+    v.as_object_mut().expect("object").remove("eos_token_id");
+    assert_eq!(eos(&v), Vec::<u32>::new());
+}
+
+/// The hub's `rope_theta` + `rope_scaling` and transformers 5's `rope_parameters` are one config;
+/// `type` is the older name of `rope_type`, and files that carry both names still parse.
+#[test]
+fn rope_spellings_give_the_same_config() {
+    let hub = read("tiny-llama4/config.json");
+    let expected = ModelConfig::from_json(&hub).expect("hub");
+    assert_eq!(expected.text.rope.theta, 500_000.0);
+    assert!(expected.text.rope.llama3.is_some());
+
+    let mut v5 = hub.clone();
+    let text = v5["text_config"].as_object_mut().expect("object");
+    let mut params = text.remove("rope_scaling").expect("rope_scaling");
+    params["rope_theta"] = text.remove("rope_theta").expect("rope_theta");
+    text.insert("rope_parameters".into(), params);
+    assert_eq!(ModelConfig::from_json(&v5).expect("rope_parameters").text, expected.text);
+
+    let mut legacy = hub.clone();
+    let scaling = legacy["text_config"]["rope_scaling"].as_object_mut().expect("object");
+    let kind = scaling.remove("rope_type").expect("rope_type");
+    scaling.insert("type".into(), kind);
+    assert_eq!(ModelConfig::from_json(&legacy).expect("type").text, expected.text);
+    legacy["text_config"]["rope_scaling"]["rope_type"] = json!("llama3");
+    assert_eq!(ModelConfig::from_json(&legacy).expect("type and rope_type").text, expected.text);
+
+    // Both objects present: `rope_parameters` wins, as in transformers 5.
+    let mut both = v5.clone();
+    both["text_config"]["rope_scaling"] = json!({"rope_type": "default"});
+    assert_eq!(ModelConfig::from_json(&both).expect("both").text, expected.text);
+}
+
+#[test]
+fn temperature_tuning_is_a_bool_or_an_integer() {
+    let base = read("tiny-llama4/config.json");
+    for (written, enabled) in [(json!(4), true), (json!(0), false), (json!(true), true), (json!(false), false)] {
+        let mut v = base.clone();
+        v["text_config"]["attn_temperature_tuning"] = written.clone();
+        let cfg = ModelConfig::from_json(&v).expect("parses");
+        assert_eq!(cfg.text.attn_temperature_tuning, enabled, "{written}");
+    }
+}
+
+/// In a text-only config the fields sit at the top level, and so do the paths its errors name.
+#[test]
+fn causal_lm_errors_name_top_level_fields() {
+    let mut text = read("tiny-llama4/config.json")["text_config"].clone();
+    text["architectures"] = json!(["Llama4ForCausalLM"]);
+    text["eos_token_id"] = json!([481, "eot"]);
+    assert_eq!(field_error(&text), r#"eos_token_id[1]: expected a non-negative integer, got "eot""#);
+    text.as_object_mut().expect("object").remove("hidden_size");
+    text["eos_token_id"] = json!(481);
+    assert_eq!(field_error(&text), "hidden_size: is required");
+}
+
+#[test]
+fn vision_config_has_defaults_and_both_dtype_spellings_parse() {
+    let scout = ModelConfig::from_json(&read("scout-config/config.json")).expect("scout");
+    let v = scout.vision.expect("vision");
+    assert_eq!((v.pixel_shuffle_ratio, v.projector_input_dim, v.vision_output_dim), (0.5, 4096, 4096));
+    assert_eq!((v.vision_feature_layer, v.vision_feature_select_strategy.as_str()), (-1, "default"));
+    assert_eq!((v.rope_theta, v.norm_eps, v.num_channels), (10_000.0, 1e-5, 3));
+    assert_eq!(scout.stored_dtype.as_deref(), Some("bfloat16"));
+
+    // transformers 5 spells the vision theta inside `rope_parameters`, and may write `dtype` beside
+    // `torch_dtype` or a per-module dtype map.
+    let mut v5 = read("tiny-llama4/config.json");
+    let vision = v5["vision_config"].as_object_mut().expect("object");
+    vision.remove("rope_theta");
+    vision.insert("rope_parameters".into(), json!({"rope_type": "default", "rope_theta": 20000.0}));
+    v5["dtype"] = json!("float32");
+    let cfg = ModelConfig::from_json(&v5).expect("transformers 5");
+    assert_eq!(cfg.vision.expect("vision").rope_theta, 20_000.0);
+    assert_eq!(cfg.stored_dtype.as_deref(), Some("bfloat16"), "torch_dtype wins");
+    v5.as_object_mut().expect("object").remove("torch_dtype");
+    v5["dtype"] = json!({"text_config": "bfloat16"});
+    assert_eq!(ModelConfig::from_json(&v5).expect("dtype map").stored_dtype, None);
 }
