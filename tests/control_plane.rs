@@ -22,7 +22,7 @@ fn unix_ms() -> u128 {
 
 /// A cluster registered in etcd: workers, coordinators (logs kept), a gateway.
 /// Fields drop in order: the processes stop before etcd does.
-struct Cluster {
+struct EtcdBackedCluster {
     gateway: Process,
     coordinators: Vec<Process>,
     workers: Vec<Process>,
@@ -30,9 +30,9 @@ struct Cluster {
     logs: tempfile::TempDir,
 }
 
-impl Cluster {
+impl EtcdBackedCluster {
     /// `selections[i]`: worker i's `--experts` list.
-    fn start(selections: &[&str], coordinators: usize, coordinator_flags: &[&str]) -> Cluster {
+    fn start(selections: &[&str], coordinators: usize, coordinator_flags: &[&str]) -> EtcdBackedCluster {
         let logs = tempfile::tempdir().expect("tempdir");
         let etcd = EtcdServer::start(logs.path()).expect("start etcd (Debian package etcd-server)");
         let url = etcd.url();
@@ -58,7 +58,7 @@ impl Cluster {
         let mut a = vec!["gateway", "--model", model, "--listen", "127.0.0.1:0", "--health-interval-ms", "200"];
         a.extend_from_slice(&registry);
         let gateway = Process::start(&a);
-        let cluster = Cluster { etcd, workers, coordinators, gateway, logs };
+        let cluster = EtcdBackedCluster { etcd, workers, coordinators, gateway, logs };
         let deadline = Instant::now() + Duration::from_secs(60);
         while post(&cluster.gateway.addr, "/ready", "").0 != 200 {
             assert!(Instant::now() < deadline, "the gateway found no coordinator through etcd within 60 s");
@@ -159,7 +159,7 @@ fn run_streams(addr: &str, n: usize, max_tokens: u32, during: impl FnOnce()) -> 
 fn killed_worker_fails_over_to_replicas_without_losing_a_request() {
     // Worker i serves shards i and i+1 (mod 4) of 16 experts.
     let selections = ["0-7", "4-11", "8-15", "0-3,12-15"];
-    let mut cluster = Cluster::start(&selections, 2, &[]);
+    let mut cluster = EtcdBackedCluster::start(&selections, 2, &[]);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let plane = cluster.plane(&runtime);
     let registered = |kind| runtime.block_on(plane.list(kind)).expect("list").len();
@@ -198,7 +198,7 @@ fn killed_worker_fails_over_to_replicas_without_losing_a_request() {
 #[test]
 fn dead_workers_experts_are_reassigned_without_replicas() {
     let selections = ["0-3", "4-7", "8-11", "12-15"];
-    let mut cluster = Cluster::start(&selections, 1, &["--host-wait-ms", "20000"]);
+    let mut cluster = EtcdBackedCluster::start(&selections, 1, &["--host-wait-ms", "20000"]);
     let body = completion("The cluster heals", 16, false);
     let (status, response) = post(&cluster.gateway.addr, "/v1/completions", &body);
     assert_eq!(status, 200, "{response}");
@@ -276,9 +276,9 @@ fn dead_workers_experts_are_reassigned_without_replicas() {
 #[test]
 fn etcd_restart_does_not_stop_serving() {
     let selections = ["0-7", "8-15"];
-    let mut cluster = Cluster::start(&selections, 1, &[]);
+    let mut cluster = EtcdBackedCluster::start(&selections, 1, &[]);
     let body = completion("etcd goes away", 8, false);
-    let check = |cluster: &Cluster, when: &str| {
+    let check = |cluster: &EtcdBackedCluster, when: &str| {
         let (status, response) = post(&cluster.gateway.addr, "/v1/completions", &body);
         assert_eq!(status, 200, "{when}: {response}");
     };
@@ -329,7 +329,7 @@ fn epserve_up_registers_everything_in_etcd() {
 #[test]
 fn hung_worker_is_failed_over_after_the_exchange_deadline() {
     let selections = ["0-7", "4-11", "8-15", "0-3,12-15"];
-    let cluster = Cluster::start(&selections, 1, &["--exchange-timeout-ms", "1000"]);
+    let cluster = EtcdBackedCluster::start(&selections, 1, &["--exchange-timeout-ms", "1000"]);
     let reference = run_streams(&cluster.gateway.addr, 16, 64, || {});
     let started = Instant::now();
     let with_hang = run_streams(&cluster.gateway.addr, 16, 64, || {
