@@ -69,8 +69,9 @@ impl ChatTemplate {
         Ok(ChatTemplate { env, bos_token })
     }
 
-    /// Renders OpenAI-style `messages` (`[{"role": ..., "content": ...}]`).
-    pub fn render(&self, messages: &Value, add_generation_prompt: bool) -> Result<String> {
+    /// Renders OpenAI-style `messages` (`[{"role": ..., "content": ...}]`): the gateway's typed
+    /// messages, or JSON as it is.
+    pub fn render<M: serde::Serialize + ?Sized>(&self, messages: &M, add_generation_prompt: bool) -> Result<String> {
         let template = self.env.get_template("chat")?;
         let ctx = minijinja::context! {
             messages => JinjaValue::from(minijinja::value::Serde(messages)),

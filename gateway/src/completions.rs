@@ -8,32 +8,38 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::Json;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use epserve_proto::v1::{self as pb, FinishReason, GenerateRequest, TokenEvent};
-use serde_json::{Value, json};
+use epserve_proto::v1::{self as pb, GenerateRequest, TokenEvent};
+use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::errors::ApiError;
-use crate::openai::Sampling;
+use crate::openai::GenerationOptions;
+use crate::openai::request::Role;
+use crate::openai::response::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs,
+    Completion, CompletionChoice, CompletionLogprobs, FinishReason, TokenLogprob, Usage,
+};
 use crate::routing::{Generation, RouteError};
 use crate::server::AppState;
 use crate::text::StopMatcher;
 
+/// Which OpenAI API a request came through; it decides the shape of the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub enum CompletionApi {
+    /// `/v1/chat/completions`.
     Chat,
+    /// `/v1/completions`, the legacy text API.
     Text,
 }
 
 /// A request ready to send: the prompt's tokens and what to do with the answer.
 #[derive(Debug)]
 pub struct Prepared {
-    pub kind: Kind,
+    pub api: CompletionApi,
     pub model: String,
     pub prompt: Vec<u32>,
-    pub sampling: Sampling,
-    pub stream: bool,
-    pub include_usage: bool,
+    pub options: GenerationOptions,
     /// Which body field the prompt came from, for errors.
     pub prompt_param: &'static str,
     /// Carried to the coordinator, so that both logs name the request the same way.
@@ -41,12 +47,15 @@ pub struct Prepared {
 }
 
 /// The OpenAI-style id of a response (`chatcmpl-…`, `cmpl-…`).
-fn response_id(kind: Kind) -> String {
+fn response_id(api: CompletionApi) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
+    let prefix = match api {
+        CompletionApi::Chat => "chatcmpl",
+        CompletionApi::Text => "cmpl",
+    };
     format!("{prefix}-{:x}{:06x}", t as u64 & 0xffff_ffff_ffff, n & 0xff_ffff)
 }
 
@@ -54,8 +63,8 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn finish_name(reason: i32) -> &'static str {
-    if reason == FinishReason::Length as i32 { "length" } else { "stop" }
+fn finish_reason(reason: i32) -> FinishReason {
+    if reason == pb::FinishReason::Length as i32 { FinishReason::Length } else { FinishReason::Stop }
 }
 
 /// Turns coordinator events into text, logprobs and a finish reason, applying stop strings.
@@ -63,7 +72,6 @@ struct Assembler<'a> {
     state: &'a AppState,
     decoder: crate::text::Detokenizer<'a>,
     stops: StopMatcher,
-    kind: Kind,
     logprobs: bool,
     completion_tokens: u32,
 }
@@ -72,9 +80,9 @@ struct Assembler<'a> {
 #[derive(Default)]
 struct Piece {
     text: String,
-    logprobs: Vec<Value>,
+    logprobs: Vec<TokenLogprob>,
     /// Some when the answer ends with this event.
-    finish: Option<&'static str>,
+    finish: Option<FinishReason>,
     error: Option<String>,
     /// The error is the cluster's temporary state (503), not a failure of this request (500).
     unavailable: bool,
@@ -92,34 +100,22 @@ impl Piece {
 }
 
 impl<'a> Assembler<'a> {
-    fn new(state: &'a AppState, kind: Kind, sampling: &Sampling) -> Self {
+    fn new(state: &'a AppState, options: &GenerationOptions) -> Self {
         Assembler {
             state,
             decoder: state.text.decoder(),
-            stops: StopMatcher::new(sampling.stop.clone()),
-            kind,
-            logprobs: sampling.logprobs.is_some(),
+            stops: StopMatcher::new(options.sampling.stop.clone()),
+            logprobs: options.sampling.logprobs.is_some(),
             completion_tokens: 0,
         }
     }
 
-    fn logprob_entry(&self, token: &pb::Token) -> Value {
-        let text = self.state.text.token_text(token.id);
-        match self.kind {
-            Kind::Chat => json!({
-                "token": text,
-                "logprob": token.logprob.unwrap_or(f32::NEG_INFINITY),
-                "bytes": text.as_bytes(),
-                "top_logprobs": token.top_logprobs.iter().map(|t| {
-                    let s = self.state.text.token_text(t.token);
-                    json!({ "token": s, "logprob": t.logprob, "bytes": s.as_bytes() })
-                }).collect::<Vec<_>>(),
-            }),
-            Kind::Text => json!({
-                "token": text,
-                "logprob": token.logprob.unwrap_or(f32::NEG_INFINITY),
-                "top": token.top_logprobs.iter().map(|t| (self.state.text.token_text(t.token), t.logprob)).collect::<Vec<_>>(),
-            }),
+    fn logprob(&self, token: &pb::Token) -> TokenLogprob {
+        let text = &self.state.text;
+        TokenLogprob {
+            token: text.token_text(token.id),
+            logprob: token.logprob,
+            top: token.top_logprobs.iter().map(|t| (text.token_text(t.token), t.logprob)).collect(),
         }
     }
 
@@ -128,45 +124,25 @@ impl<'a> Assembler<'a> {
         for token in &event.tokens {
             self.completion_tokens += 1;
             if self.logprobs {
-                piece.logprobs.push(self.logprob_entry(token));
+                piece.logprobs.push(self.logprob(token));
             }
             let out = self.stops.push(&self.decoder.push(token.id));
             piece.text.push_str(&out.emit);
             if out.stopped {
-                piece.finish = Some("stop");
+                piece.finish = Some(FinishReason::Stop);
                 return piece;
             }
         }
         if event.finish_reason != 0 {
-            if event.finish_reason == FinishReason::Error as i32 {
+            if event.finish_reason == pb::FinishReason::Error as i32 {
                 piece.error = Some(event.error.clone());
                 piece.unavailable = event.unavailable;
             }
             piece.text.push_str(&self.stops.finish());
-            piece.finish = Some(finish_name(event.finish_reason));
+            piece.finish = Some(finish_reason(event.finish_reason));
         }
         piece
     }
-}
-
-fn legacy_logprobs(entries: &[Value]) -> Value {
-    let tokens: Vec<&Value> = entries.iter().map(|e| &e["token"]).collect();
-    let lps: Vec<&Value> = entries.iter().map(|e| &e["logprob"]).collect();
-    let tops: Vec<Value> = entries
-        .iter()
-        .map(|e| {
-            let map: serde_json::Map<String, Value> = e["top"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|p| Some((p[0].as_str()?.to_owned(), p[1].clone()))).collect())
-                .unwrap_or_default();
-            Value::Object(map)
-        })
-        .collect();
-    json!({ "tokens": tokens, "token_logprobs": lps, "top_logprobs": tops })
-}
-
-fn usage(prompt: usize, completion: u32) -> Value {
-    json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt as u32 + completion })
 }
 
 pub async fn run(state: Arc<AppState>, p: Prepared, permit: OwnedSemaphorePermit) -> Response {
@@ -190,8 +166,8 @@ pub async fn run(state: Arc<AppState>, p: Prepared, permit: OwnedSemaphorePermit
         )
         .into_response();
     }
-    let max_tokens = p.sampling.max_tokens.unwrap_or_else(|| limit.map_or(4096, |l| l - p.prompt.len() as u32));
-    let s = &p.sampling;
+    let s = &p.options.sampling;
+    let max_tokens = s.max_tokens.unwrap_or_else(|| limit.map_or(4096, |l| l - p.prompt.len() as u32));
     let request = GenerateRequest {
         request_id: p.request_id.clone(),
         prompt_tokens: p.prompt.clone(),
@@ -211,7 +187,7 @@ pub async fn run(state: Arc<AppState>, p: Prepared, permit: OwnedSemaphorePermit
         }),
         priority: 0,
     };
-    let id = response_id(p.kind);
+    let id = response_id(p.api);
     let generation = match state.pool.generate(request).await {
         Ok(g) => g,
         Err(RouteError::Rejected(m)) => return ApiError::invalid(None, m).into_response(),
@@ -219,7 +195,7 @@ pub async fn run(state: Arc<AppState>, p: Prepared, permit: OwnedSemaphorePermit
             return ApiError::unavailable(format!("No coordinator can serve the request: {m}")).into_response();
         }
     };
-    if p.stream {
+    if p.options.stream {
         stream(state, p, generation, id, permit)
     } else {
         let response = whole(&state, &p, generation, &id).await;
@@ -228,11 +204,15 @@ pub async fn run(state: Arc<AppState>, p: Prepared, permit: OwnedSemaphorePermit
     }
 }
 
+fn usage(p: &Prepared, completion_tokens: u32) -> Usage {
+    Usage::new(p.prompt.len() as u32, completion_tokens)
+}
+
 async fn whole(state: &AppState, p: &Prepared, mut generation: Generation, id: &str) -> Response {
-    let mut asm = Assembler::new(state, p.kind, &p.sampling);
+    let mut asm = Assembler::new(state, &p.options);
     let mut text = String::new();
     let mut logprobs = Vec::new();
-    let mut event = Some(generation.first.clone());
+    let mut event = Some(std::mem::take(&mut generation.first));
     let finish = loop {
         let Some(e) = event.take() else {
             return ApiError::internal("the coordinator ended the stream without a finish reason").into_response();
@@ -253,40 +233,86 @@ async fn whole(state: &AppState, p: &Prepared, mut generation: Generation, id: &
             }
         };
     };
-    let usage = usage(p.prompt.len(), asm.completion_tokens);
-    let body = match p.kind {
-        Kind::Chat => json!({
-            "id": id, "object": "chat.completion", "created": now(), "model": p.model,
-            "choices": [{
-                "index": 0,
-                "message": { "role": "assistant", "content": text },
-                "logprobs": p.sampling.logprobs.map(|_| json!({ "content": logprobs })),
-                "finish_reason": finish,
-            }],
-            "usage": usage,
-        }),
-        Kind::Text => json!({
-            "id": id, "object": "text_completion", "created": now(), "model": p.model,
-            "choices": [{
-                "index": 0, "text": text, "finish_reason": finish,
-                "logprobs": p.sampling.logprobs.map(|_| legacy_logprobs(&logprobs)),
-            }],
-            "usage": usage,
-        }),
-    };
-    Json(body).into_response()
+    let usage = usage(p, asm.completion_tokens);
+    let logprobs = p.options.sampling.logprobs.map(|_| logprobs);
+    match p.api {
+        CompletionApi::Chat => {
+            let choice = ChatChoice {
+                index: 0,
+                message: AssistantMessage { role: Role::Assistant, content: text },
+                logprobs: logprobs.map(ChatLogprobs::from),
+                finish_reason: finish,
+            };
+            Json(ChatCompletion::new(id, now(), &p.model, choice, usage)).into_response()
+        }
+        CompletionApi::Text => {
+            let choice = CompletionChoice {
+                index: 0,
+                text: &text,
+                logprobs: logprobs.map(CompletionLogprobs::from),
+                finish_reason: Some(finish),
+            };
+            Json(Completion::new(id, now(), &p.model, choice, Some(usage))).into_response()
+        }
+    }
 }
 
-fn chunk(p: &Prepared, id: &str, created: u64, delta: Value, logprobs: Option<Value>, finish: Option<&str>) -> Value {
-    match p.kind {
-        Kind::Chat => json!({
-            "id": id, "object": "chat.completion.chunk", "created": created, "model": p.model,
-            "choices": [{ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish }],
-        }),
-        Kind::Text => json!({
-            "id": id, "object": "text_completion", "created": created, "model": p.model,
-            "choices": [{ "index": 0, "text": delta["content"].as_str().unwrap_or_default(), "logprobs": logprobs, "finish_reason": finish }],
-        }),
+/// An SSE event whose data is `value` as JSON, serialised once, straight into the event.
+fn json_event(value: &impl Serialize) -> SseEvent {
+    SseEvent::default().json_data(value).unwrap_or_else(|e| {
+        let error = ApiError::internal(format!("serialising a stream chunk: {e}"));
+        // An error body has only strings: it serialises.
+        SseEvent::default().data(serde_json::to_string(&error.body()).unwrap_or_default())
+    })
+}
+
+/// The stream events of one API, borrowing what they repeat from the request.
+struct ChunkWriter<'a> {
+    api: CompletionApi,
+    id: &'a str,
+    created: u64,
+    model: &'a str,
+}
+
+impl ChunkWriter<'_> {
+    /// The chat API opens with the assistant's role; the text API has no opening chunk.
+    fn opening(&self) -> Option<SseEvent> {
+        let delta = ChatDelta { role: Some(Role::Assistant), content: Some("") };
+        (self.api == CompletionApi::Chat).then(|| self.chat(delta, None, None))
+    }
+
+    fn content(&self, text: &str, logprobs: Vec<TokenLogprob>) -> SseEvent {
+        let logprobs = (!logprobs.is_empty()).then_some(logprobs);
+        match self.api {
+            CompletionApi::Chat => {
+                self.chat(ChatDelta { role: None, content: Some(text) }, logprobs.map(ChatLogprobs::from), None)
+            }
+            CompletionApi::Text => self.text(text, logprobs.map(CompletionLogprobs::from), None),
+        }
+    }
+
+    fn finish(&self, reason: FinishReason) -> SseEvent {
+        match self.api {
+            CompletionApi::Chat => self.chat(ChatDelta::default(), None, Some(reason)),
+            CompletionApi::Text => self.text("", None, Some(reason)),
+        }
+    }
+
+    fn usage(&self, usage: Usage) -> SseEvent {
+        match self.api {
+            CompletionApi::Chat => json_event(&ChatCompletionChunk::usage(self.id, self.created, self.model, usage)),
+            CompletionApi::Text => json_event(&Completion::usage(self.id, self.created, self.model, usage)),
+        }
+    }
+
+    fn chat(&self, delta: ChatDelta<'_>, logprobs: Option<ChatLogprobs>, finish: Option<FinishReason>) -> SseEvent {
+        let choice = ChatChunkChoice { index: 0, delta, logprobs, finish_reason: finish };
+        json_event(&ChatCompletionChunk::new(self.id, self.created, self.model, choice))
+    }
+
+    fn text(&self, text: &str, logprobs: Option<CompletionLogprobs>, finish: Option<FinishReason>) -> SseEvent {
+        let choice = CompletionChoice { index: 0, text, logprobs, finish_reason: finish };
+        json_event(&Completion::new(self.id, self.created, self.model, choice, None))
     }
 }
 
@@ -300,50 +326,43 @@ fn stream(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
         let _permit = permit;
-        let created = now();
-        let send = |v: Value| {
+        let chunks = ChunkWriter { api: p.api, id: &id, created: now(), model: &p.model };
+        let send = |event: SseEvent| {
             let tx = tx.clone();
-            async move { tx.send(Ok(SseEvent::default().data(v.to_string()))).await.is_ok() }
+            async move { tx.send(Ok(event)).await.is_ok() }
         };
-        if p.kind == Kind::Chat
-            && !send(chunk(&p, &id, created, json!({ "role": "assistant", "content": "" }), None, None)).await
+        if let Some(opening) = chunks.opening()
+            && !send(opening).await
         {
             return;
         }
-        let mut asm = Assembler::new(&state, p.kind, &p.sampling);
-        let mut event = Some(generation.first.clone());
+        let mut asm = Assembler::new(&state, &p.options);
+        let mut event = Some(std::mem::take(&mut generation.first));
         while let Some(e) = event.take() {
             let piece = asm.push(&e);
             if let Some(err) = piece.error_response() {
-                let _ = send(err.body()).await;
+                let _ = send(json_event(&err.body())).await;
                 break;
             }
-            let logprobs = (!piece.logprobs.is_empty()).then(|| match p.kind {
-                Kind::Chat => json!({ "content": piece.logprobs }),
-                Kind::Text => legacy_logprobs(&piece.logprobs),
-            });
-            if (!piece.text.is_empty() || logprobs.is_some())
-                && !send(chunk(&p, &id, created, json!({ "content": piece.text }), logprobs, None)).await
+            if (!piece.text.is_empty() || !piece.logprobs.is_empty())
+                && !send(chunks.content(&piece.text, piece.logprobs)).await
             {
                 return; // The client went away: dropping the stream cancels the request.
             }
             if let Some(f) = piece.finish {
-                if !send(chunk(&p, &id, created, json!({}), None, Some(f))).await {
+                if !send(chunks.finish(f)).await {
                     return;
                 }
-                if p.include_usage {
-                    let mut u = chunk(&p, &id, created, json!({}), None, None);
-                    u["choices"] = json!([]);
-                    u["usage"] = usage(p.prompt.len(), asm.completion_tokens);
-                    let _ = send(u).await;
+                if p.options.include_usage {
+                    let _ = send(chunks.usage(usage(&p, asm.completion_tokens))).await;
                 }
                 break;
             }
             event = match generation.rest.message().await {
                 Ok(e) => e,
                 Err(status) => {
-                    let _ =
-                        send(ApiError::internal(format!("the coordinator failed: {}", status.message())).body()).await;
+                    let error = ApiError::internal(format!("the coordinator failed: {}", status.message()));
+                    let _ = send(json_event(&error.body())).await;
                     break;
                 }
             };

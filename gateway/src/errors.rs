@@ -4,12 +4,13 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub kind: &'static str,
+    /// OpenAI's `type`: `invalid_request_error`, `authentication_error`, `rate_limit_error`, `server_error`.
+    pub error_type: &'static str,
     pub message: String,
     pub param: Option<String>,
     pub code: Option<&'static str>,
@@ -19,7 +20,7 @@ impl ApiError {
     pub fn invalid(param: impl Into<Option<String>>, message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,
-            kind: "invalid_request_error",
+            error_type: "invalid_request_error",
             message: message.into(),
             param: param.into(),
             code: None,
@@ -33,7 +34,7 @@ impl ApiError {
     pub fn unauthorized() -> Self {
         ApiError {
             status: StatusCode::UNAUTHORIZED,
-            kind: "authentication_error",
+            error_type: "authentication_error",
             message: "Incorrect API key provided. Pass it as `Authorization: Bearer KEY`.".into(),
             param: None,
             code: Some("invalid_api_key"),
@@ -43,7 +44,7 @@ impl ApiError {
     pub fn model_not_found(model: &str, served: &str) -> Self {
         ApiError {
             status: StatusCode::NOT_FOUND,
-            kind: "invalid_request_error",
+            error_type: "invalid_request_error",
             message: format!("The model `{model}` does not exist. This server serves `{served}`."),
             param: Some("model".into()),
             code: Some("model_not_found"),
@@ -53,7 +54,7 @@ impl ApiError {
     pub fn too_large(limit: usize) -> Self {
         ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
-            kind: "invalid_request_error",
+            error_type: "invalid_request_error",
             message: format!("The request body is larger than the limit of {limit} bytes."),
             param: None,
             code: Some("request_too_large"),
@@ -63,7 +64,7 @@ impl ApiError {
     pub fn overloaded(limit: usize) -> Self {
         ApiError {
             status: StatusCode::TOO_MANY_REQUESTS,
-            kind: "rate_limit_error",
+            error_type: "rate_limit_error",
             message: format!("The server is at its limit of {limit} requests in flight; retry shortly."),
             param: None,
             code: Some("overloaded"),
@@ -73,7 +74,7 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
-            kind: "server_error",
+            error_type: "server_error",
             message: message.into(),
             param: None,
             code: Some("no_healthy_backend"),
@@ -83,7 +84,7 @@ impl ApiError {
     pub fn internal(message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
-            kind: "server_error",
+            error_type: "server_error",
             message: message.into(),
             param: None,
             code: None,
@@ -93,16 +94,38 @@ impl ApiError {
     pub fn not_found_route() -> Self {
         ApiError {
             status: StatusCode::NOT_FOUND,
-            kind: "invalid_request_error",
+            error_type: "invalid_request_error",
             message: "Unknown route.".into(),
             param: None,
             code: Some("unknown_url"),
         }
     }
 
-    pub fn body(&self) -> serde_json::Value {
-        json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code } })
+    pub fn body(&self) -> ErrorBody<'_> {
+        ErrorBody {
+            error: ErrorDetail {
+                message: &self.message,
+                error_type: self.error_type,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
+        }
     }
+}
+
+/// The JSON of an error, alone or as an event of a stream that fails midway.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorDetail<'a> {
+    pub message: &'a str,
+    #[serde(rename = "type")]
+    pub error_type: &'a str,
+    pub param: Option<&'a str>,
+    pub code: Option<&'a str>,
 }
 
 impl IntoResponse for ApiError {

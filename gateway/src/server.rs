@@ -12,13 +12,16 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use epserve_proto::metric_names as m;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::{Value, json};
+use serde::Serialize;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use crate::completions::{self, Kind, Prepared};
+use crate::completions::{self, CompletionApi, Prepared};
 use crate::errors::ApiError;
-use crate::openai::{self, Prompt};
+use crate::openai::response::ModelList;
+use crate::openai::{
+    self, ChatCompletionRequest, CompletionPrompt, CompletionRequest, ValidatedChat, ValidatedCompletion,
+};
 use crate::routing::CoordinatorPool;
 use crate::text::TextCodec;
 
@@ -62,6 +65,17 @@ impl AppState {
         self.in_flight = Arc::new(Semaphore::new(max_in_flight));
         self
     }
+
+    /// A request must name the model this gateway serves (OpenAI answers 404 for any other).
+    fn require_served_model(&self, model: &str) -> Result<(), ApiError> {
+        if model == self.model_name { Ok(()) } else { Err(ApiError::model_not_found(model, &self.model_name)) }
+    }
+}
+
+/// The body of `/health` and `/ready`.
+#[derive(Debug, Serialize)]
+struct ProbeStatus {
+    status: &'static str,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -72,7 +86,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(api)
-        .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/health", get(|| async { Json(ProbeStatus { status: "ok" }) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::not_found_route() })
@@ -142,31 +156,26 @@ fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn read_json(state: &AppState, body: Body) -> Result<Value, ApiError> {
+/// Reads a body of at most `--max-body-bytes` and deserialises it (axum's `Json` extractor would answer
+/// a wrong type in plain text, not in OpenAI's error JSON).
+async fn read_request<T: serde::de::DeserializeOwned>(state: &AppState, body: Body) -> Result<T, ApiError> {
     let bytes = axum::body::to_bytes(body, state.max_body_bytes)
         .await
         .map_err(|_| ApiError::too_large(state.max_body_bytes))?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(None, format!("The body is not valid JSON: {e}")))
-}
-
-fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
-    if model == state.model_name { Ok(()) } else { Err(ApiError::model_not_found(model, &state.model_name)) }
+    openai::parse_body(&bytes)
 }
 
 async fn chat(State(state): State<Arc<AppState>>, Extension(id): Extension<RequestId>, body: Body) -> Response {
     let prepared = async {
-        let body = read_json(&state, body).await?;
-        let r = openai::parse_chat(&body)?;
-        check_model(&state, &r.model)?;
+        let r = ValidatedChat::try_from(read_request::<ChatCompletionRequest>(&state, body).await?)?;
+        state.require_served_model(&r.model)?;
         let prompt =
             state.text.encode_chat(&r.messages).map_err(|e| ApiError::invalid_param("messages", format!("{e:#}")))?;
         Ok::<_, ApiError>(Prepared {
-            kind: Kind::Chat,
+            api: CompletionApi::Chat,
             model: r.model,
             prompt,
-            sampling: r.sampling,
-            stream: r.stream,
-            include_usage: r.include_usage,
+            options: r.options,
             prompt_param: "messages",
             request_id: id.0,
         })
@@ -176,22 +185,19 @@ async fn chat(State(state): State<Arc<AppState>>, Extension(id): Extension<Reque
 
 async fn completion(State(state): State<Arc<AppState>>, Extension(id): Extension<RequestId>, body: Body) -> Response {
     let prepared = async {
-        let body = read_json(&state, body).await?;
-        let r = openai::parse_completion(&body)?;
-        check_model(&state, &r.model)?;
+        let r = ValidatedCompletion::try_from(read_request::<CompletionRequest>(&state, body).await?)?;
+        state.require_served_model(&r.model)?;
         let prompt = match r.prompt {
-            Prompt::Text(t) => {
+            CompletionPrompt::Text(t) => {
                 state.text.encode_prompt(&t).map_err(|e| ApiError::invalid_param("prompt", format!("{e:#}")))?
             }
-            Prompt::Tokens(ids) => ids,
+            CompletionPrompt::Tokens(ids) => ids,
         };
         Ok::<_, ApiError>(Prepared {
-            kind: Kind::Text,
+            api: CompletionApi::Text,
             model: r.model,
             prompt,
-            sampling: r.sampling,
-            stream: r.stream,
-            include_usage: r.include_usage,
+            options: r.options,
             prompt_param: "prompt",
             request_id: id.0,
         })
@@ -210,18 +216,15 @@ async fn dispatch(state: Arc<AppState>, prepared: Result<Prepared, ApiError>) ->
     completions::run(state, prepared, permit).await
 }
 
-async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{ "id": state.model_name, "object": "model", "created": state.started, "owned_by": "epserve" }],
-    }))
+async fn models(State(state): State<Arc<AppState>>) -> Response {
+    Json(ModelList::single(&state.model_name, state.started)).into_response()
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.pool.any_healthy() {
-        Json(json!({ "status": "ready" })).into_response()
+        Json(ProbeStatus { status: "ready" }).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "no healthy coordinator" }))).into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, Json(ProbeStatus { status: "no healthy coordinator" })).into_response()
     }
 }
 

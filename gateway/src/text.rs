@@ -5,10 +5,10 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use crate::chat_template::ChatTemplate;
+use crate::openai::Message;
 
 #[derive(Debug)]
 pub struct TextCodec {
@@ -32,7 +32,7 @@ impl TextCodec {
 
     /// Renders the conversation with the checkpoint's template and tokenizes it without adding
     /// special tokens (the template starts with BOS already).
-    pub fn encode_chat(&self, messages: &Value) -> Result<Vec<u32>> {
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
         let template = self.template.as_ref().context("this checkpoint has no chat template")?;
         let text = template.render(messages, true)?;
         self.encode(&text, false)
@@ -164,6 +164,32 @@ mod tests {
             out.push_str(&piece);
         }
         assert_eq!(out, text);
+    }
+
+    /// The typed messages a request is read into render exactly as the JSON they came from: the
+    /// golden conversations give transformers' tokens.
+    #[test]
+    fn typed_messages_render_the_golden_prompts() {
+        let codec = TextCodec::from_checkpoint(&fixture()).expect("codec");
+        let golden = std::fs::read_to_string(fixture().join("golden/chat.json")).expect("golden");
+        let golden: serde_json::Value = serde_json::from_str(&golden).expect("json");
+        let mut checked = 0;
+        for c in golden["conversations"].as_array().expect("list") {
+            let messages: Vec<Message> = serde_json::from_value(c["messages"].clone()).expect("messages");
+            let text_only = messages.iter().all(|m| match &m.content {
+                Some(crate::openai::request::MessageContent::Parts(parts)) => {
+                    parts.iter().all(|p| matches!(p, crate::openai::request::ContentPart::Text { .. }))
+                }
+                _ => true,
+            });
+            if !text_only || c["add_generation_prompt"] == serde_json::Value::Bool(false) {
+                continue; // The gateway refuses images, and always adds the generation prompt.
+            }
+            let expected: Vec<u32> = serde_json::from_value(c["input_ids"].clone()).expect("ids");
+            assert_eq!(codec.encode_chat(&messages).expect("encode"), expected);
+            checked += 1;
+        }
+        assert!(checked >= 2, "only {checked} text conversations");
     }
 
     #[test]

@@ -66,6 +66,16 @@ async fn openai_errors() {
     assert_eq!(body["error"]["type"], "invalid_request_error");
     assert_eq!(body["error"]["param"], "top_p");
 
+    // A wrong type deep in the body: OpenAI's error JSON with the field's path, not a plain-text rejection.
+    let bad = json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]});
+    let (status, body) = call(app(&[], 1 << 20), "POST", "/v1/chat/completions", None, &bad.to_string()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(body["error"]["param"], "messages[0].content[0]");
+    let bad = json!({"model": "tiny", "prompt": [[1, 2], [3]]}).to_string();
+    let (status, body) = call(app(&[], 1 << 20), "POST", "/v1/completions", None, &bad).await;
+    assert_eq!((status, &body["error"]["param"]), (StatusCode::BAD_REQUEST, &json!("prompt")));
+
     let (status, body) = call(app(&[], 1 << 20), "POST", "/v1/completions", None, "{not json").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["error"]["message"].as_str().unwrap_or("").contains("JSON"));
