@@ -8,7 +8,7 @@ use epserve_model::synthetic::SplitMix64;
 use epserve_model::{LogitsFor, SequenceStep};
 use serde_json::{Value, json};
 
-use crate::load::{ComputeDtype, ExpertArgs, engine};
+use crate::load::{ComputeDtype, ExpertArgs};
 use epserve_gateway::chat_template::ChatTemplate;
 
 #[derive(Debug, clap::Args)]
@@ -89,9 +89,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("the prompt is empty");
     }
 
-    let engine = engine(&args.model, args.dtype, &args.experts)?;
-    let eos = eos_ids(&args.model, &engine.config.text.eos_token_ids);
-    let mut cache = engine.model.new_cache();
+    let standalone = args.experts.standalone(&args.model, args.dtype)?;
+    let eos = eos_ids(&args.model, &standalone.config.text.eos_token_ids);
+    let mut cache = standalone.model.new_cache();
     let mut rng = SplitMix64::new(args.seed);
     let mut generated = Vec::new();
     let mut next = prompt.clone();
@@ -99,7 +99,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let started = Instant::now();
     let mut first_token_at = None;
     while generated.len() < args.max_tokens {
-        let logits = engine.step(&mut [SequenceStep { tokens: &next, cache: &mut cache }], LogitsFor::Last)?;
+        let logits = standalone.step(&mut [SequenceStep { tokens: &next, cache: &mut cache }], LogitsFor::Last)?;
         let row = logits.squeeze(0)?.to_vec1::<f32>()?;
         let token = sample(&row, args.temperature, &mut rng);
         first_token_at.get_or_insert_with(|| started.elapsed());
