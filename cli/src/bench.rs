@@ -383,7 +383,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let report = runtime.block_on(async {
         let grpc = match &args.coordinator {
             Some(addr) => Some(
-                tonic::transport::Endpoint::from_shared(epserve_proto::server_uri(addr))?.tcp_nodelay(true).connect_lazy(),
+                tonic::transport::Endpoint::from_shared(epserve_proto::server_uri(addr))?
+                    .tcp_nodelay(true)
+                    .connect_lazy(),
             ),
             None => None,
         };

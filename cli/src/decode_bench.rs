@@ -116,7 +116,8 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
                     bytes / 1e6,
                     achieved / 1e9
                 );
-                row["experts_per_moe_layer"] = json!(touched / standalone.config.text.moe_layers().count().max(1) as f64);
+                row["experts_per_moe_layer"] =
+                    json!(touched / standalone.config.text.moe_layers().count().max(1) as f64);
                 row["weight_bytes_per_step"] = json!(bytes);
                 row["weight_gb_per_s"] = json!(achieved / 1e9);
                 if let Some(bandwidth) = bandwidth {

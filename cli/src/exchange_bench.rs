@@ -87,12 +87,7 @@ pub fn run(args: ExchangeBenchArgs) -> Result<()> {
             let micros = |d: Duration| d.as_secs_f64() * 1e6;
             // `--iterations` is positive: there are samples.
             let percentile = |p| percentile(&samples, p).unwrap_or_default();
-            tracing::info!(
-                rows,
-                "p50 {:.0} µs, p99 {:.0} µs",
-                micros(percentile(50.0)),
-                micros(percentile(99.0))
-            );
+            tracing::info!(rows, "p50 {:.0} µs, p99 {:.0} µs", micros(percentile(50.0)), micros(percentile(99.0)));
             results.push(json!({
                 "rows": rows,
                 "hidden": hidden,

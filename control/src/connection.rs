@@ -45,12 +45,7 @@ impl ControlConnection {
     /// Connects to the registry at `url` (`etcd://host:port[,host:port]`, or `memory` for a registry
     /// private to this process) under the namespace of `cluster`. Blocks: call it outside any async
     /// context.
-    pub fn connect(
-        url: &str,
-        cluster: &str,
-        lease_ttl: Duration,
-        name: Option<String>,
-    ) -> Result<Self, ConnectError> {
+    pub fn connect(url: &str, cluster: &str, lease_ttl: Duration, name: Option<String>) -> Result<Self, ConnectError> {
         let runtime = control_runtime()?;
         let plane = runtime
             .block_on(crate::plane::connect(url, cluster))

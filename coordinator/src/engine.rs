@@ -7,8 +7,8 @@
 //! is lost) — run one forward pass for all of them, sample, and stream the tokens back.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::{Duration, Instant};
 
 use epserve_model::{ExpertBackend, LogitsFor, SequenceStep, TextModel};

@@ -9,8 +9,7 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use epserve_control::{ControlConnection, Kind};
 use epserve_model::{
-    Checkpoint, ExpertShard, LoadProgress, LogitsFor, ModelConfig, RoutingTrace, SequenceStep, TextModel,
-    WeightStorage,
+    Checkpoint, ExpertShard, LoadProgress, LogitsFor, ModelConfig, RoutingTrace, SequenceStep, TextModel, WeightStorage,
 };
 
 use crate::errors::TransportError;
@@ -89,8 +88,7 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig, LoadError> {
 pub async fn load_model(config: &LoadConfig, control: Option<&ControlConnection>) -> Result<LoadedModel, LoadError> {
     let remote = !config.grpc.workers.is_empty() || control.is_some();
     let load = config.clone();
-    let (model_config, model, shard) =
-        tokio::task::spawn_blocking(move || load_weights(&load, !remote)).await??;
+    let (model_config, model, shard) = tokio::task::spawn_blocking(move || load_weights(&load, !remote)).await??;
     let experts = match shard {
         Some(shard) => ExpertTransport::Local(shard),
         None => {
@@ -129,8 +127,8 @@ fn load_weights(
     let device = Device::Cpu;
     let mut progress = LoadProgress::new(&ckpt, "weights");
     let (dtype, storage) = (config.dtype, config.weight_storage);
-    let model = TextModel::load(&model_config, &ckpt, dtype, storage, &device, &mut |_, _| progress.tick())
-        .map_err(weights)?;
+    let model =
+        TextModel::load(&model_config, &ckpt, dtype, storage, &device, &mut |_, _| progress.tick()).map_err(weights)?;
     tracing::info!(
         "weight matrices: {:.1} MiB resident (weight storage {storage:?}, compute {dtype:?})",
         model.matrix_bytes() as f64 / 1048576.0,

@@ -84,7 +84,10 @@ pub struct ReadyCoordinator {
 }
 
 /// Starts a coordinator and serves it until `shutdown` resolves.
-pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+pub async fn run(
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     start(config).await?.serve(shutdown).await
 }
 

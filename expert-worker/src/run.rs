@@ -139,11 +139,12 @@ impl LoadSpec {
     fn shard(&self, experts: &[u32], progress: bool) -> epserve_model::Result<ExpertShard> {
         let ckpt = Checkpoint::open(&self.dir)?;
         let mut logged = progress.then(|| LoadProgress::new(&ckpt, "experts"));
-        let shard = ExpertShard::load(&self.config, &ckpt, experts, self.dtype, self.storage, &Device::Cpu, &mut || {
-            if let Some(logged) = logged.as_mut() {
-                logged.tick();
-            }
-        })?;
+        let shard =
+            ExpertShard::load(&self.config, &ckpt, experts, self.dtype, self.storage, &Device::Cpu, &mut || {
+                if let Some(logged) = logged.as_mut() {
+                    logged.tick();
+                }
+            })?;
         if let Some(logged) = &logged {
             logged.finish();
             tracing::info!(
@@ -176,8 +177,7 @@ fn follow_assignments(
                 tracing::info!("the placement assigns experts {missing:?} here: loading them");
                 let started = std::time::Instant::now();
                 let (w, load, ids) = (worker.clone(), load.clone(), missing.clone());
-                let loaded = tokio::task::spawn_blocking(move || w.add_experts(load.shard(&ids, false)?))
-                .await;
+                let loaded = tokio::task::spawn_blocking(move || w.add_experts(load.shard(&ids, false)?)).await;
                 match loaded {
                     Ok(Ok(())) => {
                         tracing::info!("loaded experts {missing:?} in {:.2} s", started.elapsed().as_secs_f64());

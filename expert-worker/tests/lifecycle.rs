@@ -90,7 +90,8 @@ async fn static_worker_checks_its_selection_against_the_model() {
         weight_storage: Default::default(),
         control: None,
     };
-    let worker = epserve_expert_worker::start(config(ExpertSelection::Shard { index: 1, count: 4 })).await.expect("start");
+    let worker =
+        epserve_expert_worker::start(config(ExpertSelection::Shard { index: 1, count: 4 })).await.expect("start");
     assert_eq!(worker.worker().experts(), vec![4, 5, 6, 7]);
     let err = epserve_expert_worker::start(config(ExpertSelection::parse_list("15-16").expect("list")))
         .await

@@ -2,8 +2,8 @@
 //! in the background; one that stops answering is taken out and polled again until it answers. A
 //! request that fails before its first token is retried on another coordinator.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use epserve_proto::v1::coordinator_service_client::CoordinatorServiceClient;

@@ -95,7 +95,8 @@ pub async fn start(config: GatewayConfig) -> Result<ReadyGateway, RunError> {
     if coordinators.is_empty() && control.is_none() {
         return Err(RunError::NoCoordinators);
     }
-    let text = TextCodec::from_checkpoint(&model).map_err(|e| RunError::Text { dir: model.clone(), source: e.into() })?;
+    let text =
+        TextCodec::from_checkpoint(&model).map_err(|e| RunError::Text { dir: model.clone(), source: e.into() })?;
     let name = served_model_name.unwrap_or_else(|| self::served_model_name(&model));
     let pool = CoordinatorPool::new(&coordinators).map_err(|e| RunError::Coordinators(e.into()))?;
     pool.spawn_health_checks(health_interval.max(Duration::from_millis(50)));
@@ -105,7 +106,8 @@ pub async fn start(config: GatewayConfig) -> Result<ReadyGateway, RunError> {
         pool.follow(ready_coordinators(control));
     }
     let auth = !api_keys.is_empty();
-    let mut state = AppState::new(text, pool, name.clone()).with_limits(api_keys, max_body_bytes, max_concurrent_requests);
+    let mut state =
+        AppState::new(text, pool, name.clone()).with_limits(api_keys, max_body_bytes, max_concurrent_requests);
     state.metrics = metrics;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await

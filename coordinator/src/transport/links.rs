@@ -14,8 +14,8 @@ use epserve_model::TextConfig;
 use epserve_proto::metric_names as m;
 use epserve_proto::v1::expert_service_client::ExpertServiceClient;
 use epserve_proto::v1::{ExchangeRequest, ExchangeResponse, StatusRequest};
-use tokio::sync::{Notify, mpsc, oneshot, watch};
 use parking_lot::{Mutex, RwLock};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::errors::TransportError;
