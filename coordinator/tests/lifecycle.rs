@@ -110,10 +110,10 @@ async fn registers_not_ready_leads_and_is_ready_once_every_expert_has_a_live_hos
 
     // Shutdown leaves the registry at once (the lease is revoked, not left to expire).
     let _ = stop.send(());
-    serving.await.expect("task").expect("serve");
+    tokio::time::timeout(WAIT, serving).await.expect("stops in time").expect("task").expect("serve");
     assert!(coordinators(&plane).await.is_empty(), "the coordinator left");
     let _ = stop_worker.send(());
-    worker.await.expect("task").expect("worker serves");
+    tokio::time::timeout(WAIT, worker).await.expect("stops in time").expect("task").expect("worker serves");
     assert!(plane.list(Kind::Worker).await.expect("workers").is_empty(), "the worker left");
 }
 

@@ -74,7 +74,7 @@ async fn worker_loads_and_announces_the_experts_the_placement_assigns_it() {
     }
 
     let _ = stop.send(());
-    serving.await.expect("task").expect("serve");
+    tokio::time::timeout(WAIT, serving).await.expect("stops in time").expect("task").expect("serve");
     workers_once(&plane, "the worker leaves", <[Instance]>::is_empty).await;
 }
 

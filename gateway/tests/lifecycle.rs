@@ -102,8 +102,8 @@ async fn serves_through_a_coordinator_found_in_the_registry() {
     assert_eq!(completion["usage"]["completion_tokens"], 3, "{completion}");
 
     let _ = stop.send(());
-    serving.await.expect("task").expect("serve");
+    tokio::time::timeout(WAIT, serving).await.expect("stops in time").expect("task").expect("serve");
     assert!(plane.list(Kind::Gateway).await.expect("gateways").is_empty(), "the gateway left");
     let _ = stop_coordinator.send(());
-    coordinator.await.expect("task").expect("coordinator serves");
+    tokio::time::timeout(WAIT, coordinator).await.expect("stops in time").expect("task").expect("coordinator serves");
 }
