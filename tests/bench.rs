@@ -50,6 +50,24 @@ fn reported_tokens_equal_server_usage() {
     assert_eq!(report["output_tokens"], 15, "{report}");
     assert_eq!(report["prompt_tokens"], expected_prompt, "{report}");
     assert!(report["ttft"]["p50_ms"].as_f64().is_some_and(|v| v > 0.0));
+
+    // Without --model: the first model the server lists at GET /v1/models.
+    let listed =
+        run_json(&["bench", "--url", &url, "--prompts", prompts, "--requests", "1", "--output-len", "2", "--json"]);
+    assert_eq!(listed["requests_ok"], 1, "{listed}");
+    // A model the server does not serve: every request fails, counted under the server's message.
+    let args = ["bench", "--url", &url, "--model", "nope", "--prompts", prompts, "--requests", "2", "--json"];
+    let out =
+        std::process::Command::new(support::epserve()).args(args).env("EPSERVE_LOG", "warn").output().expect("run");
+    assert!(!out.status.success(), "every request failed: the command fails");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report = stderr.find('{').zip(stderr.rfind('}')).map(|(a, b)| &stderr[a..=b]).expect("a report on stderr");
+    let failed: serde_json::Value = serde_json::from_str(report).expect("the report is JSON");
+    let errors = failed["errors"].as_object().expect("errors");
+    assert_eq!(errors.len(), 1, "{failed}");
+    let (kind, count) = errors.iter().next().expect("one kind");
+    assert!(kind.starts_with("http 404: The model `nope` does not exist."), "{kind}");
+    assert_eq!(count, 2);
     support::stop(up);
 }
 

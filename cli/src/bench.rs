@@ -16,8 +16,20 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use rand_xoshiro::SplitMix64;
 use rand_xoshiro::rand_core::{Rng, SeedableRng};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
+
+use crate::stats::percentile_ms;
+
+/// Which OpenAI API the requests go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ApiEndpoint {
+    /// `POST /completions`.
+    Completions,
+    /// `POST /chat/completions`.
+    Chat,
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -29,12 +41,11 @@ pub struct BenchArgs {
     pub coordinator: Option<String>,
     #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Model name to request.
-    #[arg(long, default_value = "default")]
-    pub model: String,
-    /// `completions` or `chat`.
-    #[arg(long, default_value = "completions")]
-    pub endpoint: String,
+    /// Model name to request; default: the first model the server lists at `GET /models`.
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, value_enum, default_value = "completions")]
+    pub endpoint: ApiEndpoint,
     /// Closed loop with this many clients.
     #[arg(long, conflicts_with = "rate")]
     pub concurrency: Option<usize>,
@@ -83,15 +94,6 @@ struct Sample {
     error: Option<String>,
 }
 
-/// Nearest-rank percentile (the value below which `p`% of the samples fall), in milliseconds.
-pub fn percentile_ms(sorted: &[Duration], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1e3)
-}
-
 fn summary(mut values: Vec<Duration>) -> Value {
     values.sort();
     let mean = if values.is_empty() {
@@ -103,6 +105,59 @@ fn summary(mut values: Vec<Duration>) -> Value {
         "p50_ms": percentile_ms(&values, 50.0), "p90_ms": percentile_ms(&values, 90.0),
         "p99_ms": percentile_ms(&values, 99.0), "max_ms": percentile_ms(&values, 100.0), "mean_ms": mean,
     })
+}
+
+/// `GET /models`.
+#[derive(Debug, Deserialize)]
+struct ModelList {
+    data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ModelCard {
+    id: String,
+}
+
+/// An OpenAI error body: `{"error": {"message": ...}}`.
+#[derive(Debug, Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorDetail {
+    message: String,
+}
+
+/// The message of an OpenAI error body, if `body` is one.
+fn error_message(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<ErrorBody>(body).ok().map(|b| b.error.message)
+}
+
+/// What a failed HTTP request is counted as: its status, with the server's message when it sent one.
+fn http_error(status: reqwest::StatusCode, body: &[u8]) -> String {
+    match error_message(body) {
+        Some(message) => format!("http {}: {message}", status.as_u16()),
+        None => format!("http {}", status.as_u16()),
+    }
+}
+
+/// The model to request when `--model` is not given: the first one the server lists (as vLLM's
+/// bench does).
+async fn served_model(client: &reqwest::Client, base: &str, api_key: Option<&str>) -> Result<String> {
+    let url = format!("{base}/models");
+    let mut request = client.get(&url);
+    if let Some(key) = api_key {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().await.with_context(|| format!("GET {url}"))?;
+    let status = response.status();
+    let body = response.bytes().await.with_context(|| format!("GET {url}"))?;
+    if !status.is_success() {
+        bail!("GET {url}: {} (give --model)", http_error(status, &body));
+    }
+    let list: ModelList = serde_json::from_slice(&body).with_context(|| format!("GET {url}: not a model list"))?;
+    list.data.into_iter().next().map(|m| m.id).with_context(|| format!("GET {url}: the server lists no model"))
 }
 
 /// Word list for synthetic prompts: common English words, about one token each for BPE tokenizers.
@@ -142,7 +197,7 @@ fn prompts(args: &BenchArgs, n: usize) -> Result<Vec<Payload>> {
                 let words: Vec<&str> =
                     (0..len).map(|_| WORDS[(rng.next_u64() % WORDS.len() as u64) as usize]).collect();
                 let text = words.join(" ");
-                if args.endpoint == "chat" {
+                if args.endpoint == ApiEndpoint::Chat {
                     Payload::Http(json!({ "messages": [{ "role": "user", "content": text }] }))
                 } else {
                     Payload::Http(json!({ "prompt": text }))
@@ -156,7 +211,10 @@ async fn run_http(client: &reqwest::Client, args: &BenchArgs, payload: &Value) -
     let started = Instant::now();
     let mut sample = Sample::default();
     let base = args.url.as_deref().unwrap_or_default().trim_end_matches('/');
-    let path = if args.endpoint == "chat" { "chat/completions" } else { "completions" };
+    let path = match args.endpoint {
+        ApiEndpoint::Chat => "chat/completions",
+        ApiEndpoint::Completions => "completions",
+    };
     let mut body = payload.clone();
     body["model"] = json!(args.model);
     body["max_tokens"] = json!(args.output_len);
@@ -177,8 +235,10 @@ async fn run_http(client: &reqwest::Client, args: &BenchArgs, payload: &Value) -
             return sample;
         }
     };
-    if !response.status().is_success() {
-        sample.error = Some(format!("http {}", response.status().as_u16()));
+    let status = response.status();
+    if !status.is_success() {
+        let body = response.bytes().await.unwrap_or_default();
+        sample.error = Some(http_error(status, &body));
         return sample;
     }
     let mut stream = response.bytes_stream();
@@ -201,7 +261,10 @@ async fn run_http(client: &reqwest::Client, args: &BenchArgs, payload: &Value) -
                 }
                 let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
                 if v.get("error").is_some() {
-                    sample.error = Some("server error event".into());
+                    sample.error = Some(match error_message(data.as_bytes()) {
+                        Some(message) => format!("server error event: {message}"),
+                        None => "server error event".into(),
+                    });
                 }
                 if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
                     sample.output_tokens = u["completion_tokens"].as_u64().unwrap_or(0);
@@ -305,10 +368,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.requests == 0 || args.input_len == 0 || args.output_len == 0 {
         bail!("--requests, --input-len and --output-len must be positive");
     }
-    if args.endpoint != "chat" && args.endpoint != "completions" {
-        bail!("--endpoint must be `chat` or `completions`");
-    }
-    if args.token_prompts && args.endpoint != "completions" {
+    if args.token_prompts && args.endpoint != ApiEndpoint::Completions {
         bail!("--token-prompts needs --endpoint completions");
     }
     if let Some(r) = args.rate
@@ -324,11 +384,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let report = runtime.block_on(async {
         let grpc = match &args.coordinator {
             Some(addr) => Some(
-                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect_lazy(),
+                tonic::transport::Endpoint::from_shared(epserve_proto::server_uri(addr))?
+                    .tcp_nodelay(true)
+                    .connect_lazy(),
             ),
             None => None,
         };
         let client = Clients { http: reqwest::Client::builder().pool_max_idle_per_host(1024).build()?, grpc };
+        let mut args = args;
+        if let (Some(url), None) = (&args.url, &args.model) {
+            let model = served_model(&client.http, url.trim_end_matches('/'), args.api_key.as_deref()).await?;
+            tracing::info!("benchmarking model `{model}` (the first the server lists)");
+            args.model = Some(model);
+        }
         let args = Arc::new(args);
         let all = Arc::new(prompts(&args, args.warmup + args.requests)?);
         for p in all.iter().take(args.warmup) {
@@ -446,18 +514,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percentiles_on_known_samples() {
+    fn summary_on_known_samples() {
         let ms = |v: &[u64]| v.iter().map(|&x| Duration::from_millis(x)).collect::<Vec<_>>();
-        let s = ms(&(1..=10).collect::<Vec<_>>());
-        assert_eq!(percentile_ms(&s, 50.0), Some(5.0));
-        assert_eq!(percentile_ms(&s, 90.0), Some(9.0));
-        assert_eq!(percentile_ms(&s, 99.0), Some(10.0));
-        assert_eq!(percentile_ms(&s, 100.0), Some(10.0));
-        assert_eq!(percentile_ms(&ms(&[7]), 50.0), Some(7.0));
-        assert_eq!(percentile_ms(&[], 50.0), None);
         let v = summary(ms(&[40, 10, 30, 20]));
         assert_eq!(v["p50_ms"], 20.0);
         assert_eq!(v["max_ms"], 40.0);
         assert_eq!(v["mean_ms"], 25.0);
+        assert!(summary(Vec::new())["p50_ms"].is_null());
+    }
+
+    #[test]
+    fn failed_requests_carry_the_servers_message() {
+        let body = br#"{"error":{"message":"The model `x` does not exist.","type":"invalid_request_error"}}"#;
+        assert_eq!(http_error(reqwest::StatusCode::NOT_FOUND, body), "http 404: The model `x` does not exist.");
+        assert_eq!(http_error(reqwest::StatusCode::BAD_GATEWAY, b"<html>bad gateway</html>"), "http 502");
     }
 }

@@ -1,20 +1,13 @@
 //! `epserve coordinator`: the serving engine behind the `CoordinatorService` gRPC API.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
-use candle_core::Device;
-use epserve_coordinator::engine::{self, EngineConfig};
-use epserve_coordinator::kv_pool::{KvCapacity, KvPool};
-use epserve_coordinator::server::{self, Coordinator};
+use anyhow::{Result, bail};
+use epserve_coordinator::kv_pool::KvCapacity;
+use epserve_coordinator::{CoordinatorConfig, EngineSizing};
 
-use epserve_control::controller::{self, Layout};
-use epserve_control::{Instance, Kind, Membership};
-use epserve_model::ModelConfig;
-
-use crate::control::{Control, ControlArgs};
-use crate::load::{ComputeDtype, ExpertArgs, engine_parts};
+use crate::control::JoinArgs;
+use crate::load::{ComputeDtype, ExpertArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct CoordinatorArgs {
@@ -49,7 +42,7 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "EPSERVE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
     #[command(flatten)]
-    pub control: ControlArgs,
+    pub control: JoinArgs,
 }
 
 pub fn run(args: CoordinatorArgs) -> Result<()> {
@@ -58,78 +51,28 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().thread_name("epserve-io").enable_all().build()?;
     if let Some(addr) = &args.metrics_listen {
-        runtime.block_on(crate::metrics_http::serve(addr))?;
+        runtime.block_on(crate::metrics_endpoint::serve(addr))?;
     }
-    let control = args.control.connect()?;
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(&args.listen))
-        .with_context(|| format!("binding {}", args.listen))?;
-    let local = listener.local_addr()?;
-    // Registered (not ready) before waiting for the workers, so that this coordinator can be elected
-    // and heal the placement that it may itself be waiting on.
-    let membership = match &control {
-        Some(control) => Some(join(control, &local.to_string(), &args.model, &crate::load::read_config(&args.model)?)),
-        None => None,
-    };
-    let remote = (!args.experts.workers.is_empty() || control.is_some()).then_some(&runtime);
-    let (config, model, experts) = engine_parts(&args.model, args.dtype, &args.experts, remote, control.as_ref())?;
-    let capacity = match args.kv_capacity_mib {
-        Some(mib) => KvCapacity::Bytes(mib << 20),
-        None => KvCapacity::Tokens(args.kv_capacity_tokens),
-    };
-    let pool = KvPool::new(&config.text, capacity, args.kv_block_size, model.dtype(), &Device::Cpu)?;
-    let model_limit = config.text.max_position_embeddings;
-    let max_model_len = args.max_model_len.unwrap_or(model_limit).min(model_limit).min(pool.capacity_tokens());
-    tracing::info!(
-        "KV cache: {} blocks of {} tokens, {:.1} MiB, {} tokens of full context; max model len {max_model_len}",
-        pool.total_blocks(),
-        pool.block_size(),
-        pool.capacity_bytes() as f64 / 1048576.0,
-        pool.capacity_tokens()
-    );
-    let engine = engine::start(
-        model,
-        experts,
-        pool,
-        EngineConfig {
+    let config = CoordinatorConfig {
+        load: args.experts.load_config(&args.model, args.dtype),
+        listen: args.listen,
+        sizing: EngineSizing {
+            kv_capacity: match args.kv_capacity_mib {
+                Some(mib) => KvCapacity::Bytes(mib << 20),
+                None => KvCapacity::Tokens(args.kv_capacity_tokens),
+            },
+            kv_block_size: args.kv_block_size,
             max_batch_tokens: args.max_batch_tokens,
             max_running: args.max_running,
-            overlap: args.experts.overlap,
-            ..EngineConfig::new(&config.text, max_model_len)
+            max_model_len: args.max_model_len,
         },
-    );
-    // Borrowed, not moved: the control runtime must not be dropped inside the async block.
-    let control = &control;
+        overlap: args.experts.overlap,
+        control: args.control.connect()?,
+    };
     runtime.block_on(async move {
-        if let Some(m) = &membership {
-            m.update(|i| i.ready = true);
-        }
-        println!("listening on {local}");
-        server::serve(Coordinator::new(engine.clone()), listener, crate::shutdown_signal()).await?;
-        if let (Some(control), Some(membership)) = (control, membership) {
-            control.runtime.spawn(async move { membership.leave().await }).await.ok();
-        }
-        engine.stop();
-        tracing::info!("coordinator stopped");
-        Ok(())
+        let coordinator = epserve_coordinator::start(config).await?;
+        // The harnesses and `epserve up` read this line to learn the port.
+        println!("listening on {}", coordinator.local_addr());
+        Ok(coordinator.serve(crate::shutdown_signal()).await?)
     })
-}
-
-/// Registers the coordinator, and campaigns to be the one that runs the placement controller.
-fn join(control: &Control, addr: &str, model: &Path, config: &ModelConfig) -> Arc<Membership> {
-    let record = Instance {
-        model: model.display().to_string(),
-        ready: false,
-        ..Instance::new(Kind::Coordinator, format!("coordinator-{addr}"), addr.to_owned())
-    };
-    let membership = Arc::new(control.register(record));
-    let _guard = control.runtime.enter();
-    let leading = control.plane.campaign("placement", &membership);
-    let layout = Layout {
-        moe_layers: config.text.moe_layers().map(|l| l as u32).collect(),
-        num_experts: config.text.num_local_experts as u32,
-    };
-    let (workers, placement) = (control.plane.instances(Kind::Worker), control.plane.watch_placement());
-    control.runtime.spawn(controller::run(control.plane.clone(), layout, leading, workers, placement));
-    membership
 }

@@ -17,7 +17,7 @@ use epserve_coordinator::ExpertTransport;
 use epserve_model::{LogitsFor, RoutingTrace, SequenceStep};
 use serde_json::json;
 
-use crate::load::{ComputeDtype, ExpertArgs, engine};
+use crate::load::{ComputeDtype, ExpertArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct DecodeBenchArgs {
@@ -49,13 +49,13 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
     if args.batch.contains(&0) || args.prompt_len == 0 || args.steps == 0 {
         bail!("--batch, --prompt-len and --steps must be positive");
     }
-    let mut engine = engine(&args.model, args.dtype, &args.experts)?;
-    let vocab = engine.config.text.vocab_size as u32;
+    let mut standalone = args.experts.standalone(&args.model, args.dtype)?;
+    let vocab = standalone.config.text.vocab_size as u32;
     let bandwidth = args.probe_bandwidth.then(read_bandwidth);
     if let Some(b) = bandwidth {
         tracing::info!("memory read bandwidth: {:.1} GB/s", b / 1e9);
     }
-    let expert_bytes = match &engine.experts {
+    let expert_bytes = match &standalone.experts {
         ExpertTransport::Local(shard) => shard.expert_bytes(),
         ExpertTransport::Grpc(_) => None,
     };
@@ -63,13 +63,13 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
     let mut results = Vec::new();
     for &batch in &args.batch {
         for &overlap in &modes {
-            engine.overlap = overlap;
-            let mut caches: Vec<_> = (0..batch).map(|_| engine.model.new_cache()).collect();
+            standalone.overlap = overlap;
+            let mut caches: Vec<_> = (0..batch).map(|_| standalone.model.new_cache()).collect();
             let prompts: Vec<Vec<u32>> = (0..batch)
                 .map(|b| (0..args.prompt_len).map(|i| ((i * 31 + b * 7 + 1) as u32) % vocab).collect())
                 .collect();
             for (cache, prompt) in caches.iter_mut().zip(&prompts) {
-                engine.step(&mut [SequenceStep { tokens: prompt, cache }], LogitsFor::Last)?;
+                standalone.step(&mut [SequenceStep { tokens: prompt, cache }], LogitsFor::Last)?;
             }
             let mut next: Vec<[u32; 1]> = (0..batch).map(|b| [(b as u32 * 13 + 5) % vocab]).collect();
             let mut started = Instant::now();
@@ -81,7 +81,7 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
                 }
                 let mut seqs: Vec<SequenceStep<'_>> =
                     caches.iter_mut().zip(&next).map(|(cache, t)| SequenceStep { tokens: t, cache }).collect();
-                let logits = engine.step_traced(&mut seqs, LogitsFor::Last, Some(&mut trace))?.to_vec2::<f32>()?;
+                let logits = standalone.step_traced(&mut seqs, LogitsFor::Last, Some(&mut trace))?.to_vec2::<f32>()?;
                 for (n, row) in next.iter_mut().zip(&logits) {
                     n[0] =
                         crate::generate::sample(row, 0.0, &mut rand_xoshiro::rand_core::SeedableRng::seed_from_u64(0));
@@ -96,7 +96,7 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
                 secs * 1e3 / args.steps as f64
             );
             let mut row = json!({
-                "transport": engine.experts.name(),
+                "transport": standalone.experts.name(),
                 "workers": args.experts.workers.len(),
                 "wire": if args.experts.workers.is_empty() { "none".to_owned() } else { format!("{:?}", args.experts.wire_dtype).to_lowercase() },
                 "batch": batch,
@@ -108,16 +108,17 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
             // Overlap does not trace its routing: no byte count then.
             if let (Some(expert_bytes), false) = (expert_bytes, trace.layers.is_empty()) {
                 let touched = experts_touched(&trace) / args.steps as f64;
-                let bytes = engine.model.matrix_bytes() as f64 + touched * expert_bytes as f64;
+                let bytes = standalone.model.matrix_bytes() as f64 + touched * expert_bytes as f64;
                 let achieved = bytes / (secs / args.steps as f64);
                 tracing::info!(
                     batch,
                     "{:.1} experts per MoE layer, {:.1} MB of weights per step, read at {:.1} GB/s",
-                    touched / engine.config.text.moe_layers().count().max(1) as f64,
+                    touched / standalone.config.text.moe_layers().count().max(1) as f64,
                     bytes / 1e6,
                     achieved / 1e9
                 );
-                row["experts_per_moe_layer"] = json!(touched / engine.config.text.moe_layers().count().max(1) as f64);
+                row["experts_per_moe_layer"] =
+                    json!(touched / standalone.config.text.moe_layers().count().max(1) as f64);
                 row["weight_bytes_per_step"] = json!(bytes);
                 row["weight_gb_per_s"] = json!(achieved / 1e9);
                 if let Some(bandwidth) = bandwidth {

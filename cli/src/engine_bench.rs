@@ -7,13 +7,16 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use candle_core::Device;
-use epserve_coordinator::engine::{self, EngineConfig, Event, FinishReason, Request};
-use epserve_coordinator::kv_pool::{KvCapacity, KvPool};
+use epserve_coordinator::engine::{Event, FinishReason, Request};
+use epserve_coordinator::kv_pool::KvCapacity;
+use epserve_coordinator::run::start_engine;
 use epserve_coordinator::sampling::SamplingParams;
+use epserve_coordinator::{EngineSizing, load_model};
 use serde_json::json;
 
-use crate::load::{ComputeDtype, ExpertArgs, engine_parts};
+use crate::stats::percentile_ms;
+
+use crate::load::{ComputeDtype, ExpertArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct EngineBenchArgs {
@@ -37,30 +40,19 @@ pub struct EngineBenchArgs {
     pub experts: ExpertArgs,
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1e3
-}
-
 pub fn run(args: EngineBenchArgs) -> Result<()> {
     if args.concurrency.contains(&0) || args.requests_per_client == 0 || args.prompt_len == 0 || args.max_tokens == 0 {
         bail!("all sizes must be positive");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let remote = (!args.experts.workers.is_empty()).then_some(&runtime);
-    let (config, model, experts) = engine_parts(&args.model, args.dtype, &args.experts, remote, None)?;
-    let pool = KvPool::new(&config.text, KvCapacity::Tokens(args.kv_capacity_tokens), 16, model.dtype(), &Device::Cpu)?;
-    let vocab = config.text.vocab_size;
-    let engine = engine::start(
-        model,
-        experts,
-        pool,
-        EngineConfig {
-            max_batch_tokens: args.max_batch_tokens,
-            overlap: args.experts.overlap,
-            ..EngineConfig::new(&config.text, args.kv_capacity_tokens)
-        },
-    );
+    let loaded = runtime.block_on(load_model(&args.experts.load_config(&args.model, args.dtype), None))?;
+    let vocab = loaded.config.text.vocab_size;
+    let sizing = EngineSizing {
+        max_batch_tokens: args.max_batch_tokens,
+        max_model_len: Some(args.kv_capacity_tokens),
+        ..EngineSizing::new(KvCapacity::Tokens(args.kv_capacity_tokens))
+    };
+    let engine = start_engine(loaded, &sizing, args.experts.overlap)?;
     let mut results = Vec::new();
     for &c in &args.concurrency {
         let started = Instant::now();
@@ -114,14 +106,14 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
             "output_tokens": tokens,
             "seconds": secs,
             "output_tokens_per_s": tokens as f64 / secs,
-            "ttft_p50_ms": percentile(&ttfts, 50.0),
-            "ttft_p90_ms": percentile(&ttfts, 90.0),
-            "ttft_max_ms": percentile(&ttfts, 100.0),
+            "ttft_p50_ms": percentile_ms(&ttfts, 50.0),
+            "ttft_p90_ms": percentile_ms(&ttfts, 90.0),
+            "ttft_max_ms": percentile_ms(&ttfts, 100.0),
         });
         tracing::info!(
             "concurrency {c}: {:.1} tokens/s, TTFT p50 {:.0} ms",
             tokens as f64 / secs,
-            percentile(&ttfts, 50.0)
+            percentile_ms(&ttfts, 50.0).unwrap_or(f64::NAN)
         );
         results.push(row);
     }

@@ -12,6 +12,7 @@ use epserve_proto::wire::WireDtype;
 use serde_json::json;
 
 use crate::load::WireArg;
+use crate::stats::percentile;
 
 #[derive(Debug, clap::Args)]
 pub struct ExchangeBenchArgs {
@@ -28,19 +29,13 @@ pub struct ExchangeBenchArgs {
     pub wire_dtype: WireArg,
 }
 
-/// Nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 pub fn run(args: ExchangeBenchArgs) -> Result<()> {
     if args.iterations == 0 || args.rows.contains(&0) {
         bail!("--iterations and --rows must be positive");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let results = runtime.block_on(async {
-        let uri = format!("http://{}", args.worker);
+        let uri = epserve_proto::server_uri(&args.worker);
         let channel = tonic::transport::Endpoint::from_shared(uri)?
             .tcp_nodelay(true)
             .connect()
@@ -90,21 +85,18 @@ pub fn run(args: ExchangeBenchArgs) -> Result<()> {
             samples.sort();
             let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
             let micros = |d: Duration| d.as_secs_f64() * 1e6;
-            tracing::info!(
-                rows,
-                "p50 {:.0} µs, p99 {:.0} µs",
-                micros(percentile(&samples, 50.0)),
-                micros(percentile(&samples, 99.0))
-            );
+            // `--iterations` is positive: there are samples.
+            let percentile = |p| percentile(&samples, p).unwrap_or_default();
+            tracing::info!(rows, "p50 {:.0} µs, p99 {:.0} µs", micros(percentile(50.0)), micros(percentile(99.0)));
             results.push(json!({
                 "rows": rows,
                 "hidden": hidden,
                 "wire": wire.to_string(),
                 "request_bytes": payload.len(),
                 "iterations": samples.len(),
-                "p50_us": micros(percentile(&samples, 50.0)),
-                "p90_us": micros(percentile(&samples, 90.0)),
-                "p99_us": micros(percentile(&samples, 99.0)),
+                "p50_us": micros(percentile(50.0)),
+                "p90_us": micros(percentile(90.0)),
+                "p99_us": micros(percentile(99.0)),
                 "mean_us": micros(mean),
                 "worker_compute_mean_us": micros(compute / samples.len() as u32),
             }));
@@ -113,18 +105,4 @@ pub fn run(args: ExchangeBenchArgs) -> Result<()> {
     })?;
     println!("{}", serde_json::to_string_pretty(&results)?);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let samples: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
-        assert_eq!(percentile(&samples, 50.0), Duration::from_micros(50));
-        assert_eq!(percentile(&samples, 99.0), Duration::from_micros(99));
-        assert_eq!(percentile(&samples, 100.0), Duration::from_micros(100));
-        assert_eq!(percentile(&samples[..1], 50.0), Duration::from_micros(1));
-    }
 }

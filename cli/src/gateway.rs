@@ -1,14 +1,12 @@
 //! `epserve gateway`: the OpenAI-compatible HTTP API in front of the coordinators.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use epserve_control::{Instance, Kind};
-use epserve_gateway::{AppState, CoordinatorPool, TextCodec};
+use epserve_gateway::GatewayConfig;
 
-use crate::control::{Control, ControlArgs};
+use crate::control::JoinArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct GatewayArgs {
@@ -37,87 +35,37 @@ pub struct GatewayArgs {
     #[arg(long, default_value_t = 500, env = "EPSERVE_HEALTH_INTERVAL_MS")]
     pub health_interval_ms: u64,
     #[command(flatten)]
-    pub control: ControlArgs,
-}
-
-pub fn served_name(model: &std::path::Path) -> String {
-    std::fs::canonicalize(model)
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "model".to_owned())
+    pub control: JoinArgs,
 }
 
 pub fn run(args: GatewayArgs) -> Result<()> {
     if args.max_concurrent_requests == 0 {
         bail!("--max-concurrent-requests must be positive");
     }
-    if args.coordinators.is_empty() && args.control.registry.is_none() {
+    if args.coordinators.is_empty() && args.control.registry().is_none() {
         bail!("give --coordinators ADDR[,ADDR] or --registry etcd://HOST:PORT to find them");
     }
     let control = args.control.connect()?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let text = TextCodec::from_checkpoint(&args.model)?;
-    let name = args.served_model_name.clone().unwrap_or_else(|| served_name(&args.model));
-    let keys: Vec<String> = args.api_keys.iter().map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()).collect();
+    let config = GatewayConfig {
+        model: args.model,
+        listen: args.listen,
+        coordinators: args.coordinators,
+        api_keys: args.api_keys.iter().map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()).collect(),
+        served_model_name: args.served_model_name,
+        max_body_bytes: args.max_body_bytes,
+        max_concurrent_requests: args.max_concurrent_requests,
+        health_interval: Duration::from_millis(args.health_interval_ms),
+        metrics: Some(metrics),
+        control,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().thread_name("epserve-io").enable_all().build()?;
-    // Borrowed, not moved: the control runtime must not be dropped inside the async block.
-    let control = &control;
     runtime.block_on(async move {
-        let pool = CoordinatorPool::new(&args.coordinators)?;
-        pool.spawn_health_checks(Duration::from_millis(args.health_interval_ms.max(50)));
-        if let Some(control) = &control
-            && args.coordinators.is_empty()
-        {
-            pool.follow(coordinator_addresses(control));
-        }
-        let mut state = AppState::new(text, pool, name.clone()).with_limits(
-            keys.clone(),
-            args.max_body_bytes,
-            args.max_concurrent_requests,
-        );
-        state.metrics = Some(metrics);
-        let app = epserve_gateway::router(Arc::new(state));
-        let listener =
-            tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-        let addr = listener.local_addr()?;
-        let membership = control
-            .as_ref()
-            .map(|c| c.register(Instance::new(Kind::Gateway, format!("gateway-{addr}"), addr.to_string())));
-        tracing::info!(model = %name, auth = !keys.is_empty(), "gateway serving http://{addr}/v1");
-        println!("listening on {addr}");
-        // Streamed chunks are small writes: without TCP_NODELAY, Nagle's algorithm holds one back
-        // until the client's delayed ACK (up to 40 ms), which shows as time to first token.
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!("TCP_NODELAY: {e}");
-            }
-        });
-        axum::serve(listener, app).with_graceful_shutdown(crate::shutdown_signal()).await?;
-        if let (Some(control), Some(membership)) = (control, membership) {
-            control.runtime.spawn(async move { membership.leave().await }).await.ok();
-        }
-        tracing::info!("gateway stopped");
-        Ok(())
+        let gateway = epserve_gateway::start(config).await?;
+        // The harnesses and `epserve up` read this line to learn the port.
+        println!("listening on {}", gateway.local_addr());
+        Ok(gateway.serve(crate::shutdown_signal()).await?)
     })
-}
-
-/// The registered coordinators' addresses, kept up to date on the control runtime.
-fn coordinator_addresses(control: &Control) -> tokio::sync::watch::Receiver<Vec<String>> {
-    let _guard = control.runtime.enter();
-    let mut instances = control.plane.instances(Kind::Coordinator);
-    let (tx, rx) = tokio::sync::watch::channel(Vec::new());
-    control.runtime.spawn(async move {
-        loop {
-            let addrs: Vec<String> =
-                instances.borrow_and_update().iter().filter(|i| i.ready).map(|i| i.addr.clone()).collect();
-            tx.send_replace(addrs);
-            if instances.changed().await.is_err() {
-                return;
-            }
-        }
-    });
-    rx
 }

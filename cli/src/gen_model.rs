@@ -21,12 +21,32 @@ impl From<StoredDtypeArg> for StoredDtype {
     }
 }
 
+/// Model shape on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PresetArg {
+    /// The fixture's geometry.
+    Tiny,
+    /// The benchmark shape.
+    Mini,
+    /// Scout's hidden size with tiny experts, for exchange benchmarks.
+    ScoutWire,
+}
+
+impl From<PresetArg> for Preset {
+    fn from(p: PresetArg) -> Self {
+        match p {
+            PresetArg::Tiny => Preset::Tiny,
+            PresetArg::Mini => Preset::Mini,
+            PresetArg::ScoutWire => Preset::ScoutWire,
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct GenModelArgs {
-    /// Model shape: `tiny` (the fixture's geometry), `mini` (the benchmark shape) or `scout-wire`
-    /// (Scout's hidden size with tiny experts, for exchange benchmarks).
-    #[arg(long, default_value = "mini")]
-    pub preset: String,
+    /// Model shape.
+    #[arg(long, value_enum, default_value = "mini")]
+    pub preset: PresetArg,
     /// Seed of the weights (same seed, same checkpoint).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -45,8 +65,8 @@ pub struct GenModelArgs {
 }
 
 pub fn run(args: GenModelArgs) -> Result<()> {
-    let preset = Preset::parse(&args.preset)?;
-    epserve_synthetic::write_checkpoint(preset, args.seed, &args.out, args.dtype.into(), args.force, args.shard_mib)?;
+    let (preset, dtype) = (args.preset.into(), args.dtype.into());
+    epserve_synthetic::write_checkpoint(preset, args.seed, &args.out, dtype, args.force, args.shard_mib)?;
     println!("{}", args.out.display());
     Ok(())
 }

@@ -9,7 +9,7 @@ use rand_xoshiro::SplitMix64;
 use rand_xoshiro::rand_core::SeedableRng;
 use serde_json::{Value, json};
 
-use crate::load::{ComputeDtype, ExpertArgs, engine};
+use crate::load::{ComputeDtype, ExpertArgs};
 use epserve_gateway::chat_template::ChatTemplate;
 
 #[derive(Debug, clap::Args)]
@@ -90,9 +90,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("the prompt is empty");
     }
 
-    let engine = engine(&args.model, args.dtype, &args.experts)?;
-    let eos = eos_ids(&args.model, &engine.config.text.eos_token_ids);
-    let mut cache = engine.model.new_cache();
+    let standalone = args.experts.standalone(&args.model, args.dtype)?;
+    let eos = eos_ids(&args.model, &standalone.config.text.eos_token_ids);
+    let mut cache = standalone.model.new_cache();
     let mut rng = SplitMix64::seed_from_u64(args.seed);
     let mut generated = Vec::new();
     let mut next = prompt.clone();
@@ -100,7 +100,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let started = Instant::now();
     let mut first_token_at = None;
     while generated.len() < args.max_tokens {
-        let logits = engine.step(&mut [SequenceStep { tokens: &next, cache: &mut cache }], LogitsFor::Last)?;
+        let logits = standalone.step(&mut [SequenceStep { tokens: &next, cache: &mut cache }], LogitsFor::Last)?;
         let row = logits.squeeze(0)?.to_vec1::<f32>()?;
         let token = sample(&row, args.temperature, &mut rng);
         first_token_at.get_or_insert_with(|| started.elapsed());

@@ -1,20 +1,14 @@
-//! Loading a checkpoint directory for the commands, with progress on the log, and choosing how the
-//! routed experts are reached (`--workers`).
+//! The flags of every command that loads a model: the compute dtype, how weights are kept, and
+//! where the routed experts run (`--workers`, the exchange settings).
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result};
-use candle_core::{DType, Device};
-use clap::ValueEnum;
-use epserve_control::Kind;
-use epserve_coordinator::{ExpertTransport, GrpcConfig, GrpcExperts};
-use epserve_model::{
-    Checkpoint, ExpertShard, LogitsFor, ModelConfig, RoutingTrace, SequenceStep, TextModel, WeightSource, WeightStorage,
-};
+use anyhow::Result;
+use candle_core::DType;
+use epserve_coordinator::{GrpcConfig, LoadConfig, StandaloneModel};
+use epserve_model::WeightStorage;
 use epserve_proto::wire::WireDtype;
-
-use crate::control::Control;
 
 /// Compute dtype on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -96,151 +90,25 @@ pub struct ExpertArgs {
     pub weight_storage: WeightStorageArg,
 }
 
-/// A model ready to run steps, with its experts (and the runtime carrying the worker streams).
-pub struct Engine {
-    pub config: ModelConfig,
-    pub model: TextModel,
-    pub experts: ExpertTransport,
-    pub overlap: bool,
-    _runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Engine {
-    pub fn step(&self, seqs: &mut [SequenceStep<'_>], which: LogitsFor) -> Result<candle_core::Tensor> {
-        self.step_traced(seqs, which, None)
-    }
-
-    /// A step that records the routing in `trace` (not with overlap, which does not trace).
-    pub fn step_traced(
-        &self,
-        seqs: &mut [SequenceStep<'_>],
-        which: LogitsFor,
-        trace: Option<&mut RoutingTrace>,
-    ) -> Result<candle_core::Tensor> {
-        Ok(if self.overlap {
-            epserve_coordinator::overlap::forward_overlapped(&self.model, seqs, &self.experts, which)?
-        } else {
-            self.model.forward(seqs, &self.experts, which, trace)?
-        })
-    }
-}
-
-/// Logs every 10% of the bytes read, with the rate at the end.
-pub struct LoadProgress<'a> {
-    src: &'a dyn WeightSource,
-    what: &'static str,
-    total: u64,
-    last_decile: u64,
-    started: Instant,
-}
-
-impl<'a> LoadProgress<'a> {
-    pub fn new(src: &'a dyn WeightSource, what: &'static str) -> Self {
-        LoadProgress { src, what, total: src.total_bytes().unwrap_or(0), last_decile: 0, started: Instant::now() }
-    }
-
-    pub fn tick(&mut self) {
-        // Small checkpoints load in milliseconds: only the final line is worth printing.
-        if self.total < 256 << 20 {
-            return;
-        }
-        let read = self.src.bytes_read();
-        let decile = read * 10 / self.total;
-        if decile > self.last_decile {
-            self.last_decile = decile;
-            tracing::info!(
-                "loading {}: {:.1} of {:.1} MiB read ({}%)",
-                self.what,
-                read as f64 / 1048576.0,
-                self.total as f64 / 1048576.0,
-                read * 100 / self.total
-            );
+impl ExpertArgs {
+    /// What to load from `dir` and how to reach the experts.
+    pub fn load_config(&self, dir: &Path, dtype: ComputeDtype) -> LoadConfig {
+        LoadConfig {
+            dir: dir.to_path_buf(),
+            dtype: dtype.into(),
+            weight_storage: self.weight_storage.into(),
+            grpc: GrpcConfig {
+                wire: self.wire_dtype.into(),
+                exchange_timeout: Duration::from_millis(self.exchange_timeout_ms),
+                host_wait: Duration::from_millis(self.host_wait_ms),
+                ..GrpcConfig::new(self.workers.clone())
+            },
+            startup_wait: Duration::from_millis(self.startup_wait_ms),
         }
     }
 
-    pub fn finish(&self) {
-        let secs = self.started.elapsed().as_secs_f64();
-        let read = self.src.bytes_read() as f64 / 1048576.0;
-        tracing::info!("loaded {}: {read:.1} MiB in {secs:.2} s ({:.0} MiB/s)", self.what, read / secs.max(1e-9));
+    /// The model in `dir`, stepped directly by an offline command.
+    pub fn standalone(&self, dir: &Path, dtype: ComputeDtype) -> Result<StandaloneModel> {
+        Ok(StandaloneModel::load(&self.load_config(dir, dtype), self.overlap)?)
     }
-}
-
-pub fn read_config(dir: &Path) -> Result<ModelConfig> {
-    let path = dir.join("config.json");
-    ModelConfig::from_file(&path).with_context(|| format!("reading {}", path.display()))
-}
-
-/// Loads the non-expert weights, and the experts either from the checkpoint (no `--workers`, no
-/// registry) or through the workers — listed, or found in the control plane — whose streams live on
-/// `runtime`.
-pub fn engine_parts(
-    dir: &Path,
-    dtype: ComputeDtype,
-    experts: &ExpertArgs,
-    runtime: Option<&tokio::runtime::Runtime>,
-    control: Option<&Control>,
-) -> Result<(ModelConfig, TextModel, ExpertTransport)> {
-    let config = read_config(dir)?;
-    let ckpt = Checkpoint::open(dir)?;
-    let device = Device::Cpu;
-    let mut progress = LoadProgress::new(&ckpt, "weights");
-    let storage = experts.weight_storage.into();
-    let model = TextModel::load(&config, &ckpt, dtype.into(), storage, &device, &mut |_, _| progress.tick())?;
-    tracing::info!(
-        "weight matrices: {:.1} MiB resident (--weight-storage {}, compute {:?})",
-        model.matrix_bytes() as f64 / 1048576.0,
-        experts.weight_storage.to_possible_value().map_or_else(String::new, |v| v.get_name().to_owned()),
-        DType::from(dtype)
-    );
-    let transport = match runtime {
-        None => {
-            let all: Vec<u32> = (0..config.text.num_local_experts as u32).collect();
-            let shard =
-                ExpertShard::load(&config, &ckpt, &all, dtype.into(), storage, &device, &mut || progress.tick())?;
-            tracing::info!("routed experts in process: {:.1} MiB resident", shard.resident_bytes() as f64 / 1048576.0);
-            ExpertTransport::Local(shard)
-        }
-        Some(runtime) => {
-            let cfg = GrpcConfig {
-                wire: experts.wire_dtype.into(),
-                exchange_timeout: Duration::from_millis(experts.exchange_timeout_ms),
-                host_wait: Duration::from_millis(experts.host_wait_ms),
-                ..GrpcConfig::new(experts.workers.clone())
-            };
-            let grpc = match control {
-                Some(control) if experts.workers.is_empty() => {
-                    let (members, placement) = {
-                        let _guard = control.runtime.enter();
-                        (control.plane.instances(Kind::Worker), control.plane.watch_placement())
-                    };
-                    let wait = Duration::from_millis(experts.startup_wait_ms);
-                    tracing::info!("waiting for expert workers in the registry (up to {wait:?})");
-                    runtime.block_on(GrpcExperts::follow(&cfg, &config.text, dtype.into(), members, placement, wait))?
-                }
-                _ => runtime.block_on(GrpcExperts::connect(&cfg, &config.text, dtype.into()))?,
-            };
-            tracing::info!("experts through workers {:?}, {} wire", grpc.workers(), cfg.wire);
-            ExpertTransport::Grpc(grpc)
-        }
-    };
-    progress.finish();
-    Ok((config, model, transport))
-}
-
-/// A one-process engine for the offline commands; with `--workers` it starts a small runtime for
-/// the worker streams.
-pub fn engine(dir: &Path, dtype: ComputeDtype, experts: &ExpertArgs) -> Result<Engine> {
-    let runtime = if experts.workers.is_empty() {
-        None
-    } else {
-        Some(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("epserve-io")
-                .enable_all()
-                .build()?,
-        )
-    };
-    let (config, model, experts_transport) = engine_parts(dir, dtype, experts, runtime.as_ref(), None)?;
-    Ok(Engine { config, model, experts: experts_transport, overlap: experts.overlap, _runtime: runtime })
 }

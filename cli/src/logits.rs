@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use epserve_model::{LogitsFor, SequenceStep};
 
-use crate::load::{ComputeDtype, ExpertArgs, engine};
+use crate::load::{ComputeDtype, ExpertArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct LogitsArgs {
@@ -27,10 +27,10 @@ pub struct LogitsArgs {
 }
 
 pub fn run(args: LogitsArgs) -> Result<()> {
-    let engine = engine(&args.model, args.dtype, &args.experts)?;
-    let mut cache = engine.model.new_cache();
+    let standalone = args.experts.standalone(&args.model, args.dtype)?;
+    let mut cache = standalone.model.new_cache();
     let which = if args.last { LogitsFor::Last } else { LogitsFor::All };
-    let logits = engine.step(&mut [SequenceStep { tokens: &args.tokens, cache: &mut cache }], which)?;
+    let logits = standalone.step(&mut [SequenceStep { tokens: &args.tokens, cache: &mut cache }], which)?;
     let rows = logits.to_vec2::<f32>()?;
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, &serde_json::json!({ "logits": rows }))?;

@@ -1,5 +1,9 @@
 //! `epserve`: the one binary of the project. Argument parsing and wiring only: every subcommand
-//! delegates to the crate that owns the behaviour (`epserve-model` for the offline commands).
+//! turns its flags into the config of the crate that owns the behaviour and calls it — the
+//! processes' lifecycles (`epserve_expert_worker`, `epserve_coordinator`, `epserve_gateway`: `start`
+//! then `serve`), `epserve_coordinator::StandaloneModel` for the offline commands — and prints the
+//! results. The measuring commands (`bench`, `engine-bench`, `exchange-bench`, `decode-bench`) are
+//! clients, and live here.
 
 mod bench;
 mod control;
@@ -12,7 +16,8 @@ mod gen_model;
 mod generate;
 mod load;
 mod logits;
-mod metrics_http;
+mod metrics_endpoint;
+mod stats;
 mod up;
 mod worker;
 

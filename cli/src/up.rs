@@ -1,15 +1,19 @@
 //! `epserve up`: a whole cluster on this machine — W expert workers, C coordinators and the gateway,
 //! each a separate `epserve` process talking real gRPC over loopback. Wired with static addresses
-//! by default; with `--registry etcd://...` every component registers there instead. Waits until the gateway is ready, prints the URL and a curl example, and stops
-//! everything on Ctrl-C (or when any component dies).
+//! by default; with `--registry etcd://...` every component registers there instead. Waits until
+//! the gateway is ready, prints the URL and a curl example, and stops everything on Ctrl-C (or when
+//! any component dies).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use rustix::process::{Pid, Signal, kill_process};
+
+use crate::control::ControlArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -39,14 +43,10 @@ pub struct UpArgs {
     /// cluster survives losing a worker without reloading anything.
     #[arg(long, default_value_t = 1, env = "EPSERVE_UP_REPLICAS")]
     pub replicas: usize,
-    /// Register every component in this control plane (`etcd://host:port`) instead of wiring them
-    /// with static addresses; `--cluster` and `--lease-ttl-ms` are passed on.
-    #[arg(long, env = "EPSERVE_REGISTRY")]
-    pub registry: Option<String>,
-    #[arg(long, default_value = "default", env = "EPSERVE_CLUSTER")]
-    pub cluster: String,
-    #[arg(long, default_value_t = 10_000, env = "EPSERVE_LEASE_TTL_MS")]
-    pub lease_ttl_ms: u64,
+    // With `--registry`, every component registers in the control plane instead of being wired with
+    // static addresses; the three flags are passed on to each.
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 fn cache_dir(explicit: Option<PathBuf>) -> PathBuf {
@@ -56,12 +56,12 @@ fn cache_dir(explicit: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".epserve-cache"))
 }
 
-/// The child processes; all are stopped when this is dropped.
-struct Cluster {
+/// The component processes `up` started, by name; all are stopped when this is dropped.
+struct ComponentProcesses {
     children: Vec<(String, Child)>,
 }
 
-impl Cluster {
+impl ComponentProcesses {
     /// Starts `epserve ARGS`, waits for its `listening on` line and returns the address.
     fn start(&mut self, name: String, args: &[String]) -> Result<String> {
         let exe = std::env::current_exe().context("locating the epserve binary")?;
@@ -94,7 +94,8 @@ impl Cluster {
 
     fn stop(&mut self) {
         for (_, child) in self.children.iter().rev() {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).stderr(Stdio::null()).status();
+            // Already gone is fine: it is reaped below.
+            let _ = kill_process(Pid::from_child(child), Signal::TERM);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         for (name, child) in self.children.iter_mut().rev() {
@@ -114,20 +115,10 @@ impl Cluster {
     }
 }
 
-impl Drop for Cluster {
+impl Drop for ComponentProcesses {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// GET `path` on `addr`; the status code.
-fn http_status(addr: &str, path: &str) -> Option<u16> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
 fn demo_model(cache: &Path) -> Result<PathBuf> {
@@ -170,23 +161,18 @@ pub fn run(args: UpArgs) -> Result<()> {
         None => demo_model(&cache_dir(args.cache_dir.clone()))?,
     };
     let model_arg = model.to_str().context("the model path is not UTF-8")?.to_owned();
-    let mut cluster = Cluster { children: Vec::new() };
+    let mut processes = ComponentProcesses { children: Vec::new() };
     let started = Instant::now();
 
-    let registry: Vec<String> = match &args.registry {
-        Some(url) => ["--registry", url, "--cluster", &args.cluster, "--lease-ttl-ms", &args.lease_ttl_ms.to_string()]
-            .map(String::from)
-            .to_vec(),
-        None => Vec::new(),
-    };
-    let num_experts = crate::load::read_config(&model)?.text.num_local_experts;
+    let registry = args.control.to_flags();
+    let num_experts = epserve_coordinator::loading::read_config(&model)?.text.num_local_experts;
     let mut workers = Vec::new();
     for i in 0..args.workers {
         let mut a: Vec<String> =
             ["worker", "--model", &model_arg, "--listen", "127.0.0.1:0", "--experts"].map(String::from).to_vec();
         a.push(worker_experts(i, args.workers, args.replicas, num_experts)?);
         a.extend(registry.iter().cloned());
-        workers.push(cluster.start(format!("worker {i}"), &a)?);
+        workers.push(processes.start(format!("worker {i}"), &a)?);
     }
     let mut coordinators = Vec::new();
     for i in 0..args.coordinators {
@@ -197,7 +183,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             a.extend(["--workers".into(), workers.join(",")]);
         }
         a.extend(registry.iter().cloned());
-        coordinators.push(cluster.start(format!("coordinator {i}"), &a)?);
+        coordinators.push(processes.start(format!("coordinator {i}"), &a)?);
     }
     let listen = format!("{}:{}", args.host, args.port);
     let mut a: Vec<String> = ["gateway", "--model", &model_arg, "--listen", &listen].map(String::from).to_vec();
@@ -208,19 +194,11 @@ pub fn run(args: UpArgs) -> Result<()> {
     if !args.api_keys.is_empty() {
         a.extend(["--api-key".into(), args.api_keys.join(",")]);
     }
-    let gateway = cluster.start("gateway".into(), &a)?;
+    let gateway = processes.start("gateway".into(), &a)?;
 
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while http_status(&gateway, "/ready") != Some(200) {
-        if let Some(dead) = cluster.exited() {
-            bail!("{dead} before the cluster was ready");
-        }
-        if Instant::now() > deadline {
-            bail!("the gateway at {gateway} was not ready within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let name = crate::gateway::served_name(&model);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(wait_until_ready(&mut processes, &gateway))?;
+    let name = epserve_gateway::served_model_name(&model);
     let auth = args.api_keys.first().map(|k| format!(" -H 'Authorization: Bearer {k}'")).unwrap_or_default();
     println!(
         "epserve is up in {:.1} s: {} worker(s), {} coordinator(s), model `{name}`",
@@ -235,26 +213,45 @@ pub fn run(args: UpArgs) -> Result<()> {
     );
     println!("  Ctrl-C stops everything.");
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let reason = runtime.block_on(async {
         let mut shutdown = std::pin::pin!(crate::shutdown_signal());
         loop {
             tokio::select! {
                 _ = &mut shutdown => break None,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                    if let Some(dead) = cluster.exited() {
+                    if let Some(dead) = processes.exited() {
                         break Some(dead);
                     }
                 }
             }
         }
     });
-    cluster.stop();
+    processes.stop();
     match reason {
         None => {
             println!("epserve stopped");
             Ok(())
         }
         Some(dead) => bail!("{dead}; the cluster was stopped"),
+    }
+}
+
+/// Polls the gateway's `GET /ready` until it answers 200 (every component is up), for 120 s at most.
+async fn wait_until_ready(processes: &mut ComponentProcesses, gateway: &str) -> Result<()> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+    let url = format!("http://{gateway}/ready");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ready = client.get(&url).send().await.is_ok_and(|r| r.status() == reqwest::StatusCode::OK);
+        if ready {
+            return Ok(());
+        }
+        if let Some(dead) = processes.exited() {
+            bail!("{dead} before the cluster was ready");
+        }
+        if Instant::now() > deadline {
+            bail!("the gateway at {gateway} was not ready within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -1,16 +1,12 @@
 //! `epserve worker`: one expert worker process.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
-use candle_core::Device;
-use epserve_control::{Instance, Kind, Membership};
-use epserve_expert_worker::{ExpertSelection, ExpertWorker};
-use epserve_model::{Checkpoint, ExpertShard, ModelConfig, WeightStorage};
+use anyhow::{Result, bail};
+use epserve_expert_worker::{ExpertSelection, WorkerConfig};
 
-use crate::control::{Control, ControlArgs};
-use crate::load::{ComputeDtype, LoadProgress, WeightStorageArg, read_config};
+use crate::control::JoinArgs;
+use crate::load::{ComputeDtype, WeightStorageArg};
 
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
@@ -37,7 +33,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "EPSERVE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
     #[command(flatten)]
-    pub control: ControlArgs,
+    pub control: JoinArgs,
 }
 
 pub fn run(args: WorkerArgs) -> Result<()> {
@@ -45,110 +41,26 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         (Some(s), None) => ExpertSelection::parse_shard(s)?,
         (None, Some(e)) => ExpertSelection::parse_list(e)?,
         // With a registry a worker may start empty: a spare that the placement leader fills.
-        (None, None) if args.control.registry.is_some() => ExpertSelection::List(Vec::new()),
+        (None, None) if args.control.registry().is_some() => ExpertSelection::List(Vec::new()),
         _ => bail!("give --shard I/N or --experts LIST"),
     };
-    let control = args.control.connect()?;
-    let config = read_config(&args.model)?;
-    let experts = selection.resolve(config.text.num_local_experts)?;
-    let ckpt = Checkpoint::open(&args.model)?;
-    let mut progress = LoadProgress::new(&ckpt, "experts");
-    let storage = args.weight_storage.into();
-    let shard =
-        ExpertShard::load(&config, &ckpt, &experts, args.dtype.into(), storage, &Device::Cpu, &mut || progress.tick())?;
-    progress.finish();
-    tracing::info!(
-        "hosting {} of {} experts {experts:?} of {} MoE layers: {:.1} MiB resident",
-        experts.len(),
-        config.text.num_local_experts,
-        config.text.moe_layers().count(),
-        shard.resident_bytes() as f64 / 1048576.0,
-    );
-
+    let metrics_listen = args.metrics_listen;
+    let config = WorkerConfig {
+        control: args.control.connect()?,
+        model: args.model,
+        listen: args.listen,
+        selection,
+        dtype: args.dtype.into(),
+        weight_storage: args.weight_storage.into(),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().thread_name("epserve-io").enable_all().build()?;
-    // Borrowed, not moved: the control runtime must not be dropped inside the async block.
-    let control = &control;
     runtime.block_on(async move {
-        if let Some(addr) = &args.metrics_listen {
-            crate::metrics_http::serve(addr).await?;
+        if let Some(addr) = &metrics_listen {
+            crate::metrics_endpoint::serve(addr).await?;
         }
-        let listener =
-            tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-        let local = listener.local_addr()?;
+        let worker = epserve_expert_worker::start(config).await?;
         // The harnesses and `epserve up` read this line to learn the port.
-        println!("listening on {local}");
-        let model_name = args.model.display().to_string();
-        let worker = Arc::new(ExpertWorker::new(shard, config.text.clone(), model_name.clone(), args.dtype.into()));
-        let membership = control.as_ref().map(|control| {
-            let record = Instance {
-                experts: worker.experts(),
-                model: model_name,
-                ..Instance::new(Kind::Worker, format!("worker-{local}"), local.to_string())
-            };
-            let membership = Arc::new(control.register(record));
-            follow_assignments(
-                control,
-                membership.clone(),
-                worker.clone(),
-                &args.model,
-                &config,
-                (args.dtype, args.weight_storage.into()),
-            );
-            membership
-        });
-        epserve_expert_worker::serve(worker, listener, crate::shutdown_signal()).await?;
-        if let (Some(control), Some(membership)) = (control, membership) {
-            // Leaving revokes the lease: coordinators stop sending here now, not a TTL later.
-            control.runtime.spawn(async move { membership.leave().await }).await.ok();
-        }
-        tracing::info!("expert worker stopped");
-        Ok(())
+        println!("listening on {}", worker.local_addr());
+        Ok(worker.serve(crate::shutdown_signal()).await?)
     })
-}
-
-/// Loads the experts the placement leader assigns to this worker, then announces them in its record
-/// (coordinators route to a worker only for the experts its record lists).
-fn follow_assignments(
-    control: &Control,
-    membership: Arc<Membership>,
-    worker: Arc<ExpertWorker>,
-    dir: &Path,
-    config: &ModelConfig,
-    (dtype, storage): (ComputeDtype, WeightStorage),
-) {
-    let _guard = control.runtime.enter();
-    let mut placement = control.plane.watch_placement();
-    let (dir, config) = (dir.to_path_buf(), config.clone());
-    control.runtime.spawn(async move {
-        loop {
-            let assigned = placement.borrow_and_update().as_ref().map(|map| map.experts_of(&membership.id()));
-            let hosted = worker.experts();
-            let missing: Vec<u32> = assigned.unwrap_or_default().into_iter().filter(|e| !hosted.contains(e)).collect();
-            if !missing.is_empty() {
-                tracing::info!("the placement assigns experts {missing:?} here: loading them");
-                let started = std::time::Instant::now();
-                let (w, dir, config, ids) = (worker.clone(), dir.clone(), config.clone(), missing.clone());
-                let loaded = tokio::task::spawn_blocking(move || -> Result<()> {
-                    let ckpt = Checkpoint::open(&dir)?;
-                    let shard =
-                        ExpertShard::load(&config, &ckpt, &ids, dtype.into(), storage, &Device::Cpu, &mut || ())?;
-                    w.add_experts(shard)?;
-                    Ok(())
-                })
-                .await;
-                match loaded {
-                    Ok(Ok(())) => {
-                        tracing::info!("loaded experts {missing:?} in {:.2} s", started.elapsed().as_secs_f64());
-                        let experts = worker.experts();
-                        membership.update(|i| i.experts = experts);
-                    }
-                    Ok(Err(e)) => tracing::error!("loading assigned experts {missing:?}: {e:#}"),
-                    Err(e) => tracing::error!("loading assigned experts {missing:?}: {e}"),
-                }
-            }
-            if placement.changed().await.is_err() {
-                return;
-            }
-        }
-    });
 }

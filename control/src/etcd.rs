@@ -50,8 +50,7 @@ impl EtcdRegistry {
         if endpoints.is_empty() {
             return Err(RegistryError::Invalid("no etcd endpoint given".into()));
         }
-        let urls: Vec<String> =
-            endpoints.iter().map(|e| if e.contains("://") { e.clone() } else { format!("http://{e}") }).collect();
+        let urls: Vec<String> = endpoints.iter().map(|e| epserve_proto::server_uri(e)).collect();
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5))

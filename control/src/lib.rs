@@ -9,6 +9,7 @@
 //! under the instance's lease), `placement` ([`PlacementMap`], version = the key's version),
 //! `leader/<election>` (the leader's id, under its lease).
 
+mod connection;
 pub mod controller;
 mod etcd;
 mod memory;
@@ -16,6 +17,7 @@ mod plane;
 mod registry;
 mod types;
 
+pub use connection::{ConnectError, ControlConnection};
 pub use etcd::EtcdRegistry;
 pub use memory::MemoryRegistry;
 pub use plane::{ControlPlane, MemberState, Membership, connect};

@@ -4,9 +4,10 @@
 //! count writes, watches fire on expiry too).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use crate::registry::{BoxFuture, Changes, Entry, LeaseId, Registry, RegistryError, Result};
@@ -91,7 +92,7 @@ impl MemoryRegistry {
         let weak: Weak<Mutex<State>> = Arc::downgrade(&state);
         let reaper = std::thread::Builder::new().name("epserve-registry-reaper".into()).spawn(move || {
             while let Some(state) = weak.upgrade() {
-                lock(&state).expire(Instant::now());
+                state.lock().expire(Instant::now());
                 drop(state);
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -103,15 +104,10 @@ impl MemoryRegistry {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         state.expire(Instant::now());
         f(&mut state)
     }
-}
-
-fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    // Every mutation leaves the maps consistent, so a poisoned lock is still usable.
-    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn ready<'a, T: Send + 'a>(value: T) -> BoxFuture<'a, T> {

@@ -4,10 +4,11 @@
 //! runtime that calls it; the binaries give the control plane a runtime of its own, so that request
 //! load on the serving runtime can never delay a keep-alive.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use epserve_proto::metric_names as m;
+use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use crate::memory::MemoryRegistry;
@@ -72,16 +73,16 @@ pub struct Membership {
 
 impl Membership {
     pub fn id(&self) -> String {
-        lock(&self.record).id.clone()
+        self.record.lock().id.clone()
     }
 
     pub fn record(&self) -> Instance {
-        lock(&self.record).clone()
+        self.record.lock().clone()
     }
 
     /// Changes the record and writes it again under the same lease.
     pub fn update(&self, change: impl FnOnce(&mut Instance)) {
-        change(&mut lock(&self.record));
+        change(&mut self.record.lock());
         let _ = self.updates.send(());
     }
 
@@ -125,10 +126,6 @@ impl Drop for Membership {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
@@ -170,7 +167,7 @@ impl ControlPlane {
                     if *stopped.borrow() {
                         return;
                     }
-                    let snapshot = lock(&rec).clone();
+                    let snapshot = rec.lock().clone();
                     let attempt = async {
                         let lease = registry.grant(ttl).await?;
                         registry.put(&snapshot.key(), encode(&snapshot), Some(lease)).await?;
@@ -187,7 +184,7 @@ impl ControlPlane {
                         }
                     }
                 };
-                let id = lock(&rec).id.clone();
+                let id = rec.lock().id.clone();
                 tracing::info!(%id, lease = format!("{lease:x}"), "registered");
                 state_tx.send_replace(MemberState { lease: Some(lease), re_registrations });
                 let mut dirty = false;
@@ -212,7 +209,7 @@ impl ControlPlane {
                         }
                     }
                     if dirty {
-                        let snapshot = lock(&rec).clone();
+                        let snapshot = rec.lock().clone();
                         match registry.put(&snapshot.key(), encode(&snapshot), Some(lease)).await {
                             Ok(()) => dirty = false,
                             Err(RegistryError::Invalid(e)) => {

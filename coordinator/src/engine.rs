@@ -7,12 +7,13 @@
 //! is lost) — run one forward pass for all of them, sample, and stream the tokens back.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use epserve_model::{ExpertBackend, LogitsFor, SequenceStep, TextModel};
 use epserve_proto::metric_names as m;
+use parking_lot::Mutex;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::kv_pool::{KvPool, SeqBlocks};
@@ -136,7 +137,7 @@ impl EngineHandle {
     }
 
     pub fn load(&self) -> Load {
-        self.load.lock().map(|l| l.clone()).unwrap_or_default()
+        self.load.lock().clone()
     }
 
     pub fn max_model_len(&self) -> usize {
@@ -346,11 +347,14 @@ impl<E: ExpertBackend> Engine<E> {
                 .iter_mut()
                 .map(|(kv, from, n, tokens)| SequenceStep { tokens: &tokens[*from..*from + *n], cache: kv })
                 .collect();
-            let logits = if self.config.overlap {
-                crate::overlap::forward_overlapped(&self.model, &mut steps, &self.experts, LogitsFor::Last)
-            } else {
-                self.model.forward(&mut steps, &self.experts, LogitsFor::Last, None)
-            };
+            let logits = crate::overlap::forward_step(
+                &self.model,
+                &mut steps,
+                &self.experts,
+                LogitsFor::Last,
+                self.config.overlap,
+                None,
+            );
             logits.and_then(|l| Ok(l.to_vec2::<f32>()?))
         };
         self.steps += 1;
@@ -521,8 +525,6 @@ impl<E: ExpertBackend> Engine<E> {
         metrics::gauge!(m::ENGINE_RUNNING_REQUESTS).set(load.running as f64);
         metrics::gauge!(m::KV_BLOCKS_USED).set(load.kv_blocks_used as f64);
         metrics::gauge!(m::KV_BLOCKS_TOTAL).set(load.kv_blocks_total as f64);
-        if let Ok(mut l) = self.load.lock() {
-            *l = load;
-        }
+        *self.load.lock() = load;
     }
 }

@@ -2,7 +2,9 @@
 //! every MoE layer it routes tokens, dispatches the routed rows to the experts through an
 //! [`ExpertTransport`] (in process, or expert workers over gRPC), computes the shared expert while
 //! they work, and combines their answers. A step can be split into two micro-batches whose attention
-//! and expert phases overlap ([`overlap`]).
+//! and expert phases overlap ([`overlap`]). [`run`](mod@run) is the coordinator process's lifecycle
+//! (registration, leader campaign, the wait for the workers, KV sizing); [`loading`] loads a
+//! checkpoint and chooses the transport.
 //!
 //! Boundaries: no HTTP, no tokenization (the gateway's), no expert weights of its own when the
 //! transport is remote.
@@ -10,11 +12,15 @@
 pub mod engine;
 pub mod errors;
 pub mod kv_pool;
+pub mod loading;
 pub mod overlap;
 pub mod placement;
+pub mod run;
 pub mod sampling;
 pub mod server;
 pub mod transport;
 
 pub use errors::TransportError;
+pub use loading::{LoadConfig, LoadError, LoadedModel, StandaloneModel, load_model};
+pub use run::{CoordinatorConfig, EngineSizing, ReadyCoordinator, RunError, run, start};
 pub use transport::{ExpertTransport, GrpcConfig, GrpcExperts};

@@ -7,7 +7,20 @@
 //! B's attention has already run, and vice versa.
 
 use candle_core::Tensor;
-use epserve_model::{ExpertBackend, LogitsFor, Result, SequenceStep, TextModel};
+use epserve_model::{ExpertBackend, LogitsFor, Result, RoutingTrace, SequenceStep, TextModel};
+
+/// Runs one step, split into overlapped micro-batches when `overlap` is set (the engine's
+/// `--overlap`). Only the plain forward records the routing in `trace`: overlap does not trace.
+pub fn forward_step(
+    model: &TextModel,
+    seqs: &mut [SequenceStep<'_>],
+    experts: &dyn ExpertBackend,
+    which: LogitsFor,
+    overlap: bool,
+    trace: Option<&mut RoutingTrace>,
+) -> Result<Tensor> {
+    if overlap { forward_overlapped(model, seqs, experts, which) } else { model.forward(seqs, experts, which, trace) }
+}
 
 /// Runs one step, overlapped across two micro-batches when there are at least two sequences.
 /// Gives exactly the logits of [`TextModel::forward`] (each row sees only its own sequence).

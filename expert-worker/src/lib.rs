@@ -3,10 +3,13 @@
 //! `ExpertService.Exchange`: rows grouped by expert in, SwiGLU outputs out, in the same order.
 //!
 //! Boundaries: it knows nothing of sequences, KV caches or sampling, and keeps no per-request state.
-//! Compute runs on tokio's blocking pool, never on the IO threads.
+//! Compute runs on tokio's blocking pool, never on the IO threads. [`run`](mod@run) is the worker
+//! process's lifecycle: registration and following the placement leader's assignments.
 
+pub mod run;
 mod selection;
 mod service;
 
+pub use run::{ReadyWorker, RunError, WorkerConfig, run, start};
 pub use selection::{ExpertSelection, SelectionError};
 pub use service::{ExpertWorker, WorkerStats, serve};

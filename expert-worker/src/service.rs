@@ -2,8 +2,8 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -15,6 +15,7 @@ use epserve_proto::v1::expert_service_server::{ExpertService, ExpertServiceServe
 use epserve_proto::v1::{
     ExchangeRequest, ExchangeResponse, HealthRequest, HealthResponse, LayerExperts, StatusRequest, StatusResponse,
 };
+use parking_lot::{RwLock, RwLockReadGuard};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -44,9 +45,8 @@ impl ExpertWorker {
         ExpertWorker { shard: RwLock::new(shard), text, model_name, dtype, stats: WorkerStats::default() }
     }
 
-    fn shard(&self) -> std::sync::RwLockReadGuard<'_, ExpertShard> {
-        // A panic in compute cannot leave the shard half-written: only `add_experts` writes.
-        self.shard.read().unwrap_or_else(|p| p.into_inner())
+    fn shard(&self) -> RwLockReadGuard<'_, ExpertShard> {
+        self.shard.read()
     }
 
     /// The hosted expert ids, ascending.
@@ -57,7 +57,7 @@ impl ExpertWorker {
     /// Starts serving the experts of `more` as well (loaded from the same checkpoint).
     pub fn add_experts(&self, more: ExpertShard) -> epserve_model::Result<()> {
         let added = more.experts().len();
-        let mut shard = self.shard.write().unwrap_or_else(|p| p.into_inner());
+        let mut shard = self.shard.write();
         shard.absorb(more)?;
         metrics::gauge!(m::WORKER_RESIDENT_EXPERT_BYTES).set(shard.resident_bytes() as f64);
         metrics::counter!(m::WORKER_EXPERTS_LOADED_TOTAL).increment(added as u64);

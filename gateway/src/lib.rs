@@ -1,7 +1,8 @@
 //! The gateway: the OpenAI-compatible HTTP API in front of the coordinators. It owns the tokenizer
 //! and the chat template of the checkpoint, incremental detokenization and stop strings, API-key
 //! authentication, and the choice of a coordinator (healthy, least loaded; a request that has not
-//! produced a token yet is retried on another).
+//! produced a token yet is retried on another). [`run`](mod@run) is the gateway process's lifecycle:
+//! registration and discovery of the ready coordinators.
 //!
 //! Boundaries: no model weights, no sampling (the coordinator's), no state beyond requests in flight.
 
@@ -10,9 +11,11 @@ pub mod completions;
 pub mod errors;
 pub mod openai;
 pub mod routing;
+pub mod run;
 pub mod server;
 pub mod text;
 
 pub use routing::CoordinatorPool;
+pub use run::{GatewayConfig, ReadyGateway, RunError, run, served_model_name, start};
 pub use server::{AppState, router};
 pub use text::TextCodec;

@@ -2,12 +2,13 @@
 //! in the background; one that stops answering is taken out and polled again until it answers. A
 //! request that fails before its first token is retried on another coordinator.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use epserve_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use epserve_proto::v1::{GenerateRequest, LoadRequest, TokenEvent};
+use parking_lot::{Mutex, RwLock};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Streaming};
 
@@ -68,12 +69,12 @@ impl CoordinatorPool {
     }
 
     fn backends(&self) -> Vec<Arc<Backend>> {
-        self.backends.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.backends.read().clone()
     }
 
     /// Polls every coordinator's `Load` every `interval` (with a timeout of the same length).
     pub fn spawn_health_checks(self: &Arc<Self>, interval: Duration) {
-        *self.interval.lock().unwrap_or_else(|p| p.into_inner()) = Some(interval);
+        *self.interval.lock() = Some(interval);
         for backend in self.backends() {
             poll(backend, interval);
         }
@@ -82,8 +83,8 @@ impl CoordinatorPool {
     /// Replaces the membership with `addrs`: new coordinators are added (and polled), departed ones
     /// stop receiving requests (streams already running on them continue).
     pub fn set_members(&self, addrs: &[String]) {
-        let interval = *self.interval.lock().unwrap_or_else(|p| p.into_inner());
-        let mut backends = self.backends.write().unwrap_or_else(|p| p.into_inner());
+        let interval = *self.interval.lock();
+        let mut backends = self.backends.write();
         backends.retain(|b| {
             let keep = addrs.contains(&b.addr);
             if !keep {
@@ -183,7 +184,7 @@ impl CoordinatorPool {
 }
 
 fn backend(addr: &str) -> anyhow::Result<Arc<Backend>> {
-    let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+    let uri = epserve_proto::server_uri(addr);
     let channel = Endpoint::from_shared(uri)?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(2))

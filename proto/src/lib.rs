@@ -19,3 +19,10 @@ pub mod v1 {
 /// Larger than any exchange we send: 1,024 Scout rows in f32 are 20 MiB. gRPC's default 4 MiB
 /// breaks above ~400 bf16 Scout rows.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// The URI a client connects to for a server address: addresses on the command line and in the
+/// registry are bare `host:port`, the gRPC clients want a scheme (`http://host:port`); an address
+/// that has one is kept as it is.
+pub fn server_uri(addr: &str) -> String {
+    if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") }
+}

@@ -7,9 +7,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("unknown preset `{0}` (tiny, mini, scout-wire)")]
-    UnknownPreset(String),
-
     #[error("{} already holds a checkpoint (use --force to overwrite)", .0.display())]
     AlreadyExists(PathBuf),
 

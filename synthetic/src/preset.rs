@@ -5,8 +5,6 @@ use epserve_model::ModelConfig;
 use epserve_model::config::FeedForwardKind;
 use serde_json::{Value, json};
 
-use crate::error::{Error, Result};
-
 /// Number of named special tokens (`<|begin_of_text|>` … `<|image|>`), in Llama 4's order.
 pub const NAMED_SPECIAL_TOKENS: [&str; 19] = [
     "<|begin_of_text|>",
@@ -45,15 +43,6 @@ pub enum Preset {
 }
 
 impl Preset {
-    pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "tiny" => Ok(Preset::Tiny),
-            "mini" => Ok(Preset::Mini),
-            "scout-wire" => Ok(Preset::ScoutWire),
-            other => Err(Error::UnknownPreset(other.to_owned())),
-        }
-    }
-
     pub fn vocab_size(self) -> usize {
         match self {
             Preset::Tiny | Preset::ScoutWire => 512,

@@ -25,7 +25,7 @@ use epserve_proto::wire::WireDtype;
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
 
-use super::links::{Cluster, Reply, WorkerLink, check_model, endpoint, lock};
+use super::links::{Cluster, Reply, WorkerLink, check_model, endpoint};
 use crate::errors::TransportError;
 
 #[derive(Debug, Clone)]
@@ -306,7 +306,7 @@ impl GrpcInFlight<'_> {
         .into_proto();
         let (tx, rx) = oneshot::channel();
         let dead = {
-            let mut pending = lock(&link.pending);
+            let mut pending = link.pending.lock();
             match &pending.dead {
                 Some(reason) => Some((tx, reason.clone())),
                 None => {
@@ -337,7 +337,7 @@ impl GrpcInFlight<'_> {
         // The timer must be created inside the runtime: this thread is not one of its workers.
         let answer = match x.runtime.block_on(async { tokio::time::timeout_at(deadline, &mut part.reply).await }) {
             Err(_) => {
-                lock(&link.pending).waiting.remove(&part.id);
+                link.pending.lock().waiting.remove(&part.id);
                 let e = TransportError::Deadline {
                     worker: link.addr.clone(),
                     exchange: part.id,

@@ -6,7 +6,7 @@
 //! second, so a worker that comes back is used again.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use epserve_control::{Instance, PlacementMap};
@@ -14,6 +14,7 @@ use epserve_model::TextConfig;
 use epserve_proto::metric_names as m;
 use epserve_proto::v1::expert_service_client::ExpertServiceClient;
 use epserve_proto::v1::{ExchangeRequest, ExchangeResponse, StatusRequest};
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tonic::transport::{Channel, Endpoint};
 
@@ -40,23 +41,18 @@ pub(super) struct Pending {
     pub dead: Option<String>,
 }
 
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every critical section leaves the maps consistent (single inserts/removes).
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl WorkerLink {
     fn experts(&self) -> Vec<u32> {
-        self.experts.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.experts.read().clone()
     }
 
     pub fn dead(&self) -> Option<String> {
-        lock(&self.pending).dead.clone()
+        self.pending.lock().dead.clone()
     }
 
     /// Marks the link dead and fails every exchange waiting on it. True if it was alive.
     pub fn kill(&self, reason: &str) -> bool {
-        let mut p = lock(&self.pending);
+        let mut p = self.pending.lock();
         if p.dead.is_some() {
             return false;
         }
@@ -143,11 +139,11 @@ impl Cluster {
     }
 
     pub fn routes(&self) -> Arc<Routes> {
-        self.routes.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.routes.read().clone()
     }
 
     pub fn workers(&self) -> Vec<String> {
-        let mut addrs: Vec<String> = lock(&self.links).values().map(|l| l.addr.clone()).collect();
+        let mut addrs: Vec<String> = self.links.lock().values().map(|l| l.addr.clone()).collect();
         addrs.sort();
         addrs
     }
@@ -157,7 +153,7 @@ impl Cluster {
         if link.kill(reason) {
             tracing::warn!(worker = %link.addr, id = %link.id, "expert worker lost: {reason}");
             metrics::counter!(m::FAILOVERS_TOTAL, "worker" => link.addr.clone()).increment(1);
-            lock(&self.losses).push(Loss { worker: link.addr.clone(), at: Instant::now(), unix_ms: unix_ms() });
+            self.losses.lock().push(Loss { worker: link.addr.clone(), at: Instant::now(), unix_ms: unix_ms() });
             self.changed.notify_one();
             self.generation.send_modify(|g| *g += 1);
         }
@@ -165,7 +161,7 @@ impl Cluster {
 
     /// Called after every step that succeeded: reports how long each loss took to get past.
     pub fn step_finished(&self) {
-        let mut losses = lock(&self.losses);
+        let mut losses = self.losses.lock();
         for loss in losses.drain(..) {
             let took = loss.at.elapsed();
             metrics::histogram!(m::FAILOVER_RECOVERY_SECONDS).record(took.as_secs_f64());
@@ -202,7 +198,7 @@ impl Cluster {
 
     /// One pass: connect new or restarted workers, drop departed ones, rebuild the routes.
     pub async fn sync(self: &Arc<Self>, want: &[Instance], placement: Option<&PlacementMap>) {
-        let current: HashMap<String, Arc<WorkerLink>> = lock(&self.links).clone();
+        let current: HashMap<String, Arc<WorkerLink>> = self.links.lock().clone();
         let mut next: HashMap<String, Arc<WorkerLink>> = HashMap::new();
         for (id, link) in &current {
             if !want.iter().any(|w| &w.id == id) {
@@ -215,7 +211,7 @@ impl Cluster {
                 if old.dead().is_none() && old.incarnation == w.incarnation && old.addr == w.addr {
                     if old.experts() != w.experts {
                         tracing::info!(worker = %w.addr, "worker now serves experts {:?}", w.experts);
-                        *old.experts.write().unwrap_or_else(|p| p.into_inner()) = w.experts.clone();
+                        *old.experts.write() = w.experts.clone();
                     }
                     next.insert(w.id.clone(), old.clone());
                     continue;
@@ -248,8 +244,8 @@ impl Cluster {
             }
         }
         let routes = Arc::new(self.build_routes(&next, placement));
-        *lock(&self.links) = next;
-        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
+        *self.links.lock() = next;
+        *self.routes.write() = routes;
         self.generation.send_modify(|g| *g += 1);
     }
 
@@ -292,7 +288,7 @@ impl Cluster {
 }
 
 pub(super) fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, TransportError> {
-    let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+    let uri = epserve_proto::server_uri(addr);
     let unavailable = |reason: String| TransportError::Unavailable { worker: addr.to_owned(), reason };
     Ok(Endpoint::from_shared(uri)
         .map_err(|e| unavailable(format!("bad address: {e}")))?
@@ -353,7 +349,7 @@ async fn open_stream(
         let reason = loop {
             match inbound.message().await {
                 Ok(Some(answer)) => {
-                    if let Some(tx) = lock(&pending).waiting.remove(&answer.id) {
+                    if let Some(tx) = pending.lock().waiting.remove(&answer.id) {
                         let _ = tx.send(Ok(answer));
                     }
                 }

@@ -1,0 +1,190 @@
+//! Loading a checkpoint for serving, and choosing how its routed experts are reached: in process
+//! (no workers given, no control plane), through the listed workers, or through the workers the
+//! control plane lists. [`StandaloneModel`] is the same model stepped directly, for the offline
+//! commands (`logits`, `generate`, `decode-bench`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor};
+use epserve_control::{ControlConnection, Kind};
+use epserve_model::{
+    Checkpoint, ExpertShard, LoadProgress, LogitsFor, ModelConfig, RoutingTrace, SequenceStep, TextModel, WeightStorage,
+};
+
+use crate::errors::TransportError;
+use crate::transport::{ExpertTransport, GrpcConfig, GrpcExperts};
+
+/// What to load and where the routed experts run.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// Checkpoint directory (hub layout).
+    pub dir: PathBuf,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// How weight matrices (and the routed experts, when they run in process) are kept in memory.
+    pub weight_storage: WeightStorage,
+    /// The workers (`grpc.workers`, when listed) and how exchanges with them go. No workers and no
+    /// control plane: the experts run in process.
+    pub grpc: GrpcConfig,
+    /// With the control plane: how long start-up waits for every expert to have a live worker.
+    pub startup_wait: Duration,
+}
+
+impl LoadConfig {
+    /// Experts in process, default exchange settings.
+    pub fn local(dir: impl Into<PathBuf>, dtype: DType) -> Self {
+        LoadConfig {
+            dir: dir.into(),
+            dtype,
+            weight_storage: WeightStorage::default(),
+            grpc: GrpcConfig::new(Vec::new()),
+            startup_wait: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Why a model could not be loaded or its experts reached.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("reading {}", path.display())]
+    Config {
+        path: PathBuf,
+        #[source]
+        source: epserve_model::Error,
+    },
+    #[error("loading the checkpoint {}", dir.display())]
+    Weights {
+        dir: PathBuf,
+        #[source]
+        source: epserve_model::Error,
+    },
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("starting the runtime for the worker streams")]
+    Runtime(#[source] std::io::Error),
+    #[error("the loading task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// A loaded model and its routed experts, ready to be stepped.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub config: ModelConfig,
+    pub model: TextModel,
+    pub experts: ExpertTransport,
+}
+
+/// `config.json` of the checkpoint in `dir`.
+pub fn read_config(dir: &Path) -> Result<ModelConfig, LoadError> {
+    let path = dir.join("config.json");
+    ModelConfig::from_file(&path).map_err(|source| LoadError::Config { path, source })
+}
+
+/// Loads the non-expert weights, and reaches the routed experts: from the checkpoint (no workers
+/// listed, no `control`), through the listed workers, or through the workers registered in the
+/// control plane (waiting up to `startup_wait` for every expert to have one). The worker streams live
+/// on the runtime this runs on.
+pub async fn load_model(config: &LoadConfig, control: Option<&ControlConnection>) -> Result<LoadedModel, LoadError> {
+    let remote = !config.grpc.workers.is_empty() || control.is_some();
+    let load = config.clone();
+    let (model_config, model, shard) = tokio::task::spawn_blocking(move || load_weights(&load, !remote)).await??;
+    let experts = match shard {
+        Some(shard) => ExpertTransport::Local(shard),
+        None => {
+            let grpc = match control {
+                Some(control) if config.grpc.workers.is_empty() => {
+                    let (members, placement) = (control.instances(Kind::Worker), control.watch_placement());
+                    tracing::info!("waiting for expert workers in the registry (up to {:?})", config.startup_wait);
+                    GrpcExperts::follow(
+                        &config.grpc,
+                        &model_config.text,
+                        config.dtype,
+                        members,
+                        placement,
+                        config.startup_wait,
+                    )
+                    .await?
+                }
+                _ => GrpcExperts::connect(&config.grpc, &model_config.text, config.dtype).await?,
+            };
+            tracing::info!("experts through workers {:?}, {} wire", grpc.workers(), config.grpc.wire);
+            ExpertTransport::Grpc(grpc)
+        }
+    };
+    Ok(LoadedModel { config: model_config, model, experts })
+}
+
+/// Reads the config and the non-expert weights, and every routed expert when `local_experts`.
+/// Blocking.
+fn load_weights(
+    config: &LoadConfig,
+    local_experts: bool,
+) -> Result<(ModelConfig, TextModel, Option<ExpertShard>), LoadError> {
+    let model_config = read_config(&config.dir)?;
+    let weights = |source| LoadError::Weights { dir: config.dir.clone(), source };
+    let ckpt = Checkpoint::open(&config.dir).map_err(weights)?;
+    let device = Device::Cpu;
+    let mut progress = LoadProgress::new(&ckpt, "weights");
+    let (dtype, storage) = (config.dtype, config.weight_storage);
+    let model =
+        TextModel::load(&model_config, &ckpt, dtype, storage, &device, &mut |_, _| progress.tick()).map_err(weights)?;
+    tracing::info!(
+        "weight matrices: {:.1} MiB resident (weight storage {storage:?}, compute {dtype:?})",
+        model.matrix_bytes() as f64 / 1048576.0,
+    );
+    let shard = if local_experts {
+        let all: Vec<u32> = (0..model_config.text.num_local_experts as u32).collect();
+        let shard = ExpertShard::load(&model_config, &ckpt, &all, dtype, storage, &device, &mut || progress.tick())
+            .map_err(weights)?;
+        tracing::info!("routed experts in process: {:.1} MiB resident", shard.resident_bytes() as f64 / 1048576.0);
+        Some(shard)
+    } else {
+        None
+    };
+    progress.finish();
+    Ok((model_config, model, shard))
+}
+
+/// A model and its experts stepped directly, one forward pass at a time, without the engine's
+/// scheduler: the offline commands' model. It keeps a small runtime for the streams of the workers,
+/// when there are any.
+#[derive(Debug)]
+pub struct StandaloneModel {
+    pub config: ModelConfig,
+    pub model: TextModel,
+    pub experts: ExpertTransport,
+    /// Split steps into two overlapped micro-batches.
+    pub overlap: bool,
+    /// Carries the worker streams.
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl StandaloneModel {
+    /// Loads the model with its experts in process, or reached through `config.grpc.workers`.
+    /// Blocks: call it outside any async context.
+    pub fn load(config: &LoadConfig, overlap: bool) -> Result<Self, LoadError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("epserve-io")
+            .enable_all()
+            .build()
+            .map_err(LoadError::Runtime)?;
+        let LoadedModel { config, model, experts } = runtime.block_on(load_model(config, None))?;
+        Ok(StandaloneModel { config, model, experts, overlap, _runtime: runtime })
+    }
+
+    pub fn step(&self, seqs: &mut [SequenceStep<'_>], which: LogitsFor) -> epserve_model::Result<Tensor> {
+        self.step_traced(seqs, which, None)
+    }
+
+    /// A step that records the routing in `trace` (not with overlap, which does not trace).
+    pub fn step_traced(
+        &self,
+        seqs: &mut [SequenceStep<'_>],
+        which: LogitsFor,
+        trace: Option<&mut RoutingTrace>,
+    ) -> epserve_model::Result<Tensor> {
+        crate::overlap::forward_step(&self.model, seqs, &self.experts, which, self.overlap, trace)
+    }
+}

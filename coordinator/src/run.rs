@@ -1,0 +1,184 @@
+//! The coordinator's lifecycle: bind, join the control plane (registered not ready, campaigning to
+//! run the placement controller), load the model and reach its experts, size the KV cache, start the
+//! engine, become ready, serve `CoordinatorService` until shutdown, leave.
+//!
+//! Registration comes before the wait for the workers, so that this coordinator can be elected and
+//! heal the placement that it may itself be waiting on.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use candle_core::Device;
+use epserve_control::controller::{self, Layout};
+use epserve_control::{ControlConnection, Instance, Kind, Membership};
+
+use crate::engine::{self, EngineConfig, EngineHandle};
+use crate::kv_pool::{KvCapacity, KvPool};
+use crate::loading::{LoadConfig, LoadError, LoadedModel, load_model, read_config};
+use crate::server::{self, Coordinator};
+
+/// The election whose leader runs the placement controller.
+pub const PLACEMENT_ELECTION: &str = "placement";
+
+/// How big the engine's batches and KV cache are.
+#[derive(Debug, Clone)]
+pub struct EngineSizing {
+    pub kv_capacity: KvCapacity,
+    /// Tokens per KV block.
+    pub kv_block_size: usize,
+    /// Tokens computed per step at most (decodes plus prompt chunks).
+    pub max_batch_tokens: usize,
+    /// Sequences in the running batch at most.
+    pub max_running: usize,
+    /// Longest sequence (prompt + output); `None`: the model's limit. Capped by both the model's
+    /// limit and the KV capacity.
+    pub max_model_len: Option<usize>,
+}
+
+impl EngineSizing {
+    /// A KV cache of `kv_capacity` in 16-token blocks, with the engine's default batch limits (512
+    /// tokens a step, 256 running sequences) and the model's own length limit.
+    pub fn new(kv_capacity: KvCapacity) -> Self {
+        EngineSizing { kv_capacity, kv_block_size: 16, max_batch_tokens: 512, max_running: 256, max_model_len: None }
+    }
+}
+
+#[derive(Debug)]
+pub struct CoordinatorConfig {
+    pub load: LoadConfig,
+    /// Address to serve gRPC on; port 0 picks a free port ([`ReadyCoordinator::local_addr`]).
+    pub listen: String,
+    pub sizing: EngineSizing,
+    /// Split steps into two overlapped micro-batches.
+    pub overlap: bool,
+    /// The control plane to register with and find the workers through; `None`: static wiring.
+    pub control: Option<ControlConnection>,
+}
+
+/// Why a coordinator could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("binding {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("sizing the KV cache")]
+    KvCache(#[source] epserve_model::Error),
+    #[error("serving gRPC")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A coordinator that is bound, has its engine running and is registered ready; [`Self::serve`]
+/// answers requests.
+#[derive(Debug)]
+pub struct ReadyCoordinator {
+    listener: tokio::net::TcpListener,
+    local_addr: SocketAddr,
+    engine: EngineHandle,
+    control: Option<(ControlConnection, Arc<Membership>)>,
+}
+
+/// Starts a coordinator and serves it until `shutdown` resolves.
+pub async fn run(
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    start(config).await?.serve(shutdown).await
+}
+
+/// Everything before serving: binds, joins the control plane, loads the model and reaches its
+/// experts (with the control plane, waiting for every expert to have a live worker), starts the
+/// engine and marks this coordinator ready.
+pub async fn start(config: CoordinatorConfig) -> Result<ReadyCoordinator, RunError> {
+    let CoordinatorConfig { load, listen, sizing, overlap, control } = config;
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|source| RunError::Bind { addr: listen.clone(), source })?;
+    let local_addr = listener.local_addr().map_err(|source| RunError::Bind { addr: listen, source })?;
+    let membership = match &control {
+        Some(control) => Some(join(control, &local_addr.to_string(), &load)?),
+        None => None,
+    };
+    let loaded = load_model(&load, control.as_ref()).await?;
+    let engine = start_engine(loaded, &sizing, overlap)?;
+    if let Some(m) = &membership {
+        m.update(|i| i.ready = true);
+    }
+    Ok(ReadyCoordinator { listener, local_addr, engine, control: control.zip(membership) })
+}
+
+impl ReadyCoordinator {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn engine(&self) -> &EngineHandle {
+        &self.engine
+    }
+
+    /// Serves `CoordinatorService` until `shutdown` resolves, then leaves the control plane and
+    /// stops the engine.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+        let ReadyCoordinator { listener, engine, control, .. } = self;
+        let served = server::serve(Coordinator::new(engine.clone()), listener, shutdown).await;
+        if let Some((control, membership)) = control {
+            control.leave(membership).await;
+        }
+        engine.stop();
+        tracing::info!("coordinator stopped");
+        Ok(served?)
+    }
+}
+
+/// Creates the KV pool and starts the engine thread with `loaded`. The longest sequence is the
+/// smallest of the asked length, the model's limit and what the KV cache holds.
+pub fn start_engine(loaded: LoadedModel, sizing: &EngineSizing, overlap: bool) -> Result<EngineHandle, RunError> {
+    let LoadedModel { config, model, experts } = loaded;
+    let pool = KvPool::new(&config.text, sizing.kv_capacity, sizing.kv_block_size, model.dtype(), &Device::Cpu)
+        .map_err(RunError::KvCache)?;
+    let model_limit = config.text.max_position_embeddings;
+    let max_model_len = sizing.max_model_len.unwrap_or(model_limit).min(model_limit).min(pool.capacity_tokens());
+    tracing::info!(
+        "KV cache: {} blocks of {} tokens, {:.1} MiB, {} tokens of full context; max model len {max_model_len}",
+        pool.total_blocks(),
+        pool.block_size(),
+        pool.capacity_bytes() as f64 / 1048576.0,
+        pool.capacity_tokens()
+    );
+    Ok(engine::start(
+        model,
+        experts,
+        pool,
+        EngineConfig {
+            max_batch_tokens: sizing.max_batch_tokens,
+            max_running: sizing.max_running,
+            overlap,
+            ..EngineConfig::new(&config.text, max_model_len)
+        },
+    ))
+}
+
+/// Registers the coordinator (not ready), and campaigns to be the one that runs the placement
+/// controller, which then runs on the control runtime for as long as the connection lives.
+fn join(control: &ControlConnection, addr: &str, load: &LoadConfig) -> Result<Arc<Membership>, LoadError> {
+    let config = read_config(&load.dir)?;
+    let record = Instance {
+        model: load.dir.display().to_string(),
+        ready: false,
+        ..Instance::new(Kind::Coordinator, format!("coordinator-{addr}"), addr.to_owned())
+    };
+    let membership = control.register(record);
+    let leading = control.campaign(PLACEMENT_ELECTION, &membership);
+    let layout = Layout {
+        moe_layers: config.text.moe_layers().map(|l| l as u32).collect(),
+        num_experts: config.text.num_local_experts as u32,
+    };
+    let (workers, placement) = (control.instances(Kind::Worker), control.watch_placement());
+    control.spawn(controller::run(control.plane().clone(), layout, leading, workers, placement));
+    Ok(membership)
+}

@@ -1,0 +1,196 @@
+//! The expert worker's lifecycle: load the selected experts, bind, register (with the experts it
+//! hosts), follow the placement (loading and announcing the experts the leader assigns here), serve
+//! `ExpertService` until shutdown, leave.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use epserve_control::{ControlConnection, Instance, Kind, Membership};
+use epserve_model::{Checkpoint, ExpertShard, LoadProgress, ModelConfig, WeightStorage};
+
+use crate::selection::{ExpertSelection, SelectionError};
+use crate::service::{ExpertWorker, serve};
+
+#[derive(Debug)]
+pub struct WorkerConfig {
+    /// Checkpoint directory (hub layout); only the hosted experts' slices are read.
+    pub model: PathBuf,
+    /// Address to serve gRPC on; port 0 picks a free port ([`ReadyWorker::local_addr`]).
+    pub listen: String,
+    /// The experts hosted from the start (an empty list: a spare that the placement leader fills).
+    pub selection: ExpertSelection,
+    pub dtype: DType,
+    pub weight_storage: WeightStorage,
+    /// The control plane to register with; `None`: static wiring.
+    pub control: Option<ControlConnection>,
+}
+
+/// Why a worker could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("reading {}", path.display())]
+    Config {
+        path: PathBuf,
+        #[source]
+        source: epserve_model::Error,
+    },
+    #[error(transparent)]
+    Selection(#[from] SelectionError),
+    #[error("loading experts from {}", dir.display())]
+    Load {
+        dir: PathBuf,
+        #[source]
+        source: epserve_model::Error,
+    },
+    #[error("binding {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the loading task failed")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("serving gRPC")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A worker with its experts loaded, bound, and registered; [`Self::serve`] answers exchanges.
+#[derive(Debug)]
+pub struct ReadyWorker {
+    worker: Arc<ExpertWorker>,
+    listener: tokio::net::TcpListener,
+    local_addr: SocketAddr,
+    control: Option<(ControlConnection, Arc<Membership>)>,
+}
+
+/// Starts a worker and serves it until `shutdown` resolves.
+pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+    start(config).await?.serve(shutdown).await
+}
+
+/// Everything before serving: loads the selected experts, binds, registers and starts following
+/// the placement.
+pub async fn start(config: WorkerConfig) -> Result<ReadyWorker, RunError> {
+    let WorkerConfig { model, listen, selection, dtype, weight_storage, control } = config;
+    let path = model.join("config.json");
+    let model_config = ModelConfig::from_file(&path).map_err(|source| RunError::Config { path, source })?;
+    let experts = selection.resolve(model_config.text.num_local_experts)?;
+    let load = LoadSpec { dir: model.clone(), config: model_config.clone(), dtype, storage: weight_storage };
+    let dir = model.clone();
+    let shard = tokio::task::spawn_blocking(move || load.shard(&experts, true))
+        .await?
+        .map_err(|source| RunError::Load { dir, source })?;
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|source| RunError::Bind { addr: listen.clone(), source })?;
+    let local_addr = listener.local_addr().map_err(|source| RunError::Bind { addr: listen, source })?;
+    let model_name = model.display().to_string();
+    let worker = Arc::new(ExpertWorker::new(shard, model_config.text.clone(), model_name.clone(), dtype));
+    let control = control.map(|control| {
+        let record = Instance {
+            experts: worker.experts(),
+            model: model_name,
+            ..Instance::new(Kind::Worker, format!("worker-{local_addr}"), local_addr.to_string())
+        };
+        let membership = control.register(record);
+        let load = LoadSpec { dir: model, config: model_config, dtype, storage: weight_storage };
+        follow_assignments(&control, membership.clone(), worker.clone(), load);
+        (control, membership)
+    });
+    Ok(ReadyWorker { worker, listener, local_addr, control })
+}
+
+impl ReadyWorker {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn worker(&self) -> &Arc<ExpertWorker> {
+        &self.worker
+    }
+
+    /// Serves `ExpertService` until `shutdown` resolves, then leaves the control plane: the lease is
+    /// revoked, so coordinators stop sending here now, not a TTL later.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+        let ReadyWorker { worker, listener, control, .. } = self;
+        let served = serve(worker, listener, shutdown).await;
+        if let Some((control, membership)) = control {
+            control.leave(membership).await;
+        }
+        tracing::info!("expert worker stopped");
+        Ok(served?)
+    }
+}
+
+/// What loading experts from the checkpoint needs.
+#[derive(Debug, Clone)]
+struct LoadSpec {
+    dir: PathBuf,
+    config: ModelConfig,
+    dtype: DType,
+    storage: WeightStorage,
+}
+
+impl LoadSpec {
+    /// Loads `experts` of every MoE layer (blocking); with `progress`, on the log as it goes.
+    fn shard(&self, experts: &[u32], progress: bool) -> epserve_model::Result<ExpertShard> {
+        let ckpt = Checkpoint::open(&self.dir)?;
+        let mut logged = progress.then(|| LoadProgress::new(&ckpt, "experts"));
+        let shard =
+            ExpertShard::load(&self.config, &ckpt, experts, self.dtype, self.storage, &Device::Cpu, &mut || {
+                if let Some(logged) = logged.as_mut() {
+                    logged.tick();
+                }
+            })?;
+        if let Some(logged) = &logged {
+            logged.finish();
+            tracing::info!(
+                "hosting {} of {} experts {experts:?} of {} MoE layers: {:.1} MiB resident",
+                experts.len(),
+                self.config.text.num_local_experts,
+                self.config.text.moe_layers().count(),
+                shard.resident_bytes() as f64 / 1048576.0,
+            );
+        }
+        Ok(shard)
+    }
+}
+
+/// Loads the experts the placement leader assigns to this worker, then announces them in its record
+/// (coordinators route to a worker only for the experts its record lists).
+fn follow_assignments(
+    control: &ControlConnection,
+    membership: Arc<Membership>,
+    worker: Arc<ExpertWorker>,
+    load: LoadSpec,
+) {
+    let mut placement = control.watch_placement();
+    control.spawn(async move {
+        loop {
+            let assigned = placement.borrow_and_update().as_ref().map(|map| map.experts_of(&membership.id()));
+            let hosted = worker.experts();
+            let missing: Vec<u32> = assigned.unwrap_or_default().into_iter().filter(|e| !hosted.contains(e)).collect();
+            if !missing.is_empty() {
+                tracing::info!("the placement assigns experts {missing:?} here: loading them");
+                let started = std::time::Instant::now();
+                let (w, load, ids) = (worker.clone(), load.clone(), missing.clone());
+                let loaded = tokio::task::spawn_blocking(move || w.add_experts(load.shard(&ids, false)?)).await;
+                match loaded {
+                    Ok(Ok(())) => {
+                        tracing::info!("loaded experts {missing:?} in {:.2} s", started.elapsed().as_secs_f64());
+                        let experts = worker.experts();
+                        membership.update(|i| i.experts = experts);
+                    }
+                    Ok(Err(e)) => tracing::error!("loading assigned experts {missing:?}: {e}"),
+                    Err(e) => tracing::error!("loading assigned experts {missing:?}: {e}"),
+                }
+            }
+            if placement.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}

@@ -1,0 +1,175 @@
+//! The gateway's lifecycle: load the tokenizer and chat template, bind, register, follow the
+//! coordinators (listed, or the ready ones registered in the control plane) with health and load
+//! polls, serve the HTTP API until shutdown, leave.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use epserve_control::{ControlConnection, Instance, Kind, Membership};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
+
+use crate::routing::CoordinatorPool;
+use crate::server::{AppState, router};
+use crate::text::TextCodec;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug)]
+pub struct GatewayConfig {
+    /// Checkpoint directory: its tokenizer.json and chat template are used (no weights are read).
+    pub model: PathBuf,
+    /// HTTP address; port 0 picks a free port ([`ReadyGateway::local_addr`]).
+    pub listen: String,
+    /// Coordinators (`host:port`); empty: the ready ones registered in the control plane.
+    pub coordinators: Vec<String>,
+    /// Accepted API keys; none: no authentication.
+    pub api_keys: Vec<String>,
+    /// The model name clients use; `None`: the checkpoint directory's name.
+    pub served_model_name: Option<String>,
+    pub max_body_bytes: usize,
+    pub max_concurrent_requests: usize,
+    /// How often the coordinators' health and load are polled.
+    pub health_interval: Duration,
+    /// `GET /metrics` renders this recorder (installed by the process).
+    pub metrics: Option<PrometheusHandle>,
+    /// The control plane to register with and find the coordinators through; `None`: static wiring.
+    pub control: Option<ControlConnection>,
+}
+
+/// Why a gateway could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("give coordinator addresses or a control plane to find them in")]
+    NoCoordinators,
+    #[error("loading the tokenizer and chat template of {}", dir.display())]
+    Text {
+        dir: PathBuf,
+        #[source]
+        source: BoxError,
+    },
+    #[error("coordinator addresses")]
+    Coordinators(#[source] BoxError),
+    #[error("binding {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving HTTP")]
+    Serve(#[source] std::io::Error),
+}
+
+/// A gateway that is bound and registered; [`Self::serve`] answers HTTP requests.
+#[derive(Debug)]
+pub struct ReadyGateway {
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    local_addr: SocketAddr,
+    control: Option<(ControlConnection, Arc<Membership>)>,
+}
+
+/// Starts a gateway and serves it until `shutdown` resolves.
+pub async fn run(config: GatewayConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+    start(config).await?.serve(shutdown).await
+}
+
+/// Everything before serving: the tokenizer, the coordinator pool (and, with the control plane,
+/// the follower of the registered coordinators), the listener and the registration.
+pub async fn start(config: GatewayConfig) -> Result<ReadyGateway, RunError> {
+    let GatewayConfig {
+        model,
+        listen,
+        coordinators,
+        api_keys,
+        served_model_name,
+        max_body_bytes,
+        max_concurrent_requests,
+        health_interval,
+        metrics,
+        control,
+    } = config;
+    if coordinators.is_empty() && control.is_none() {
+        return Err(RunError::NoCoordinators);
+    }
+    let text =
+        TextCodec::from_checkpoint(&model).map_err(|e| RunError::Text { dir: model.clone(), source: e.into() })?;
+    let name = served_model_name.unwrap_or_else(|| self::served_model_name(&model));
+    let pool = CoordinatorPool::new(&coordinators).map_err(|e| RunError::Coordinators(e.into()))?;
+    pool.spawn_health_checks(health_interval.max(Duration::from_millis(50)));
+    if let Some(control) = &control
+        && coordinators.is_empty()
+    {
+        pool.follow(ready_coordinators(control));
+    }
+    let auth = !api_keys.is_empty();
+    let mut state =
+        AppState::new(text, pool, name.clone()).with_limits(api_keys, max_body_bytes, max_concurrent_requests);
+    state.metrics = metrics;
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|source| RunError::Bind { addr: listen.clone(), source })?;
+    let local_addr = listener.local_addr().map_err(|source| RunError::Bind { addr: listen, source })?;
+    let control = control.map(|control| {
+        let membership =
+            control.register(Instance::new(Kind::Gateway, format!("gateway-{local_addr}"), local_addr.to_string()));
+        (control, membership)
+    });
+    tracing::info!(model = %name, auth, "gateway serving http://{local_addr}/v1");
+    Ok(ReadyGateway { state: Arc::new(state), listener, local_addr, control })
+}
+
+impl ReadyGateway {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves the HTTP API until `shutdown` resolves (requests in flight finish), then leaves the
+    /// control plane.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+        let ReadyGateway { state, listener, control, .. } = self;
+        // Streamed chunks are small writes: without TCP_NODELAY, Nagle's algorithm holds one back
+        // until the client's delayed ACK (up to 40 ms), which shows as time to first token.
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!("TCP_NODELAY: {e}");
+            }
+        });
+        let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await;
+        if let Some((control, membership)) = control {
+            control.leave(membership).await;
+        }
+        tracing::info!("gateway stopped");
+        served.map_err(RunError::Serve)
+    }
+}
+
+/// The name clients use for the model by default: the checkpoint directory's name.
+pub fn served_model_name(model: &Path) -> String {
+    std::fs::canonicalize(model)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".to_owned())
+}
+
+/// The addresses of the registered coordinators that are ready, kept up to date on the control
+/// runtime: a coordinator still waiting for its workers is not sent requests.
+pub fn ready_coordinators(control: &ControlConnection) -> watch::Receiver<Vec<String>> {
+    let mut instances = control.instances(Kind::Coordinator);
+    let (tx, rx) = watch::channel(Vec::new());
+    control.spawn(async move {
+        loop {
+            let addrs: Vec<String> =
+                instances.borrow_and_update().iter().filter(|i| i.ready).map(|i| i.addr.clone()).collect();
+            tx.send_replace(addrs);
+            if instances.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
