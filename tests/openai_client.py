@@ -58,6 +58,28 @@ assert completion.object == "text_completion", completion
 assert completion.choices[0].finish_reason in ("stop", "length")
 assert completion.usage.completion_tokens >= 1
 
+# Streamed logprobs: one entry per token, over the chunks.
+streamed = [
+    t
+    for chunk in client.chat.completions.create(
+        model=model, messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2, stream=True
+    )
+    for c in chunk.choices
+    if c.logprobs is not None
+    for t in c.logprobs.content
+]
+assert [t.token for t in streamed] == [t.token for t in content], (streamed, content)
+
+# Streamed text completion: the chunks reassemble to the non-streamed text at temperature 0.
+text_stream = client.completions.create(model=model, prompt="The experts", max_tokens=8, temperature=0, stream=True)
+assert "".join(c.choices[0].text for c in text_stream if c.choices) == completion.choices[0].text
+
+# Legacy logprobs: parallel lists, alternatives as {token: logprob} (at most 2; equal texts merge).
+legacy = client.completions.create(model=model, prompt="The experts", max_tokens=4, temperature=0, logprobs=2)
+lp = legacy.choices[0].logprobs
+assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == legacy.usage.completion_tokens, lp
+assert all(1 <= len(top) <= 2 for top in lp.top_logprobs), lp
+
 # Wrong key: 401, raised as AuthenticationError.
 bad = openai.OpenAI(base_url=base_url, api_key="not-the-key", max_retries=0)
 try:
