@@ -19,6 +19,7 @@ pub mod synthetic;
 pub mod text_model;
 
 mod attention;
+mod deviation;
 mod layers;
 
 #[cfg(test)]
@@ -26,6 +27,8 @@ mod parity_tests;
 
 pub use checkpoint::{Checkpoint, WeightSource};
 pub use config::{ModelConfig, TextConfig};
+#[cfg(any(test, feature = "testing"))]
+pub use deviation::Deviation;
 pub use error::{Error, Result};
 pub use experts::ExpertShard;
 pub use kv_cache::{KvCache, KvSlots, KvStore};

@@ -9,9 +9,11 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::WeightSource;
 use crate::config::TextConfig;
+#[cfg(any(test, feature = "testing"))]
+use crate::deviation::Deviation;
+use crate::deviation::deviates;
 use crate::error::{Error, Result};
 use crate::layers::{Linear, Mlp, WeightStorage};
-use crate::text_model::Deviation;
 
 /// `rows` consecutive rows of an [`ExpertBatch`] go to expert `expert`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +66,8 @@ pub(crate) struct MoeBlock {
     shared_expert: Mlp,
     top_k: usize,
     num_experts: usize,
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) deviation: Option<Deviation>,
 }
 
 impl MoeBlock {
@@ -101,6 +105,8 @@ impl MoeBlock {
             )?,
             top_k: cfg.num_experts_per_tok,
             num_experts: cfg.num_local_experts,
+            #[cfg(any(test, feature = "testing"))]
+            deviation: None,
         })
     }
 
@@ -109,7 +115,6 @@ impl MoeBlock {
         &self,
         h: Tensor,
         experts: &'e dyn ExpertBackend,
-        deviation: Option<Deviation>,
         trace: Option<&mut RoutingTrace>,
     ) -> Result<MoeInFlight<'e>> {
         let logits = self.router.forward(&h)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -121,7 +126,7 @@ impl MoeBlock {
         let index = Tensor::from_slice(&routing.order, rows_total, h.device())?;
         let scores = Tensor::from_slice(&routing.scores, (rows_total, 1), h.device())?.to_dtype(h.dtype())?;
         let gathered = h.index_select(&index, 0)?;
-        let scale_output = deviation == Some(Deviation::ScaleExpertOutput);
+        let scale_output = deviates!(self.deviation, ScaleExpertOutput);
         // Llama 4 multiplies the score into the expert input (`routed_in = h · score`), which is not
         // the same as scaling the output: silu(s·g)·(s·u) ≠ s·silu(g)·u.
         let rows = if scale_output { gathered } else { gathered.broadcast_mul(&scores)? };
