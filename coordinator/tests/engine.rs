@@ -11,7 +11,7 @@ use epserve_coordinator::engine::{self, EngineConfig, EngineHandle, Event, Finis
 use epserve_coordinator::kv_pool::{KvCapacity, KvPool};
 use epserve_coordinator::sampling::SamplingParams;
 use epserve_model::{
-    Checkpoint, ExpertBackend, ExpertBatch, ExpertShard, ExpertsInFlight, KvCache, LogitsFor, ModelConfig,
+    Checkpoint, ExpertBackend, ExpertBatch, ExpertShard, ExpertsInFlight, KvCache, LogitsFor, ModelConfig, Retry,
     SequenceStep, TextModel, WeightStorage,
 };
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
@@ -274,10 +274,7 @@ impl ExpertBackend for FlakyExperts {
         let left = self.failures.load(std::sync::atomic::Ordering::Relaxed);
         if left > 0 {
             self.failures.store(left - 1, std::sync::atomic::Ordering::Relaxed);
-            return Err(epserve_model::Error::Experts {
-                layer: batch.layer,
-                reason: "worker unavailable (injected)".into(),
-            });
+            return Err(epserve_model::Error::experts(batch.layer, Retry::Now, "worker unavailable (injected)"));
         }
         self.inner.submit(batch)
     }

@@ -29,7 +29,7 @@ pub use checkpoint::{Checkpoint, WeightSource};
 pub use config::{ModelConfig, TextConfig};
 #[cfg(any(test, feature = "testing"))]
 pub use deviation::Deviation;
-pub use error::{Error, Result};
+pub use error::{Error, ExpertsError, Result, Retry};
 pub use experts::ExpertShard;
 pub use kv_cache::{KvCache, KvSlots, KvStore};
 pub use layers::WeightStorage;

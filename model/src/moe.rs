@@ -12,7 +12,7 @@ use crate::config::TextConfig;
 #[cfg(any(test, feature = "testing"))]
 use crate::deviation::Deviation;
 use crate::deviation::deviates;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Retry};
 use crate::layers::{Linear, Mlp, WeightStorage};
 
 /// `rows` consecutive rows of an [`ExpertBatch`] go to expert `expert`.
@@ -140,10 +140,8 @@ impl MoeBlock {
         let shared = self.shared_expert.forward(&h)?;
         let mut routed = in_flight.wait()?;
         if routed.dims() != [index.dim(0)?, h.dim(1)?] {
-            return Err(Error::Experts {
-                layer: self.layer,
-                reason: format!("backend answered shape {:?} for {} rows", routed.dims(), index.dim(0)?),
-            });
+            let reason = format!("backend answered shape {:?} for {} rows", routed.dims(), index.dim(0)?);
+            return Err(Error::experts(self.layer, Retry::Never, reason));
         }
         if let Some(scores) = scores {
             routed = routed.broadcast_mul(&scores)?;
@@ -185,7 +183,7 @@ impl Routing {
         let mut by_expert: Vec<Vec<(u32, f32)>> = vec![Vec::new(); num_experts];
         for (row, l) in logits.iter().enumerate() {
             if l.iter().any(|v| v.is_nan()) {
-                return Err(Error::Experts { layer, reason: format!("router logits of row {row} contain NaN") });
+                return Err(Error::experts(layer, Retry::Never, format!("router logits of row {row} contain NaN")));
             }
             let mut idx: Vec<u32> = (0..num_experts as u32).collect();
             // Descending logit; ties broken towards the lower expert id.
