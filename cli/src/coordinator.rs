@@ -12,6 +12,7 @@ use epserve_coordinator::server::{self, Coordinator};
 use epserve_control::controller::{self, Layout};
 use epserve_control::{Instance, Kind, Membership};
 use epserve_model::ModelConfig;
+use epserve_model::generation_config::eos_token_ids;
 
 use crate::control::{Control, ControlArgs};
 use crate::load::{ComputeDtype, ExpertArgs, engine_parts};
@@ -95,7 +96,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             max_batch_tokens: args.max_batch_tokens,
             max_running: args.max_running,
             overlap: args.experts.overlap,
-            ..EngineConfig::new(&config.text, max_model_len)
+            ..EngineConfig::new(max_model_len, eos_token_ids(&args.model, &config.text)?)
         },
     );
     // Borrowed, not moved: the control runtime must not be dropped inside the async block.

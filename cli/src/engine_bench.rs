@@ -11,6 +11,7 @@ use candle_core::Device;
 use epserve_coordinator::engine::{self, EngineConfig, Event, FinishReason, Request};
 use epserve_coordinator::kv_pool::{KvCapacity, KvPool};
 use epserve_coordinator::sampling::SamplingParams;
+use epserve_model::generation_config::eos_token_ids;
 use serde_json::json;
 
 use crate::load::{ComputeDtype, ExpertArgs, engine_parts};
@@ -58,7 +59,7 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
         EngineConfig {
             max_batch_tokens: args.max_batch_tokens,
             overlap: args.experts.overlap,
-            ..EngineConfig::new(&config.text, args.kv_capacity_tokens)
+            ..EngineConfig::new(args.kv_capacity_tokens, eos_token_ids(&args.model, &config.text)?)
         },
     );
     let mut results = Vec::new();

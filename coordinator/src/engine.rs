@@ -28,20 +28,15 @@ pub struct EngineConfig {
     pub max_model_len: usize,
     /// Split steps into two overlapped micro-batches.
     pub overlap: bool,
-    /// The model's end-of-sequence ids.
+    /// The checkpoint's end-of-sequence ids, as `epserve_model::generation_config::eos_token_ids`
+    /// reads them (the rule `epserve generate` follows too).
     pub eos_token_ids: Vec<u32>,
 }
 
 impl EngineConfig {
-    /// Defaults (512-token steps, 256 running sequences, no overlap) for a model, with its EOS ids.
-    pub fn new(text: &epserve_model::TextConfig, max_model_len: usize) -> Self {
-        EngineConfig {
-            max_batch_tokens: 512,
-            max_running: 256,
-            max_model_len,
-            overlap: false,
-            eos_token_ids: text.eos_token_ids.clone(),
-        }
+    /// Defaults (512-token steps, 256 running sequences, no overlap), with the checkpoint's EOS ids.
+    pub fn new(max_model_len: usize, eos_token_ids: Vec<u32>) -> Self {
+        EngineConfig { max_batch_tokens: 512, max_running: 256, max_model_len, overlap: false, eos_token_ids }
     }
 }
 
@@ -428,12 +423,11 @@ impl<E: ExpertBackend> Engine<E> {
             }
             seq.last_token = Some(now);
             let _ = seq.events.send(Event::Token(sampled));
-            let params = seq.sampler.params();
-            let reason = if params.stop_token_ids.contains(&token)
-                || (!params.ignore_eos && self.config.eos_token_ids.contains(&token))
-            {
+            let reason = if seq.sampler.stops_at(token, &self.config.eos_token_ids) {
                 Some(FinishReason::Stop)
-            } else if seq.generated() >= params.max_tokens as usize || seq.tokens.len() >= self.config.max_model_len {
+            } else if seq.generated() >= seq.sampler.params().max_tokens as usize
+                || seq.tokens.len() >= self.config.max_model_len
+            {
                 Some(FinishReason::Length)
             } else {
                 None

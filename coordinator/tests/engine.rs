@@ -51,7 +51,7 @@ fn start_with<E: ExpertBackend + 'static>(
         model,
         experts,
         pool,
-        EngineConfig { max_batch_tokens, max_running: 64, ..EngineConfig::new(&cfg.text, 4096) },
+        EngineConfig { max_batch_tokens, max_running: 64, ..EngineConfig::new(4096, cfg.text.eos_token_ids.clone()) },
     )
 }
 

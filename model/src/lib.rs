@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod experts;
+pub mod generation_config;
 pub mod kernels;
 pub mod kv_cache;
 pub mod moe;
