@@ -83,8 +83,7 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
                     caches.iter_mut().zip(&next).map(|(cache, t)| SequenceStep { tokens: t, cache }).collect();
                 let logits = standalone.step_traced(&mut seqs, LogitsFor::Last, Some(&mut trace))?.to_vec2::<f32>()?;
                 for (n, row) in next.iter_mut().zip(&logits) {
-                    n[0] =
-                        crate::generate::sample(row, 0.0, &mut rand_xoshiro::rand_core::SeedableRng::seed_from_u64(0));
+                    n[0] = epserve_coordinator::sampling::argmax(row);
                 }
             }
             let secs = started.elapsed().as_secs_f64();

@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use epserve_coordinator::sampling::{Sampler, SamplingParams};
+use epserve_model::generation_config::eos_token_ids;
 use epserve_model::{LogitsFor, SequenceStep};
-use rand_xoshiro::SplitMix64;
-use rand_xoshiro::rand_core::SeedableRng;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::load::{ComputeDtype, ExpertArgs};
 use epserve_gateway::chat_template::ChatTemplate;
@@ -44,19 +44,6 @@ pub struct GenerateArgs {
     pub experts: ExpertArgs,
 }
 
-/// End-of-sequence ids: `generation_config.json` when it names them, else the model config's.
-fn eos_ids(dir: &Path, config_eos: &[u32]) -> Vec<u32> {
-    let from_generation = std::fs::read_to_string(dir.join("generation_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|v| match v.get("eos_token_id")? {
-            Value::Array(a) => Some(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect::<Vec<_>>()),
-            Value::Number(n) => n.as_u64().map(|x| vec![x as u32]),
-            _ => None,
-        });
-    from_generation.unwrap_or_else(|| config_eos.to_vec())
-}
-
 fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
     let path = dir.join("tokenizer.json");
     tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
@@ -91,9 +78,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
 
     let standalone = args.experts.standalone(&args.model, args.dtype)?;
-    let eos = eos_ids(&args.model, &standalone.config.text.eos_token_ids);
+    // The server's sampler and stop rule, with the server's EOS ids: same seed, same tokens.
+    let eos = eos_token_ids(&args.model, &standalone.config.text)?;
+    let params = SamplingParams {
+        temperature: args.temperature,
+        seed: Some(args.seed),
+        max_tokens: u32::try_from(args.max_tokens).unwrap_or(u32::MAX),
+        ..Default::default()
+    };
+    let mut sampler = Sampler::new(params, &prompt);
     let mut cache = standalone.model.new_cache();
-    let mut rng = SplitMix64::seed_from_u64(args.seed);
     let mut generated = Vec::new();
     let mut next = prompt.clone();
     let mut finish_reason = "length";
@@ -102,9 +96,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     while generated.len() < args.max_tokens {
         let logits = standalone.step(&mut [SequenceStep { tokens: &next, cache: &mut cache }], LogitsFor::Last)?;
         let row = logits.squeeze(0)?.to_vec1::<f32>()?;
-        let token = sample(&row, args.temperature, &mut rng);
+        let token = sampler.sample(&row).token;
         first_token_at.get_or_insert_with(|| started.elapsed());
-        if eos.contains(&token) {
+        // Unlike the server's stream, the output leaves the final EOS out.
+        if sampler.stops_at(token, &eos) {
             finish_reason = "stop";
             break;
         }
@@ -133,42 +128,4 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         println!("{}", text.unwrap_or_else(|| format!("{generated:?}")));
     }
     Ok(())
-}
-
-/// Greedy at temperature 0 (lowest id on ties), else a draw from softmax(logits / T).
-pub fn sample(logits: &[f32], temperature: f32, rng: &mut SplitMix64) -> u32 {
-    let argmax = || logits.iter().enumerate().fold(0, |best, (i, v)| if *v > logits[best] { i } else { best }) as u32;
-    if temperature == 0.0 {
-        return argmax();
-    }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f64> = logits.iter().map(|&l| (((l - max) / temperature) as f64).exp()).collect();
-    let total: f64 = weights.iter().sum();
-    let mut target = epserve_synthetic::uniform(rng) as f64 * total;
-    for (i, w) in weights.iter().enumerate() {
-        target -= w;
-        if target < 0.0 {
-            return i as u32;
-        }
-    }
-    argmax()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn greedy_picks_the_first_maximum_and_sampling_is_seeded() {
-        let logits = [0.0, 3.0, 3.0, -1.0];
-        assert_eq!(sample(&logits, 0.0, &mut SplitMix64::seed_from_u64(1)), 1);
-        let draw =
-            |seed| (0..32).map(|_| sample(&logits, 1.0, &mut SplitMix64::seed_from_u64(seed))).collect::<Vec<_>>();
-        assert_eq!(draw(7), draw(7));
-        let mut rng = SplitMix64::seed_from_u64(3);
-        let picks: Vec<u32> = (0..2000).map(|_| sample(&logits, 1.0, &mut rng)).collect();
-        let ones = picks.iter().filter(|&&t| t == 1).count();
-        assert!((800..1200).contains(&ones), "token 1 drawn {ones} times of 2000, expected ~47%");
-        assert!(picks.contains(&0) && picks.contains(&2));
-    }
 }

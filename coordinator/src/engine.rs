@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::{Duration, Instant};
 
-use epserve_model::{ExpertBackend, LogitsFor, SequenceStep, TextModel};
+use epserve_model::{ExpertBackend, LogitsFor, Retry, SequenceStep, TextModel};
 use epserve_proto::metric_names as m;
 use parking_lot::Mutex;
 use tokio::sync::mpsc::UnboundedSender;
@@ -29,20 +29,15 @@ pub struct EngineConfig {
     pub max_model_len: usize,
     /// Split steps into two overlapped micro-batches.
     pub overlap: bool,
-    /// The model's end-of-sequence ids.
+    /// The checkpoint's end-of-sequence ids, as `epserve_model::generation_config::eos_token_ids`
+    /// reads them (the rule `epserve generate` follows too).
     pub eos_token_ids: Vec<u32>,
 }
 
 impl EngineConfig {
-    /// Defaults (512-token steps, 256 running sequences, no overlap) for a model, with its EOS ids.
-    pub fn new(text: &epserve_model::TextConfig, max_model_len: usize) -> Self {
-        EngineConfig {
-            max_batch_tokens: 512,
-            max_running: 256,
-            max_model_len,
-            overlap: false,
-            eos_token_ids: text.eos_token_ids.clone(),
-        }
+    /// Defaults (512-token steps, 256 running sequences, no overlap), with the checkpoint's EOS ids.
+    pub fn new(max_model_len: usize, eos_token_ids: Vec<u32>) -> Self {
+        EngineConfig { max_batch_tokens: 512, max_running: 256, max_model_len, overlap: false, eos_token_ids }
     }
 }
 
@@ -231,8 +226,8 @@ struct Engine<E> {
     failures: u32,
 }
 
-/// How many times in a row a failed step is retried (after 100, 200, 400 ms) before its requests
-/// are ended with an error.
+/// How many times in a row a step that failed transiently ([`Retry::Now`]) is retried (after 100,
+/// 200, 400 ms) before its requests are ended with an error. Other failures end them at once.
 pub const STEP_RETRIES: u32 = 3;
 
 impl<E: ExpertBackend> Engine<E> {
@@ -368,21 +363,31 @@ impl<E: ExpertBackend> Engine<E> {
                 rows
             }
             Err(e) => {
-                let unavailable = matches!(e, epserve_model::Error::ExpertsUnavailable { .. });
                 // No cache was committed, so the step can simply run again: a worker that hiccups
-                // costs latency, not requests. After `STEP_RETRIES` failures in a row the requests of
-                // the step end with the reason, instead of waiting forever on experts that are gone.
+                // costs latency, not requests. Only what may succeed at once is retried, and only
+                // `STEP_RETRIES` times in a row; an invalid input or a bug gives the same error
+                // every time, and without a live host the transport has already waited.
                 self.failures += 1;
                 metrics::counter!(m::ENGINE_STEP_FAILURES_TOTAL).increment(1);
-                // Without a live host the transport has already waited: retrying now cannot help.
-                if self.failures <= STEP_RETRIES && !unavailable {
+                let retry = e.retry();
+                if retry == Retry::Now && self.failures <= STEP_RETRIES {
                     let backoff = Duration::from_millis(100 << (self.failures - 1));
                     tracing::warn!(attempt = self.failures, "step failed, retrying in {backoff:?}: {e}");
                     std::thread::sleep(backoff);
                     return;
                 }
-                tracing::error!("step failed {} times in a row, failing its requests: {e}", self.failures);
+                match retry {
+                    Retry::Now => {
+                        tracing::error!("step failed {} times in a row, failing its requests: {e}", self.failures)
+                    }
+                    Retry::AfterRecovery => {
+                        tracing::error!("step failed without a live host, failing its requests: {e}")
+                    }
+                    Retry::Never => tracing::error!("step failed and would fail again, failing its requests: {e}"),
+                }
                 self.failures = 0;
+                let reason =
+                    if retry == Retry::AfterRecovery { FinishReason::Unavailable } else { FinishReason::Error };
                 let message = e.to_string();
                 let scheduled: Vec<u64> = plan.iter().map(|p| p.0).collect();
                 let pool = &mut self.pool;
@@ -391,11 +396,7 @@ impl<E: ExpertBackend> Engine<E> {
                         return true;
                     }
                     pool.release(&mut s.blocks);
-                    let _ = s.events.send(Event::Finished {
-                        reason: if unavailable { FinishReason::Unavailable } else { FinishReason::Error },
-                        usage: s.usage(),
-                        message: Some(message.clone()),
-                    });
+                    let _ = s.events.send(Event::Finished { reason, usage: s.usage(), message: Some(message.clone()) });
                     false
                 });
                 return;
@@ -426,12 +427,11 @@ impl<E: ExpertBackend> Engine<E> {
             }
             seq.last_token = Some(now);
             let _ = seq.events.send(Event::Token(sampled));
-            let params = seq.sampler.params();
-            let reason = if params.stop_token_ids.contains(&token)
-                || (!params.ignore_eos && self.config.eos_token_ids.contains(&token))
-            {
+            let reason = if seq.sampler.stops_at(token, &self.config.eos_token_ids) {
                 Some(FinishReason::Stop)
-            } else if seq.generated() >= params.max_tokens as usize || seq.tokens.len() >= self.config.max_model_len {
+            } else if seq.generated() >= seq.sampler.params().max_tokens as usize
+                || seq.tokens.len() >= self.config.max_model_len
+            {
                 Some(FinishReason::Length)
             } else {
                 None

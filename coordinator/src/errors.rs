@@ -1,7 +1,10 @@
-//! Errors of the expert transports. `retryable` says whether the same exchange could succeed on
-//! another attempt (another replica, a later step).
+//! Errors of the expert transports. [`TransportError::retry`] says whether the same exchange could
+//! succeed on another attempt (another replica, a later step); the error reaches the engine whole,
+//! as the typed cause of `epserve_model::Error::Experts` ([`TransportError::at_layer`]).
 
 use std::time::Duration;
+
+use epserve_model::Retry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -32,8 +35,24 @@ pub enum TransportError {
 }
 
 impl TransportError {
-    pub fn retryable(&self) -> bool {
-        matches!(self, TransportError::Unavailable { .. } | TransportError::Deadline { .. })
+    /// Whether the same exchange can succeed on another attempt. `Now` is what the grpc transport
+    /// re-sends to another host within the step (and what the engine retries the step for).
+    pub fn retry(&self) -> Retry {
+        match self {
+            TransportError::Unavailable { .. } | TransportError::Deadline { .. } => Retry::Now,
+            // What the worker's status code says (gRPC's own guidance on retrying codes): an
+            // invalid exchange, a worker serving another model or a computation that failed gives
+            // the same answer every time.
+            TransportError::Rejected { code, .. } => match code {
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::ResourceExhausted
+                | tonic::Code::Aborted => Retry::Now,
+                _ => Retry::Never,
+            },
+            TransportError::NoHost { .. } => Retry::AfterRecovery,
+            TransportError::Placement(_) => Retry::Never,
+        }
     }
 
     /// Label value for `epserve_exchange_errors_total`.
@@ -46,18 +65,44 @@ impl TransportError {
             TransportError::Placement(_) => "placement",
         }
     }
+
+    /// As the model sees it: the experts of `layer` failed, with this error as the typed cause.
+    pub fn at_layer(self, layer: usize) -> epserve_model::Error {
+        let retry = self.retry();
+        epserve_model::Error::experts(layer, retry, self)
+    }
 }
 
-impl From<TransportError> for epserve_model::Error {
-    fn from(e: TransportError) -> Self {
-        match &e {
-            TransportError::NoHost { layer, .. } => {
-                epserve_model::Error::ExpertsUnavailable { layer: *layer, reason: e.to_string() }
-            }
-            TransportError::Deadline { layer, .. } => {
-                epserve_model::Error::Experts { layer: *layer, reason: e.to_string() }
-            }
-            _ => epserve_model::Error::Experts { layer: usize::MAX, reason: e.to_string() },
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(code: tonic::Code) -> TransportError {
+        TransportError::Rejected { worker: "w".into(), exchange: 1, code, message: "no".into() }
+    }
+
+    #[test]
+    fn invalid_exchanges_are_never_retried() {
+        assert_eq!(rejected(tonic::Code::InvalidArgument).retry(), Retry::Never);
+        assert_eq!(rejected(tonic::Code::Internal).retry(), Retry::Never);
+        assert_eq!(rejected(tonic::Code::DataLoss).retry(), Retry::Never);
+        assert_eq!(TransportError::Placement("another model".into()).retry(), Retry::Never);
+        assert_eq!(rejected(tonic::Code::Unavailable).retry(), Retry::Now);
+        let lost = TransportError::Unavailable { worker: "w".into(), reason: "reset".into() };
+        assert_eq!(lost.retry(), Retry::Now);
+        let late = TransportError::Deadline { worker: "w".into(), exchange: 2, layer: 1, deadline: Duration::ZERO };
+        assert_eq!(late.retry(), Retry::Now);
+        let none = TransportError::NoHost { layer: 1, expert: 3, waited: Duration::ZERO, why: Vec::new() };
+        assert_eq!(none.retry(), Retry::AfterRecovery);
+    }
+
+    #[test]
+    fn the_model_error_keeps_the_transport_error() {
+        let e = rejected(tonic::Code::InvalidArgument).at_layer(4);
+        assert_eq!(e.retry(), Retry::Never);
+        assert!(e.to_string().starts_with("experts of layer 4: expert worker w rejected exchange 1"), "{e}");
+        let epserve_model::Error::Experts { layer: 4, cause } = &e else { panic!("{e:?}") };
+        let t = cause.get_ref().downcast_ref::<TransportError>().expect("the transport error");
+        assert!(matches!(t, TransportError::Rejected { code: tonic::Code::InvalidArgument, .. }));
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use epserve_control::{ControlConnection, Kind};
+use epserve_model::generation_config::eos_token_ids;
 use epserve_model::{
     Checkpoint, ExpertShard, LoadProgress, LogitsFor, ModelConfig, RoutingTrace, SequenceStep, TextModel, WeightStorage,
 };
@@ -71,6 +72,8 @@ pub enum LoadError {
 #[derive(Debug)]
 pub struct LoadedModel {
     pub config: ModelConfig,
+    /// Where generation stops: `generation_config.json`'s EOS ids, else `config.json`'s.
+    pub eos_token_ids: Vec<u32>,
     pub model: TextModel,
     pub experts: ExpertTransport,
 }
@@ -112,7 +115,9 @@ pub async fn load_model(config: &LoadConfig, control: Option<&ControlConnection>
             ExpertTransport::Grpc(grpc)
         }
     };
-    Ok(LoadedModel { config: model_config, model, experts })
+    let eos_token_ids = eos_token_ids(&config.dir, &model_config.text)
+        .map_err(|source| LoadError::Config { path: config.dir.join("generation_config.json"), source })?;
+    Ok(LoadedModel { config: model_config, eos_token_ids, model, experts })
 }
 
 /// Reads the config and the non-expert weights, and every routed expert when `local_experts`.
@@ -170,7 +175,7 @@ impl StandaloneModel {
             .enable_all()
             .build()
             .map_err(LoadError::Runtime)?;
-        let LoadedModel { config, model, experts } = runtime.block_on(load_model(config, None))?;
+        let LoadedModel { config, model, experts, .. } = runtime.block_on(load_model(config, None))?;
         Ok(StandaloneModel { config, model, experts, overlap, _runtime: runtime })
     }
 

@@ -10,7 +10,7 @@ use epserve_coordinator::engine::{self, EngineConfig, EngineHandle, Event, Finis
 use epserve_coordinator::kv_pool::{KvCapacity, KvPool};
 use epserve_coordinator::sampling::SamplingParams;
 use epserve_model::{
-    Checkpoint, ExpertBackend, ExpertBatch, ExpertShard, ExpertsInFlight, KvCache, LogitsFor, ModelConfig,
+    Checkpoint, ExpertBackend, ExpertBatch, ExpertShard, ExpertsInFlight, KvCache, LogitsFor, ModelConfig, Retry,
     SequenceStep, TextModel, WeightStorage,
 };
 use epserve_testkit::fixtures;
@@ -47,7 +47,7 @@ fn start_with<E: ExpertBackend + 'static>(
         model,
         experts,
         pool,
-        EngineConfig { max_batch_tokens, max_running: 64, ..EngineConfig::new(&cfg.text, 4096) },
+        EngineConfig { max_batch_tokens, max_running: 64, ..EngineConfig::new(4096, cfg.text.eos_token_ids.clone()) },
     )
 }
 
@@ -270,10 +270,7 @@ impl ExpertBackend for FlakyExperts {
         let left = self.failures.load(std::sync::atomic::Ordering::Relaxed);
         if left > 0 {
             self.failures.store(left - 1, std::sync::atomic::Ordering::Relaxed);
-            return Err(epserve_model::Error::Experts {
-                layer: batch.layer,
-                reason: "worker unavailable (injected)".into(),
-            });
+            return Err(epserve_model::Error::experts(batch.layer, Retry::Now, "worker unavailable (injected)"));
         }
         self.inner.submit(batch)
     }

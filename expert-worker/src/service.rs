@@ -26,6 +26,8 @@ use tonic::{Code, Request, Response, Status, Streaming};
 pub struct WorkerStats {
     pub rows_served: AtomicU64,
     pub exchanges_served: AtomicU64,
+    /// Exchanges answered `INVALID_ARGUMENT` (malformed, or for experts not hosted here).
+    pub exchanges_rejected: AtomicU64,
 }
 
 /// A loaded shard and what the worker needs to check exchanges against its model.
@@ -52,6 +54,10 @@ impl ExpertWorker {
     /// The hosted expert ids, ascending.
     pub fn experts(&self) -> Vec<u32> {
         self.shard().experts().to_vec()
+    }
+
+    pub fn stats(&self) -> &WorkerStats {
+        &self.stats
     }
 
     /// Starts serving the experts of `more` as well (loaded from the same checkpoint).
@@ -106,6 +112,7 @@ impl ExpertWorker {
     async fn handle(self: Arc<Self>, request: ExchangeRequest) -> ExchangeResponse {
         let id = request.id;
         let reject = |message: String| {
+            self.stats.exchanges_rejected.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(m::WORKER_EXCHANGES_TOTAL, "result" => "invalid").increment(1);
             tracing::warn!(exchange = id, "rejected: {message}");
             ExchangeResponse { id, code: Code::InvalidArgument as i32, message, ..Default::default() }

@@ -11,11 +11,13 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::WeightSource;
 use crate::config::{AttentionKind, TextConfig};
+#[cfg(any(test, feature = "testing"))]
+use crate::deviation::Deviation;
+use crate::deviation::deviates;
 use crate::error::Result;
 use crate::kv_cache::KvStore;
 use crate::layers::{Linear, RmsNorm, WeightStorage};
 use crate::rope::Rope;
-use crate::text_model::Deviation;
 
 /// Rows `start..start + len` of the step belong to one sequence whose first new token sits at
 /// absolute position `pos`.
@@ -40,6 +42,8 @@ pub(crate) struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) deviation: Option<Deviation>,
 }
 
 impl Attention {
@@ -77,6 +81,8 @@ impl Attention {
             heads: nh,
             kv_heads: nkv,
             head_dim: d,
+            #[cfg(any(test, feature = "testing"))]
+            deviation: None,
         })
     }
 
@@ -86,7 +92,6 @@ impl Attention {
         spans: &[SeqSpan],
         caches: &mut [&'c mut (dyn KvStore + 'd)],
         rope: &Rope,
-        deviation: Option<Deviation>,
     ) -> Result<Tensor> {
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
         let n = x.dim(0)?;
@@ -103,7 +108,7 @@ impl Attention {
                 sin.reshape((n, 1, d / 2))?.to_dtype(q_all.dtype())?,
             );
             let apply = |m: &Tensor| -> Result<Tensor> {
-                Ok(if deviation == Some(Deviation::RotateHalfRope) {
+                Ok(if deviates!(self.deviation, RotateHalfRope) {
                     candle_nn::rotary_emb::rope(m, &cos, &sin)?
                 } else {
                     candle_nn::rotary_emb::rope_i(m, &cos, &sin)?
@@ -111,13 +116,13 @@ impl Attention {
             };
             q_all = apply(&q_all)?;
             k_all = apply(&k_all)?;
-            if let Some(norm) = self.qk_norm.as_ref().filter(|_| deviation != Some(Deviation::NoQkNorm)) {
+            if let Some(norm) = self.qk_norm.as_ref().filter(|_| !deviates!(self.deviation, NoQkNorm)) {
                 q_all = norm.forward(&q_all)?;
                 k_all = norm.forward(&k_all)?;
             }
         }
         if let Some((attn_scale, floor_scale)) = self.temperature
-            && deviation != Some(Deviation::NoTemperatureTuning)
+            && !deviates!(self.deviation, NoTemperatureTuning)
         {
             // s(p) = 1 + attn_scale·ln(1 + floor((p + 1) / floor_scale)), p absolute.
             let scales: Vec<f32> = positions
@@ -127,7 +132,7 @@ impl Attention {
             let scales = Tensor::from_vec(scales, (n, 1, 1, 1), x.device())?.to_dtype(q_all.dtype())?;
             q_all = q_all.broadcast_mul(&scales)?;
         }
-        let chunk = if deviation == Some(Deviation::NoChunkMask) { None } else { self.chunk };
+        let chunk = if deviates!(self.deviation, NoChunkMask) { None } else { self.chunk };
 
         if spans.iter().all(|s| s.len == 1) && q_all.dtype() == DType::F32 && x.device().is_cpu() {
             let out = self.decode(&q_all, &k_all, &v_all, spans, caches, chunk)?;

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::WeightSource;
 use crate::config::{FeedForwardKind, ModelConfig};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Retry};
 use crate::kernels;
 use crate::layers::{WeightStorage, matmul_t, swiglu_down};
 use crate::moe::{ExpertBackend, ExpertBatch, ExpertGroup, ExpertsInFlight};
@@ -131,7 +131,7 @@ impl ExpertShard {
     }
 
     fn compute_here(&self, layer: usize, groups: &[ExpertGroup], rows: &Tensor) -> Result<Tensor> {
-        let err = |reason: String| Error::Experts { layer, reason };
+        let err = |reason: String| Error::experts(layer, Retry::Never, reason);
         let slots = self.layers.get(layer).ok_or_else(|| err(format!("layer out of range ({})", self.layers.len())))?;
         let total: usize = groups.iter().map(|g| g.rows as usize).sum();
         if rows.dims() != [total, self.hidden] {

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod experts;
+pub mod generation_config;
 pub mod kernels;
 pub mod kv_cache;
 pub mod load_progress;
@@ -19,6 +20,7 @@ pub mod rope;
 pub mod text_model;
 
 mod attention;
+mod deviation;
 mod layers;
 
 #[cfg(test)]
@@ -26,7 +28,9 @@ mod parity_tests;
 
 pub use checkpoint::{Checkpoint, WeightSource};
 pub use config::{ModelConfig, TextConfig};
-pub use error::{Error, Result};
+#[cfg(any(test, feature = "testing"))]
+pub use deviation::Deviation;
+pub use error::{Error, ExpertsError, Result, Retry};
 pub use experts::ExpertShard;
 pub use kv_cache::{KvCache, KvSlots, KvStore};
 pub use layers::WeightStorage;

@@ -9,9 +9,11 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::WeightSource;
 use crate::config::TextConfig;
-use crate::error::{Error, Result};
+#[cfg(any(test, feature = "testing"))]
+use crate::deviation::Deviation;
+use crate::deviation::deviates;
+use crate::error::{Error, Result, Retry};
 use crate::layers::{Linear, Mlp, WeightStorage};
-use crate::text_model::Deviation;
 
 /// `rows` consecutive rows of an [`ExpertBatch`] go to expert `expert`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +66,8 @@ pub(crate) struct MoeBlock {
     shared_expert: Mlp,
     top_k: usize,
     num_experts: usize,
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) deviation: Option<Deviation>,
 }
 
 impl MoeBlock {
@@ -101,6 +105,8 @@ impl MoeBlock {
             )?,
             top_k: cfg.num_experts_per_tok,
             num_experts: cfg.num_local_experts,
+            #[cfg(any(test, feature = "testing"))]
+            deviation: None,
         })
     }
 
@@ -109,7 +115,6 @@ impl MoeBlock {
         &self,
         h: Tensor,
         experts: &'e dyn ExpertBackend,
-        deviation: Option<Deviation>,
         trace: Option<&mut RoutingTrace>,
     ) -> Result<MoeInFlight<'e>> {
         let logits = self.router.forward(&h)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -121,7 +126,7 @@ impl MoeBlock {
         let index = Tensor::from_slice(&routing.order, rows_total, h.device())?;
         let scores = Tensor::from_slice(&routing.scores, (rows_total, 1), h.device())?.to_dtype(h.dtype())?;
         let gathered = h.index_select(&index, 0)?;
-        let scale_output = deviation == Some(Deviation::ScaleExpertOutput);
+        let scale_output = deviates!(self.deviation, ScaleExpertOutput);
         // Llama 4 multiplies the score into the expert input (`routed_in = h · score`), which is not
         // the same as scaling the output: silu(s·g)·(s·u) ≠ s·silu(g)·u.
         let rows = if scale_output { gathered } else { gathered.broadcast_mul(&scores)? };
@@ -135,10 +140,8 @@ impl MoeBlock {
         let shared = self.shared_expert.forward(&h)?;
         let mut routed = in_flight.wait()?;
         if routed.dims() != [index.dim(0)?, h.dim(1)?] {
-            return Err(Error::Experts {
-                layer: self.layer,
-                reason: format!("backend answered shape {:?} for {} rows", routed.dims(), index.dim(0)?),
-            });
+            let reason = format!("backend answered shape {:?} for {} rows", routed.dims(), index.dim(0)?);
+            return Err(Error::experts(self.layer, Retry::Never, reason));
         }
         if let Some(scores) = scores {
             routed = routed.broadcast_mul(&scores)?;
@@ -180,7 +183,7 @@ impl Routing {
         let mut by_expert: Vec<Vec<(u32, f32)>> = vec![Vec::new(); num_experts];
         for (row, l) in logits.iter().enumerate() {
             if l.iter().any(|v| v.is_nan()) {
-                return Err(Error::Experts { layer, reason: format!("router logits of row {row} contain NaN") });
+                return Err(Error::experts(layer, Retry::Never, format!("router logits of row {row} contain NaN")));
             }
             let mut idx: Vec<u32> = (0..num_experts as u32).collect();
             // Descending logit; ties broken towards the lower expert id.

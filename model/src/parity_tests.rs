@@ -14,10 +14,11 @@ use epserve_testkit::fixtures;
 use crate::WeightSource;
 use crate::checkpoint::{Checkpoint, write_checkpoint};
 use crate::config::ModelConfig;
+use crate::deviation::Deviation;
 use crate::experts::ExpertShard;
 use crate::layers::WeightStorage;
 use crate::moe::RoutingTrace;
-use crate::text_model::{Deviation, LogitsFor, SequenceStep, TextModel};
+use crate::text_model::{LogitsFor, SequenceStep, TextModel};
 
 /// Logits must match to this absolute error (the reference expects ~1e-5 on values of ~3).
 const TOLERANCE: f32 = 1e-3;

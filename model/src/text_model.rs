@@ -9,23 +9,13 @@ use candle_core::{DType, Device, Tensor};
 use crate::attention::{Attention, SeqSpan};
 use crate::checkpoint::WeightSource;
 use crate::config::{FeedForwardKind, ModelConfig, TextConfig};
+#[cfg(any(test, feature = "testing"))]
+use crate::deviation::Deviation;
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, KvStore};
 use crate::layers::{Linear, Mlp, RmsNorm, WeightStorage};
 use crate::moe::{ExpertBackend, MoeBlock, MoeInFlight, RoutingTrace};
 use crate::rope::Rope;
-
-/// Deliberate departures from Llama 4, used only by the negative-control tests to show that the
-/// parity test notices each detail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(not(test), allow(dead_code))]
-pub(crate) enum Deviation {
-    RotateHalfRope,
-    ScaleExpertOutput,
-    NoTemperatureTuning,
-    NoChunkMask,
-    NoQkNorm,
-}
 
 #[derive(Debug)]
 enum FeedForward {
@@ -67,7 +57,6 @@ pub struct TextModel {
     rope: Rope,
     dtype: DType,
     device: Device,
-    deviation: Option<Deviation>,
 }
 
 impl TextModel {
@@ -128,7 +117,6 @@ impl TextModel {
             rope: Rope::new(&t.rope, t.head_dim),
             dtype,
             device: device.clone(),
-            deviation: None,
         })
     }
 
@@ -166,9 +154,15 @@ impl TextModel {
         KvCache::new(&self.cfg, self.dtype, &self.device)
     }
 
-    #[cfg(test)]
-    pub(crate) fn with_deviation(mut self, deviation: Option<Deviation>) -> Self {
-        self.deviation = deviation;
+    /// The same model with a deliberate departure from Llama 4 in every layer (negative controls).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn with_deviation(mut self, deviation: Option<Deviation>) -> Self {
+        for layer in &mut self.layers {
+            layer.attention.deviation = deviation;
+            if let FeedForward::Moe(moe) = &mut layer.feed_forward {
+                moe.deviation = deviation;
+            }
+        }
         self
     }
 
@@ -238,11 +232,11 @@ impl TextModel {
     ) -> Result<LayerInFlight<'e>> {
         let l = self.layers.get(layer).ok_or_else(|| Error::Input(format!("layer {layer} does not exist")))?;
         let h = l.input_layernorm.forward(&step.hidden)?;
-        let h = l.attention.forward(&h, &step.spans, &mut step.caches, &self.rope, self.deviation)?;
+        let h = l.attention.forward(&h, &step.spans, &mut step.caches, &self.rope)?;
         let residual = (&step.hidden + h)?;
         let h = l.post_attention_layernorm.forward(&residual)?;
         let feed_forward = match &l.feed_forward {
-            FeedForward::Moe(moe) => PendingFeedForward::Moe(moe.submit(h, experts, self.deviation, trace)?),
+            FeedForward::Moe(moe) => PendingFeedForward::Moe(moe.submit(h, experts, trace)?),
             FeedForward::Dense(mlp) => PendingFeedForward::Done(mlp.forward(&h)?),
         };
         Ok(LayerInFlight { layer, residual, feed_forward })

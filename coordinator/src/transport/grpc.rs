@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use epserve_control::{Instance, Kind, PlacementMap};
-use epserve_model::{ExpertBatch, ExpertsInFlight, TextConfig};
+use epserve_model::{ExpertBatch, ExpertsInFlight, Retry, TextConfig};
 use epserve_proto::exchange::{Exchange, RowGroup};
 use epserve_proto::metric_names as m;
 use epserve_proto::v1::StatusRequest;
@@ -25,7 +25,7 @@ use epserve_proto::wire::WireDtype;
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
 
-use super::links::{Cluster, Reply, WorkerLink, check_model, endpoint};
+use super::links::{Reply, WorkerLink, WorkerSet, check_worker_serves, endpoint};
 use crate::errors::TransportError;
 
 #[derive(Debug, Clone)]
@@ -57,7 +57,7 @@ type FixedMembers = (watch::Sender<Vec<Instance>>, watch::Sender<Option<Placemen
 
 #[derive(Debug)]
 pub struct GrpcExperts {
-    cluster: Arc<Cluster>,
+    workers: Arc<WorkerSet>,
     hidden: usize,
     dtype: DType,
     wire: WireDtype,
@@ -87,7 +87,7 @@ impl GrpcExperts {
                 .await
                 .map_err(|e| unavailable(e.to_string()))?
                 .into_inner();
-            check_model(addr, &status, model)?;
+            check_worker_serves(addr, &status, model)?;
             let mut experts: Vec<u32> = status.layers.iter().flat_map(|l| l.experts.iter().copied()).collect();
             experts.sort_unstable();
             experts.dedup();
@@ -97,13 +97,13 @@ impl GrpcExperts {
                 ..Instance::new(Kind::Worker, addr.clone(), addr.clone())
             });
         }
-        let cluster = Cluster::new(model, cfg.connect_timeout);
-        cluster.sync(&records, None).await;
-        cluster.routes().check_complete(model)?;
+        let workers = WorkerSet::new(model, cfg.connect_timeout);
+        workers.sync(&records, None).await;
+        workers.routes().check_complete(model)?;
         let (members, members_rx) = watch::channel(records);
         let (placement, placement_rx) = watch::channel(None);
-        tokio::spawn(cluster.clone().follow(members_rx, placement_rx));
-        Ok(Self::with(cluster, cfg, model, dtype, Some((members, placement))))
+        tokio::spawn(workers.clone().follow(members_rx, placement_rx));
+        Ok(Self::with(workers, cfg, model, dtype, Some((members, placement))))
     }
 
     /// Workers found through the control plane: follows `members` (and `placement`'s preference
@@ -117,12 +117,12 @@ impl GrpcExperts {
         placement: watch::Receiver<Option<PlacementMap>>,
         startup_wait: Duration,
     ) -> Result<Self, TransportError> {
-        let cluster = Cluster::new(model, cfg.connect_timeout);
-        let mut generation = cluster.generation.subscribe();
-        tokio::spawn(cluster.clone().follow(members, placement));
+        let workers = WorkerSet::new(model, cfg.connect_timeout);
+        let mut generation = workers.generation.subscribe();
+        tokio::spawn(workers.clone().follow(members, placement));
         let deadline = tokio::time::Instant::now() + startup_wait;
         loop {
-            match cluster.routes().check_complete(model) {
+            match workers.routes().check_complete(model) {
                 Ok(()) => break,
                 Err(e) => {
                     if tokio::time::timeout_at(deadline, generation.changed()).await.is_err() {
@@ -131,18 +131,18 @@ impl GrpcExperts {
                 }
             }
         }
-        Ok(Self::with(cluster, cfg, model, dtype, None))
+        Ok(Self::with(workers, cfg, model, dtype, None))
     }
 
     fn with(
-        cluster: Arc<Cluster>,
+        workers: Arc<WorkerSet>,
         cfg: &GrpcConfig,
         model: &TextConfig,
         dtype: DType,
         fixed: Option<FixedMembers>,
     ) -> Self {
         GrpcExperts {
-            cluster,
+            workers,
             hidden: model.hidden_size,
             dtype,
             wire: cfg.wire,
@@ -156,12 +156,12 @@ impl GrpcExperts {
 
     /// Addresses of the connected workers.
     pub fn workers(&self) -> Vec<String> {
-        self.cluster.workers()
+        self.workers.addresses()
     }
 
     /// After a step succeeded: reports recoveries from lost workers.
     pub fn step_finished(&self) {
-        self.cluster.step_finished();
+        self.workers.step_finished();
     }
 
     /// Splits the batch by worker and sends every part. Called from a compute thread, never from
@@ -170,10 +170,8 @@ impl GrpcExperts {
         let hidden = self.hidden;
         let rows = batch.rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         if rows.len() != batch.total_rows() * hidden {
-            return Err(epserve_model::Error::Experts {
-                layer: batch.layer,
-                reason: format!("{} values for {} rows of {hidden}", rows.len(), batch.total_rows()),
-            });
+            let reason = format!("{} values for {} rows of {hidden}", rows.len(), batch.total_rows());
+            return Err(epserve_model::Error::experts(batch.layer, Retry::Never, reason));
         }
         let mut groups = Vec::with_capacity(batch.groups.len());
         let mut offset = 0;
@@ -192,7 +190,7 @@ impl GrpcExperts {
             excluded: HashSet::new(),
         };
         let all: Vec<usize> = (0..in_flight.groups.len()).collect();
-        in_flight.dispatch(&all, None)?;
+        in_flight.dispatch(&all, None).map_err(|e| e.at_layer(batch.layer))?;
         Ok(Box::new(in_flight))
     }
 
@@ -205,9 +203,9 @@ impl GrpcExperts {
         last_failure: Option<&TransportError>,
     ) -> Result<Arc<WorkerLink>, TransportError> {
         let started = Instant::now();
-        let mut generation = self.cluster.generation.subscribe();
+        let mut generation = self.workers.generation.subscribe();
         loop {
-            let routes = self.cluster.routes();
+            let routes = self.workers.routes();
             let live: Vec<&Arc<WorkerLink>> =
                 routes.live(layer, expert).into_iter().filter(|l| !excluded.contains(&l.id)).collect();
             if !live.is_empty() {
@@ -321,7 +319,7 @@ impl GrpcInFlight<'_> {
             }
             None => {
                 if link.requests.blocking_send(request).is_err() {
-                    x.cluster.lose(&link, "its exchange stream is closed");
+                    x.workers.lose(&link, "its exchange stream is closed");
                 }
             }
         }
@@ -345,7 +343,7 @@ impl GrpcInFlight<'_> {
                     deadline: x.timeout,
                 };
                 // A worker that stops answering is taken out until it reconnects.
-                x.cluster.lose(link, &e.to_string());
+                x.workers.lose(link, &e.to_string());
                 return Err(e);
             }
             Ok(Err(_)) => {
@@ -384,14 +382,14 @@ impl ExpertsInFlight for GrpcInFlight<'_> {
                 Ok(decoded) => decoded,
                 Err(e) => {
                     let e = self.experts.fail(&part.link.addr, e);
-                    if !e.retryable() {
-                        return Err(e.into());
+                    if e.retry() != Retry::Now {
+                        return Err(e.at_layer(self.layer));
                     }
                     // Send the same rows again, to other hosts of their experts.
                     self.excluded.insert(part.link.id.clone());
                     metrics::counter!(m::EXCHANGE_RETRIES_TOTAL, "reason" => e.kind()).increment(1);
                     tracing::info!(layer = self.layer, "re-sending exchange {} to replicas: {e}", part.id);
-                    self.dispatch(&part.groups, Some(&e))?;
+                    self.dispatch(&part.groups, Some(&e)).map_err(|e| e.at_layer(self.layer))?;
                     continue;
                 }
             };

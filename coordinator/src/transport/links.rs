@@ -108,9 +108,11 @@ struct Loss {
     unix_ms: u128,
 }
 
-/// Shared between the transport (engine thread) and the membership task (IO runtime).
+/// The expert workers the transport reaches: a link per worker, the routes to them, the losses not
+/// yet recovered from. Shared between the transport (engine thread) and the membership task (IO
+/// runtime).
 #[derive(Debug)]
-pub(super) struct Cluster {
+pub(super) struct WorkerSet {
     model: TextConfig,
     connect_timeout: Duration,
     links: Mutex<HashMap<String, Arc<WorkerLink>>>,
@@ -125,9 +127,9 @@ fn unix_ms() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
 }
 
-impl Cluster {
+impl WorkerSet {
     pub fn new(model: &TextConfig, connect_timeout: Duration) -> Arc<Self> {
-        Arc::new(Cluster {
+        Arc::new(WorkerSet {
             model: model.clone(),
             connect_timeout,
             links: Mutex::new(HashMap::new()),
@@ -142,7 +144,8 @@ impl Cluster {
         self.routes.read().clone()
     }
 
-    pub fn workers(&self) -> Vec<String> {
+    /// Addresses of the linked workers, sorted.
+    pub fn addresses(&self) -> Vec<String> {
         let mut addrs: Vec<String> = self.links.lock().values().map(|l| l.addr.clone()).collect();
         addrs.sort();
         addrs
@@ -221,9 +224,9 @@ impl Cluster {
                 }
             }
             // Concurrently: one worker that hangs at connect must not hold up the others.
-            let (cluster, w) = (self.clone(), w.clone());
+            let (set, w) = (self.clone(), w.clone());
             connecting.spawn(async move {
-                let result = cluster.connect(&w).await;
+                let result = set.connect(&w).await;
                 (w, result)
             });
         }
@@ -282,7 +285,7 @@ impl Cluster {
             .max_decoding_message_size(epserve_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(epserve_proto::MAX_MESSAGE_BYTES);
         let status = client.status(StatusRequest {}).await.map_err(|e| unavailable(e.to_string()))?.into_inner();
-        check_model(&w.addr, &status, &self.model)?;
+        check_worker_serves(&w.addr, &status, &self.model)?;
         open_stream(client, w, self.clone()).await
     }
 }
@@ -300,7 +303,9 @@ pub(super) fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint
         .keep_alive_timeout(Duration::from_secs(5)))
 }
 
-pub(super) fn check_model(
+/// A worker must serve a model of the same shape (hidden size, layers, experts), or its answers
+/// would be garbage for this one.
+pub(super) fn check_worker_serves(
     addr: &str,
     status: &epserve_proto::v1::StatusResponse,
     model: &TextConfig,
@@ -326,7 +331,7 @@ pub(super) fn check_model(
 async fn open_stream(
     mut client: ExpertServiceClient<Channel>,
     w: &Instance,
-    cluster: Arc<Cluster>,
+    workers: Arc<WorkerSet>,
 ) -> Result<Arc<WorkerLink>, TransportError> {
     let (tx, rx) = mpsc::channel::<ExchangeRequest>(1024);
     let response = client
@@ -358,7 +363,7 @@ async fn open_stream(
             }
         };
         if let Some(link) = reader.upgrade() {
-            cluster.lose(&link, &reason);
+            workers.lose(&link, &reason);
         }
     });
     Ok(link)
