@@ -20,7 +20,7 @@ use epserve_model::{
 use tokio::sync::watch;
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-llama4")
+    epserve_testkit::fixtures::dir(epserve_testkit::fixtures::TINY_LLAMA4)
 }
 
 /// Counts the layers the engine hands to the transport, failing the first `fail_first` of them

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 /// The tiny Llama-4 checkpoint, with its tokenizer and chat template.
 fn tiny_checkpoint() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-llama4")
+    epserve_testkit::fixtures::dir(epserve_testkit::fixtures::TINY_LLAMA4)
 }
 
 const WAIT: Duration = Duration::from_secs(30);
