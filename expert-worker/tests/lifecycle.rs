@@ -18,6 +18,9 @@ fn tiny_checkpoint() -> PathBuf {
     epserve_testkit::fixtures::dir(epserve_testkit::fixtures::TINY_LLAMA4)
 }
 
+/// The processes' default: a loaded test machine must not lose leases between two renewals.
+const LEASE_TTL: Duration = Duration::from_secs(10);
+
 const WAIT: Duration = Duration::from_secs(30);
 
 /// The registered workers, once `done` holds for them (polled every 20 ms, for [`WAIT`] at most).
@@ -36,7 +39,7 @@ async fn workers_once(plane: &ControlPlane, what: &str, done: impl Fn(&[Instance
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_loads_and_announces_the_experts_the_placement_assigns_it() {
     let plane = ControlPlane::new(Arc::new(MemoryRegistry::new()));
-    let control = ControlConnection::new(plane.clone(), Duration::from_secs(2), Some("w0".into())).expect("runtime");
+    let control = ControlConnection::new(plane.clone(), LEASE_TTL, Some("w0".into())).expect("runtime");
     let worker = epserve_expert_worker::start(WorkerConfig {
         model: tiny_checkpoint(),
         listen: "127.0.0.1:0".into(),

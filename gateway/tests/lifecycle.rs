@@ -18,10 +18,13 @@ fn tiny_checkpoint() -> PathBuf {
     epserve_testkit::fixtures::dir(epserve_testkit::fixtures::TINY_LLAMA4)
 }
 
+/// The processes' default: a loaded test machine must not lose leases between two renewals.
+const LEASE_TTL: Duration = Duration::from_secs(10);
+
 const WAIT: Duration = Duration::from_secs(30);
 
 fn connection(plane: &ControlPlane) -> ControlConnection {
-    ControlConnection::new(plane.clone(), Duration::from_secs(2), None).expect("control runtime")
+    ControlConnection::new(plane.clone(), LEASE_TTL, None).expect("control runtime")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,8 +86,11 @@ async fn serves_through_a_coordinator_found_in_the_registry() {
     let serving = tokio::spawn(gateway.serve(async move {
         let _ = stopped.await;
     }));
-    let gateways = plane.list(Kind::Gateway).await.expect("gateways");
-    assert_eq!(gateways.len(), 1, "the gateway registered");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while plane.list(Kind::Gateway).await.expect("gateways").len() != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the gateway never registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let http = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + WAIT;
