@@ -136,7 +136,10 @@ fn logits_command_through_workers() {
     let addrs = workers.iter().map(|w| w.addr.as_str()).collect::<Vec<_>>().join(",");
     let model = tiny_fixture();
     let model = model.to_str().expect("utf-8");
-    let tokens = "480,470,468,474,182,82,443";
+    // Golden case 1: its prompt, and transformers' greedy continuation of it below.
+    let case = &golden()[1];
+    let tokens = case.input_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let tokens = tokens.as_str();
     let local = support::run_json(&["logits", "--model", model, "--tokens", tokens]);
     let remote = support::run_json(&[
         "logits",
@@ -150,7 +153,7 @@ fn logits_command_through_workers() {
         "f32",
     ]);
     let rows = |v: &serde_json::Value| -> Vec<Vec<f32>> { serde_json::from_value(v["logits"].clone()).expect("rows") };
-    assert_eq!(rows(&local).len(), 7);
+    assert_eq!(rows(&local).len(), case.input_ids.len());
     assert!(max_abs_diff(&rows(&local), &rows(&remote)) <= 1e-5);
     let generated = support::run_json(&[
         "generate",
@@ -164,7 +167,8 @@ fn logits_command_through_workers() {
         "--workers",
         &addrs,
     ]);
-    assert_eq!(generated["tokens"], serde_json::json!(golden()[1].greedy_tokens));
+    let greedy: Vec<u64> = case.greedy_tokens.iter().map(|&t| u64::from(t)).collect();
+    assert_eq!(generated["tokens"], serde_json::json!(support::until_eos(&tiny_fixture(), &greedy)));
 }
 
 #[test]

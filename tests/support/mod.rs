@@ -219,3 +219,16 @@ pub fn stop(mut up: Up) {
     let _ = child.kill();
     panic!("epserve up did not stop on Ctrl-C");
 }
+
+/// What `epserve generate` prints for a golden greedy continuation: the tokens before the first
+/// end-of-sequence id of the checkpoint's `generation_config.json` (generation stops there, and the
+/// EOS token itself is not output). The goldens hold the raw continuation, EOS ids included.
+pub fn until_eos(model: &std::path::Path, tokens: &[u64]) -> Vec<u64> {
+    let text = std::fs::read_to_string(model.join("generation_config.json")).expect("generation_config.json");
+    let config: serde_json::Value = serde_json::from_str(&text).expect("generation_config.json is JSON");
+    let eos: Vec<u64> = match &config["eos_token_id"] {
+        serde_json::Value::Array(ids) => ids.iter().filter_map(serde_json::Value::as_u64).collect(),
+        id => id.as_u64().into_iter().collect(),
+    };
+    tokens.iter().copied().take_while(|t| !eos.contains(t)).collect()
+}
