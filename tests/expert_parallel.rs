@@ -67,7 +67,7 @@ impl Coordinator {
     fn logits(&self, experts: &dyn ExpertBackend, tokens: &[u32]) -> epserve_model::Result<Vec<Vec<f32>>> {
         let mut cache = self.model.new_cache();
         let logits =
-            self.model.forward(&mut [SequenceStep { tokens, cache: &mut cache }], experts, LogitsFor::All, None)?;
+            self.model.forward(&mut [SequenceStep::new(tokens, &mut cache)], experts, LogitsFor::All, None)?;
         Ok(logits.to_vec2::<f32>()?)
     }
 
@@ -78,7 +78,7 @@ impl Coordinator {
         for _ in 0..n {
             let logits = self
                 .model
-                .forward(&mut [SequenceStep { tokens: &next, cache: &mut cache }], experts, LogitsFor::Last, None)
+                .forward(&mut [SequenceStep::new(&next, &mut cache)], experts, LogitsFor::Last, None)
                 .expect("step");
             let row = logits.to_vec2::<f32>().expect("logits").remove(0);
             let t = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).expect("row");

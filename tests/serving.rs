@@ -15,6 +15,7 @@ fn request(id: usize, len: usize) -> GenerateRequest {
         prompt_tokens: prompt,
         sampling: Some(SamplingParams { temperature: 0.0, max_tokens: 10, ignore_eos: true, ..Default::default() }),
         priority: 0,
+        images: Vec::new(),
     }
 }
 
@@ -108,6 +109,7 @@ fn served(addr: &str, prompt: &[u32], sampling: SamplingParams) -> (Vec<u32>, Fi
             prompt_tokens: prompt.to_vec(),
             sampling: Some(sampling),
             priority: 0,
+            images: Vec::new(),
         };
         let mut stream = client.generate(request).await.expect("generate").into_inner();
         let mut tokens = Vec::new();

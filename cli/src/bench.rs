@@ -307,6 +307,7 @@ async fn run_grpc(channel: tonic::transport::Channel, args: &BenchArgs, tokens: 
             ..Default::default()
         }),
         priority: 0,
+        images: Vec::new(),
     };
     let mut stream = match client.generate(request).await {
         Ok(s) => s.into_inner(),

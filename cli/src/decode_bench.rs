@@ -69,7 +69,7 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
                 .map(|b| (0..args.prompt_len).map(|i| ((i * 31 + b * 7 + 1) as u32) % vocab).collect())
                 .collect();
             for (cache, prompt) in caches.iter_mut().zip(&prompts) {
-                standalone.step(&mut [SequenceStep { tokens: prompt, cache }], LogitsFor::Last)?;
+                standalone.step(&mut [SequenceStep::new(prompt, cache)], LogitsFor::Last)?;
             }
             let mut next: Vec<[u32; 1]> = (0..batch).map(|b| [(b as u32 * 13 + 5) % vocab]).collect();
             let mut started = Instant::now();
@@ -80,7 +80,7 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
                     trace = RoutingTrace::default();
                 }
                 let mut seqs: Vec<SequenceStep<'_>> =
-                    caches.iter_mut().zip(&next).map(|(cache, t)| SequenceStep { tokens: t, cache }).collect();
+                    caches.iter_mut().zip(&next).map(|(cache, t)| SequenceStep::new(t, cache)).collect();
                 let logits = standalone.step_traced(&mut seqs, LogitsFor::Last, Some(&mut trace))?.to_vec2::<f32>()?;
                 for (n, row) in next.iter_mut().zip(&logits) {
                     n[0] = epserve_coordinator::sampling::argmax(row);

@@ -94,7 +94,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let started = Instant::now();
     let mut first_token_at = None;
     while generated.len() < args.max_tokens {
-        let logits = standalone.step(&mut [SequenceStep { tokens: &next, cache: &mut cache }], LogitsFor::Last)?;
+        let logits = standalone.step(&mut [SequenceStep::new(&next, &mut cache)], LogitsFor::Last)?;
         let row = logits.squeeze(0)?.to_vec1::<f32>()?;
         let token = sampler.sample(&row).token;
         first_token_at.get_or_insert_with(|| started.elapsed());

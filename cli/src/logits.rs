@@ -30,7 +30,7 @@ pub fn run(args: LogitsArgs) -> Result<()> {
     let standalone = args.experts.standalone(&args.model, args.dtype)?;
     let mut cache = standalone.model.new_cache();
     let which = if args.last { LogitsFor::Last } else { LogitsFor::All };
-    let logits = standalone.step(&mut [SequenceStep { tokens: &args.tokens, cache: &mut cache }], which)?;
+    let logits = standalone.step(&mut [SequenceStep::new(&args.tokens, &mut cache)], which)?;
     let rows = logits.to_vec2::<f32>()?;
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, &serde_json::json!({ "logits": rows }))?;

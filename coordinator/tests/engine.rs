@@ -218,7 +218,7 @@ fn long_sequence_keeps_one_chunk_on_chunked_layers_and_matches_the_reference() {
     let mut seq = p.clone();
     seq.extend_from_slice(&tokens[..tokens.len() - 1]);
     let logits = model
-        .forward(&mut [SequenceStep { tokens: &seq, cache: &mut cache }], &experts, LogitsFor::All, None)
+        .forward(&mut [SequenceStep::new(&seq, &mut cache)], &experts, LogitsFor::All, None)
         .expect("reference")
         .to_vec2::<f32>()
         .expect("rows");

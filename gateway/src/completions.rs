@@ -186,6 +186,7 @@ pub async fn run(state: Arc<AppState>, p: Prepared, permit: OwnedSemaphorePermit
             logprobs: s.logprobs,
         }),
         priority: 0,
+        images: Vec::new(),
     };
     let id = response_id(p.api);
     let generation = match state.pool.generate(request).await {

@@ -37,7 +37,7 @@ fn prefilled(m: &Mini, batch: usize) -> (Vec<KvCache>, Vec<u32>) {
         let prompt: Vec<u32> = (0..CONTEXT).map(|i| ((i * 31 + b * 97) % 2000) as u32).collect();
         let mut cache = m.model.new_cache();
         m.model
-            .forward(&mut [SequenceStep { tokens: &prompt, cache: &mut cache }], &m.experts, LogitsFor::Last, None)
+            .forward(&mut [SequenceStep::new(&prompt, &mut cache)], &m.experts, LogitsFor::Last, None)
             .expect("prefill");
         caches.push(cache);
         next.push((b * 13 % 2000) as u32);
@@ -57,7 +57,7 @@ fn decode_group(c: &mut Criterion, m: &Mini, name: &str, step: impl Fn(&Mini, &m
                 let mut caches = caches.clone();
                 let tokens: Vec<[u32; 1]> = next.iter().map(|t| [*t]).collect();
                 let mut seqs: Vec<SequenceStep<'_>> =
-                    caches.iter_mut().zip(&tokens).map(|(cache, t)| SequenceStep { tokens: t, cache }).collect();
+                    caches.iter_mut().zip(&tokens).map(|(cache, t)| SequenceStep::new(t, cache)).collect();
                 step(m, &mut seqs)
             })
         });

@@ -114,7 +114,7 @@ impl Loaded {
         let mut trace = RoutingTrace::default();
         let logits = self
             .model
-            .forward(&mut [SequenceStep { tokens, cache: &mut cache }], &self.experts, LogitsFor::All, Some(&mut trace))
+            .forward(&mut [SequenceStep::new(tokens, &mut cache)], &self.experts, LogitsFor::All, Some(&mut trace))
             .expect("forward");
         (rows(&logits), trace)
     }
@@ -131,7 +131,7 @@ impl Loaded {
             let logits = self
                 .model
                 .forward(
-                    &mut [SequenceStep { tokens: &tokens[at..at + n], cache: &mut cache }],
+                    &mut [SequenceStep::new(&tokens[at..at + n], &mut cache)],
                     &self.experts,
                     LogitsFor::All,
                     Some(&mut trace),
@@ -161,7 +161,7 @@ impl Loaded {
         for _ in 0..n {
             let logits = self
                 .model
-                .forward(&mut [SequenceStep { tokens: &next, cache: &mut cache }], &self.experts, LogitsFor::Last, None)
+                .forward(&mut [SequenceStep::new(&next, &mut cache)], &self.experts, LogitsFor::Last, None)
                 .expect("forward");
             let t = argmax(&rows(&logits)[0]);
             out.push(t);
@@ -274,7 +274,7 @@ fn assert_batched_sequences_match(dir: &Path) {
     let cases = golden_in(dir).cases;
     let mut caches: Vec<_> = cases.iter().map(|_| m.model.new_cache()).collect();
     let mut steps: Vec<SequenceStep<'_>> =
-        cases.iter().zip(caches.iter_mut()).map(|(c, cache)| SequenceStep { tokens: &c.input_ids, cache }).collect();
+        cases.iter().zip(caches.iter_mut()).map(|(c, cache)| SequenceStep::new(&c.input_ids, cache)).collect();
     let logits = rows(&m.model.forward(&mut steps, &m.experts, LogitsFor::All, None).expect("forward"));
     let mut at = 0;
     for case in &cases {

@@ -36,6 +36,23 @@ struct DecoderLayer {
 pub struct SequenceStep<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut dyn KvStore,
+    /// `[k, hidden]`: the image features that replace the embeddings of the `k` image-placeholder
+    /// tokens (`<|patch|>`, the config's `image_token_index`) among `tokens`, in order. `None` when
+    /// `tokens` holds no placeholder; a count that disagrees is an input error.
+    pub image_features: Option<&'a Tensor>,
+}
+
+impl<'a> SequenceStep<'a> {
+    /// Text tokens (no image features).
+    pub fn new(tokens: &'a [u32], cache: &'a mut dyn KvStore) -> Self {
+        SequenceStep { tokens, cache, image_features: None }
+    }
+
+    /// The same step with `features` for its image-placeholder tokens.
+    pub fn with_image_features(mut self, features: Option<&'a Tensor>) -> Self {
+        self.image_features = features;
+        self
+    }
 }
 
 /// Which rows of the step get logits.
@@ -55,6 +72,8 @@ pub struct TextModel {
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
+    /// `<|patch|>`: rows whose embedding image features replace (multimodal checkpoints).
+    image_token: Option<u32>,
     dtype: DType,
     device: Device,
 }
@@ -115,6 +134,7 @@ impl TextModel {
             norm,
             lm_head,
             rope: Rope::new(&t.rope, t.head_dim),
+            image_token: cfg.image_token_index,
             dtype,
             device: device.clone(),
         })
@@ -189,6 +209,7 @@ impl TextModel {
     pub fn begin_step<'s, 'a: 's>(&self, seqs: &'s mut [SequenceStep<'a>]) -> Result<Step<'s, 'a>> {
         let mut spans = Vec::with_capacity(seqs.len());
         let mut ids = Vec::new();
+        let mut images = Vec::new();
         for s in seqs.iter() {
             if s.tokens.is_empty() {
                 return Err(Error::Input("a sequence in the step has no new tokens".into()));
@@ -199,13 +220,42 @@ impl TextModel {
                     self.cfg.vocab_size
                 )));
             }
+            let placeholders = self.image_placeholders(s.tokens, ids.len());
+            match (s.image_features, placeholders.len()) {
+                (None, 0) => {}
+                (Some(features), n) if features.dims2()? == (n, self.cfg.hidden_size) => {
+                    images.push((placeholders, features.to_dtype(self.dtype)?));
+                }
+                (features, n) => {
+                    return Err(Error::Input(format!(
+                        "the step has {n} image-placeholder tokens but {} image feature rows of width {}",
+                        features.map_or(Ok(0), |f| f.dim(0))?,
+                        self.cfg.hidden_size
+                    )));
+                }
+            }
             spans.push(SeqSpan { start: ids.len(), len: s.tokens.len(), pos: s.cache.len() });
             ids.extend_from_slice(s.tokens);
         }
-        let ids = Tensor::from_slice(&ids, ids.len(), &self.device)?;
-        let hidden = self.embed_tokens.index_select(&ids, 0)?;
+        let rows = ids.len();
+        let ids = Tensor::from_slice(&ids, rows, &self.device)?;
+        let mut hidden = self.embed_tokens.index_select(&ids, 0)?;
+        if !images.is_empty() {
+            let (at, features): (Vec<Vec<u32>>, Vec<Tensor>) = images.into_iter().unzip();
+            let at = at.concat();
+            let at = Tensor::from_slice(&at, (at.len(), 1), &self.device)?
+                .broadcast_as((at.len(), self.cfg.hidden_size))?
+                .contiguous()?;
+            hidden = hidden.scatter(&at, &Tensor::cat(&features, 0)?, 0)?;
+        }
         let caches = seqs.iter_mut().map(|s| &mut *s.cache).collect();
         Ok(Step { spans, caches, hidden })
+    }
+
+    /// Step rows (offset by `first_row`) of the image placeholders among `tokens`.
+    fn image_placeholders(&self, tokens: &[u32], first_row: usize) -> Vec<u32> {
+        let Some(patch) = self.image_token else { return Vec::new() };
+        tokens.iter().enumerate().filter(|&(_, &t)| t == patch).map(|(i, _)| (first_row + i) as u32).collect()
     }
 
     /// Runs decoder layer `layer` on the step's hidden states.
