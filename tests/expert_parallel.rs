@@ -66,8 +66,7 @@ impl Coordinator {
 
     fn logits(&self, experts: &dyn ExpertBackend, tokens: &[u32]) -> epserve_model::Result<Vec<Vec<f32>>> {
         let mut cache = self.model.new_cache();
-        let logits =
-            self.model.forward(&mut [SequenceStep::new(tokens, &mut cache)], experts, LogitsFor::All, None)?;
+        let logits = self.model.forward(&mut [SequenceStep::new(tokens, &mut cache)], experts, LogitsFor::All, None)?;
         Ok(logits.to_vec2::<f32>()?)
     }
 

@@ -338,10 +338,8 @@ impl<E: ExpertBackend> Engine<E> {
                 }
             }
             let mut kvs: Vec<_> = views.into_iter().collect();
-            let mut steps: Vec<SequenceStep<'_>> = kvs
-                .iter_mut()
-                .map(|(kv, from, n, tokens)| SequenceStep::new(&tokens[*from..*from + *n], kv))
-                .collect();
+            let mut steps: Vec<SequenceStep<'_>> =
+                kvs.iter_mut().map(|(kv, from, n, tokens)| SequenceStep::new(&tokens[*from..*from + *n], kv)).collect();
             let logits = crate::overlap::forward_step(
                 &self.model,
                 &mut steps,

@@ -36,4 +36,4 @@ pub use kv_cache::{KvCache, KvSlots, KvStore};
 pub use layers::WeightStorage;
 pub use load_progress::LoadProgress;
 pub use moe::{ExpertBackend, ExpertBatch, ExpertGroup, ExpertsInFlight, RoutingTrace};
-pub use text_model::{LayerInFlight, LogitsFor, SequenceStep, Step, TextModel};
+pub use text_model::{ImageRows, LayerInFlight, LogitsFor, SequenceStep, Step, TextModel};

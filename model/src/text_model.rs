@@ -36,23 +36,32 @@ struct DecoderLayer {
 pub struct SequenceStep<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut dyn KvStore,
-    /// `[k, hidden]`: the image features that replace the embeddings of the `k` image-placeholder
-    /// tokens (`<|patch|>`, the config's `image_token_index`) among `tokens`, in order. `None` when
-    /// `tokens` holds no placeholder; a count that disagrees is an input error.
-    pub image_features: Option<&'a Tensor>,
+    /// Image features replacing the embeddings of some of `tokens` (a multimodal prompt's
+    /// `<|patch|>` placeholders); `None` for text.
+    pub images: Option<ImageRows<'a>>,
 }
 
 impl<'a> SequenceStep<'a> {
     /// Text tokens (no image features).
     pub fn new(tokens: &'a [u32], cache: &'a mut dyn KvStore) -> Self {
-        SequenceStep { tokens, cache, image_features: None }
+        SequenceStep { tokens, cache, images: None }
     }
 
-    /// The same step with `features` for its image-placeholder tokens.
-    pub fn with_image_features(mut self, features: Option<&'a Tensor>) -> Self {
-        self.image_features = features;
+    /// The same step with image features for some of its tokens.
+    pub fn with_images(mut self, images: Option<ImageRows<'a>>) -> Self {
+        self.images = images;
         self
     }
+}
+
+/// Rows whose embeddings image features replace, in one step of one sequence.
+#[derive(Debug, Clone)]
+pub struct ImageRows<'a> {
+    /// Absolute positions in the sequence (the first new token is at `cache.len()`), ascending,
+    /// each among the step's new tokens.
+    pub positions: &'a [u32],
+    /// `[positions.len(), hidden]`, in the order of `positions`.
+    pub features: Tensor,
 }
 
 /// Which rows of the step get logits.
@@ -72,8 +81,6 @@ pub struct TextModel {
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
-    /// `<|patch|>`: rows whose embedding image features replace (multimodal checkpoints).
-    image_token: Option<u32>,
     dtype: DType,
     device: Device,
 }
@@ -134,7 +141,6 @@ impl TextModel {
             norm,
             lm_head,
             rope: Rope::new(&t.rope, t.head_dim),
-            image_token: cfg.image_token_index,
             dtype,
             device: device.clone(),
         })
@@ -220,18 +226,10 @@ impl TextModel {
                     self.cfg.vocab_size
                 )));
             }
-            let placeholders = self.image_placeholders(s.tokens, ids.len());
-            match (s.image_features, placeholders.len()) {
-                (None, 0) => {}
-                (Some(features), n) if features.dims2()? == (n, self.cfg.hidden_size) => {
-                    images.push((placeholders, features.to_dtype(self.dtype)?));
-                }
-                (features, n) => {
-                    return Err(Error::Input(format!(
-                        "the step has {n} image-placeholder tokens but {} image feature rows of width {}",
-                        features.map_or(Ok(0), |f| f.dim(0))?,
-                        self.cfg.hidden_size
-                    )));
+            if let Some(rows) = &s.images {
+                let at = self.image_rows(rows, s.cache.len(), s.tokens.len(), ids.len())?;
+                if !at.is_empty() {
+                    images.push((at, rows.features.to_dtype(self.dtype)?));
                 }
             }
             spans.push(SeqSpan { start: ids.len(), len: s.tokens.len(), pos: s.cache.len() });
@@ -252,10 +250,33 @@ impl TextModel {
         Ok(Step { spans, caches, hidden })
     }
 
-    /// Step rows (offset by `first_row`) of the image placeholders among `tokens`.
-    fn image_placeholders(&self, tokens: &[u32], first_row: usize) -> Vec<u32> {
-        let Some(patch) = self.image_token else { return Vec::new() };
-        tokens.iter().enumerate().filter(|&(_, &t)| t == patch).map(|(i, _)| (first_row + i) as u32).collect()
+    /// The step rows (the sequence's first new token is row `first_row`, at position `start`, of
+    /// `len` new tokens) that `rows` replaces, after checking them.
+    fn image_rows(&self, rows: &ImageRows<'_>, start: usize, len: usize, first_row: usize) -> Result<Vec<u32>> {
+        let (n, width) = rows.features.dims2()?;
+        if n != rows.positions.len() || width != self.cfg.hidden_size {
+            return Err(Error::Input(format!(
+                "{} image positions but image features of shape [{n}, {width}] (expected [{}, {}])",
+                rows.positions.len(),
+                rows.positions.len(),
+                self.cfg.hidden_size
+            )));
+        }
+        let mut previous = None;
+        rows.positions
+            .iter()
+            .map(|&p| {
+                let p = p as usize;
+                if p < start || p >= start + len || previous.is_some_and(|q| q >= p) {
+                    return Err(Error::Input(format!(
+                        "image position {p} is not ascending within the step's new tokens (positions {start}..{})",
+                        start + len
+                    )));
+                }
+                previous = Some(p);
+                Ok((first_row + p - start) as u32)
+            })
+            .collect()
     }
 
     /// Runs decoder layer `layer` on the step's hidden states.
