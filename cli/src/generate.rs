@@ -1,31 +1,24 @@
 //! `epserve generate`: offline generation in one process, greedy or sampled.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use epserve_coordinator::sampling::{Sampler, SamplingParams};
 use epserve_model::generation_config::eos_token_ids;
-use epserve_model::{LogitsFor, SequenceStep};
+use epserve_model::{ImageRows, LogitsFor, SequenceStep};
 use serde_json::json;
 
 use crate::load::{ComputeDtype, ExpertArgs};
-use epserve_gateway::chat_template::ChatTemplate;
+use crate::prompt::{PromptArgs, load_tokenizer};
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
     /// Checkpoint directory (hub layout).
     #[arg(long, env = "EPSERVE_MODEL")]
     pub model: PathBuf,
-    /// Prompt text, tokenized with the checkpoint's tokenizer.json.
-    #[arg(long, conflicts_with = "tokens", required_unless_present = "tokens")]
-    pub prompt: Option<String>,
-    /// Render the checkpoint's chat template around the prompt (one user turn).
-    #[arg(long, requires = "prompt")]
-    pub chat: bool,
-    /// Prompt as comma-separated token ids instead of text.
-    #[arg(long, value_delimiter = ',')]
-    pub tokens: Option<Vec<u32>>,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 16)]
     pub max_tokens: usize,
@@ -35,7 +28,11 @@ pub struct GenerateArgs {
     /// Seed of the sampler (same seed, same tokens).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Print `{"tokens": [...], "text": "..."}`.
+    /// Keep generating past EOS, to `--max-tokens` (as the API's `ignore_eos`).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print `{"tokens": [...], "text": "...", "finish_reason": ...}` (and `"prompt_tokens"` with
+    /// `--prompt`).
     #[arg(long)]
     pub json: bool,
     #[arg(long, value_enum, default_value = "f32", env = "EPSERVE_DTYPE")]
@@ -44,38 +41,18 @@ pub struct GenerateArgs {
     pub experts: ExpertArgs,
 }
 
-fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
-    let path = dir.join("tokenizer.json");
-    tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-}
-
 pub fn run(args: GenerateArgs) -> Result<()> {
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         bail!("--temperature must be a finite number ≥ 0, got {}", args.temperature);
     }
-    let tokenizer = if args.prompt.is_some() || args.model.join("tokenizer.json").exists() {
+    let tokenizer = if args.prompt.prompt.is_some() || args.model.join("tokenizer.json").exists() {
         Some(load_tokenizer(&args.model)?)
     } else {
         None
     };
-    let prompt: Vec<u32> = match (&args.prompt, &args.tokens) {
-        (Some(text), _) => {
-            let tok = tokenizer.as_ref().context("a tokenizer is needed for --prompt")?;
-            let (text, add_special) = if args.chat {
-                let template = ChatTemplate::from_checkpoint(&args.model)?;
-                (template.render(&json!([{ "role": "user", "content": text }]), true)?, false)
-            } else {
-                (text.clone(), true)
-            };
-            // The rendered template already starts with BOS: no special tokens added on top.
-            tok.encode(text, add_special).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec()
-        }
-        (None, Some(ids)) => ids.clone(),
-        (None, None) => bail!("give --prompt or --tokens"),
-    };
-    if prompt.is_empty() {
-        bail!("the prompt is empty");
-    }
+    let built = args.prompt.build(&args.model, tokenizer.as_ref())?;
+    built.check_not_empty()?;
+    let prompt = built.ids.clone();
 
     let standalone = args.experts.standalone(&args.model, args.dtype)?;
     // The server's sampler and stop rule, with the server's EOS ids: same seed, same tokens.
@@ -84,9 +61,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         temperature: args.temperature,
         seed: Some(args.seed),
         max_tokens: u32::try_from(args.max_tokens).unwrap_or(u32::MAX),
+        ignore_eos: args.ignore_eos,
         ..Default::default()
     };
     let mut sampler = Sampler::new(params, &prompt);
+    let images = standalone.image_features(&prompt, &built.images).map_err(|e| anyhow::anyhow!(e))?;
     let mut cache = standalone.model.new_cache();
     let mut generated = Vec::new();
     let mut next = prompt.clone();
@@ -94,7 +73,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let started = Instant::now();
     let mut first_token_at = None;
     while generated.len() < args.max_tokens {
-        let logits = standalone.step(&mut [SequenceStep::new(&next, &mut cache)], LogitsFor::Last)?;
+        // The first step holds the whole prompt, and with it every image placeholder.
+        let rows = if generated.is_empty() {
+            images.as_ref().map(|(positions, features)| ImageRows { positions, features: features.clone() })
+        } else {
+            None
+        };
+        let step = SequenceStep::new(&next, &mut cache).with_images(rows);
+        let logits = standalone.step(&mut [step], LogitsFor::Last)?;
         let row = logits.squeeze(0)?.to_vec1::<f32>()?;
         let token = sampler.sample(&row).token;
         first_token_at.get_or_insert_with(|| started.elapsed());
@@ -123,7 +109,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => None,
     };
     if args.json {
-        println!("{}", json!({ "tokens": generated, "text": text, "finish_reason": finish_reason }));
+        let mut out = json!({ "tokens": generated, "text": text, "finish_reason": finish_reason });
+        if built.from_text {
+            out["prompt_tokens"] = json!(prompt);
+        }
+        println!("{out}");
     } else {
         println!("{}", text.unwrap_or_else(|| format!("{generated:?}")));
     }

@@ -17,6 +17,7 @@ mod generate;
 mod load;
 mod logits;
 mod metrics_endpoint;
+mod prompt;
 mod stats;
 mod up;
 mod worker;

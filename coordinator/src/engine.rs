@@ -11,11 +11,13 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::{Duration, Instant};
 
+use epserve_imaging::Tiles;
 use epserve_model::{ExpertBackend, LogitsFor, Retry, SequenceStep, TextModel};
 use epserve_proto::metric_names as m;
 use parking_lot::Mutex;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::images::{ImageSpec, SequenceImages, Vision};
 use crate::kv_pool::{KvPool, SeqBlocks};
 use crate::sampling::{Sampled, Sampler, SamplingParams};
 
@@ -48,6 +50,8 @@ pub struct Request {
     pub sampling: SamplingParams,
     /// Lower runs first; FCFS among equals. Reserved for batch jobs (which use a higher value).
     pub priority: i32,
+    /// The prompt's images in order: their features fill its `<|patch|>` placeholders exactly.
+    pub images: Vec<Tiles>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +101,8 @@ pub enum SubmitError {
 }
 
 enum Command {
-    Submit(Request, UnboundedSender<Event>),
+    /// A checked request, with the positions of its image placeholders.
+    Submit(Request, Vec<u32>, UnboundedSender<Event>),
     Cancel(String),
     Stop,
 }
@@ -109,6 +114,7 @@ pub struct EngineHandle {
     load: Arc<Mutex<Load>>,
     max_model_len: usize,
     vocab: usize,
+    images: Option<ImageSpec>,
 }
 
 impl EngineHandle {
@@ -124,7 +130,9 @@ impl EngineHandle {
         if request.prompt.len() >= self.max_model_len {
             return Err(SubmitError::TooLong { prompt: request.prompt.len(), limit: self.max_model_len });
         }
-        self.commands.send(Command::Submit(request, events)).map_err(|_| SubmitError::Stopped)
+        let positions = ImageSpec::placeholders(self.images.as_ref(), &request.prompt, &request.images)
+            .map_err(SubmitError::Invalid)?;
+        self.commands.send(Command::Submit(request, positions, events)).map_err(|_| SubmitError::Stopped)
     }
 
     pub fn cancel(&self, id: &str) {
@@ -139,6 +147,11 @@ impl EngineHandle {
         self.max_model_len
     }
 
+    /// What images must agree with; `None` when the model has no vision tower.
+    pub fn image_spec(&self) -> Option<ImageSpec> {
+        self.images
+    }
+
     pub fn stop(&self) {
         let _ = self.commands.send(Command::Stop);
     }
@@ -150,6 +163,8 @@ struct Sequence {
     tokens: Vec<u32>,
     prompt_len: usize,
     blocks: SeqBlocks,
+    /// The prompt's images, until the sequence finishes (a preempted one encodes them again).
+    images: Option<SequenceImages>,
     sampler: Sampler,
     events: UnboundedSender<Event>,
     arrival: u64,
@@ -173,9 +188,11 @@ impl Sequence {
     }
 }
 
-/// Starts the engine thread. `experts` and `model` move into it.
+/// Starts the engine thread. `model`, `vision` (the vision tower of a multimodal checkpoint) and
+/// `experts` move into it.
 pub fn start<E: ExpertBackend + 'static>(
     model: TextModel,
+    vision: Option<Vision>,
     experts: E,
     pool: KvPool,
     config: EngineConfig,
@@ -187,12 +204,14 @@ pub fn start<E: ExpertBackend + 'static>(
         load: load.clone(),
         max_model_len: config.max_model_len,
         vocab: model.config().vocab_size,
+        images: vision.as_ref().map(|v| v.spec),
     };
     std::thread::Builder::new()
         .name("epserve-engine".into())
         .spawn(move || {
             let mut engine = Engine {
                 model,
+                vision,
                 experts,
                 pool,
                 config,
@@ -213,6 +232,7 @@ pub fn start<E: ExpertBackend + 'static>(
 
 struct Engine<E> {
     model: TextModel,
+    vision: Option<Vision>,
     experts: E,
     pool: KvPool,
     config: EngineConfig,
@@ -250,7 +270,7 @@ impl<E: ExpertBackend> Engine<E> {
             let mut next = first;
             while let Some(command) = next.take() {
                 match command {
-                    Command::Submit(request, events) => self.admit(request, events),
+                    Command::Submit(request, positions, events) => self.admit(request, positions, events),
                     Command::Cancel(id) => self.cancel(&id),
                     Command::Stop => return,
                 }
@@ -261,7 +281,7 @@ impl<E: ExpertBackend> Engine<E> {
         }
     }
 
-    fn admit(&mut self, request: Request, events: UnboundedSender<Event>) {
+    fn admit(&mut self, request: Request, positions: Vec<u32>, events: UnboundedSender<Event>) {
         let max_len = (request.prompt.len() + request.sampling.max_tokens as usize).min(self.config.max_model_len);
         let needed = self.pool.blocks_for_sequence(max_len);
         if needed > self.pool.total_blocks() {
@@ -279,11 +299,13 @@ impl<E: ExpertBackend> Engine<E> {
         }
         self.arrivals += 1;
         let sampler = Sampler::new(request.sampling, &request.prompt);
+        let tokens_per_tile = self.vision.as_ref().map_or(0, |v| v.spec.tokens_per_tile);
         let seq = Sequence {
             id: request.id,
             prompt_len: request.prompt.len(),
             tokens: request.prompt,
             blocks: SeqBlocks::default(),
+            images: SequenceImages::new(request.images, positions, tokens_per_tile),
             sampler,
             events,
             arrival: self.arrivals,
@@ -328,18 +350,25 @@ impl<E: ExpertBackend> Engine<E> {
             return;
         }
         let started = Instant::now();
-        let result = {
+        let result = self.encode_images(&plan).and_then(|()| {
             let pool = &self.pool;
             let mut views: Vec<_> = Vec::with_capacity(plan.len());
             for seq in self.running.iter_mut() {
                 if let Some(&(_, n)) = plan.iter().find(|(id, _)| *id == seq.arrival) {
                     let from = seq.blocks.len();
-                    views.push((pool.view(&mut seq.blocks), from, n, &seq.tokens));
+                    let images = match &seq.images {
+                        Some(images) => images.rows(from..from + n)?,
+                        None => None,
+                    };
+                    views.push((pool.view(&mut seq.blocks), from, n, &seq.tokens, images));
                 }
             }
-            let mut kvs: Vec<_> = views.into_iter().collect();
-            let mut steps: Vec<SequenceStep<'_>> =
-                kvs.iter_mut().map(|(kv, from, n, tokens)| SequenceStep::new(&tokens[*from..*from + *n], kv)).collect();
+            let mut steps: Vec<SequenceStep<'_>> = views
+                .iter_mut()
+                .map(|(kv, from, n, tokens, images)| {
+                    SequenceStep::new(&tokens[*from..*from + *n], kv).with_images(images.take())
+                })
+                .collect();
             let logits = crate::overlap::forward_step(
                 &self.model,
                 &mut steps,
@@ -349,7 +378,7 @@ impl<E: ExpertBackend> Engine<E> {
                 None,
             );
             logits.and_then(|l| Ok(l.to_vec2::<f32>()?))
-        };
+        });
         self.steps += 1;
         let batch_tokens: usize = plan.iter().map(|p| p.1).sum();
         metrics::histogram!(m::ENGINE_STEP_SECONDS).record(started.elapsed().as_secs_f64());
@@ -407,6 +436,9 @@ impl<E: ExpertBackend> Engine<E> {
             let Some(&(_, n)) = plan.iter().find(|(id, _)| *id == seq.arrival) else { continue };
             let logits = &rows[row];
             row += 1;
+            if let Some(images) = &mut seq.images {
+                images.release_before(seq.blocks.len());
+            }
             // Tokens of a prompt (or of a recomputed sequence) count as prefill; one new token as decode.
             let decode = n == 1 && seq.generated() > 0 && seq.pending() == 0;
             let counter = if decode { m::ENGINE_DECODE_TOKENS_TOTAL } else { m::ENGINE_PREFILL_TOKENS_TOTAL };
@@ -465,8 +497,8 @@ impl<E: ExpertBackend> Engine<E> {
                 continue;
             }
             if self.reserve_or_preempt(i, n) {
+                budget = budget.saturating_sub(n + self.encoding_cost(&self.running[i], n));
                 plan.push((self.running[i].arrival, n));
-                budget -= n;
                 i += 1;
             }
             // Otherwise sequence i (the youngest) was preempted itself; the loop ends at len.
@@ -480,10 +512,49 @@ impl<E: ExpertBackend> Engine<E> {
             }
             let Some(seq) = self.waiting.pop_front() else { break };
             plan.push((seq.arrival, n));
-            budget -= n;
+            budget = budget.saturating_sub(n + self.encoding_cost(&seq, n));
             self.running.push(seq);
         }
         plan
+    }
+
+    /// The budget the vision encoder takes when `seq` computes its next `n` tokens: the tiles of
+    /// the images whose placeholders those tokens reach first, each at its cost in text tokens.
+    fn encoding_cost(&self, seq: &Sequence, n: usize) -> usize {
+        match (&seq.images, &self.vision) {
+            (Some(images), Some(vision)) => {
+                let from = seq.blocks.len();
+                images.tiles_missing(from..from + n) * vision.spec.tile_cost_tokens
+            }
+            _ => 0,
+        }
+    }
+
+    /// Encodes, in one batch, every image that this step's chunks reach and that has no features.
+    fn encode_images(&mut self, plan: &[(u64, usize)]) -> epserve_model::Result<()> {
+        let Some(vision) = &self.vision else { return Ok(()) };
+        let mut wanted = Vec::new();
+        for (s, seq) in self.running.iter().enumerate() {
+            let (Some(images), Some(&(_, n))) = (&seq.images, plan.iter().find(|(id, _)| *id == seq.arrival)) else {
+                continue;
+            };
+            let from = seq.blocks.len();
+            wanted.extend(images.missing(from..from + n).into_iter().map(|i| (s, i)));
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let tiles: Vec<&Tiles> = wanted
+            .iter()
+            .filter_map(|&(s, i)| self.running[s].images.as_ref().map(|images| images.tiles(i)))
+            .collect();
+        let features = vision.encode(&tiles)?;
+        for ((s, i), f) in wanted.into_iter().zip(features) {
+            if let Some(images) = &mut self.running[s].images {
+                images.set_features(i, f);
+            }
+        }
+        Ok(())
     }
 
     /// Reserves `n` tokens for running sequence `i`, preempting the youngest running sequences

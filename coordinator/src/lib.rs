@@ -11,6 +11,7 @@
 
 pub mod engine;
 pub mod errors;
+pub mod images;
 pub mod kv_pool;
 pub mod loading;
 pub mod overlap;
@@ -21,6 +22,7 @@ pub mod server;
 pub mod transport;
 
 pub use errors::TransportError;
+pub use images::{ImageSpec, Vision};
 pub use loading::{LoadConfig, LoadError, LoadedModel, StandaloneModel, load_model};
 pub use run::{CoordinatorConfig, EngineSizing, ReadyCoordinator, RunError, run, start};
 pub use transport::{ExpertTransport, GrpcConfig, GrpcExperts};

@@ -9,11 +9,14 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use epserve_control::{ControlConnection, Kind};
 use epserve_model::generation_config::eos_token_ids;
+use epserve_imaging::{ProcessorConfig, Tiles};
 use epserve_model::{
-    Checkpoint, ExpertShard, LoadProgress, LogitsFor, ModelConfig, RoutingTrace, SequenceStep, TextModel, WeightStorage,
+    Checkpoint, ExpertShard, LoadProgress, LogitsFor, ModelConfig, RoutingTrace, SequenceStep, TextModel, VisionModel,
+    WeightStorage,
 };
 
 use crate::errors::TransportError;
+use crate::images::{ImageSpec, Vision};
 use crate::transport::{ExpertTransport, GrpcConfig, GrpcExperts};
 
 /// What to load and where the routed experts run.
@@ -66,6 +69,14 @@ pub enum LoadError {
     Runtime(#[source] std::io::Error),
     #[error("the loading task failed")]
     Task(#[from] tokio::task::JoinError),
+    #[error("reading the image processor settings in {}", dir.display())]
+    Processor {
+        dir: PathBuf,
+        #[source]
+        source: epserve_imaging::ImageError,
+    },
+    #[error("config.json has a vision_config but no image_token_index: the vision tower cannot be used")]
+    NoImageToken,
 }
 
 /// A loaded model and its routed experts, ready to be stepped.
@@ -75,6 +86,8 @@ pub struct LoadedModel {
     /// Where generation stops: `generation_config.json`'s EOS ids, else `config.json`'s.
     pub eos_token_ids: Vec<u32>,
     pub model: TextModel,
+    /// The vision tower, for a multimodal checkpoint.
+    pub vision: Option<Vision>,
     pub experts: ExpertTransport,
 }
 
@@ -91,7 +104,8 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig, LoadError> {
 pub async fn load_model(config: &LoadConfig, control: Option<&ControlConnection>) -> Result<LoadedModel, LoadError> {
     let remote = !config.grpc.workers.is_empty() || control.is_some();
     let load = config.clone();
-    let (model_config, model, shard) = tokio::task::spawn_blocking(move || load_weights(&load, !remote)).await??;
+    let (model_config, model, vision, shard) =
+        tokio::task::spawn_blocking(move || load_weights(&load, !remote)).await??;
     let experts = match shard {
         Some(shard) => ExpertTransport::Local(shard),
         None => {
@@ -117,15 +131,14 @@ pub async fn load_model(config: &LoadConfig, control: Option<&ControlConnection>
     };
     let eos_token_ids = eos_token_ids(&config.dir, &model_config.text)
         .map_err(|source| LoadError::Config { path: config.dir.join("generation_config.json"), source })?;
-    Ok(LoadedModel { config: model_config, eos_token_ids, model, experts })
+    Ok(LoadedModel { config: model_config, eos_token_ids, model, vision, experts })
 }
 
-/// Reads the config and the non-expert weights, and every routed expert when `local_experts`.
-/// Blocking.
-fn load_weights(
-    config: &LoadConfig,
-    local_experts: bool,
-) -> Result<(ModelConfig, TextModel, Option<ExpertShard>), LoadError> {
+type LoadedWeights = (ModelConfig, TextModel, Option<Vision>, Option<ExpertShard>);
+
+/// Reads the config and the non-expert weights (the vision tower's too), and every routed expert
+/// when `local_experts`. Blocking.
+fn load_weights(config: &LoadConfig, local_experts: bool) -> Result<LoadedWeights, LoadError> {
     let model_config = read_config(&config.dir)?;
     let weights = |source| LoadError::Weights { dir: config.dir.clone(), source };
     let ckpt = Checkpoint::open(&config.dir).map_err(weights)?;
@@ -138,6 +151,7 @@ fn load_weights(
         "weight matrices: {:.1} MiB resident (weight storage {storage:?}, compute {dtype:?})",
         model.matrix_bytes() as f64 / 1048576.0,
     );
+    let vision = load_vision(config, &model_config, &ckpt)?;
     let shard = if local_experts {
         let all: Vec<u32> = (0..model_config.text.num_local_experts as u32).collect();
         let shard = ExpertShard::load(&model_config, &ckpt, &all, dtype, storage, &device, &mut || progress.tick())
@@ -148,7 +162,30 @@ fn load_weights(
         None
     };
     progress.finish();
-    Ok((model_config, model, shard))
+    Ok((model_config, model, vision, shard))
+}
+
+/// The vision tower and the image processor settings of a multimodal checkpoint; `None` for text.
+fn load_vision(config: &LoadConfig, model_config: &ModelConfig, ckpt: &Checkpoint) -> Result<Option<Vision>, LoadError> {
+    let weights = |source| LoadError::Weights { dir: config.dir.clone(), source };
+    let Some(model) = VisionModel::load(model_config, ckpt, config.dtype, config.weight_storage, &Device::Cpu)
+        .map_err(weights)?
+    else {
+        return Ok(None);
+    };
+    let (Some(vision_config), Some(image_token)) = (&model_config.vision, model_config.image_token_index) else {
+        return Err(LoadError::NoImageToken);
+    };
+    let processor = ProcessorConfig::from_checkpoint(&config.dir)
+        .map_err(|source| LoadError::Processor { dir: config.dir.clone(), source })?;
+    tracing::info!(
+        "vision tower: {} layers, {}×{} tiles, {} features per tile",
+        vision_config.num_hidden_layers,
+        vision_config.image_size,
+        vision_config.image_size,
+        model.tokens_per_tile()
+    );
+    Ok(Some(Vision::new(model, processor, &model_config.text, vision_config, image_token)))
 }
 
 /// A model and its experts stepped directly, one forward pass at a time, without the engine's
@@ -158,6 +195,8 @@ fn load_weights(
 pub struct StandaloneModel {
     pub config: ModelConfig,
     pub model: TextModel,
+    /// The vision tower, for a multimodal checkpoint.
+    pub vision: Option<Vision>,
     pub experts: ExpertTransport,
     /// Split steps into two overlapped micro-batches.
     pub overlap: bool,
@@ -175,8 +214,22 @@ impl StandaloneModel {
             .enable_all()
             .build()
             .map_err(LoadError::Runtime)?;
-        let LoadedModel { config, model, experts, .. } = runtime.block_on(load_model(config, None))?;
-        Ok(StandaloneModel { config, model, experts, overlap, _runtime: runtime })
+        let LoadedModel { config, model, vision, experts, .. } = runtime.block_on(load_model(config, None))?;
+        Ok(StandaloneModel { config, model, vision, experts, overlap, _runtime: runtime })
+    }
+
+    /// The placeholder positions of `prompt` and the features of `images` that fill them, in one
+    /// batch, for a first step that holds the whole prompt. `None` without images.
+    pub fn image_features(&self, prompt: &[u32], images: &[Tiles]) -> Result<Option<(Vec<u32>, Tensor)>, String> {
+        if images.is_empty() {
+            return Ok(None);
+        }
+        let spec = self.vision.as_ref().map(|v| v.spec);
+        let positions = ImageSpec::placeholders(spec.as_ref(), prompt, images)?;
+        let vision = self.vision.as_ref().ok_or("this model has no vision tower")?;
+        let features = vision.encode(&images.iter().collect::<Vec<_>>()).map_err(|e| e.to_string())?;
+        let features = Tensor::cat(&features, 0).map_err(|e| e.to_string())?;
+        Ok(Some((positions, features)))
     }
 
     pub fn step(&self, seqs: &mut [SequenceStep<'_>], which: LogitsFor) -> epserve_model::Result<Tensor> {

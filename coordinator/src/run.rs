@@ -138,7 +138,7 @@ impl ReadyCoordinator {
 /// Creates the KV pool and starts the engine thread with `loaded`. The longest sequence is the
 /// smallest of the asked length, the model's limit and what the KV cache holds.
 pub fn start_engine(loaded: LoadedModel, sizing: &EngineSizing, overlap: bool) -> Result<EngineHandle, RunError> {
-    let LoadedModel { config, eos_token_ids, model, experts } = loaded;
+    let LoadedModel { config, eos_token_ids, model, vision, experts } = loaded;
     let pool = KvPool::new(&config.text, sizing.kv_capacity, sizing.kv_block_size, model.dtype(), &Device::Cpu)
         .map_err(RunError::KvCache)?;
     let model_limit = config.text.max_position_embeddings;
@@ -152,6 +152,7 @@ pub fn start_engine(loaded: LoadedModel, sizing: &EngineSizing, overlap: bool) -
     );
     Ok(engine::start(
         model,
+        vision,
         experts,
         pool,
         EngineConfig {

@@ -8,6 +8,7 @@ use epserve_proto::v1::coordinator_service_server::{CoordinatorService, Coordina
 use epserve_proto::v1::{
     self as pb, GenerateRequest, HealthRequest, HealthResponse, LoadRequest, LoadResponse, TokenEvent,
 };
+use epserve_imaging::Tiles;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
@@ -47,6 +48,18 @@ fn sampling_from_proto(p: Option<pb::SamplingParams>) -> Result<SamplingParams, 
     })
 }
 
+/// The request's images as tiles, each checked for a length that matches its grid.
+fn images_from_proto(images: Vec<pb::ImageTiles>) -> Result<Vec<Tiles>, Status> {
+    images
+        .into_iter()
+        .enumerate()
+        .map(|(i, im)| {
+            Tiles::from_parts(im.rows as usize, im.cols as usize, im.tile_size as usize, im.pixels.into())
+                .map_err(|e| Status::invalid_argument(format!("images[{i}]: {e}")))
+        })
+        .collect()
+}
+
 fn to_event(event: Event) -> TokenEvent {
     match event {
         Event::Token(s) => TokenEvent {
@@ -83,8 +96,14 @@ impl CoordinatorService for Coordinator {
         let _entered = span.enter();
         let sampling = sampling_from_proto(r.sampling)?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let request =
-            crate::engine::Request { id: r.request_id, prompt: r.prompt_tokens, sampling, priority: r.priority };
+        let images = images_from_proto(r.images)?;
+        let request = crate::engine::Request {
+            id: r.request_id,
+            prompt: r.prompt_tokens,
+            sampling,
+            priority: r.priority,
+            images,
+        };
         self.engine.submit(request, tx).map_err(|e| match e {
             SubmitError::Invalid(m) => Status::invalid_argument(m),
             e @ SubmitError::TooLong { .. } => Status::invalid_argument(e.to_string()),

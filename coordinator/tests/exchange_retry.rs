@@ -97,7 +97,7 @@ fn setup(hosted: &[u32], announced: &[u32], fail_first: u32) -> Setup {
         submits: submits.clone(),
         fail_first: AtomicU32::new(fail_first),
     };
-    let engine = engine::start(model, experts, pool, EngineConfig::new(1024, cfg.text.eos_token_ids.clone()));
+    let engine = engine::start(model, None, experts, pool, EngineConfig::new(1024, cfg.text.eos_token_ids.clone()));
     Setup { worker, submits, engine, _members: members, _placement: placement, _runtime: runtime }
 }
 
@@ -106,7 +106,7 @@ fn run(engine: &engine::EngineHandle) -> (Vec<u32>, FinishReason, Option<String>
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let prompt = vec![480, 12, 7, 301, 44, 95, 260, 8, 77];
     let sampling = SamplingParams { temperature: 0.0, max_tokens: 6, ignore_eos: true, ..Default::default() };
-    engine.submit(Request { id: "r".into(), prompt, sampling, priority: 0 }, tx).expect("queued");
+    engine.submit(Request { id: "r".into(), prompt, sampling, priority: 0, images: Vec::new() }, tx).expect("queued");
     let mut tokens = Vec::new();
     loop {
         match rx.blocking_recv().expect("the engine finishes every request") {

@@ -45,6 +45,10 @@ pub const KV_BLOCKS_TOTAL: &str = "epserve_kv_blocks_total";
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "epserve_time_to_first_token_seconds";
 /// Histogram, seconds: between consecutive tokens of a request.
 pub const INTER_TOKEN_LATENCY_SECONDS: &str = "epserve_inter_token_latency_seconds";
+/// Histogram: seconds the vision encoder took for one step's batch of tiles (coordinator).
+pub const VISION_ENCODE_SECONDS: &str = "epserve_vision_encode_seconds";
+/// Counter: image tiles encoded by the vision tower (coordinator; recomputed tiles count again).
+pub const VISION_TILES_TOTAL: &str = "epserve_vision_tiles_total";
 
 /// Counter, labels `route` (closed set), `status`: HTTP requests the gateway answered.
 pub const HTTP_REQUESTS_TOTAL: &str = "epserve_http_requests_total";

@@ -1,0 +1,257 @@
+//! Images on the coordinator: the vision tower, the check that a request's images fill its
+//! prompt's `<|patch|>` placeholders exactly, and the per-sequence state that turns tiles into the
+//! feature rows of each prefill chunk.
+//!
+//! An image is encoded when the first chunk that reaches one of its placeholders is scheduled
+//! (batched with every other image that step needs, across requests), and its features are dropped
+//! once the chunk holding its last placeholder has run: features live only while a prefill needs
+//! them. A preempted sequence recomputes from its first token, and its images are encoded again from
+//! their tiles, which stay with the request (uint8, a quarter of the bytes of the features' inputs).
+
+use std::ops::Range;
+
+use candle_core::{Device, Tensor};
+use epserve_imaging::{ProcessorConfig, Tiles};
+use epserve_model::config::{FeedForwardKind, TextConfig, VisionConfig};
+use epserve_model::{ImageRows, VisionModel};
+
+/// The vision tower and the image processor settings its tiles were cut with.
+#[derive(Debug)]
+pub struct Vision {
+    pub model: VisionModel,
+    pub processor: ProcessorConfig,
+    pub spec: ImageSpec,
+}
+
+/// What a request's images are checked against when it is submitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageSpec {
+    /// `<|patch|>`: the placeholder token whose embedding image features replace.
+    pub image_token: u32,
+    /// Side of a tile in pixels.
+    pub tile_size: usize,
+    /// Feature rows (and placeholders) per tile.
+    pub tokens_per_tile: usize,
+    /// What encoding one tile costs, in text tokens of a step's budget (see [`tile_cost_tokens`]).
+    pub tile_cost_tokens: usize,
+}
+
+impl ImageSpec {
+    /// The positions of `prompt`'s placeholders, after checking that `images` fill them exactly.
+    /// Without images a placeholder id in the prompt is an ordinary token.
+    pub fn placeholders(spec: Option<&ImageSpec>, prompt: &[u32], images: &[Tiles]) -> Result<Vec<u32>, String> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(spec) = spec else {
+            return Err("this model does not accept images (its checkpoint has no vision tower)".into());
+        };
+        for (i, tiles) in images.iter().enumerate() {
+            if tiles.tile_size != spec.tile_size {
+                return Err(format!(
+                    "image {i} has {0}×{0} tiles; this model's vision tower takes {1}×{1}",
+                    tiles.tile_size, spec.tile_size
+                ));
+            }
+        }
+        let positions: Vec<u32> =
+            prompt.iter().enumerate().filter(|&(_, &t)| t == spec.image_token).map(|(i, _)| i as u32).collect();
+        let tiles: usize = images.iter().map(Tiles::count).sum();
+        let expected = tiles * spec.tokens_per_tile;
+        if positions.len() != expected {
+            return Err(format!(
+                "the prompt has {} image placeholder tokens (id {}) but its {} image(s) have {tiles} tiles of {} \
+                 features each ({expected} placeholders expected)",
+                positions.len(),
+                spec.image_token,
+                images.len(),
+                spec.tokens_per_tile
+            ));
+        }
+        Ok(positions)
+    }
+}
+
+impl Vision {
+    /// The vision tower of a multimodal checkpoint, with its processor settings.
+    pub fn new(
+        model: VisionModel,
+        processor: ProcessorConfig,
+        text: &TextConfig,
+        vision: &VisionConfig,
+        image_token: u32,
+    ) -> Self {
+        let spec = ImageSpec {
+            image_token,
+            tile_size: vision.image_size,
+            tokens_per_tile: model.tokens_per_tile(),
+            tile_cost_tokens: tile_cost_tokens(text, vision),
+        };
+        Vision { model, processor, spec }
+    }
+
+    /// Features of every image in `images`, encoded in one batch: `[tiles · tokens_per_tile, hidden]`
+    /// per image, in order.
+    pub fn encode(&self, images: &[&Tiles]) -> epserve_model::Result<Vec<Tensor>> {
+        let tiles: usize = images.iter().map(|t| t.count()).sum();
+        if tiles == 0 {
+            return Ok(Vec::new());
+        }
+        let side = self.spec.tile_size;
+        let mut pixels = Vec::with_capacity(tiles * 3 * side * side);
+        for image in images {
+            pixels.extend(image.pixel_values(&self.processor));
+        }
+        let pixels = Tensor::from_vec(pixels, (tiles, 3, side, side), &Device::Cpu)?;
+        let started = std::time::Instant::now();
+        let features = self.model.forward(&pixels)?;
+        metrics::histogram!(epserve_proto::metric_names::VISION_ENCODE_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!(epserve_proto::metric_names::VISION_TILES_TOTAL).increment(tiles as u64);
+        let mut out = Vec::with_capacity(images.len());
+        let mut row = 0;
+        for image in images {
+            let rows = image.count() * self.spec.tokens_per_tile;
+            out.push(features.narrow(0, row, rows)?);
+            row += rows;
+        }
+        Ok(out)
+    }
+}
+
+/// What encoding one tile costs relative to one text token of a step, from the matrix sizes (two
+/// flops per weight per row): the vision blocks over the tile's patches and its CLS row, against the
+/// text model's attention and feed-forward matrices (routed experts at `top_k`) over all layers.
+/// At least 1. Scout: one 336×336 tile is about 28 text tokens' worth.
+pub fn tile_cost_tokens(text: &TextConfig, vision: &VisionConfig) -> usize {
+    let (h, i) = (vision.hidden_size as f64, vision.intermediate_size as f64);
+    let patches = (vision.image_size / vision.patch_size.max(1)).pow(2) as f64;
+    let vision_block = 4.0 * h * h + 2.0 * h * i;
+    let tile = (patches + 1.0) * vision.num_hidden_layers as f64 * vision_block + patches * h * 3.0 * 14.0 * 14.0;
+    let th = text.hidden_size as f64;
+    let attention = th * (text.num_attention_heads + 2 * text.num_key_value_heads) as f64 * text.head_dim as f64
+        + text.num_attention_heads as f64 * text.head_dim as f64 * th;
+    let token: f64 = text
+        .feed_forward
+        .iter()
+        .map(|kind| {
+            attention
+                + match kind {
+                    FeedForwardKind::Moe => {
+                        3.0 * th * text.intermediate_size as f64 * (text.num_experts_per_tok as f64 + 1.0)
+                    }
+                    FeedForwardKind::Dense => 3.0 * th * text.intermediate_size_mlp as f64,
+                }
+        })
+        .sum();
+    ((tile / token.max(1.0)).ceil() as usize).max(1)
+}
+
+/// A request's images and where their features go in its sequence.
+#[derive(Debug)]
+pub struct SequenceImages {
+    images: Vec<Image>,
+    /// Every placeholder position of the prompt, ascending.
+    positions: Vec<u32>,
+}
+
+#[derive(Debug)]
+struct Image {
+    tiles: Tiles,
+    /// Its placeholders, as a range of `positions`.
+    range: Range<usize>,
+    /// `[range.len(), hidden]` while a prefill needs them.
+    features: Option<Tensor>,
+}
+
+impl SequenceImages {
+    /// `positions` as [`ImageSpec::placeholders`] found them for these images. None without images.
+    pub fn new(images: Vec<Tiles>, positions: Vec<u32>, tokens_per_tile: usize) -> Option<Self> {
+        if images.is_empty() {
+            return None;
+        }
+        let mut start = 0;
+        let images = images
+            .into_iter()
+            .map(|tiles| {
+                let end = start + tiles.count() * tokens_per_tile;
+                let image = Image { tiles, range: start..end, features: None };
+                start = end;
+                image
+            })
+            .collect();
+        Some(SequenceImages { images, positions })
+    }
+
+    /// `positions` indices of the placeholders among sequence positions `span`.
+    fn in_span(&self, span: &Range<usize>) -> Range<usize> {
+        let lo = self.positions.partition_point(|&p| (p as usize) < span.start);
+        let hi = self.positions.partition_point(|&p| (p as usize) < span.end);
+        lo..hi
+    }
+
+    /// Images with placeholders among positions `span` and no features yet.
+    pub fn missing(&self, span: Range<usize>) -> Vec<usize> {
+        let wanted = self.in_span(&span);
+        self.images
+            .iter()
+            .enumerate()
+            .filter(|(_, im)| im.features.is_none() && im.range.start < wanted.end && wanted.start < im.range.end)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Tiles to encode before positions `span` can run.
+    pub fn tiles_missing(&self, span: Range<usize>) -> usize {
+        self.missing(span).into_iter().map(|i| self.images[i].tiles.count()).sum()
+    }
+
+    pub fn tiles(&self, image: usize) -> &Tiles {
+        &self.images[image].tiles
+    }
+
+    pub fn set_features(&mut self, image: usize, features: Tensor) {
+        self.images[image].features = Some(features);
+    }
+
+    /// The feature rows of positions `span`, whose images must have been encoded.
+    pub fn rows(&self, span: Range<usize>) -> epserve_model::Result<Option<ImageRows<'_>>> {
+        let wanted = self.in_span(&span);
+        if wanted.is_empty() {
+            return Ok(None);
+        }
+        let mut parts = Vec::new();
+        for (i, im) in self.images.iter().enumerate() {
+            let (lo, hi) = (im.range.start.max(wanted.start), im.range.end.min(wanted.end));
+            if lo >= hi {
+                continue;
+            }
+            let features = im.features.as_ref().ok_or_else(|| {
+                epserve_model::Error::Input(format!("image {i} was not encoded before its placeholders ran"))
+            })?;
+            parts.push(features.narrow(0, lo - im.range.start, hi - lo)?);
+        }
+        let features = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 0)? };
+        Ok(Some(ImageRows { positions: &self.positions[wanted], features }))
+    }
+
+    /// Drops the features of images whose placeholders all lie before position `computed` (in the
+    /// KV cache now).
+    pub fn release_before(&mut self, computed: usize) {
+        for im in &mut self.images {
+            let done = im.range.is_empty() || (self.positions[im.range.end - 1] as usize) < computed;
+            if done {
+                im.features = None;
+            }
+        }
+    }
+
+    /// Bytes the features held now take.
+    pub fn feature_bytes(&self) -> usize {
+        self.images
+            .iter()
+            .filter_map(|im| im.features.as_ref())
+            .map(|f| f.elem_count() * f.dtype().size_in_bytes())
+            .sum()
+    }
+}
