@@ -122,7 +122,7 @@ impl Vision {
 /// What encoding one tile costs relative to one text token of a step, from the matrix sizes (two
 /// flops per weight per row): the vision blocks over the tile's patches and its CLS row, against the
 /// text model's attention and feed-forward matrices (routed experts at `top_k`) over all layers.
-/// At least 1. Scout: one 336×336 tile is about 28 text tokens' worth.
+/// At least 1. Scout: one 336×336 tile is 31 text tokens' worth.
 pub fn tile_cost_tokens(text: &TextConfig, vision: &VisionConfig) -> usize {
     let (h, i) = (vision.hidden_size as f64, vision.intermediate_size as f64);
     let patches = (vision.image_size / vision.patch_size.max(1)).pow(2) as f64;
@@ -253,5 +253,67 @@ impl SequenceImages {
             .filter_map(|im| im.features.as_ref())
             .map(|f| f.elem_count() * f.dtype().size_in_bytes())
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::DType;
+    use epserve_model::ModelConfig;
+    use epserve_testkit::fixtures;
+
+    use super::*;
+
+    fn tiles(rows: usize, cols: usize) -> Tiles {
+        let count = rows * cols + usize::from(rows * cols > 1);
+        Tiles::from_parts(rows, cols, 2, vec![0; count * 3 * 4]).expect("tiles")
+    }
+
+    #[test]
+    fn a_scout_tile_costs_31_text_tokens() {
+        let cfg = ModelConfig::from_file(&fixtures::dir(fixtures::SCOUT_CONFIG).join("config.json")).expect("config");
+        assert_eq!(tile_cost_tokens(&cfg.text, cfg.vision.as_ref().expect("vision")), 31);
+    }
+
+    #[test]
+    fn placeholders_must_match_the_tiles() {
+        let spec = ImageSpec { image_token: 9, tile_size: 2, tokens_per_tile: 2, tile_cost_tokens: 1 };
+        let prompt = [1, 9, 9, 3, 9, 9, 9, 9, 9, 9, 9, 9, 4];
+        // A 1×1 image (1 tile) and a 1×2 image (2 tiles + global): 2 + 6 placeholders... one short.
+        let err = ImageSpec::placeholders(Some(&spec), &prompt, &[tiles(1, 1), tiles(1, 2)]).expect_err("10 vs 8");
+        assert!(err.contains("10 image placeholder") && err.contains("8 placeholders expected"), "{err}");
+        let positions = ImageSpec::placeholders(Some(&spec), &prompt[..11], &[tiles(1, 1), tiles(1, 2)]).expect("ok");
+        assert_eq!(positions, [1, 2, 4, 5, 6, 7, 8, 9, 10]);
+        // Without images a placeholder id is a token; images without a vision tower are refused.
+        assert_eq!(ImageSpec::placeholders(Some(&spec), &prompt, &[]).expect("text"), Vec::<u32>::new());
+        assert!(ImageSpec::placeholders(None, &prompt, &[tiles(1, 1)]).expect_err("no tower").contains("vision"));
+        let mut wrong = tiles(1, 1);
+        wrong.tile_size = 3;
+        assert!(ImageSpec::placeholders(Some(&spec), &prompt, &[wrong]).expect_err("side").contains("3×3"));
+    }
+
+    #[test]
+    fn chunks_take_the_rows_they_cover_and_release_them_after() {
+        // Two images: 2 placeholders at positions 1, 2 and 6 at positions 4..10.
+        let positions = vec![1, 2, 4, 5, 6, 7, 8, 9];
+        let mut images = SequenceImages::new(vec![tiles(1, 1), tiles(1, 2)], positions, 2).expect("images");
+        assert_eq!(images.missing(0..3), [0]);
+        assert_eq!(images.missing(0..5), [0, 1]);
+        assert_eq!(images.tiles_missing(3..12), 3);
+        assert!(images.missing(10..20).is_empty());
+        for (i, rows) in [(0, 2), (1, 6)] {
+            let f: Vec<f32> = (0..rows * 2).map(|k| (i * 100 + k) as f32).collect();
+            images.set_features(i, Tensor::from_vec(f, (rows, 2), &Device::Cpu).expect("tensor"));
+        }
+        // A chunk over positions 2..6 takes the second row of image 0 and the first two of image 1.
+        let rows = images.rows(2..6).expect("rows").expect("some");
+        assert_eq!(rows.positions, [2, 4, 5]);
+        assert_eq!(rows.features.to_vec2::<f32>().expect("vec"), [[2.0, 3.0], [100.0, 101.0], [102.0, 103.0]]);
+        assert!(images.rows(10..12).expect("rows").is_none());
+        images.release_before(6);
+        assert_eq!(images.missing(0..20), [0], "image 0 is in the cache, image 1 still needed");
+        assert_eq!(images.feature_bytes(), 6 * 2 * DType::F32.size_in_bytes());
+        let err = images.rows(0..3).expect_err("released");
+        assert!(err.to_string().contains("not encoded"), "{err}");
     }
 }
