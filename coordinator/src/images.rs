@@ -282,8 +282,8 @@ mod tests {
         // A 1×1 image (1 tile) and a 1×2 image (2 tiles + global): 2 + 6 placeholders... one short.
         let err = ImageSpec::placeholders(Some(&spec), &prompt, &[tiles(1, 1), tiles(1, 2)]).expect_err("10 vs 8");
         assert!(err.contains("10 image placeholder") && err.contains("8 placeholders expected"), "{err}");
-        let positions = ImageSpec::placeholders(Some(&spec), &prompt[..11], &[tiles(1, 1), tiles(1, 2)]).expect("ok");
-        assert_eq!(positions, [1, 2, 4, 5, 6, 7, 8, 9, 10]);
+        let positions = ImageSpec::placeholders(Some(&spec), &prompt[..10], &[tiles(1, 1), tiles(1, 2)]).expect("ok");
+        assert_eq!(positions, [1, 2, 4, 5, 6, 7, 8, 9]);
         // Without images a placeholder id is a token; images without a vision tower are refused.
         assert_eq!(ImageSpec::placeholders(Some(&spec), &prompt, &[]).expect("text"), Vec::<u32>::new());
         assert!(ImageSpec::placeholders(None, &prompt, &[tiles(1, 1)]).expect_err("no tower").contains("vision"));
