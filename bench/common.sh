@@ -9,10 +9,15 @@ MODELS="${EPSERVE_BENCH_MODELS:-$root/target/bench-models}"
 export EPSERVE_LOG="${EPSERVE_LOG:-warn}"
 WORKER_PIDS=()
 
-# ensure_model PRESET: prints the checkpoint directory, generating it once (seed 0).
+# ensure_model PRESET: prints the checkpoint directory, generating it once (seed 0). One cached before
+# the presets had a vision tower is written again: the same text weights, now with the tower.
 ensure_model() {
   local dir="$MODELS/$1"
-  [ -f "$dir/config.json" ] || "$EPSERVE" gen-model --preset "$1" --seed 0 --out "$dir" >&2
+  if [ ! -f "$dir/config.json" ]; then
+    "$EPSERVE" gen-model --preset "$1" --seed 0 --out "$dir" >&2
+  elif [ ! -f "$dir/preprocessor_config.json" ]; then
+    "$EPSERVE" gen-model --preset "$1" --seed 0 --out "$dir" --force >&2
+  fi
   echo "$dir"
 }
 

@@ -39,6 +39,7 @@ fn commands_accept_a_gen_model_checkpoint() {
     run_ok(&["gen-model", "--preset", "tiny", "--seed", "5", "--out", out, "--shard-mib", "1"]);
     for file in [
         "config.json",
+        "preprocessor_config.json",
         "model.safetensors.index.json",
         "tokenizer.json",
         "tokenizer_config.json",
@@ -62,6 +63,18 @@ fn commands_accept_a_gen_model_checkpoint() {
     let logits_again =
         run_json(&["logits", "--model", again.path().to_str().expect("utf-8"), "--tokens", "480,100,200", "--last"]);
     assert!(logits == logits_again, "a sharded and a single-file copy of the same seed agree");
+    // The text-only checkpoint of that seed is the same text model.
+    let text_only = tempfile::tempdir().expect("tempdir");
+    let text_only = text_only.path().to_str().expect("utf-8");
+    run_ok(&["gen-model", "--preset", "tiny", "--seed", "5", "--out", text_only, "--no-vision"]);
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(std::path::Path::new(text_only).join("config.json")).expect("config.json"),
+    )
+    .expect("json");
+    assert_eq!(config["architectures"], serde_json::json!(["Llama4ForCausalLM"]));
+    assert!(!std::path::Path::new(text_only).join("preprocessor_config.json").exists());
+    let logits_text_only = run_json(&["logits", "--model", text_only, "--tokens", "480,100,200", "--last"]);
+    assert!(logits == logits_text_only, "--no-vision holds the same text model");
 }
 
 /// `decode-bench` counts the weight bytes a step reads — every matrix once, plus one copy of each

@@ -1,10 +1,11 @@
 //! `epserve gen-model`: a random-weight Llama-4 checkpoint in hub layout, for demos, tests and
-//! benchmarks (written by `epserve-synthetic`).
+//! benchmarks (written by `epserve-synthetic`): multimodal with the preset's vision tower, or text
+//! only with `--no-vision`.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
-use epserve_synthetic::{Preset, StoredDtype};
+use epserve_synthetic::{CheckpointOptions, Preset, StoredDtype};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StoredDtypeArg {
@@ -62,11 +63,20 @@ pub struct GenModelArgs {
     /// Split the weights into shards of about this many MiB, with model.safetensors.index.json.
     #[arg(long)]
     pub shard_mib: Option<usize>,
+    /// Write a text-only `Llama4ForCausalLM` checkpoint (no vision tower, no
+    /// preprocessor_config.json) with the same text weights as the multimodal one.
+    #[arg(long)]
+    pub no_vision: bool,
 }
 
 pub fn run(args: GenModelArgs) -> Result<()> {
-    let (preset, dtype) = (args.preset.into(), args.dtype.into());
-    epserve_synthetic::write_checkpoint(preset, args.seed, &args.out, dtype, args.force, args.shard_mib)?;
+    let options = CheckpointOptions {
+        dtype: args.dtype.into(),
+        vision: !args.no_vision,
+        force: args.force,
+        shard_mib: args.shard_mib,
+    };
+    epserve_synthetic::write_checkpoint(args.preset.into(), args.seed, &args.out, &options)?;
     println!("{}", args.out.display());
     Ok(())
 }

@@ -123,17 +123,18 @@ impl Drop for ComponentProcesses {
 
 fn demo_model(cache: &Path) -> Result<PathBuf> {
     let dir = cache.join("mini");
-    if !dir.join("config.json").exists() {
+    let exists = dir.join("config.json").exists();
+    if !exists {
         tracing::info!("creating the demo checkpoint (random weights, `mini` shape) in {}", dir.display());
-        epserve_synthetic::write_checkpoint(
-            epserve_synthetic::Preset::Mini,
-            0,
-            &dir,
-            epserve_synthetic::StoredDtype::Bf16,
-            false,
-            None,
-        )?;
+    } else if !dir.join("preprocessor_config.json").exists() {
+        // Cached before the presets had a vision tower: the same seed gives the same text weights,
+        // now with the tower, so that the demo accepts images.
+        tracing::info!("adding the vision tower to the demo checkpoint in {} (same text weights)", dir.display());
+    } else {
+        return Ok(dir);
     }
+    let options = epserve_synthetic::CheckpointOptions { force: exists, ..Default::default() };
+    epserve_synthetic::write_checkpoint(epserve_synthetic::Preset::Mini, 0, &dir, &options)?;
     Ok(dir)
 }
 

@@ -1,6 +1,10 @@
 //! A whole random-weight checkpoint in hub layout: `config.json`, safetensors (optionally sharded,
 //! with `model.safetensors.index.json`), `tokenizer.json`, `tokenizer_config.json` with the Llama-4
-//! chat template, and `generation_config.json`.
+//! chat template, `generation_config.json`, and for the vision tower `preprocessor_config.json`.
+//!
+//! By default the checkpoint is what the hub ships, `Llama4ForConditionalGeneration` with its
+//! vision tower; without it ([`CheckpointOptions::vision`] false) it is what a text-only
+//! `Llama4ForCausalLM.save_pretrained` writes. Both hold the same text weights for one seed.
 
 use std::path::Path;
 
@@ -10,11 +14,14 @@ use epserve_model::{ModelConfig, WeightSource};
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::preset::{NAMED_SPECIAL_TOKENS, Preset, text_tensor_specs};
+use crate::preset::{NAMED_SPECIAL_TOKENS, Preset, special_id, text_tensor_specs, vision_tensor_specs};
 use crate::tokenizer;
 use crate::weights::RandomWeights;
 
 const CHAT_TEMPLATE: &str = include_str!("../assets/llama4_chat_template.jinja");
+
+/// The image processor's settings, where transformers' `AutoImageProcessor` looks for them.
+const PREPROCESSOR_CONFIG: &str = "preprocessor_config.json";
 
 /// The dtype the weights are written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,18 +30,29 @@ pub enum StoredDtype {
     F32,
 }
 
+/// How [`write_checkpoint`] writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointOptions {
+    pub dtype: StoredDtype,
+    /// `Llama4ForConditionalGeneration` with the preset's vision tower and `preprocessor_config.json`
+    /// (true), or a text-only `Llama4ForCausalLM` (false).
+    pub vision: bool,
+    /// Overwrite a checkpoint already in the output directory.
+    pub force: bool,
+    /// Split the weights into shards of about this many MiB, with `model.safetensors.index.json`.
+    pub shard_mib: Option<usize>,
+}
+
+impl Default for CheckpointOptions {
+    fn default() -> Self {
+        CheckpointOptions { dtype: StoredDtype::Bf16, vision: true, force: false, shard_mib: None }
+    }
+}
+
 /// Writes a `preset`-shaped checkpoint with weights from `seed` into `out` (created). An existing
-/// checkpoint there is an error unless `force`; `shard_mib` splits the weights into shards of about
-/// that many MiB.
-pub fn write_checkpoint(
-    preset: Preset,
-    seed: u64,
-    out: &Path,
-    dtype: StoredDtype,
-    force: bool,
-    shard_mib: Option<usize>,
-) -> Result<()> {
-    if out.join("config.json").exists() && !force {
+/// checkpoint there is an error unless `options.force`.
+pub fn write_checkpoint(preset: Preset, seed: u64, out: &Path, options: &CheckpointOptions) -> Result<()> {
+    if out.join("config.json").exists() && !options.force {
         return Err(Error::AlreadyExists(out.to_path_buf()));
     }
     std::fs::create_dir_all(out).map_err(Error::io(out))?;
@@ -43,19 +61,25 @@ pub fn write_checkpoint(
         Preset::Mini => (1500, preset.vocab_size()),
     };
     let tokenizer = tokenizer::build(vocab, max_merges);
-    let config_json = preset.config_json(tokenizer.first_special);
+    let config_json = if options.vision {
+        preset.config_json(tokenizer.first_special)
+    } else {
+        preset.text_only_config_json(tokenizer.first_special)
+    };
     let config = ModelConfig::from_json(&config_json)?;
-    let special =
-        |name: &str| tokenizer.first_special + NAMED_SPECIAL_TOKENS.iter().position(|t| *t == name).unwrap_or(0) as u32;
+    let special = special_id(tokenizer.first_special);
 
     let first_reserved = (tokenizer.first_special as usize + NAMED_SPECIAL_TOKENS.len()).min(vocab);
     let source = RandomWeights::new(seed);
-    let dtype = match dtype {
+    let dtype = match options.dtype {
         StoredDtype::Bf16 => DType::BF16,
         StoredDtype::F32 => DType::F32,
     };
+    // The text tensors first, then the vision tower's: each is drawn from its own stream (seeded by
+    // its key), so the order changes no number; it keeps the text tensors' shard layout as it was.
     let tensors = text_tensor_specs(&config)
         .into_iter()
+        .chain(vision_tensor_specs(&config))
         .map(|(key, shape)| {
             let mut t = source.tensor(&key, &shape, dtype, &Device::Cpu)?;
             if key == config.architecture.lm_head_key() {
@@ -68,11 +92,12 @@ pub fn write_checkpoint(
     for entry in std::fs::read_dir(out).map_err(Error::io(out))? {
         let path = entry.map_err(Error::io(out))?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if name.ends_with(".safetensors") || name == "model.safetensors.index.json" {
+        // Also an image processor config (written again below when this checkpoint has a vision tower).
+        if name.ends_with(".safetensors") || name == "model.safetensors.index.json" || name == PREPROCESSOR_CONFIG {
             std::fs::remove_file(&path).map_err(Error::io(&path))?;
         }
     }
-    write_safetensors(out, &tensors, shard_mib.map(|m| m * 1024 * 1024))?;
+    write_safetensors(out, &tensors, options.shard_mib.map(|m| m * 1024 * 1024))?;
 
     let write_json = |name: &str, value: &serde_json::Value| -> Result<()> {
         let path = out.join(name);
@@ -80,6 +105,9 @@ pub fn write_checkpoint(
         std::fs::write(&path, text).map_err(Error::io(&path))
     };
     write_json("config.json", &config_json)?;
+    if options.vision {
+        write_json(PREPROCESSOR_CONFIG, &preset.preprocessor_config_json())?;
+    }
     write_json("tokenizer.json", &tokenizer.json)?;
     write_json(
         "tokenizer_config.json",
@@ -101,7 +129,8 @@ pub fn write_checkpoint(
             "pad_token_id": special("<|finetune_right_pad|>"),
         }),
     )?;
-    tracing::info!("wrote a {preset:?} checkpoint (seed {seed}) to {}", out.display());
+    let tower = if options.vision { "with its vision tower" } else { "text only" };
+    tracing::info!("wrote a {preset:?} checkpoint ({tower}, seed {seed}) to {}", out.display());
     Ok(())
 }
 
