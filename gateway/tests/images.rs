@@ -174,8 +174,8 @@ async fn typed_image_markers_are_text_not_images() {
     assert!(gw.received().iter().all(|r| r.prompt_tokens.iter().filter(|&&t| t == PATCH).count() % 4 == 0));
 }
 
-/// A PNG whose header claims `width × height` (valid signature and IHDR checksum, no pixel data):
-/// a decompression bomb's header.
+/// A PNG whose header claims `width × height` (valid chunks and checksums, a few bytes of image
+/// data): a decompression bomb's header.
 fn png_header(width: u32, height: u32) -> Vec<u8> {
     fn crc32(bytes: &[u8]) -> u32 {
         let mut crc = !0u32;
@@ -187,15 +187,19 @@ fn png_header(width: u32, height: u32) -> Vec<u8> {
         }
         !crc
     }
-    let mut ihdr = b"IHDR".to_vec();
-    ihdr.extend(width.to_be_bytes());
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        png.extend((data.len() as u32).to_be_bytes());
+        let typed: Vec<u8> = kind.iter().chain(data).copied().collect();
+        png.extend(&typed);
+        png.extend(crc32(&typed).to_be_bytes());
+    };
+    let mut ihdr = width.to_be_bytes().to_vec();
     ihdr.extend(height.to_be_bytes());
     ihdr.extend([8, 2, 0, 0, 0]); // 8-bit RGB
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    png.extend(13u32.to_be_bytes());
-    png.extend(&ihdr);
-    png.extend(crc32(&ihdr).to_be_bytes());
-    png.extend([0; 64]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    chunk(b"IEND", &[]);
     png
 }
 
