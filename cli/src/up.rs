@@ -43,6 +43,8 @@ pub struct UpArgs {
     /// cluster survives losing a worker without reloading anything.
     #[arg(long, default_value_t = 1, env = "EPSERVE_UP_REPLICAS")]
     pub replicas: usize,
+    #[command(flatten)]
+    pub images: crate::gateway::ImageArgs,
     // With `--registry`, every component registers in the control plane instead of being wired with
     // static addresses; the three flags are passed on to each.
     #[command(flatten)]
@@ -157,6 +159,8 @@ pub fn run(args: UpArgs) -> Result<()> {
     if args.replicas == 0 || (args.workers > 0 && args.replicas > args.workers) {
         bail!("--replicas must be between 1 and --workers ({})", args.workers);
     }
+    // The gateway would refuse them too, after the workers and coordinators have loaded.
+    args.images.config()?;
     let model = match &args.model {
         Some(m) => m.clone(),
         None => demo_model(&cache_dir(args.cache_dir.clone()))?,
@@ -195,6 +199,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     if !args.api_keys.is_empty() {
         a.extend(["--api-key".into(), args.api_keys.join(",")]);
     }
+    a.extend(args.images.to_flags());
     let gateway = processes.start("gateway".into(), &a)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

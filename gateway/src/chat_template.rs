@@ -2,11 +2,15 @@
 //! `tokenizer_config.json`), rendered with minijinja plus Python string methods, with the options
 //! transformers uses (`trim_blocks`, `lstrip_blocks`).
 
+use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use minijinja::{Environment, Error, ErrorKind, Value as JinjaValue};
 use serde_json::Value;
+
+use crate::openai::Message;
+use crate::openai::request::{ContentPart, MessageContent};
 
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -80,6 +84,87 @@ impl ChatTemplate {
         };
         template.render(ctx).map_err(|e| anyhow::anyhow!("chat template: {e:#}"))
     }
+
+    /// Where in `rendered` (the rendering of `messages`) the template placed each image part: byte
+    /// ranges, one per image part, in order.
+    ///
+    /// Found by position, not by content, so that a user who types the placeholder text (`<|image|>`)
+    /// cannot add, remove or reorder an image: the conversation is rendered a second time with each
+    /// image part replaced by a unique text marker that no message contains; the text between the
+    /// markers must be exactly the text around the placeholders of the first rendering, and every
+    /// image must have rendered as the same placeholder text. A template that drops, repeats or
+    /// numbers its image placeholders is refused.
+    pub fn image_placeholders(&self, messages: &[Message], rendered: &str) -> Result<Vec<Range<usize>>> {
+        let images = messages.iter().map(|m| image_parts(m).count()).sum::<usize>();
+        if images == 0 {
+            return Ok(Vec::new());
+        }
+        // Private-use characters, lengthened until nothing in the conversation contains the marker
+        // (every message's text is in `rendered`).
+        let mut marker = String::from("\u{E000}epserve-image");
+        while rendered.contains(&marker) {
+            marker.push('\u{E000}');
+        }
+        let mark = |k: usize| format!("{marker}{k}\u{E001}");
+        let mut k = 0;
+        let marked: Vec<Message> = messages
+            .iter()
+            .map(|m| {
+                let mut m = m.clone();
+                if let Some(MessageContent::Parts(parts)) = &mut m.content {
+                    for part in parts.iter_mut().filter(|p| matches!(p, ContentPart::ImageUrl { .. })) {
+                        *part = ContentPart::Text { text: mark(k) };
+                        k += 1;
+                    }
+                }
+                m
+            })
+            .collect();
+        let with_marks = self.render(&marked, true)?;
+        let mut segments = Vec::with_capacity(images + 1);
+        let mut rest = with_marks.as_str();
+        for k in 0..images {
+            let m = mark(k);
+            let at = rest.find(&m).with_context(|| format!("the chat template dropped image part {k}"))?;
+            segments.push(&rest[..at]);
+            rest = &rest[at + m.len()..];
+        }
+        if rest.contains(&marker) {
+            bail!("the chat template repeats an image part");
+        }
+        segments.push(rest);
+        let text_len: usize = segments.iter().map(|s| s.len()).sum();
+        let placeholder_len =
+            rendered.len().checked_sub(text_len).filter(|extra| extra % images == 0).map(|e| e / images);
+        let placeholder = placeholder_len
+            .filter(|&len| len > 0)
+            .and_then(|len| rendered.get(segments[0].len()..segments[0].len() + len))
+            .context("the chat template does not render image parts as a placeholder")?;
+        let mut spans = Vec::with_capacity(images);
+        let mut at = 0;
+        for (k, segment) in segments.iter().enumerate() {
+            let in_place = rendered.get(at..at + segment.len()) == Some(*segment);
+            at += segment.len();
+            if k < images {
+                if !in_place || rendered.get(at..at + placeholder.len()) != Some(placeholder) {
+                    bail!("the chat template does not render every image part as the same placeholder, in place");
+                }
+                spans.push(at..at + placeholder.len());
+                at += placeholder.len();
+            } else if !in_place || at != rendered.len() {
+                bail!("the chat template does not render image parts in place");
+            }
+        }
+        Ok(spans)
+    }
+}
+
+fn image_parts(message: &Message) -> impl Iterator<Item = &ContentPart> {
+    let parts = match &message.content {
+        Some(MessageContent::Parts(parts)) => parts.as_slice(),
+        _ => &[],
+    };
+    parts.iter().filter(|p| matches!(p, ContentPart::ImageUrl { .. }))
 }
 
 #[cfg(test)]

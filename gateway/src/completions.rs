@@ -38,7 +38,10 @@ pub enum CompletionApi {
 pub struct Prepared {
     pub api: CompletionApi,
     pub model: String,
+    /// With images expanded: what `usage.prompt_tokens` counts.
     pub prompt: Vec<u32>,
+    /// The prompt's images in order, for the coordinator's vision encoder.
+    pub images: Vec<pb::ImageTiles>,
     pub options: GenerationOptions,
     /// Which body field the prompt came from, for errors.
     pub prompt_param: &'static str,
@@ -186,7 +189,7 @@ pub async fn run(state: Arc<AppState>, p: Prepared, permit: OwnedSemaphorePermit
             logprobs: s.logprobs,
         }),
         priority: 0,
-        images: Vec::new(),
+        images: p.images.clone(),
     };
     let id = response_id(p.api);
     let generation = match state.pool.generate(request).await {

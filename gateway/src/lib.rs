@@ -4,17 +4,22 @@
 //! produced a token yet is retried on another). [`run`](mod@run) is the gateway process's lifecycle:
 //! registration and discovery of the ready coordinators.
 //!
+//! Chat requests may carry images ([`images`]): they are decoded and cut into tiles here, and travel
+//! to the coordinator as uint8 tiles with the prompt whose `<|patch|>` runs their features fill.
+//!
 //! Boundaries: no model weights, no sampling (the coordinator's), no state beyond requests in flight.
 
 pub mod chat_template;
 pub mod completions;
 pub mod errors;
+pub mod images;
 pub mod openai;
 pub mod routing;
 pub mod run;
 pub mod server;
 pub mod text;
 
+pub use images::{ImageConfig, ImageInput};
 pub use routing::CoordinatorPool;
 pub use run::{GatewayConfig, ReadyGateway, RunError, run, served_model_name, start};
 pub use server::{AppState, router};

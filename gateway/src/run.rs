@@ -12,6 +12,7 @@ use epserve_control::{ControlConnection, Instance, Kind, Membership};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
+use crate::images::{ImageConfig, ImageInput, Vision};
 use crate::routing::CoordinatorPool;
 use crate::server::{AppState, router};
 use crate::text::TextCodec;
@@ -38,6 +39,8 @@ pub struct GatewayConfig {
     pub metrics: Option<PrometheusHandle>,
     /// The control plane to register with and find the coordinators through; `None`: static wiring.
     pub control: Option<ControlConnection>,
+    /// Limits on image input and URL fetching (used when the checkpoint has a vision tower).
+    pub images: ImageConfig,
 }
 
 /// Why a gateway could not start or serve.
@@ -47,6 +50,12 @@ pub enum RunError {
     NoCoordinators,
     #[error("loading the tokenizer and chat template of {}", dir.display())]
     Text {
+        dir: PathBuf,
+        #[source]
+        source: BoxError,
+    },
+    #[error("image input for {}", dir.display())]
+    Images {
         dir: PathBuf,
         #[source]
         source: BoxError,
@@ -91,12 +100,16 @@ pub async fn start(config: GatewayConfig) -> Result<ReadyGateway, RunError> {
         health_interval,
         metrics,
         control,
+        images,
     } = config;
     if coordinators.is_empty() && control.is_none() {
         return Err(RunError::NoCoordinators);
     }
     let text =
         TextCodec::from_checkpoint(&model).map_err(|e| RunError::Text { dir: model.clone(), source: e.into() })?;
+    let images = Vision::from_checkpoint(&model, |t| text.token_id(t), |id| text.token_text(id))
+        .and_then(|vision| ImageInput::new(images, vision))
+        .map_err(|e| RunError::Images { dir: model.clone(), source: e.into() })?;
     let name = served_model_name.unwrap_or_else(|| self::served_model_name(&model));
     let pool = CoordinatorPool::new(&coordinators).map_err(|e| RunError::Coordinators(e.into()))?;
     pool.spawn_health_checks(health_interval.max(Duration::from_millis(50)));
@@ -106,8 +119,10 @@ pub async fn start(config: GatewayConfig) -> Result<ReadyGateway, RunError> {
         pool.follow(ready_coordinators(control));
     }
     let auth = !api_keys.is_empty();
-    let mut state =
-        AppState::new(text, pool, name.clone()).with_limits(api_keys, max_body_bytes, max_concurrent_requests);
+    let vision = images.vision().is_some();
+    let mut state = AppState::new(text, pool, name.clone())
+        .with_limits(api_keys, max_body_bytes, max_concurrent_requests)
+        .with_images(images);
     state.metrics = metrics;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
@@ -118,7 +133,7 @@ pub async fn start(config: GatewayConfig) -> Result<ReadyGateway, RunError> {
             control.register(Instance::new(Kind::Gateway, format!("gateway-{local_addr}"), local_addr.to_string()));
         (control, membership)
     });
-    tracing::info!(model = %name, auth, "gateway serving http://{local_addr}/v1");
+    tracing::info!(model = %name, auth, vision, "gateway serving http://{local_addr}/v1");
     Ok(ReadyGateway { state: Arc::new(state), listener, local_addr, control })
 }
 

@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use crate::completions::{self, CompletionApi, Prepared};
 use crate::errors::ApiError;
+use crate::images::ImageInput;
 use crate::openai::response::ModelList;
 use crate::openai::{
     self, ChatCompletionRequest, CompletionPrompt, CompletionRequest, ValidatedChat, ValidatedCompletion,
@@ -28,6 +29,8 @@ use crate::text::TextCodec;
 #[derive(Debug)]
 pub struct AppState {
     pub text: TextCodec,
+    /// Image parts of chat requests: limits, the checkpoint's vision settings, URL fetching.
+    pub images: ImageInput,
     pub pool: Arc<CoordinatorPool>,
     /// The name clients use in `model`.
     pub model_name: String,
@@ -44,6 +47,7 @@ impl AppState {
     pub fn new(text: TextCodec, pool: Arc<CoordinatorPool>, model_name: String) -> Self {
         AppState {
             text,
+            images: ImageInput::text_only(),
             pool,
             model_name,
             api_keys: Vec::new(),
@@ -63,6 +67,12 @@ impl AppState {
         self.max_body_bytes = max_body_bytes;
         self.max_in_flight = max_in_flight;
         self.in_flight = Arc::new(Semaphore::new(max_in_flight));
+        self
+    }
+
+    /// Accepts images as `images` says (default: a text-only model, every image part refused).
+    pub fn with_images(mut self, images: ImageInput) -> Self {
+        self.images = images;
         self
     }
 
@@ -167,14 +177,19 @@ async fn read_request<T: serde::de::DeserializeOwned>(state: &AppState, body: Bo
 
 async fn chat(State(state): State<Arc<AppState>>, Extension(id): Extension<RequestId>, body: Body) -> Response {
     let prepared = async {
-        let r = ValidatedChat::try_from(read_request::<ChatCompletionRequest>(&state, body).await?)?;
+        let mut r = ValidatedChat::try_from(read_request::<ChatCompletionRequest>(&state, body).await?)?;
         state.require_served_model(&r.model)?;
-        let prompt =
+        // Cheap checks first: image parts and the template, then the images' I/O and decoding.
+        let requested = state.images.take_parts(&mut r.messages)?;
+        let chat =
             state.text.encode_chat(&r.messages).map_err(|e| ApiError::invalid_param("messages", format!("{e:#}")))?;
+        let loaded = state.images.load(requested).await?;
+        let (prompt, images) = state.images.expand(&chat.ids, &chat.image_placeholders, loaded, &r.messages)?;
         Ok::<_, ApiError>(Prepared {
             api: CompletionApi::Chat,
             model: r.model,
             prompt,
+            images,
             options: r.options,
             prompt_param: "messages",
             request_id: id.0,
@@ -197,6 +212,7 @@ async fn completion(State(state): State<Arc<AppState>>, Extension(id): Extension
             api: CompletionApi::Text,
             model: r.model,
             prompt,
+            images: Vec::new(),
             options: r.options,
             prompt_param: "prompt",
             request_id: id.0,

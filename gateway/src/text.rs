@@ -2,6 +2,7 @@
 //! detokenization that never emits a broken UTF-8 sequence, and stop strings matched on the text
 //! (across token boundaries).
 
+use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -9,6 +10,14 @@ use tokenizers::Tokenizer;
 
 use crate::chat_template::ChatTemplate;
 use crate::openai::Message;
+
+/// A conversation, rendered and tokenized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatTokens {
+    pub ids: Vec<u32>,
+    /// The tokens of each image placeholder the template emitted, one range per image part, in order.
+    pub image_placeholders: Vec<Range<usize>>,
+}
 
 #[derive(Debug)]
 pub struct TextCodec {
@@ -31,11 +40,38 @@ impl TextCodec {
     }
 
     /// Renders the conversation with the checkpoint's template and tokenizes it without adding
-    /// special tokens (the template starts with BOS already).
-    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
+    /// special tokens (the template starts with BOS already). Image parts reach the template as
+    /// `{"type": "image"}`; where it placed each one is found by position (see
+    /// [`ChatTemplate::image_placeholders`]), never by looking for a token a user could type.
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<ChatTokens> {
         let template = self.template.as_ref().context("this checkpoint has no chat template")?;
         let text = template.render(messages, true)?;
-        self.encode(&text, false)
+        let spans = template.image_placeholders(messages, &text)?;
+        if spans.is_empty() {
+            return Ok(ChatTokens { ids: self.encode(&text, false)?, image_placeholders: Vec::new() });
+        }
+        let encoding = self.tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        let offsets = encoding.get_offsets();
+        let image_placeholders = spans
+            .iter()
+            .map(|span| {
+                let first = offsets.iter().position(|&(start, _)| start == span.start);
+                let last = offsets.iter().rposition(|&(_, end)| end == span.end);
+                match (first, last) {
+                    (Some(first), Some(last))
+                        if first <= last
+                            && offsets[first..=last].iter().all(|&(s, e)| s >= span.start && e <= span.end) =>
+                    {
+                        Ok(first..last + 1)
+                    }
+                    _ => anyhow::bail!(
+                        "the chat template's image placeholder {:?} does not tokenize apart from its neighbours",
+                        &text[span.clone()]
+                    ),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ChatTokens { ids: encoding.get_ids().to_vec(), image_placeholders })
     }
 
     /// Tokenizes a plain prompt, with the tokenizer's BOS.
@@ -45,6 +81,11 @@ impl TextCodec {
 
     fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         Ok(self.tokenizer.encode(text, add_special).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
+    }
+
+    /// The id of a token given by its text (`<|patch|>`), when the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -186,10 +227,54 @@ mod tests {
                 continue; // The gateway refuses images, and always adds the generation prompt.
             }
             let expected: Vec<u32> = serde_json::from_value(c["input_ids"].clone()).expect("ids");
-            assert_eq!(codec.encode_chat(&messages).expect("encode"), expected);
+            assert_eq!(codec.encode_chat(&messages).expect("encode").ids, expected);
             checked += 1;
         }
         assert!(checked >= 2, "only {checked} text conversations");
+    }
+
+    /// Image parts render as the template's own placeholder (the golden conversation with an image),
+    /// and each image's placeholder is found where the template put it, not where `<|image|>` appears:
+    /// typed placeholder text is text.
+    #[test]
+    fn image_placeholders_are_found_by_position() {
+        let codec = TextCodec::from_checkpoint(&fixture()).expect("codec");
+        let golden = std::fs::read_to_string(fixture().join("golden/chat.json")).expect("golden");
+        let golden: serde_json::Value = serde_json::from_str(&golden).expect("json");
+        let with_image = golden["conversations"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .find(|c| c["messages"].to_string().contains(r#""type":"image""#))
+            .expect("a golden conversation with an image");
+        let mut messages = with_image["messages"].clone();
+        for part in messages[0]["content"].as_array_mut().expect("parts") {
+            if part["type"] == "image" {
+                *part = serde_json::json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}});
+            }
+        }
+        let messages: Vec<Message> = serde_json::from_value(messages).expect("messages");
+        let chat = codec.encode_chat(&messages).expect("encode");
+        let expected: Vec<u32> = serde_json::from_value(with_image["input_ids"].clone()).expect("ids");
+        assert_eq!(chat.ids, expected);
+        let image = codec.token_id("<|image|>").expect("<|image|>");
+        let at = expected.iter().position(|&t| t == image).expect("placeholder");
+        assert_eq!(chat.image_placeholders, vec![Range { start: at, end: at + 1 }]);
+
+        let typed: Vec<Message> = serde_json::from_value(serde_json::json!([{"role": "user", "content": [
+            {"type": "text", "text": "<|image|> typed, then "},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
+            {"type": "text", "text": " and <|image|> again"},
+        ]}]))
+        .expect("messages");
+        let chat = codec.encode_chat(&typed).expect("encode");
+        let all: Vec<usize> = chat.ids.iter().enumerate().filter(|&(_, &t)| t == image).map(|(i, _)| i).collect();
+        assert_eq!(all.len(), 3);
+        assert_eq!(
+            chat.image_placeholders,
+            vec![Range { start: all[1], end: all[1] + 1 }],
+            "the middle one is the image"
+        );
     }
 
     #[test]

@@ -78,6 +78,7 @@ async fn serves_through_a_coordinator_found_in_the_registry() {
         health_interval: Duration::from_millis(50),
         metrics: None,
         control: Some(connection(&plane)),
+        images: Default::default(),
     })
     .await
     .expect("gateway starts");

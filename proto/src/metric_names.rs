@@ -55,6 +55,21 @@ pub const HTTP_REQUESTS_TOTAL: &str = "epserve_http_requests_total";
 /// Histogram, seconds, label `route`: time to the response head (whole body when not streaming).
 pub const HTTP_REQUEST_SECONDS: &str = "epserve_http_request_seconds";
 
+// Image input (gateway).
+/// Counter, label `source` (`data` | `url`): images decoded and cut into tiles.
+pub const IMAGES_TOTAL: &str = "epserve_images_total";
+/// Counter, label `source` (`data` | `url`): encoded image bytes read (decoded base64, fetched bodies).
+pub const IMAGE_BYTES_TOTAL: &str = "epserve_image_bytes_total";
+/// Counter: tiles the gateway's image preprocessing produced (global tiles included).
+pub const IMAGE_TILES_TOTAL: &str = "epserve_image_tiles_total";
+/// Histogram, seconds: decoding and preprocessing of one image (on the blocking pool).
+pub const IMAGE_PREPROCESS_SECONDS: &str = "epserve_image_preprocess_seconds";
+/// Histogram, seconds: fetching one image URL (`--image-fetch`), refused and failed fetches included.
+pub const IMAGE_FETCH_SECONDS: &str = "epserve_image_fetch_seconds";
+/// Counter, label `reason` (a closed set: `too_many`, `bad_base64`, `fetch_refused`, ...): image parts
+/// answered with a 400.
+pub const IMAGE_REJECTIONS_TOTAL: &str = "epserve_image_rejections_total";
+
 // Control plane and failover.
 /// Gauge: version of the expert placement map this process last saw (or wrote).
 pub const CONTROL_PLACEMENT_VERSION: &str = "epserve_placement_version";

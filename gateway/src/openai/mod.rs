@@ -195,10 +195,34 @@ mod tests {
         );
 
         let one = |message: Value| chat_with("messages", json!([{"role": "user", "content": "x"}, message]));
-        let image = json!({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}]});
-        let e = one(image).expect_err("image");
-        assert_eq!(e.param.as_deref(), Some("messages[1].content[1]"));
-        assert!(e.message.contains("Image"), "{}", e.message);
+        let image = |role: &str, detail: Value| {
+            json!({"role": role, "content": [
+                {"type": "text", "text": "a"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": detail}},
+            ]})
+        };
+        let ok = one(image("user", json!("high"))).expect("an image in a user message");
+        let Some(MessageContent::Parts(parts)) = &ok.messages[1].content else { panic!("parts") };
+        assert!(
+            matches!(&parts[1], ContentPart::ImageUrl { image_url } if image_url.detail.as_deref() == Some("high"))
+        );
+        // The template sees an image part as `{"type": "image"}`, never its URL.
+        assert_eq!(
+            serde_json::to_value(&ok.messages[1]).expect("serialise")["content"],
+            json!([{"type": "text", "text": "a"}, {"type": "image"}])
+        );
+        assert!(one(image("user", Value::Null)).is_ok());
+        for role in ["system", "assistant"] {
+            let e = one(image(role, Value::Null)).expect_err("an image outside a user message");
+            assert_eq!(e.param.as_deref(), Some("messages[1].content[1]"));
+            assert!(e.message.contains("only allowed in user messages"), "{}", e.message);
+        }
+        let e = one(image("user", json!("ultra"))).expect_err("detail");
+        assert_eq!((e.param.as_deref(), e.message.contains("'detail'")), (Some("messages[1].content[1]"), true));
+        for bad_part in [json!({"type": "image_url"}), json!({"type": "image_url", "image_url": {"url": 5}})] {
+            let e = one(json!({"role": "user", "content": [bad_part]})).expect_err("malformed image part");
+            assert!(e.param.as_deref().is_some_and(|p| p.starts_with("messages[1].content[0]")), "{e:?}");
+        }
         assert_eq!(
             param(one(json!({"role": "user", "content": [{"type": "image"}]}))).as_deref(),
             Some("messages[1].content[0]")

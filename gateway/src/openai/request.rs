@@ -206,16 +206,44 @@ impl<'de> Deserialize<'de> for MessageContent {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+/// One part of a message's content. Serialised for the chat template, an image part is
+/// `{"type": "image"}` (what Hugging Face templates test for; the URL, possibly megabytes of base64,
+/// never reaches the template).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ContentPart {
     Text {
         text: String,
     },
-    /// Refused by validation until the vision encoder lands.
-    #[serde(alias = "image")]
-    ImageUrl {},
+    ImageUrl {
+        image_url: ImageUrl,
+    },
     /// Any other `type`: refused by validation.
     #[serde(other)]
     Unsupported,
+}
+
+/// `{"url": "data:image/png;base64,..." | "https://...", "detail": "auto" | "low" | "high"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ImageUrl {
+    pub url: String,
+    /// Accepted and checked, not used: the checkpoint's image processor decides the resolution.
+    pub detail: Option<String>,
+}
+
+impl Serialize for ContentPart {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        match self {
+            ContentPart::Text { text } => {
+                map.serialize_entry("type", "text")?;
+                map.serialize_entry("text", text)?;
+            }
+            ContentPart::ImageUrl { .. } => map.serialize_entry("type", "image")?,
+            // Refused by validation before any template sees it.
+            ContentPart::Unsupported => map.serialize_entry("type", "unsupported")?,
+        }
+        map.end()
+    }
 }

@@ -5,7 +5,8 @@ use std::ops::RangeInclusive;
 
 use crate::errors::ApiError;
 use crate::openai::request::{
-    ChatCompletionRequest, CompletionRequest, ContentPart, Message, MessageContent, Prompt, Seed, Stop, StreamOptions,
+    ChatCompletionRequest, CompletionRequest, ContentPart, ImageUrl, Message, MessageContent, Prompt, Role, Seed, Stop,
+    StreamOptions,
 };
 
 /// Sampling fields shared by chat and text completions.
@@ -39,7 +40,7 @@ pub struct GenerationOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidatedChat {
     pub model: String,
-    /// Non-empty, every one with a known role and text-only content.
+    /// Non-empty, every one with a known role, and image parts only in user messages.
     pub messages: Vec<Message>,
     pub options: GenerationOptions,
 }
@@ -300,8 +301,15 @@ fn check_messages(messages: &[Message]) -> Result<(), ApiError> {
                 for (j, part) in parts.iter().enumerate() {
                     let message = match part {
                         ContentPart::Text { .. } => continue,
-                        ContentPart::ImageUrl {} => "Image inputs are not supported by this deployment yet.",
-                        ContentPart::Unsupported => "Each content part needs a 'type' of 'text' with a string 'text'.",
+                        ContentPart::ImageUrl { image_url } => match image_part_problem(m.role, image_url) {
+                            None => continue,
+                            Some(problem) => problem,
+                        },
+                        ContentPart::Unsupported => {
+                            "Each content part needs a 'type' of 'text' (with a string 'text') \
+                                                     or 'image_url' (with an 'image_url' object)."
+                                .to_owned()
+                        }
                     };
                     return Err(ApiError::invalid(Some(format!("messages[{i}].content[{j}]")), message));
                 }
@@ -309,4 +317,19 @@ fn check_messages(messages: &[Message]) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// What is wrong with an image part before anything is fetched or decoded: images belong in user
+/// turns (as in OpenAI's API: a system or assistant image has no meaning to the model's template),
+/// and `detail` has OpenAI's three values.
+fn image_part_problem(role: Option<Role>, image_url: &ImageUrl) -> Option<String> {
+    if let Some(role) = role
+        && role != Role::User
+    {
+        return Some(format!("Image parts are only allowed in user messages, not in a '{}' message.", role.as_str()));
+    }
+    match image_url.detail.as_deref() {
+        None | Some("auto" | "low" | "high") => None,
+        Some(other) => Some(format!("'detail' must be 'auto', 'low' or 'high', got '{other}'.")),
+    }
 }
