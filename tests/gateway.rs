@@ -32,16 +32,28 @@ fn openai_python_client_against_epserve_up() {
 /// Images through `epserve up` with the official client (issue 13): a base64 PNG, streaming equal to
 /// not streaming, two images, each bad image a 400 naming its part, and a URL image from a loopback
 /// server, fetched with `--image-fetch --image-fetch-allow-private` and refused without.
-// TODO(lead): un-ignore once the coordinator's vision path is merged, and compare the printed greedy
-// text with `epserve generate --image wide.png --prompt "What do you see?" --chat`.
+/// The one-image chat's greedy text is the text `epserve generate --image` gives in one process.
 #[test]
-#[ignore = "needs the coordinator's image path (issue 13)"]
 fn openai_python_client_sends_images() {
+    let offline = support::run_json(&[
+        "generate",
+        "--model",
+        tiny_fixture().to_str().expect("utf-8"),
+        "--prompt",
+        "What do you see?",
+        "--chat",
+        "--image",
+        tiny_fixture().join("golden/wide.png").to_str().expect("utf-8"),
+        "--max-tokens",
+        "8",
+        "--json",
+    ]);
+    let offline = offline["text"].as_str().expect("text").to_owned();
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/openai_images.py");
     let images = tiny_fixture().join("golden");
     for (fetch, flags) in [("off", &[][..]), ("on", &["--image-fetch", "--image-fetch-allow-private"][..])] {
-        let mut args = vec!["--api-key", "sk-test"];
+        let mut args = vec!["--api-key", "sk-test", "--max-image-bytes", "4096", "--max-images-per-request", "2"];
         args.extend_from_slice(flags);
         let (child, addr) = up(&args);
         let out = Command::new(&python)
@@ -56,6 +68,10 @@ fn openai_python_client_sends_images() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout.lines().last().expect("the script prints the greedy text");
+        let served: String = serde_json::from_str(last).expect("a JSON string");
+        assert_eq!(served, offline, "fetch {fetch}: the API's greedy text vs generate --image");
     }
 }
 

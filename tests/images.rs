@@ -104,13 +104,38 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
 }
 
-/// The CLI's own preprocessing and prompt expansion reproduce the goldens: the expanded prompt ids
-/// exactly, the last position's logits within 1e-3.
+/// The golden `input_ids` as a chat prompt is served: transformers' processor, run on the rendered
+/// template, tokenizes with special tokens and so starts with BOS twice (reference §7, pitfall 12);
+/// the template writes BOS itself, and epserve, like vLLM and `apply_chat_template`, adds none.
+fn served_chat_ids(golden: &[u32]) -> Vec<u32> {
+    assert_eq!(golden[0], golden[1], "the golden starts with BOS twice");
+    golden[1..].to_vec()
+}
+
+/// The CLI's own preprocessing reproduces the goldens: from the golden ids and the PNG, the last
+/// position's logits within 1e-3; and `--prompt --chat --image` expands the chat turn into the
+/// golden's ids (with one BOS).
 #[test]
 fn logits_and_generate_with_an_image_match_the_goldens() {
     let model = tiny_fixture();
     for case in golden() {
         let path = image(&case.image);
+        let ids = case.input_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let out = support::run_json(&[
+            "logits",
+            "--model",
+            utf8(&model),
+            "--tokens",
+            &ids,
+            "--image",
+            utf8(&path),
+            "--last",
+        ]);
+        let logits: Vec<Vec<f32>> = serde_json::from_value(out["logits"].clone()).expect("logits");
+        let last = logits.last().expect("a row");
+        let diff = last.iter().zip(&case.last_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 1e-3, "{}: last logits differ from the golden by {diff}", case.image);
+
         let out = support::run_json(&[
             "logits",
             "--model",
@@ -123,13 +148,9 @@ fn logits_and_generate_with_an_image_match_the_goldens() {
             "--last",
         ]);
         let prompt: Vec<u32> = serde_json::from_value(out["prompt_tokens"].clone()).expect("prompt_tokens");
-        assert_eq!(prompt, case.input_ids, "{}: expanded prompt", case.image);
-        let logits: Vec<Vec<f32>> = serde_json::from_value(out["logits"].clone()).expect("logits");
-        let last = logits.last().expect("a row");
-        let diff = last.iter().zip(&case.last_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(diff < 1e-3, "{}: last logits differ from the golden by {diff}", case.image);
+        assert_eq!(prompt, served_chat_ids(&case.input_ids), "{}: expanded prompt", case.image);
         let (generate_prompt, _) = generated(&[&path], 2);
-        assert_eq!(generate_prompt, case.input_ids, "{}: generate's expanded prompt", case.image);
+        assert_eq!(generate_prompt, prompt, "{}: generate's expanded prompt", case.image);
     }
 }
 

@@ -8,6 +8,7 @@ Prints the greedy text of the one-image chat on its last line (for comparison wi
 """
 
 import base64
+import json
 import http.server
 import os
 import sys
@@ -73,6 +74,9 @@ refused([{"type": "text", "text": "x"}, image("data:image/png;base64,@@@")], at)
 refused([{"type": "text", "text": "x"}, image("data:image/png;base64," + base64.b64encode(b"not an image").decode())], at)
 refused([{"type": "text", "text": "x"}, image("file:///etc/passwd")], at)
 refused([{"type": "text", "text": "x"}, image("data:image/bmp;base64," + base64.b64encode(b"BM" + bytes(60)).decode())], at)
+# The server runs with --max-image-bytes 4096 and --max-images-per-request 2.
+refused([{"type": "text", "text": "x"}, image("data:image/png;base64," + base64.b64encode(bytes(5000)).decode())], at)
+refused([image(data_uri("small.png")), image(data_uri("small.png")), image(data_uri("small.png"))], "messages[0].content[2]")
 
 # A URL image from a loopback HTTP server: served when fetching is on, a 400 when it is off.
 handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=image_dir, **kw)  # noqa: E731
@@ -87,4 +91,4 @@ else:
     assert "--image-fetch" in message, message
 server.shutdown()
 
-print(one.choices[0].message.content)
+print(json.dumps(one.choices[0].message.content))

@@ -1,14 +1,18 @@
 //! The prompt of the offline commands (`logits`, `generate`): token ids, or text tokenized with the
 //! checkpoint's tokenizer, optionally inside its chat template with images in the user turn (the
-//! images in the order given, then the text: the order of the golden cases).
+//! images in the order given, then the text: the order of the golden cases). A chat prompt goes
+//! through the gateway's own steps (template, image placeholders, expansion), so that it is the
+//! prompt an API request with the same turn gets.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
-use epserve_gateway::chat_template::ChatTemplate;
-use epserve_imaging::{DecodeLimits, ImageTokenIds, ProcessorConfig, Tiles};
-use epserve_model::ModelConfig;
-use serde_json::json;
+use anyhow::{Context, Result, anyhow, bail};
+use epserve_gateway::errors::ApiError;
+use epserve_gateway::images::{ImageConfig, ImageInput, LoadedImage, Vision};
+use epserve_gateway::openai::Message;
+use epserve_gateway::openai::request::{ContentPart, ImageUrl, MessageContent, Role};
+use epserve_gateway::text::TextCodec;
+use epserve_imaging::{DecodeLimits, Tiles};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PromptArgs {
@@ -18,8 +22,9 @@ pub struct PromptArgs {
     /// Render the checkpoint's chat template around the prompt (one user turn).
     #[arg(long, requires = "prompt")]
     pub chat: bool,
-    /// An image for the user turn (repeatable; PNG, JPEG, WebP or GIF), before the text.
-    #[arg(long = "image", requires = "chat")]
+    /// An image (repeatable; PNG, JPEG, WebP or GIF). With `--chat`, in the user turn before the
+    /// text; with `--tokens`, the ids must hold its expansion already (its `<|patch|>` run).
+    #[arg(long = "image")]
     pub images: Vec<PathBuf>,
     /// Prompt as comma-separated token ids instead of text.
     #[arg(long, value_delimiter = ',')]
@@ -45,33 +50,60 @@ impl PromptArgs {
     pub fn build(&self, dir: &Path, tokenizer: Option<&tokenizers::Tokenizer>) -> Result<Prompt> {
         let (Some(text), None) = (&self.prompt, &self.tokens) else {
             let ids = self.tokens.clone().context("give --prompt or --tokens")?;
-            return Ok(Prompt { ids, images: Vec::new(), from_text: false });
+            let images = if self.images.is_empty() {
+                Vec::new()
+            } else {
+                let codec = TextCodec::from_checkpoint(dir)?;
+                let vision = self.vision(dir, &codec)?;
+                self.read_images(vision.as_ref())?.into_iter().map(|image| image.tiles).collect()
+            };
+            return Ok(Prompt { ids, images, from_text: false });
         };
-        let tok = tokenizer.context("a tokenizer is needed for --prompt")?;
-        let encode = |text: &str, add_special: bool| -> Result<Vec<u32>> {
-            Ok(tok.encode(text, add_special).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec())
-        };
+        if !self.images.is_empty() && !self.chat {
+            bail!("--image goes with --chat (the image goes in the user turn) or with --tokens");
+        }
         if !self.chat {
-            return Ok(Prompt { ids: encode(text, true)?, images: Vec::new(), from_text: true });
+            let tok = tokenizer.context("a tokenizer is needed for --prompt")?;
+            let ids = tok.encode(text.as_str(), true).map_err(|e| anyhow!("tokenizing the prompt: {e}"))?;
+            return Ok(Prompt { ids: ids.get_ids().to_vec(), images: Vec::new(), from_text: true });
         }
-        let template = ChatTemplate::from_checkpoint(dir)?;
-        let mut content: Vec<serde_json::Value> = self.images.iter().map(|_| json!({ "type": "image" })).collect();
-        content.push(json!({ "type": "text", "text": text }));
-        // The rendered template already starts with BOS: no special tokens added on top.
-        let rendered = encode(&template.render(&json!([{ "role": "user", "content": content }]), true)?, false)?;
-        if self.images.is_empty() {
-            return Ok(Prompt { ids: rendered, images: Vec::new(), from_text: true });
-        }
-        let images = self.read_images(dir)?;
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let vision = config.vision.as_ref().context("this checkpoint has no vision tower: --image cannot be used")?;
-        let ids = ImageTokenIds::lookup(|name| tok.token_to_id(name))?;
-        let ids = epserve_imaging::splice(&rendered, &images, vision.tokens_per_tile(), &ids)?;
+        let codec = TextCodec::from_checkpoint(dir)?;
+        let vision = self.vision(dir, &codec)?;
+        let images = self.read_images(vision.as_ref())?;
+        let input = ImageInput::new(ImageConfig::default(), vision)?;
+        let mut content: Vec<ContentPart> = images
+            .iter()
+            .map(|_| ContentPart::ImageUrl { image_url: ImageUrl { url: String::new(), detail: None } })
+            .collect();
+        content.push(ContentPart::Text { text: text.clone() });
+        let messages = [Message {
+            role: Some(Role::User),
+            content: Some(MessageContent::Parts(content)),
+            tool_calls: None,
+            other_fields: Default::default(),
+        }];
+        let chat = codec.encode_chat(&messages)?;
+        let (ids, tiles) =
+            input.expand(&chat.ids, &chat.image_placeholders, images, &messages).map_err(api_error)?;
+        let images = tiles
+            .into_iter()
+            .map(|t| Tiles::from_parts(t.rows as usize, t.cols as usize, t.tile_size as usize, t.pixels.into()))
+            .collect::<Result<_, _>>()?;
         Ok(Prompt { ids, images, from_text: true })
     }
 
-    fn read_images(&self, dir: &Path) -> Result<Vec<Tiles>> {
-        let processor = ProcessorConfig::from_checkpoint(dir)?;
+    /// The checkpoint's image settings; an error when images are given to a model without a tower.
+    fn vision(&self, dir: &Path, codec: &TextCodec) -> Result<Option<Vision>> {
+        let vision = Vision::from_checkpoint(dir, |t| codec.token_id(t), |id| codec.token_text(id))?;
+        if !self.images.is_empty() && vision.is_none() {
+            bail!("{} has no vision tower: --image cannot be used", dir.display());
+        }
+        Ok(vision)
+    }
+
+    /// The `--image` files, decoded and cut into tiles as the gateway cuts an image part.
+    fn read_images(&self, vision: Option<&Vision>) -> Result<Vec<LoadedImage>> {
+        let Some(vision) = vision else { return Ok(Vec::new()) };
         let limits = DecodeLimits::default();
         self.images
             .iter()
@@ -79,9 +111,17 @@ impl PromptArgs {
                 let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
                 let image =
                     epserve_imaging::decode(&bytes, &limits).with_context(|| format!("decoding {}", path.display()))?;
-                Ok(epserve_imaging::preprocess(&image, &processor))
+                let tiles = epserve_imaging::preprocess(&image, &vision.processor);
+                Ok(LoadedImage { param: path.display().to_string(), tiles })
             })
             .collect()
+    }
+}
+
+fn api_error(e: ApiError) -> anyhow::Error {
+    match e.param {
+        Some(param) => anyhow!("{param}: {}", e.message),
+        None => anyhow!(e.message),
     }
 }
 
