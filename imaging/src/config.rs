@@ -203,8 +203,12 @@ mod tests {
     #[test]
     fn preprocessor_config_is_read_and_wins() {
         let dir = temp();
-        write(dir.path(), "preprocessor_config.json", r#"{"size": {"height": 56, "width": 56}, "max_patches": 4,
-            "image_mean": [0.1, 0.2, 0.3], "image_std": 0.25, "resample": 2, "image_processor_type": "Llama4ImageProcessor"}"#);
+        write(
+            dir.path(),
+            "preprocessor_config.json",
+            r#"{"size": {"height": 56, "width": 56}, "max_patches": 4,
+            "image_mean": [0.1, 0.2, 0.3], "image_std": 0.25, "resample": 2, "image_processor_type": "Llama4ImageProcessor"}"#,
+        );
         write(dir.path(), "processor_config.json", r#"{"image_processor": {"max_patches": 9}}"#);
         let config = ProcessorConfig::from_checkpoint(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(config.tile_size, 56);

@@ -99,7 +99,7 @@ fn format_name(format: ImageFormat) -> &'static str {
         ImageFormat::Dds => "DDS",
         ImageFormat::Qoi => "QOI",
         ImageFormat::Farbfeld => "farbfeld",
-        _ => "an image format",
+        other => other.extensions_str().first().copied().unwrap_or("an unknown format"),
     }
 }
 
@@ -219,6 +219,9 @@ mod tests {
         assert_eq!(describe_unknown(b"hello world, this is not an image"), "text, not image data");
         assert_eq!(describe_unknown(b"<svg xmlns=\"http://www.w3.org/2000/svg\"/>"), "SVG/XML text");
         assert_eq!(describe_unknown(b"\0\0\0\x18ftypheic\0\0\0\0"), "HEIC/HEIF (brand heic)");
-        assert_eq!(describe_unknown(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]), "unrecognised data starting with 01 02 03 04 05 06 07 08");
+        assert_eq!(
+            describe_unknown(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]),
+            "unrecognised data starting with 01 02 03 04 05 06 07 08"
+        );
     }
 }

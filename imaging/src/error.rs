@@ -36,7 +36,10 @@ impl ImageError {
     pub fn is_client_error(&self) -> bool {
         matches!(
             self,
-            Self::TooLarge { .. } | Self::TooManyPixels { .. } | Self::UnsupportedFormat { .. } | Self::Undecodable { .. }
+            Self::TooLarge { .. }
+                | Self::TooManyPixels { .. }
+                | Self::UnsupportedFormat { .. }
+                | Self::Undecodable { .. }
         )
     }
 }

@@ -22,5 +22,7 @@ pub mod tokens;
 pub use config::ProcessorConfig;
 pub use decode::{DecodeLimits, decode};
 pub use error::ImageError;
+/// The decoded image type in this API, re-exported so that callers need not name the `image` crate.
+pub use image::RgbImage;
 pub use tiles::{Tiles, preprocess};
 pub use tokens::{ImageTokenIds, expand, expanded_len};

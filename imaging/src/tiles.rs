@@ -39,7 +39,7 @@ impl Tiles {
         }
         let expected = rows
             .checked_mul(cols)
-            .map(|local| tile_count(local, 1))
+            .and_then(|local| local.checked_add(usize::from(local > 1)))
             .and_then(|count| count.checked_mul(3))
             .and_then(|n| n.checked_mul(tile_size))
             .and_then(|n| n.checked_mul(tile_size));
@@ -85,12 +85,14 @@ fn tile_count(rows: usize, cols: usize) -> usize {
 /// Resizes, pads and tiles `image` as `Llama4ImageProcessor` does for `cfg`.
 ///
 /// # Panics
-/// If `cfg` fails [`ProcessorConfig::validate`] (a zero tile size or `max_patches`); configs from
-/// [`ProcessorConfig::from_checkpoint`] never do.
+/// If `cfg` fails [`ProcessorConfig::validate`] (a zero tile size or `max_patches`; configs from
+/// [`ProcessorConfig::from_checkpoint`] never do), or if the image is empty ([`crate::decode`]
+/// never returns one).
 pub fn preprocess(image: &RgbImage, cfg: &ProcessorConfig) -> Tiles {
     if let Err(e) = cfg.validate() {
         panic!("invalid image processor config: {e}");
     }
+    assert!(image.width() > 0 && image.height() > 0, "cannot preprocess an empty image");
     let tile = cfg.tile_size;
     let (height, width) = (image.height() as usize, image.width() as usize);
     let grid = best_fit(height, width, &candidate_grids(cfg.max_patches), tile, cfg.resize_to_max_canvas);

@@ -117,7 +117,9 @@ fn jpeg(image: &RgbImage, exif: Option<Vec<u8>>) -> Vec<u8> {
     if let Some(exif) = exif {
         encoder.set_exif_metadata(exif).unwrap_or_else(|e| panic!("exif: {e}"));
     }
-    encoder.write_image(image.as_raw(), image.width(), image.height(), ExtendedColorType::Rgb8).unwrap_or_else(|e| panic!("jpeg: {e}"));
+    encoder
+        .write_image(image.as_raw(), image.width(), image.height(), ExtendedColorType::Rgb8)
+        .unwrap_or_else(|e| panic!("jpeg: {e}"));
     bytes
 }
 
@@ -155,7 +157,10 @@ fn too_many_bytes_is_refused_before_parsing() {
     assert!(matches!(decode(&bytes, &small), Err(ImageError::TooLarge { max, .. }) if max == bytes.len() - 1));
     assert!(decode(&bytes, &DecodeLimits { max_bytes: bytes.len(), ..limits() }).is_ok());
     // Garbage is refused as too large too: the byte count comes first.
-    assert!(matches!(decode(&[0u8; 100], &DecodeLimits { max_bytes: 10, ..limits() }), Err(ImageError::TooLarge { .. })));
+    assert!(matches!(
+        decode(&[0u8; 100], &DecodeLimits { max_bytes: 10, ..limits() }),
+        Err(ImageError::TooLarge { .. })
+    ));
 }
 
 /// A PNG whose header claims 100000×100000 (10 gigapixels, 30 GB of RGB) with a tiny compressed
