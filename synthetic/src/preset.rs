@@ -90,9 +90,9 @@ impl Preset {
     }
 
     /// The vision tower: `tiny` has the fixture's (56-pixel tiles, 4 tokens a tile); `mini` has
-    /// Scout's tile geometry (336-pixel tiles, 144 tokens a tile) on a small encoder that a 2-core CPU
-    /// runs in well under a second an image; `scout-wire` has Scout's tile geometry on a one-layer
-    /// encoder, since it measures payloads, not compute.
+    /// Scout's tile geometry (336-pixel tiles, 144 tokens a tile) on a small encoder (~5.5 GFLOP a
+    /// tile against Scout's ~1 TFLOP); `scout-wire` has Scout's tile geometry on a one-layer encoder,
+    /// since it measures payloads, not compute.
     pub fn vision_shape(self) -> VisionShape {
         match self {
             Preset::Tiny => VisionShape {
