@@ -2,8 +2,8 @@
 //! turns its flags into the config of the crate that owns the behaviour and calls it — the
 //! processes' lifecycles (`epserve_expert_worker`, `epserve_coordinator`, `epserve_gateway`: `start`
 //! then `serve`), `epserve_coordinator::StandaloneModel` for the offline commands — and prints the
-//! results. The measuring commands (`bench`, `engine-bench`, `exchange-bench`, `decode-bench`) are
-//! clients, and live here.
+//! results. The measuring commands (`bench`, `engine-bench`, `exchange-bench`, `decode-bench`,
+//! `vision-bench`) are clients, and live here.
 
 mod bench;
 mod control;
@@ -20,6 +20,7 @@ mod metrics_endpoint;
 mod prompt;
 mod stats;
 mod up;
+mod vision_bench;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -55,6 +56,8 @@ enum Command {
     EngineBench(engine_bench::EngineBenchArgs),
     /// Measure expert-exchange round trips with one running worker.
     ExchangeBench(exchange_bench::ExchangeBenchArgs),
+    /// Measure the vision encoder on a Scout-shaped tower against the machine's matmul peak.
+    VisionBench(vision_bench::VisionBenchArgs),
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -110,6 +113,7 @@ fn main() -> std::process::ExitCode {
         Command::ExchangeBench(args) => exchange_bench::run(args),
         Command::EngineBench(args) => engine_bench::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::VisionBench(args) => vision_bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -20,6 +20,12 @@ pub enum Deviation {
     NoChunkMask,
     /// No L2 norm of q and k on the RoPE layers.
     NoQkNorm,
+    /// Vision 2-D RoPE with the row (y) angles in the first half of each head's pairs.
+    VisionRopeRowFirst,
+    /// The vision class token before the patches (as in CLIP) instead of after them.
+    VisionClassTokenFirst,
+    /// No GELU after the vision adapter's second layer.
+    VisionNoSecondAdapterGelu,
 }
 
 /// `deviates!(self.deviation, NoQkNorm)`: whether a layer runs with that deviation. The first

@@ -18,6 +18,7 @@ pub mod load_progress;
 pub mod moe;
 pub mod rope;
 pub mod text_model;
+pub mod vision;
 
 mod attention;
 mod deviation;
@@ -37,3 +38,4 @@ pub use layers::WeightStorage;
 pub use load_progress::LoadProgress;
 pub use moe::{ExpertBackend, ExpertBatch, ExpertGroup, ExpertsInFlight, RoutingTrace};
 pub use text_model::{ImageRows, LayerInFlight, LogitsFor, SequenceStep, Step, TextModel};
+pub use vision::VisionModel;
