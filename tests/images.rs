@@ -30,7 +30,7 @@ fn golden() -> Vec<Case> {
 }
 
 /// The user text of the golden vision prompts (after the image).
-const TEXT: &str = "Describe it.";
+const TEXT: &str = "What do you see?";
 
 fn image(name: &str) -> PathBuf {
     tiny_fixture().join("golden").join(name)

@@ -162,6 +162,7 @@ impl Vision {
             return Ok(None);
         }
         let config = epserve_model::ModelConfig::from_file(&config_path)?;
+        let Some(tokens_per_tile) = epserve_model::vision::tokens_per_tile(&config)? else { return Ok(None) };
         let Some(vision) = config.vision else { return Ok(None) };
         let processor = ProcessorConfig::from_checkpoint(dir).context("the image processor's configuration")?;
         if processor.tile_size != vision.image_size {
@@ -172,24 +173,8 @@ impl Vision {
             );
         }
         let ids = ImageTokenIds::lookup(&token_id).context("the tokenizer's image tokens")?;
-        let tokens_per_tile = tokens_per_tile(&vision)?;
         Ok(Some(Vision { processor, ids, tokens_per_tile, patch_text: token_text(ids.patch) }))
     }
-}
-
-/// (image_size / patch_size)² patches, merged by the pixel shuffle into ratio² as many tokens.
-// TODO(lead): use `VisionConfig::tokens_per_tile()` once the vision helper's branch is merged.
-fn tokens_per_tile(v: &epserve_model::config::VisionConfig) -> anyhow::Result<usize> {
-    if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
-        anyhow::bail!("vision_config: image_size {} is not a multiple of patch_size {}", v.image_size, v.patch_size);
-    }
-    let patches = (v.image_size / v.patch_size).pow(2) as f64;
-    let tokens = patches * v.pixel_shuffle_ratio * v.pixel_shuffle_ratio;
-    if tokens < 1.0 || tokens.fract() != 0.0 {
-        let ratio = v.pixel_shuffle_ratio;
-        anyhow::bail!("vision_config: {patches} patches and pixel_shuffle_ratio {ratio} give {tokens} tokens per tile");
-    }
-    Ok(tokens as usize)
 }
 
 /// One image part of a request, taken out of its message.

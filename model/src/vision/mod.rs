@@ -251,6 +251,13 @@ impl EncoderState {
     }
 }
 
+/// `<|patch|>` tokens per tile of `cfg`'s vision tower (the encoder's output rows per tile), once the
+/// tower is checked to be one this crate runs; `None` without one. What the gateway expands an image
+/// into is what the coordinator's encoder then produces.
+pub fn tokens_per_tile(cfg: &ModelConfig) -> Result<Option<usize>> {
+    Ok(Geometry::new(cfg)?.map(|g| g.tokens_per_tile))
+}
+
 /// The vision encoder, adapter and projector of a Llama-4 checkpoint.
 #[derive(Debug)]
 pub struct VisionModel {
