@@ -121,16 +121,8 @@ fn logits_and_generate_with_an_image_match_the_goldens() {
     for case in golden() {
         let path = image(&case.image);
         let ids = case.input_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-        let out = support::run_json(&[
-            "logits",
-            "--model",
-            utf8(&model),
-            "--tokens",
-            &ids,
-            "--image",
-            utf8(&path),
-            "--last",
-        ]);
+        let out =
+            support::run_json(&["logits", "--model", utf8(&model), "--tokens", &ids, "--image", utf8(&path), "--last"]);
         let logits: Vec<Vec<f32>> = serde_json::from_value(out["logits"].clone()).expect("logits");
         let last = logits.last().expect("a row");
         let diff = last.iter().zip(&case.last_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
@@ -160,8 +152,7 @@ fn logits_and_generate_with_an_image_match_the_goldens() {
 #[test]
 fn image_requests_through_four_workers_in_chunks_match_generate() {
     let model = tiny_fixture();
-    let pool =
-        workers(&model, &[&["--shard", "0/4"], &["--shard", "1/4"], &["--shard", "2/4"], &["--shard", "3/4"]]);
+    let pool = workers(&model, &[&["--shard", "0/4"], &["--shard", "1/4"], &["--shard", "2/4"], &["--shard", "3/4"]]);
     let addrs = pool.iter().map(|w| w.addr.as_str()).collect::<Vec<_>>().join(",");
     let coordinator = support::coordinator(
         utf8(&model),

@@ -71,7 +71,10 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
                         let sampling =
                             SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..Default::default() };
                         let sent = Instant::now();
-                        engine.submit(Request { id: format!("c{client}-{r}"), prompt, sampling, priority: 0, images: Vec::new() }, tx)?;
+                        engine.submit(
+                            Request { id: format!("c{client}-{r}"), prompt, sampling, priority: 0, images: Vec::new() },
+                            tx,
+                        )?;
                         let mut first = None;
                         while let Some(event) = rx.blocking_recv() {
                             match event {

@@ -83,8 +83,7 @@ impl PromptArgs {
             other_fields: Default::default(),
         }];
         let chat = codec.encode_chat(&messages)?;
-        let (ids, tiles) =
-            input.expand(&chat.ids, &chat.image_placeholders, images, &messages).map_err(api_error)?;
+        let (ids, tiles) = input.expand(&chat.ids, &chat.image_placeholders, images, &messages).map_err(api_error)?;
         let images = tiles
             .into_iter()
             .map(|t| Tiles::from_parts(t.rows as usize, t.cols as usize, t.tile_size as usize, t.pixels.into()))

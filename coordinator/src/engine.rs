@@ -544,10 +544,8 @@ impl<E: ExpertBackend> Engine<E> {
         if wanted.is_empty() {
             return Ok(());
         }
-        let tiles: Vec<&Tiles> = wanted
-            .iter()
-            .filter_map(|&(s, i)| self.running[s].images.as_ref().map(|images| images.tiles(i)))
-            .collect();
+        let tiles: Vec<&Tiles> =
+            wanted.iter().filter_map(|&(s, i)| self.running[s].images.as_ref().map(|images| images.tiles(i))).collect();
         let features = vision.encode(&tiles)?;
         for ((s, i), f) in wanted.into_iter().zip(features) {
             if let Some(images) = &mut self.running[s].images {

@@ -105,8 +105,7 @@ impl Vision {
         let pixels = Tensor::from_vec(pixels, (tiles, 3, side, side), &Device::Cpu)?;
         let started = std::time::Instant::now();
         let features = self.model.forward(&pixels)?;
-        metrics::histogram!(epserve_proto::metric_names::VISION_ENCODE_SECONDS)
-            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!(epserve_proto::metric_names::VISION_ENCODE_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::counter!(epserve_proto::metric_names::VISION_TILES_TOTAL).increment(tiles as u64);
         let mut out = Vec::with_capacity(images.len());
         let mut row = 0;

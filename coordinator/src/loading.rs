@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use epserve_control::{ControlConnection, Kind};
-use epserve_model::generation_config::eos_token_ids;
 use epserve_imaging::{ProcessorConfig, Tiles};
+use epserve_model::generation_config::eos_token_ids;
 use epserve_model::{
     Checkpoint, ExpertShard, LoadProgress, LogitsFor, ModelConfig, RoutingTrace, SequenceStep, TextModel, VisionModel,
     WeightStorage,
@@ -166,10 +166,14 @@ fn load_weights(config: &LoadConfig, local_experts: bool) -> Result<LoadedWeight
 }
 
 /// The vision tower and the image processor settings of a multimodal checkpoint; `None` for text.
-fn load_vision(config: &LoadConfig, model_config: &ModelConfig, ckpt: &Checkpoint) -> Result<Option<Vision>, LoadError> {
+fn load_vision(
+    config: &LoadConfig,
+    model_config: &ModelConfig,
+    ckpt: &Checkpoint,
+) -> Result<Option<Vision>, LoadError> {
     let weights = |source| LoadError::Weights { dir: config.dir.clone(), source };
-    let Some(model) = VisionModel::load(model_config, ckpt, config.dtype, config.weight_storage, &Device::Cpu)
-        .map_err(weights)?
+    let Some(model) =
+        VisionModel::load(model_config, ckpt, config.dtype, config.weight_storage, &Device::Cpu).map_err(weights)?
     else {
         return Ok(None);
     };

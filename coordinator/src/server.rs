@@ -4,11 +4,11 @@
 
 use std::pin::Pin;
 
+use epserve_imaging::Tiles;
 use epserve_proto::v1::coordinator_service_server::{CoordinatorService, CoordinatorServiceServer};
 use epserve_proto::v1::{
     self as pb, GenerateRequest, HealthRequest, HealthResponse, LoadRequest, LoadResponse, TokenEvent,
 };
-use epserve_imaging::Tiles;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 

@@ -82,7 +82,9 @@ fn collect(mut rx: UnboundedReceiver<Event>) -> Outcome {
 
 fn submit(engine: &EngineHandle, id: usize, prompt: Vec<u32>, sampling: SamplingParams) -> UnboundedReceiver<Event> {
     let (tx, rx) = unbounded_channel();
-    engine.submit(Request { id: format!("r{id}"), prompt, sampling, priority: 0, images: Vec::new() }, tx).expect("submit");
+    engine
+        .submit(Request { id: format!("r{id}"), prompt, sampling, priority: 0, images: Vec::new() }, tx)
+        .expect("submit");
     rx
 }
 
@@ -239,17 +241,26 @@ fn bad_requests_are_refused_with_a_reason() {
     let engine = start(64, 4, 64);
     let (tx, _rx) = unbounded_channel();
     let err = engine
-        .submit(Request { id: "x".into(), prompt: vec![600], sampling: greedy(4), priority: 0, images: Vec::new() }, tx.clone())
+        .submit(
+            Request { id: "x".into(), prompt: vec![600], sampling: greedy(4), priority: 0, images: Vec::new() },
+            tx.clone(),
+        )
         .expect_err("out of vocabulary");
     assert!(err.to_string().contains("vocabulary"), "{err}");
     let err = engine
-        .submit(Request { id: "y".into(), prompt: vec![1; 5000], sampling: greedy(4), priority: 0, images: Vec::new() }, tx.clone())
+        .submit(
+            Request { id: "y".into(), prompt: vec![1; 5000], sampling: greedy(4), priority: 0, images: Vec::new() },
+            tx.clone(),
+        )
         .expect_err("too long");
     assert!(err.to_string().contains("5000") && err.to_string().contains("4096"), "{err}");
     // Fits the context but never the cache: refused with a reason, not left waiting forever.
     let (tx, rx) = unbounded_channel();
     engine
-        .submit(Request { id: "z".into(), prompt: prompt(40, 1), sampling: greedy(200), priority: 0, images: Vec::new() }, tx)
+        .submit(
+            Request { id: "z".into(), prompt: prompt(40, 1), sampling: greedy(200), priority: 0, images: Vec::new() },
+            tx,
+        )
         .expect("queued");
     let mut rx = rx;
     match rx.blocking_recv() {
