@@ -31,7 +31,8 @@ pub struct VisionBenchArgs {
     /// Tiles per forward pass (an image is up to 16 tiles plus its global tile).
     #[arg(long, default_value_t = 4)]
     pub tiles: usize,
-    /// Measured forward passes, after one warm-up pass.
+    /// Measured forward passes, each after a product at the peak's shape, after one warm-up of
+    /// each; every stage and the peak keep their best time.
     #[arg(long, default_value_t = 3)]
     pub iterations: usize,
     /// How weight matrices are kept: bf16 as a checkpoint stores them (widened for each product),
@@ -129,25 +130,24 @@ pub fn run(args: VisionBenchArgs) -> Result<()> {
     let pixels: Vec<f32> = (0..args.tiles * 3 * s * s).map(|i| ((i * 7919) % 511) as f32 / 255.5 - 1.0).collect();
     let pixels = Tensor::from_vec(pixels, (args.tiles, 3, s, s), &dev)?;
 
-    // The peak is measured before and after the passes, and the better one kept: on a shared
-    // machine the fraction errs low, never high.
-    let peak_before = matmul_peak(&cfg, args.tiles)?;
-    // One warm-up pass, then the measured ones, each stage timed.
-    let mut stages = StageTimes::default();
-    for iteration in 0..=args.iterations {
-        let times = timed_forward(&model, &pixels)?;
-        if iteration > 0 {
-            stages.add(&times);
-        }
+    // Peak products and forward passes alternate, after one warm-up of each, and each keeps its
+    // best time (each stage its own): on a machine shared with other work both figures then come
+    // from the same conditions, and neither averages in interruptions.
+    let probe = PeakProbe::new(&cfg, args.tiles)?;
+    probe.gflops()?;
+    timed_forward(&model, &pixels)?;
+    let mut peak = 0f64;
+    let mut best = StageTimes { embed: f64::INFINITY, layers: f64::INFINITY, project: f64::INFINITY };
+    for _ in 0..args.iterations {
+        peak = peak.max(probe.gflops()?);
+        best.keep_best(&timed_forward(&model, &pixels)?);
     }
-    let n = args.iterations as f64;
     let tiles = args.tiles as f64;
-    let forward_s = stages.total() / n;
-    let layers_s = stages.layers / n;
+    let forward_s = best.total();
+    let layers_s = best.layers;
     let layer_flops = model.flops_per_tile_layer() * tiles * args.layers as f64;
     let layer_gflops = layer_flops / layers_s / 1e9;
     let total_gflops = model.flops_per_tile() * tiles / forward_s / 1e9;
-    let peak = matmul_peak(&cfg, args.tiles)?.max(peak_before);
     tracing::info!(
         "{:.2} tiles/s; encoder layers {:.1} ms per layer per tile, {layer_gflops:.1} GFLOP/s = {:.0} % of the f32 matmul peak ({:.1} GFLOP/s)",
         tiles / forward_s,
@@ -164,9 +164,9 @@ pub fn run(args: VisionBenchArgs) -> Result<()> {
         "matrix_bytes": model.matrix_bytes(),
         "tiles_per_s": tiles / forward_s,
         "forward_ms": forward_s * 1e3,
-        "embed_ms": stages.embed / n * 1e3,
+        "embed_ms": best.embed * 1e3,
         "layers_ms": layers_s * 1e3,
-        "project_ms": stages.project / n * 1e3,
+        "project_ms": best.project * 1e3,
         "ms_per_layer_per_tile": layers_s * 1e3 / args.layers as f64 / tiles,
         "gflop_per_tile": model.flops_per_tile() / 1e9,
         "gflops_forward": total_gflops,
@@ -186,10 +186,10 @@ struct StageTimes {
 }
 
 impl StageTimes {
-    fn add(&mut self, other: &StageTimes) {
-        self.embed += other.embed;
-        self.layers += other.layers;
-        self.project += other.project;
+    fn keep_best(&mut self, other: &StageTimes) {
+        self.embed = self.embed.min(other.embed);
+        self.layers = self.layers.min(other.layers);
+        self.project = self.project.min(other.project);
     }
 
     fn total(&self) -> f64 {
@@ -218,27 +218,33 @@ fn timed_forward(model: &VisionModel, pixels: &Tensor) -> Result<StageTimes> {
     })
 }
 
-/// GFLOP/s of the encoder's largest product, `[tokens·tiles, hidden] × [hidden, intermediate]`
-/// (fc1), with f32 operands through the product the encoder's layers make
-/// (`epserve_model::vision::matmul_t`, the gemm crate's kernels): best of 5 after a warm-up.
-fn matmul_peak(cfg: &ModelConfig, tiles: usize) -> Result<f64> {
-    let v = cfg.vision.as_ref().context("no vision config")?;
-    let rows = ((v.image_size / v.patch_size).pow(2) + 1) * tiles;
-    let (k, n) = (v.hidden_size, v.intermediate_size);
-    let dev = Device::Cpu;
-    let x = Tensor::from_vec((0..rows * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect(), (rows, k), &dev)?;
-    let w = Tensor::from_vec((0..n * k).map(|i| ((i % 89) as f32 - 44.0) / 890.0).collect(), (n, k), &dev)?;
-    let flops = 2.0 * (rows * k * n) as f64;
-    epserve_model::kernels::on_pool(|| {
-        let mut best = f64::INFINITY;
-        for i in 0..6 {
+/// The encoder's largest product, `[tokens·tiles, hidden] × [hidden, intermediate]` (fc1), with
+/// f32 operands through the product the encoder's layers make (`epserve_model::vision::matmul_t`,
+/// the gemm crate's kernels).
+struct PeakProbe {
+    x: Tensor,
+    w: Tensor,
+    flops: f64,
+}
+
+impl PeakProbe {
+    fn new(cfg: &ModelConfig, tiles: usize) -> Result<Self> {
+        let v = cfg.vision.as_ref().context("no vision config")?;
+        let rows = ((v.image_size / v.patch_size).pow(2) + 1) * tiles;
+        let (k, n) = (v.hidden_size, v.intermediate_size);
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec((0..rows * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect(), (rows, k), &dev)?;
+        let w = Tensor::from_vec((0..n * k).map(|i| ((i % 89) as f32 - 44.0) / 890.0).collect(), (n, k), &dev)?;
+        Ok(PeakProbe { x, w, flops: 2.0 * (rows * k * n) as f64 })
+    }
+
+    /// GFLOP/s of one product.
+    fn gflops(&self) -> Result<f64> {
+        epserve_model::kernels::on_pool(|| {
             let started = Instant::now();
-            let y = epserve_model::vision::matmul_t(&x, &w)?;
+            let y = epserve_model::vision::matmul_t(&self.x, &self.w)?;
             std::hint::black_box(&y);
-            if i > 0 {
-                best = best.min(started.elapsed().as_secs_f64());
-            }
-        }
-        Ok(flops / best / 1e9)
-    })
+            Ok(self.flops / started.elapsed().as_secs_f64() / 1e9)
+        })
+    }
 }

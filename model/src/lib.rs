@@ -1,7 +1,8 @@
 //! Llama 4 as pure computation on candle tensors: config parsing (hub and transformers-5
-//! spellings), memory-mapped safetensors checkpoints in hub layout, and the text decoder with every
+//! spellings), memory-mapped safetensors checkpoints in hub layout, the text decoder with every
 //! Llama-4 detail (interleaved RoPE with llama3 scaling, NoPE layers, chunked attention, L2 qk-norm,
-//! attention temperature tuning, sigmoid top-k router scaling the expert input, shared expert).
+//! attention temperature tuning, sigmoid top-k router scaling the expert input, shared expert), and
+//! the vision tower and projector whose outputs replace the prompt's `<|patch|>` embeddings.
 //!
 //! Boundaries: no networking, no async runtime, no I/O beyond reading (and, for `gen-model` and
 //! tests, writing) checkpoints. Routed experts are reached only through [`ExpertBackend`], so that

@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::Geometry;
-use super::ops::Linear;
+use super::ops::{Linear, Scratch};
 use crate::checkpoint::WeightSource;
 use crate::error::Result;
 use crate::layers::WeightStorage;
@@ -58,13 +58,14 @@ impl Adapter {
     }
 
     /// Shuffled tokens `[rows, s²·hidden]` → text embeddings `[rows, text hidden]`.
-    pub fn forward(&self, shuffled: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward_gelu(shuffled)?;
+    pub fn forward(&self, shuffled: &Tensor, scratch: &Scratch) -> Result<Tensor> {
+        let h = self.fc1.forward_gelu(shuffled, scratch)?;
         #[cfg(any(test, feature = "testing"))]
-        let h = if self.skip_second_gelu { self.fc2.forward(&h)? } else { self.fc2.forward_gelu(&h)? };
+        let h =
+            if self.skip_second_gelu { self.fc2.forward(&h, scratch)? } else { self.fc2.forward_gelu(&h, scratch)? };
         #[cfg(not(any(test, feature = "testing")))]
-        let h = self.fc2.forward_gelu(&h)?;
-        self.projector.forward(&h)
+        let h = self.fc2.forward_gelu(&h, scratch)?;
+        self.projector.forward(&h, scratch)
     }
 }
 

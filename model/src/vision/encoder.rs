@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::Geometry;
 use super::attention::{RopeTable, attention};
-use super::ops::{LayerNorm, Linear};
+use super::ops::{LayerNorm, Linear, Scratch};
 use crate::checkpoint::WeightSource;
 use crate::error::Result;
 use crate::layers::WeightStorage;
@@ -121,13 +121,13 @@ impl EncoderLayer {
     }
 
     /// One block over `x` `[tiles · tokens, hidden]`.
-    pub fn forward(&self, x: &Tensor, g: &Geometry, rope: &RopeTable) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, g: &Geometry, rope: &RopeTable, scratch: &Scratch) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
-        let attended = attention(self.qkv.forward(&h)?, g, rope)?;
-        let x = (x + self.o_proj.forward(&attended)?)?;
+        let attended = attention(self.qkv.forward(&h, scratch)?, g, rope)?;
+        let x = (x + self.o_proj.forward(&attended, scratch)?)?;
         let h = self.post_attention_layernorm.forward(&x)?;
-        let h = self.fc1.forward_gelu(&h)?;
-        Ok((x + self.fc2.forward(&h)?)?)
+        let h = self.fc1.forward_gelu(&h, scratch)?;
+        Ok((x + self.fc2.forward(&h, scratch)?)?)
     }
 }
 

@@ -37,7 +37,7 @@ use adapter::{Adapter, pixel_shuffle};
 use attention::RopeTable;
 use encoder::{ClassToken, EncoderLayer, RopeAxes, rope_table, unfold};
 pub use ops::matmul_t;
-use ops::{LayerNorm, Linear};
+use ops::{LayerNorm, Linear, Scratch};
 
 /// The sizes the vision tower runs with, derived from the config and checked once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,6 +270,7 @@ pub struct VisionModel {
     layernorm_post: LayerNorm,
     adapter: Adapter,
     rope: RopeTable,
+    scratch: Scratch,
     #[cfg(any(test, feature = "testing"))]
     rope_theta: f64,
     class_token: ClassToken,
@@ -308,6 +309,7 @@ impl VisionModel {
             layernorm_post: LayerNorm::load(src, "vision_model.layernorm_post", d, dtype, device)?,
             adapter: Adapter::load(&g, src, kinds, device)?,
             rope: rope_table(&g, theta, ClassToken::Last, RopeAxes::ColumnFirst),
+            scratch: Scratch::default(),
             #[cfg(any(test, feature = "testing"))]
             rope_theta: theta,
             class_token: ClassToken::Last,
@@ -388,7 +390,8 @@ impl VisionModel {
         }
         let tiles = dims[0];
         let pixels = pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?;
-        let patches = self.patch_embedding.forward(&unfold(&pixels, g)?)?.reshape((tiles, g.patches, g.hidden))?;
+        let patches =
+            self.patch_embedding.forward(&unfold(&pixels, g)?, &self.scratch)?.reshape((tiles, g.patches, g.hidden))?;
         let class = self.class_embedding.reshape((1, 1, g.hidden))?.broadcast_as((tiles, 1, g.hidden))?;
         let tokens = match self.class_token {
             ClassToken::Last => Tensor::cat(&[&patches, &class], 1)?,
@@ -402,7 +405,7 @@ impl VisionModel {
     /// Encoder layer `layer` on `state`.
     pub fn run_layer(&self, state: &mut EncoderState, layer: usize) -> Result<()> {
         let l = self.layers.get(layer).ok_or_else(|| Error::Input(format!("vision layer {layer} does not exist")))?;
-        state.hidden = l.forward(&state.hidden, &self.geometry, &self.rope)?;
+        state.hidden = l.forward(&state.hidden, &self.geometry, &self.rope, &self.scratch)?;
         Ok(())
     }
 
@@ -416,7 +419,7 @@ impl VisionModel {
             ClassToken::First => 1,
         };
         let patches = hidden.narrow(1, first_patch, g.patches)?.reshape((state.tiles * g.patches, g.hidden))?;
-        let features = self.adapter.forward(&pixel_shuffle(&patches, g)?)?;
+        let features = self.adapter.forward(&pixel_shuffle(&patches, g)?, &self.scratch)?;
         Ok(features.to_dtype(self.dtype)?)
     }
 

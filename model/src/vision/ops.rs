@@ -30,6 +30,14 @@ const ROWS_PER_TASK: usize = 16;
 /// Elements per parallel task when widening a weight.
 const WIDEN_PER_TASK: usize = 1 << 16;
 
+/// Where products widen bf16 weights, reused from product to product: a fresh allocation of a
+/// weight's size costs as many page faults as the widening costs work (at one tile, the two were
+/// a fifth of the forward pass). It grows to the largest weight (Scout: the adapter's fc1, 92 MB in
+/// f32) and is held by the model; a product holds it until done, so concurrent forward passes of
+/// one model take turns product by product (each product already uses every core).
+#[derive(Debug, Default)]
+pub(super) struct Scratch(std::sync::Mutex<Vec<f32>>);
+
 /// `y = x·Wᵀ + b`, the weight stored `[out, in]` as in `nn.Linear`.
 #[derive(Debug, Clone)]
 pub(super) struct Linear {
@@ -84,23 +92,23 @@ impl Linear {
     }
 
     /// `x·Wᵀ + b` for `x` `[rows, in]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_then(x, false)
+    pub fn forward(&self, x: &Tensor, scratch: &Scratch) -> Result<Tensor> {
+        self.forward_then(x, false, scratch)
     }
 
     /// `gelu(x·Wᵀ + b)`, exact GELU.
-    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_then(x, true)
+    pub fn forward_gelu(&self, x: &Tensor, scratch: &Scratch) -> Result<Tensor> {
+        self.forward_then(x, true, scratch)
     }
 
-    fn forward_then(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+    fn forward_then(&self, x: &Tensor, gelu: bool, scratch: &Scratch) -> Result<Tensor> {
         if x.dtype() == DType::F32 && x.device().is_cpu() {
             let x = x.contiguous()?;
             let bias = self.bias.as_ref().map(|b| b.to_dtype(DType::F32)).transpose()?;
             let bias_view = bias.as_ref().map(|b| CpuView::new(b).ok_or_else(|| Error::Input("vision bias".into())));
             let bias_view = bias_view.transpose()?;
             let bias = bias_view.as_ref().map(|b| b.f32().ok_or_else(|| Error::Input("vision bias".into())));
-            let mut y = product_f32(&x, &self.weight, bias.transpose()?)?;
+            let mut y = product_f32(&x, &self.weight, bias.transpose()?, scratch)?;
             if gelu {
                 let width = self.weight.dim(0)?;
                 y.par_chunks_mut(width * ROWS_PER_TASK).for_each(|rows| rows::bias_gelu_rows(rows, width, None, true));
@@ -122,36 +130,16 @@ impl Linear {
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.dtype() == DType::F32 && x.device().is_cpu() {
         let x = x.contiguous()?;
-        let y = product_f32(&x, w, None)?;
+        let y = product_f32(&x, w, None, &Scratch::default())?;
         return Ok(Tensor::from_vec(y, (x.dim(0)?, w.dim(0)?), x.device())?);
     }
     Ok(x.matmul(&w.to_dtype(x.dtype())?.t()?)?)
 }
 
 /// `x · Wᵀ (+ bias)` for a contiguous f32 CPU `x` `[m, k]` and `w` `[n, k]`, row-major `[m, n]`.
-fn product_f32(x: &Tensor, w: &Tensor, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+fn product_f32(x: &Tensor, w: &Tensor, bias: Option<&[f32]>, scratch: &Scratch) -> Result<Vec<f32>> {
     let (&[m, k], &[n, k2]) = (x.dims(), w.dims()) else {
         return Err(Error::Input(format!("vision product of shapes {:?} and {:?}", x.dims(), w.dims())));
-    };
-    let x_view = CpuView::new(x).ok_or_else(|| Error::Input("vision product: x is not contiguous f32".into()))?;
-    let xs = x_view.f32().ok_or_else(|| Error::Input("vision product: x is not f32".into()))?;
-    let w = w.contiguous()?;
-    let w_view = CpuView::new(&w);
-    let widened;
-    let ws: &[f32] = match w_view.as_ref().map(CpuView::weights) {
-        Some(Weights::F32(values)) => values,
-        Some(Weights::Bf16(values)) => {
-            let mut wide = vec![0f32; values.len()];
-            wide.par_chunks_mut(WIDEN_PER_TASK)
-                .zip(values.par_chunks(WIDEN_PER_TASK))
-                .for_each(|(out, src)| rows::widen(src, out));
-            widened = wide;
-            &widened
-        }
-        None => {
-            widened = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            &widened
-        }
     };
     if k != k2 || bias.is_some_and(|b| b.len() != n) {
         return Err(Error::Input(format!(
@@ -159,7 +147,29 @@ fn product_f32(x: &Tensor, w: &Tensor, bias: Option<&[f32]>) -> Result<Vec<f32>>
             bias.map_or(0, <[f32]>::len)
         )));
     }
-    Ok(gemm_xwt(xs, ws, (m, k, n), bias))
+    let x_view = CpuView::new(x).ok_or_else(|| Error::Input("vision product: x is not contiguous f32".into()))?;
+    let xs = x_view.f32().ok_or_else(|| Error::Input("vision product: x is not f32".into()))?;
+    let w = w.contiguous()?;
+    let w_view = CpuView::new(&w);
+    match w_view.as_ref().map(CpuView::weights) {
+        Some(Weights::F32(ws)) => Ok(gemm_xwt(xs, ws, (m, k, n), bias)),
+        Some(Weights::Bf16(values)) => {
+            // A poisoned lock only means a product panicked mid-way: the buffer is rewritten anyway.
+            let mut wide = scratch.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if wide.len() < values.len() {
+                wide.resize(values.len(), 0.0);
+            }
+            let wide = &mut wide[..values.len()];
+            wide.par_chunks_mut(WIDEN_PER_TASK)
+                .zip(values.par_chunks(WIDEN_PER_TASK))
+                .for_each(|(out, src)| rows::widen(src, out));
+            Ok(gemm_xwt(xs, wide, (m, k, n), bias))
+        }
+        None => {
+            let ws = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(gemm_xwt(xs, &ws, (m, k, n), bias))
+        }
+    }
 }
 
 /// `x · wᵀ (+ bias)` through the gemm crate on every thread of rayon's pool.
@@ -310,7 +320,8 @@ mod tests {
             .expect("candle");
         for weight in [w32.clone(), w32.to_dtype(DType::BF16).expect("bf16")] {
             let layer = Linear { weight, bias: Some(b.clone()) };
-            let got = layer.forward_gelu(&x).and_then(|y| Ok(y.to_vec2::<f32>()?)).expect("forward");
+            let got =
+                layer.forward_gelu(&x, &Scratch::default()).and_then(|y| Ok(y.to_vec2::<f32>()?)).expect("forward");
             for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
                 assert!((g - w).abs() < 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
             }
