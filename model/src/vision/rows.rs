@@ -1,7 +1,7 @@
 //! Row-wise f32 kernels of the vision tower: bias + exact GELU, softmax, LayerNorm, the 2-D RoPE
 //! rotation, bf16 widening. Each is written once as plain loops and compiled twice: for AVX-512
 //! (chosen at run time when the CPU has it, so that the loops vectorize 16 wide; the workspace
-//! builds for baseline x86-64, whose SSE2 would leave these passes several times slower) and as the
+//! builds for baseline x86-64, whose SSE2 gives these loops 4 lanes instead of 16) and as the
 //! crate is built. Callers split the work into parallel tasks; each call here is one task.
 
 use half::bf16;
