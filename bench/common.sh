@@ -4,7 +4,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 source scripts/ensure-tools
 cargo build --release -p epserve-cli >&2
-EPSERVE="$root/target/release/epserve"
+EPSERVE="${CARGO_TARGET_DIR:-$root/target}/release/epserve"
 MODELS="${EPSERVE_BENCH_MODELS:-$root/target/bench-models}"
 export EPSERVE_LOG="${EPSERVE_LOG:-warn}"
 WORKER_PIDS=()
