@@ -8,25 +8,12 @@ use std::path::{Path, PathBuf};
 
 use epserve_imaging::{DecodeLimits, ProcessorConfig};
 use epserve_proto::v1::coordinator_service_client::CoordinatorServiceClient;
-use epserve_proto::v1::{FinishReason, GenerateRequest, ImageTiles, LoadRequest, SamplingParams};
-use serde::Deserialize;
+use epserve_proto::v1::{GenerateRequest, ImageTiles, LoadRequest, SamplingParams};
+use epserve_testkit::golden::{VisionCase, vision_cases};
 use support::{Process, tiny_fixture, workers};
 
-#[derive(Deserialize)]
-struct Golden {
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    image: String,
-    input_ids: Vec<u32>,
-    last_logits: Vec<f32>,
-}
-
-fn golden() -> Vec<Case> {
-    let text = std::fs::read_to_string(tiny_fixture().join("golden/vision.json")).expect("golden");
-    serde_json::from_str::<Golden>(&text).expect("json").cases
+fn golden() -> Vec<VisionCase> {
+    vision_cases(&tiny_fixture())
 }
 
 /// The user text of the golden vision prompts (after the image).
@@ -81,23 +68,6 @@ fn request(id: &str, prompt: &[u32], images: &[&Path], max_tokens: u32) -> Gener
         priority: 0,
         images: images.iter().map(|p| tiles(p)).collect(),
     }
-}
-
-async fn served(addr: &str, request: GenerateRequest) -> Vec<u32> {
-    let mut client = CoordinatorServiceClient::connect(format!("http://{addr}")).await.expect("connect");
-    let prompt_len = request.prompt_tokens.len() as u32;
-    let mut stream = client.generate(request).await.expect("generate").into_inner();
-    let mut tokens = Vec::new();
-    while let Some(event) = stream.message().await.expect("stream") {
-        tokens.extend(event.tokens.iter().map(|t| t.id));
-        if event.finish_reason != 0 {
-            assert_eq!(event.finish_reason, FinishReason::Length as i32, "{}", event.error);
-            let usage = event.usage.expect("usage");
-            assert_eq!(usage.prompt_tokens, prompt_len, "image tokens count as prompt tokens");
-            return tokens;
-        }
-    }
-    panic!("the stream ended without a finish reason");
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -162,7 +132,8 @@ fn image_requests_through_four_workers_in_chunks_match_generate() {
     let rt = runtime();
     for images in [vec![wide.as_path()], vec![small.as_path()], vec![wide.as_path(), small.as_path()]] {
         let (prompt, expected) = generated(&images, 12);
-        let tokens = rt.block_on(served(&coordinator.addr, request("chunked", &prompt, &images, 12)));
+        let tokens =
+            rt.block_on(support::generate_to_length(&coordinator.addr, request("chunked", &prompt, &images, 12)));
         assert_eq!(tokens, expected, "images {images:?}: coordinator through workers vs generate");
     }
 }
@@ -184,14 +155,16 @@ fn preempted_image_requests_resume_with_the_same_tokens() {
         let addr = coordinator.addr.clone();
         let mut alone = Vec::new();
         for (i, images) in cases.iter().enumerate() {
-            alone.push(served(&addr, request(&format!("alone-{i}"), &prompts[i], images, 40)).await);
+            alone.push(
+                support::generate_to_length(&addr, request(&format!("alone-{i}"), &prompts[i], images, 40)).await,
+            );
         }
         let handles: Vec<_> = (0..8)
             .map(|k| {
                 let i = k % cases.len();
                 let request = request(&format!("together-{k}"), &prompts[i], &cases[i], 40);
                 let addr = addr.clone();
-                (i, tokio::spawn(async move { served(&addr, request).await }))
+                (i, tokio::spawn(async move { support::generate_to_length(&addr, request).await }))
             })
             .collect();
         for (i, handle) in handles {

@@ -19,35 +19,19 @@ fn request(id: usize, len: usize) -> GenerateRequest {
     }
 }
 
-async fn generate(addr: &str, req: GenerateRequest) -> Vec<u32> {
-    let mut client = CoordinatorServiceClient::connect(format!("http://{addr}")).await.expect("connect");
-    let mut stream = client.generate(req).await.expect("generate").into_inner();
-    let mut tokens = Vec::new();
-    while let Some(event) = stream.message().await.expect("stream") {
-        tokens.extend(event.tokens.iter().map(|t| t.id));
-        if event.finish_reason != 0 {
-            assert_eq!(event.finish_reason, FinishReason::Length as i32, "{}", event.error);
-            let usage = event.usage.expect("usage");
-            assert_eq!(usage.completion_tokens as usize, tokens.len());
-            return tokens;
-        }
-    }
-    panic!("the stream ended without a finish reason");
-}
-
 fn concurrent_equals_alone(coordinator: &Process) -> Vec<Vec<u32>> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
     runtime.block_on(async {
         let addr = coordinator.addr.clone();
         let mut alone = Vec::new();
         for i in 0..16 {
-            alone.push(generate(&addr, request(i, 1 + 3 * i)).await);
+            alone.push(support::generate_to_length(&addr, request(i, 1 + 3 * i)).await);
         }
         let handles: Vec<_> = (0..16)
             .map(|i| {
                 tokio::spawn({
                     let addr = addr.clone();
-                    async move { generate(&addr, request(i, 1 + 3 * i)).await }
+                    async move { support::generate_to_length(&addr, request(i, 1 + 3 * i)).await }
                 })
             })
             .collect();

@@ -7,21 +7,8 @@ use std::path::Path;
 
 use epserve_imaging::{DecodeLimits, ImageTokenIds, ProcessorConfig, decode, expand, preprocess};
 use epserve_testkit::fixtures;
+use epserve_testkit::golden::vision_cases;
 use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct Golden {
-    cases: Vec<GoldenCase>,
-}
-
-#[derive(Deserialize)]
-struct GoldenCase {
-    image: String,
-    prompt: String,
-    input_ids: Vec<u32>,
-    pixel_values_shape: Vec<usize>,
-    pixel_values: Vec<f32>,
-}
 
 #[derive(Deserialize)]
 struct ModelConfig {
@@ -40,16 +27,12 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> T {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn golden(dir: &Path) -> Golden {
-    read_json(&dir.join("golden/vision.json"))
-}
-
 /// The golden is rounded to 5 decimals: a value within 1e-5 is exact; one uint8 level is 2/255
 /// after normalisation with mean = std = 0.5.
 fn check_pixel_values(dir: &Path) {
     let config = ProcessorConfig::from_checkpoint(dir).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((config.tile_size, config.max_patches), (56, 4), "the fixture's preprocessor_config.json is read");
-    for case in golden(dir).cases {
+    for case in vision_cases(dir) {
         let path = dir.join("golden").join(&case.image);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let image = decode(&bytes, &DecodeLimits::default()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -86,7 +69,7 @@ fn check_prompt_expansion(dir: &Path) {
     let tokens_per_tile =
         ((v.image_size / v.patch_size).pow(2) as f64 * v.pixel_shuffle_ratio * v.pixel_shuffle_ratio) as usize;
     let config = ProcessorConfig::from_checkpoint(dir).unwrap_or_else(|e| panic!("{e}"));
-    for case in golden(dir).cases {
+    for case in vision_cases(dir) {
         let bytes = std::fs::read(dir.join("golden").join(&case.image)).unwrap_or_else(|e| panic!("{e}"));
         let tiles = preprocess(&decode(&bytes, &DecodeLimits::default()).unwrap_or_else(|e| panic!("{e}")), &config);
         let encoding = tokenizer.encode(case.prompt.as_str(), true).unwrap_or_else(|e| panic!("{e}"));

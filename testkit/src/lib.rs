@@ -8,6 +8,7 @@
 mod binary;
 pub mod etcd_server;
 pub mod fixtures;
+pub mod golden;
 
 pub use binary::epserve_binary;
 

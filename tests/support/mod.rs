@@ -232,3 +232,25 @@ pub fn until_eos(model: &std::path::Path, tokens: &[u64]) -> Vec<u64> {
     };
     tokens.iter().copied().take_while(|t| !eos.contains(t)).collect()
 }
+
+/// Streams `request` from the coordinator at `addr` to its end, which must be `length` (the tests
+/// ask for `ignore_eos`): the tokens, after checking that the usage counts the prompt and them.
+pub async fn generate_to_length(addr: &str, request: epserve_proto::v1::GenerateRequest) -> Vec<u32> {
+    use epserve_proto::v1::FinishReason;
+    use epserve_proto::v1::coordinator_service_client::CoordinatorServiceClient;
+    let prompt_len = request.prompt_tokens.len() as u32;
+    let mut client = CoordinatorServiceClient::connect(format!("http://{addr}")).await.expect("connect");
+    let mut stream = client.generate(request).await.expect("generate").into_inner();
+    let mut tokens = Vec::new();
+    while let Some(event) = stream.message().await.expect("stream") {
+        tokens.extend(event.tokens.iter().map(|t| t.id));
+        if event.finish_reason != 0 {
+            assert_eq!(event.finish_reason, FinishReason::Length as i32, "{}", event.error);
+            let usage = event.usage.expect("usage");
+            assert_eq!(usage.completion_tokens as usize, tokens.len());
+            assert_eq!(usage.prompt_tokens, prompt_len, "every prompt token counts, image placeholders too");
+            return tokens;
+        }
+    }
+    panic!("the stream ended without a finish reason");
+}

@@ -173,17 +173,14 @@ pub struct VisionCase {
 }
 
 pub fn vision_cases() -> Vec<VisionCase> {
-    let text = std::fs::read_to_string(golden_dir().join("vision.json")).expect("vision golden");
-    let golden: Value = serde_json::from_str(&text).expect("json");
-    golden["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
+    let dir = epserve_testkit::fixtures::dir(epserve_testkit::fixtures::TINY_LLAMA4);
+    epserve_testkit::golden::vision_cases(&dir)
+        .into_iter()
         .map(|c| VisionCase {
-            image: c["image"].as_str().expect("image").to_owned(),
-            input_ids: serde_json::from_value(c["input_ids"].clone()).expect("ids"),
-            tile_shape: serde_json::from_value(c["pixel_values_shape"].clone()).expect("shape"),
-            pixel_values: serde_json::from_value(c["pixel_values"].clone()).expect("pixels"),
+            tile_shape: c.pixel_values_shape.as_slice().try_into().expect("[tiles, 3, S, S]"),
+            image: c.image,
+            input_ids: c.input_ids,
+            pixel_values: c.pixel_values,
         })
         .collect()
 }

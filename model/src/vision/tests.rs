@@ -8,9 +8,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use serde::Deserialize;
 
 use epserve_testkit::fixtures;
+use epserve_testkit::golden::{VisionCase, vision_cases};
 
 use super::VisionModel;
 use crate::checkpoint::Checkpoint;
@@ -25,30 +25,9 @@ use crate::text_model::{ImageRows, LogitsFor, SequenceStep, TextModel};
 /// As for the text goldens: the reference expects ~1e-5 on logits of ~3.
 const TOLERANCE: f32 = 1e-3;
 
-#[derive(Deserialize)]
-struct Golden {
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    image: String,
-    input_ids: Vec<u32>,
-    pixel_values_shape: Vec<usize>,
-    pixel_values: Vec<f32>,
-    last_logits: Vec<f32>,
-}
-
-impl Case {
-    fn pixels(&self) -> Tensor {
-        Tensor::from_slice(&self.pixel_values, self.pixel_values_shape.as_slice(), &Device::Cpu).expect("pixel values")
-    }
-}
-
-fn golden(dir: &Path) -> Golden {
-    let path = dir.join("golden/vision.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).expect("golden/vision.json parses")
+/// The pixel values of a golden case as a tensor.
+fn pixels(case: &VisionCase) -> Tensor {
+    Tensor::from_slice(&case.pixel_values, case.pixel_values_shape.as_slice(), &Device::Cpu).expect("pixel values")
 }
 
 struct Loaded {
@@ -85,8 +64,8 @@ impl Loaded {
 
     /// The last position's logits of `case`, its prompt fed in pieces ending at each of `cuts`
     /// (absolute positions), each piece with the features of its own placeholders.
-    fn last_logits(&self, case: &Case, cuts: &[usize]) -> Vec<f32> {
-        let features = self.vision.forward(&case.pixels()).expect("vision forward");
+    fn last_logits(&self, case: &VisionCase, cuts: &[usize]) -> Vec<f32> {
+        let features = self.vision.forward(&pixels(case)).expect("vision forward");
         let positions = self.patch_positions(&case.input_ids);
         assert_eq!(features.dim(0).expect("rows"), positions.len(), "{}: one feature row per <|patch|>", case.image);
         let mut cache = self.text.new_cache();
@@ -109,7 +88,7 @@ impl Loaded {
 
 fn assert_images_match(dir: &Path) {
     let m = load(dir, WeightStorage::AsStored);
-    for case in golden(dir).cases {
+    for case in vision_cases(dir) {
         let diff = max_abs_diff(&m.last_logits(&case, &[]), &case.last_logits);
         eprintln!("{} ({} tiles): max |Δlogit| = {diff:e}", case.image, case.pixel_values_shape[0]);
         assert!(diff < TOLERANCE, "{}: max |Δlogit| = {diff}", case.image);
@@ -138,7 +117,7 @@ fn independent_fixture_images_match() {
 #[test]
 fn a_prompt_in_chunks_that_split_the_patch_run_gives_the_same_logits() {
     let m = load(&crate::parity_tests::fixture_dir(), WeightStorage::AsStored);
-    for case in golden(&crate::parity_tests::fixture_dir()).cases {
+    for case in vision_cases(&crate::parity_tests::fixture_dir()) {
         let positions = m.patch_positions(&case.input_ids);
         let middle = positions[positions.len() / 2] as usize + 1;
         let mut cut_sets = vec![vec![middle], vec![positions[0] as usize + 1, middle, middle + 1]];
@@ -158,8 +137,8 @@ fn a_prompt_in_chunks_that_split_the_patch_run_gives_the_same_logits() {
 fn two_sequences_with_images_in_one_step() {
     let dir = crate::parity_tests::fixture_dir();
     let m = load(&dir, WeightStorage::AsStored);
-    let cases = golden(&dir).cases;
-    let features: Vec<Tensor> = cases.iter().map(|c| m.vision.forward(&c.pixels()).expect("vision")).collect();
+    let cases = vision_cases(&dir);
+    let features: Vec<Tensor> = cases.iter().map(|c| m.vision.forward(&pixels(c)).expect("vision")).collect();
     let positions: Vec<Vec<u32>> = cases.iter().map(|c| m.patch_positions(&c.input_ids)).collect();
     let mut caches: Vec<_> = cases.iter().map(|_| m.text.new_cache()).collect();
     let mut steps: Vec<SequenceStep<'_>> = cases
@@ -184,8 +163,8 @@ fn two_sequences_with_images_in_one_step() {
 fn tiles_are_encoded_independently_and_in_order() {
     let dir = crate::parity_tests::fixture_dir();
     let m = load(&dir, WeightStorage::AsStored);
-    let case = golden(&dir).cases.into_iter().max_by_key(|c| c.pixel_values_shape[0]).expect("a case");
-    let pixels = case.pixels();
+    let case = vision_cases(&dir).into_iter().max_by_key(|c| c.pixel_values_shape[0]).expect("a case");
+    let pixels = pixels(&case);
     let all = m.vision.forward(&pixels).expect("all tiles").to_vec2::<f32>().expect("rows");
     let per_tile = m.vision.tokens_per_tile();
     for tile in 0..pixels.dim(0).expect("tiles") {
@@ -200,8 +179,8 @@ fn tiles_are_encoded_independently_and_in_order() {
 fn mismatched_feature_count_is_an_input_error_naming_both() {
     let dir = crate::parity_tests::fixture_dir();
     let m = load(&dir, WeightStorage::AsStored);
-    let case = golden(&dir).cases.into_iter().next().expect("a case");
-    let features = m.vision.forward(&case.pixels()).expect("vision");
+    let case = vision_cases(&dir).into_iter().next().expect("a case");
+    let features = m.vision.forward(&pixels(&case)).expect("vision");
     let positions = m.patch_positions(&case.input_ids);
     let short = features.narrow(0, 0, positions.len() - 1).expect("rows");
     let mut cache = m.text.new_cache();
@@ -223,7 +202,7 @@ fn mismatched_feature_count_is_an_input_error_naming_both() {
 #[test]
 fn each_vision_detail_matters() {
     let dir = crate::parity_tests::fixture_dir();
-    let cases = golden(&dir).cases;
+    let cases = vision_cases(&dir);
     for deviation in
         [Deviation::VisionRopeRowFirst, Deviation::VisionClassTokenFirst, Deviation::VisionNoSecondAdapterGelu]
     {
@@ -243,9 +222,9 @@ fn weights_kept_in_bf16_compute_what_weights_converted_at_load_compute() {
     let dir = crate::parity_tests::fixture_dir();
     let (kept, widened) = (load(&dir, WeightStorage::AsStored), load(&dir, WeightStorage::Compute));
     assert!(kept.vision.matrix_bytes() < widened.vision.matrix_bytes() * 6 / 10, "bf16 matrices take about half");
-    for case in golden(&dir).cases {
-        let a = kept.vision.forward(&case.pixels()).expect("bf16 kept");
-        let b = widened.vision.forward(&case.pixels()).expect("f32");
+    for case in vision_cases(&dir) {
+        let a = kept.vision.forward(&pixels(&case)).expect("bf16 kept");
+        let b = widened.vision.forward(&pixels(&case)).expect("f32");
         assert_eq!(a.to_vec2::<f32>().expect("a"), b.to_vec2::<f32>().expect("b"), "{}", case.image);
     }
 }
