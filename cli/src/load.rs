@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use candle_core::DType;
 use epserve_coordinator::{GrpcConfig, LoadConfig, StandaloneModel};
-use epserve_model::WeightStorage;
+use epserve_model::{LoadPolicy, QuantScheme, QuantScope, Quantize, WeightStorage};
 use epserve_proto::wire::WireDtype;
 
 /// Compute dtype on the command line.
@@ -41,6 +41,40 @@ impl From<WeightStorageArg> for WeightStorage {
             WeightStorageArg::AsStored => WeightStorage::AsStored,
             WeightStorageArg::Compute => WeightStorage::Compute,
         }
+    }
+}
+
+/// On-the-fly quantization of weight matrices at load (docs/model.md, "Quantized weights").
+#[derive(Debug, Clone, clap::Args)]
+pub struct QuantArgs {
+    /// Quantize weight matrices at load: `int8` (8.5 bits a weight) or `int4` (4.5 bits a weight),
+    /// with one f16 scale per 32 weights. Pre-quantized checkpoints are read as stored without it.
+    #[arg(long, value_parser = clap::value_parser!(QuantScheme), env = "EPSERVE_QUANTIZE")]
+    pub quantize: Option<QuantScheme>,
+    /// Which matrices `--quantize` applies to besides the routed experts (always): a comma list of
+    /// `shared`, `attention`, `dense`, `lm-head`, or `all`. The router, norms, embeddings and the
+    /// vision tower are never quantized.
+    #[arg(long, default_value = "routed,shared", value_parser = clap::value_parser!(QuantScope), env = "EPSERVE_QUANTIZE_SCOPE")]
+    pub quantize_scope: QuantScope,
+}
+
+impl QuantArgs {
+    /// The same settings as flags, for a component `epserve up` starts.
+    pub fn to_flags(&self) -> Vec<String> {
+        match self.quantize {
+            Some(scheme) => vec![
+                "--quantize".into(),
+                scheme.to_string(),
+                "--quantize-scope".into(),
+                self.quantize_scope.to_string(),
+            ],
+            None => Vec::new(),
+        }
+    }
+
+    /// The load policy for matrices kept as `storage` says.
+    pub fn policy(&self, storage: WeightStorage) -> LoadPolicy {
+        LoadPolicy { storage, quantize: self.quantize.map(|scheme| Quantize { scheme, scope: self.quantize_scope }) }
     }
 }
 
@@ -88,6 +122,8 @@ pub struct ExpertArgs {
     /// `compute` converts them to the compute dtype at load.
     #[arg(long, value_enum, default_value = "as-stored", env = "EPSERVE_WEIGHT_STORAGE")]
     pub weight_storage: WeightStorageArg,
+    #[command(flatten)]
+    pub quant: QuantArgs,
 }
 
 impl ExpertArgs {
@@ -96,7 +132,7 @@ impl ExpertArgs {
         LoadConfig {
             dir: dir.to_path_buf(),
             dtype: dtype.into(),
-            weight_storage: self.weight_storage.into(),
+            weights: self.quant.policy(self.weight_storage.into()),
             grpc: GrpcConfig {
                 wire: self.wire_dtype.into(),
                 exchange_timeout: Duration::from_millis(self.exchange_timeout_ms),

@@ -45,6 +45,9 @@ pub struct UpArgs {
     pub replicas: usize,
     #[command(flatten)]
     pub images: crate::gateway::ImageArgs,
+    /// Passed on to every worker and coordinator.
+    #[command(flatten)]
+    pub quant: crate::load::QuantArgs,
     // With `--registry`, every component registers in the control plane instead of being wired with
     // static addresses; the three flags are passed on to each.
     #[command(flatten)]
@@ -176,6 +179,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         let mut a: Vec<String> =
             ["worker", "--model", &model_arg, "--listen", "127.0.0.1:0", "--experts"].map(String::from).to_vec();
         a.push(worker_experts(i, args.workers, args.replicas, num_experts)?);
+        a.extend(args.quant.to_flags());
         a.extend(registry.iter().cloned());
         workers.push(processes.start(format!("worker {i}"), &a)?);
     }
@@ -187,6 +191,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         if registry.is_empty() && !workers.is_empty() {
             a.extend(["--workers".into(), workers.join(",")]);
         }
+        a.extend(args.quant.to_flags());
         a.extend(registry.iter().cloned());
         coordinators.push(processes.start(format!("coordinator {i}"), &a)?);
     }

@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use epserve_expert_worker::{ExpertSelection, WorkerConfig};
 
 use crate::control::JoinArgs;
-use crate::load::{ComputeDtype, WeightStorageArg};
+use crate::load::{ComputeDtype, QuantArgs, WeightStorageArg};
 
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
@@ -29,6 +29,8 @@ pub struct WorkerArgs {
     /// `compute` converts them to the compute dtype at load.
     #[arg(long, value_enum, default_value = "as-stored", env = "EPSERVE_WEIGHT_STORAGE")]
     pub weight_storage: WeightStorageArg,
+    #[command(flatten)]
+    pub quant: QuantArgs,
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     #[arg(long, env = "EPSERVE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -51,7 +53,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         listen: args.listen,
         selection,
         dtype: args.dtype.into(),
-        weight_storage: args.weight_storage.into(),
+        weights: args.quant.policy(args.weight_storage.into()),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().thread_name("epserve-io").enable_all().build()?;
     runtime.block_on(async move {

@@ -11,8 +11,8 @@ use epserve_control::{ControlConnection, Kind};
 use epserve_imaging::{ProcessorConfig, Tiles};
 use epserve_model::generation_config::eos_token_ids;
 use epserve_model::{
-    Checkpoint, ExpertShard, LoadProgress, LogitsFor, ModelConfig, RoutingTrace, SequenceStep, TextModel, VisionModel,
-    WeightStorage,
+    Checkpoint, ExpertShard, LoadPolicy, LoadProgress, LogitsFor, ModelConfig, RoutingTrace, SequenceStep, TextModel,
+    VisionModel,
 };
 
 use crate::errors::TransportError;
@@ -26,8 +26,9 @@ pub struct LoadConfig {
     pub dir: PathBuf,
     /// Compute dtype.
     pub dtype: DType,
-    /// How weight matrices (and the routed experts, when they run in process) are kept in memory.
-    pub weight_storage: WeightStorage,
+    /// How weight matrices (and the routed experts, when they run in process) are kept in memory:
+    /// their dtype, and which are quantized at load.
+    pub weights: LoadPolicy,
     /// The workers (`grpc.workers`, when listed) and how exchanges with them go. No workers and no
     /// control plane: the experts run in process.
     pub grpc: GrpcConfig,
@@ -41,7 +42,7 @@ impl LoadConfig {
         LoadConfig {
             dir: dir.into(),
             dtype,
-            weight_storage: WeightStorage::default(),
+            weights: LoadPolicy::default(),
             grpc: GrpcConfig::new(Vec::new()),
             startup_wait: Duration::from_secs(120),
         }
@@ -144,17 +145,23 @@ fn load_weights(config: &LoadConfig, local_experts: bool) -> Result<LoadedWeight
     let ckpt = Checkpoint::open(&config.dir).map_err(weights)?;
     let device = Device::Cpu;
     let mut progress = LoadProgress::new(&ckpt, "weights");
-    let (dtype, storage) = (config.dtype, config.weight_storage);
+    let (dtype, policy) = (config.dtype, config.weights);
     let model =
-        TextModel::load(&model_config, &ckpt, dtype, storage, &device, &mut |_, _| progress.tick()).map_err(weights)?;
+        TextModel::load(&model_config, &ckpt, dtype, policy, &device, &mut |_, _| progress.tick()).map_err(weights)?;
     tracing::info!(
-        "weight matrices: {:.1} MiB resident (weight storage {storage:?}, compute {dtype:?})",
+        "weight matrices: {:.1} MiB resident (weight storage {:?}, quantization {}, compute {dtype:?})",
         model.matrix_bytes() as f64 / 1048576.0,
+        policy.storage,
+        match (ckpt.quantization(), policy.quantize) {
+            (Some(ct), _) => format!("pre-quantized: {}", ct.description),
+            (None, Some(q)) => format!("{:?} of {}", q.scheme, q.scope),
+            (None, None) => "none".into(),
+        },
     );
     let vision = load_vision(config, &model_config, &ckpt)?;
     let shard = if local_experts {
         let all: Vec<u32> = (0..model_config.text.num_local_experts as u32).collect();
-        let shard = ExpertShard::load(&model_config, &ckpt, &all, dtype, storage, &device, &mut || progress.tick())
+        let shard = ExpertShard::load(&model_config, &ckpt, &all, dtype, policy, &device, &mut || progress.tick())
             .map_err(weights)?;
         tracing::info!("routed experts in process: {:.1} MiB resident", shard.resident_bytes() as f64 / 1048576.0);
         Some(shard)
@@ -173,7 +180,7 @@ fn load_vision(
 ) -> Result<Option<Vision>, LoadError> {
     let weights = |source| LoadError::Weights { dir: config.dir.clone(), source };
     let Some(model) =
-        VisionModel::load(model_config, ckpt, config.dtype, config.weight_storage, &Device::Cpu).map_err(weights)?
+        VisionModel::load(model_config, ckpt, config.dtype, config.weights.storage, &Device::Cpu).map_err(weights)?
     else {
         return Ok(None);
     };

@@ -73,7 +73,7 @@ async fn registers_not_ready_leads_and_is_ready_once_every_expert_has_a_live_hos
         listen: "127.0.0.1:0".into(),
         selection: ExpertSelection::parse_list("0-15").expect("list"),
         dtype: DType::F32,
-        weight_storage: Default::default(),
+        weights: Default::default(),
         control: join(),
     })
     .await

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use epserve_control::{ControlConnection, Instance, Kind, Membership};
-use epserve_model::{Checkpoint, ExpertShard, LoadProgress, ModelConfig, WeightStorage};
+use epserve_model::{Checkpoint, ExpertShard, LoadPolicy, LoadProgress, ModelConfig};
 
 use crate::selection::{ExpertSelection, SelectionError};
 use crate::service::{ExpertWorker, serve};
@@ -23,7 +23,8 @@ pub struct WorkerConfig {
     /// The experts hosted from the start (an empty list: a spare that the placement leader fills).
     pub selection: ExpertSelection,
     pub dtype: DType,
-    pub weight_storage: WeightStorage,
+    /// How expert matrices are kept: their dtype, and whether they are quantized at load.
+    pub weights: LoadPolicy,
     /// The control plane to register with; `None`: static wiring.
     pub control: Option<ControlConnection>,
 }
@@ -74,11 +75,11 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
 /// Everything before serving: loads the selected experts, binds, registers and starts following
 /// the placement.
 pub async fn start(config: WorkerConfig) -> Result<ReadyWorker, RunError> {
-    let WorkerConfig { model, listen, selection, dtype, weight_storage, control } = config;
+    let WorkerConfig { model, listen, selection, dtype, weights, control } = config;
     let path = model.join("config.json");
     let model_config = ModelConfig::from_file(&path).map_err(|source| RunError::Config { path, source })?;
     let experts = selection.resolve(model_config.text.num_local_experts)?;
-    let load = LoadSpec { dir: model.clone(), config: model_config.clone(), dtype, storage: weight_storage };
+    let load = LoadSpec { dir: model.clone(), config: model_config.clone(), dtype, weights };
     let dir = model.clone();
     let shard = tokio::task::spawn_blocking(move || load.shard(&experts, true))
         .await?
@@ -96,7 +97,7 @@ pub async fn start(config: WorkerConfig) -> Result<ReadyWorker, RunError> {
             ..Instance::new(Kind::Worker, format!("worker-{local_addr}"), local_addr.to_string())
         };
         let membership = control.register(record);
-        let load = LoadSpec { dir: model, config: model_config, dtype, storage: weight_storage };
+        let load = LoadSpec { dir: model, config: model_config, dtype, weights };
         follow_assignments(&control, membership.clone(), worker.clone(), load);
         (control, membership)
     });
@@ -131,7 +132,7 @@ struct LoadSpec {
     dir: PathBuf,
     config: ModelConfig,
     dtype: DType,
-    storage: WeightStorage,
+    weights: LoadPolicy,
 }
 
 impl LoadSpec {
@@ -140,7 +141,7 @@ impl LoadSpec {
         let ckpt = Checkpoint::open(&self.dir)?;
         let mut logged = progress.then(|| LoadProgress::new(&ckpt, "experts"));
         let shard =
-            ExpertShard::load(&self.config, &ckpt, experts, self.dtype, self.storage, &Device::Cpu, &mut || {
+            ExpertShard::load(&self.config, &ckpt, experts, self.dtype, self.weights, &Device::Cpu, &mut || {
                 if let Some(logged) = logged.as_mut() {
                     logged.tick();
                 }
@@ -148,11 +149,16 @@ impl LoadSpec {
         if let Some(logged) = &logged {
             logged.finish();
             tracing::info!(
-                "hosting {} of {} experts {experts:?} of {} MoE layers: {:.1} MiB resident",
+                "hosting {} of {} experts {experts:?} of {} MoE layers: {:.1} MiB resident ({})",
                 experts.len(),
                 self.config.text.num_local_experts,
                 self.config.text.moe_layers().count(),
                 shard.resident_bytes() as f64 / 1048576.0,
+                match (ckpt.quantization(), self.weights.quantize) {
+                    (Some(ct), _) => format!("pre-quantized: {}", ct.description),
+                    (None, Some(q)) => format!("quantized at load to {:?}", q.scheme),
+                    (None, None) => format!("{:?}", self.weights.storage),
+                },
             );
         }
         Ok(shard)

@@ -45,7 +45,7 @@ async fn worker_loads_and_announces_the_experts_the_placement_assigns_it() {
         listen: "127.0.0.1:0".into(),
         selection: ExpertSelection::parse_list("0-3").expect("list"),
         dtype: DType::F32,
-        weight_storage: Default::default(),
+        weights: Default::default(),
         control: Some(control),
     })
     .await
@@ -90,7 +90,7 @@ async fn static_worker_checks_its_selection_against_the_model() {
         listen: "127.0.0.1:0".into(),
         selection,
         dtype: DType::F32,
-        weight_storage: Default::default(),
+        weights: Default::default(),
         control: None,
     };
     let worker =

@@ -16,7 +16,8 @@ use crate::deviation::Deviation;
 use crate::deviation::deviates;
 use crate::error::Result;
 use crate::kv_cache::KvStore;
-use crate::layers::{Linear, RmsNorm, WeightStorage};
+use crate::layers::{Linear, RmsNorm};
+use crate::quant::{LoadPolicy, MatrixRole};
 use crate::rope::Rope;
 
 /// Rows `start..start + len` of the step belong to one sequence whose first new token sits at
@@ -57,18 +58,19 @@ impl Attention {
         layer: usize,
         src: &dyn WeightSource,
         prefix: &str,
-        (dtype, storage): (DType, WeightStorage),
+        (dtype, policy): (DType, LoadPolicy),
         dev: &Device,
     ) -> Result<Self> {
         let (h, nh, nkv, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let kind = cfg.attention[layer];
         let p = |name: &str| format!("{prefix}self_attn.{name}.weight");
+        let how = (dtype, policy, MatrixRole::Attention);
         Ok(Attention {
             layer,
-            q_proj: Linear::load(src, &p("q_proj"), (nh * d, h), dtype, storage, dev)?,
-            k_proj: Linear::load(src, &p("k_proj"), (nkv * d, h), dtype, storage, dev)?,
-            v_proj: Linear::load(src, &p("v_proj"), (nkv * d, h), dtype, storage, dev)?,
-            o_proj: Linear::load(src, &p("o_proj"), (h, nh * d), dtype, storage, dev)?,
+            q_proj: Linear::load(src, &p("q_proj"), (nh * d, h), how, dev)?,
+            k_proj: Linear::load(src, &p("k_proj"), (nkv * d, h), how, dev)?,
+            v_proj: Linear::load(src, &p("v_proj"), (nkv * d, h), how, dev)?,
+            o_proj: Linear::load(src, &p("o_proj"), (h, nh * d), how, dev)?,
             kind,
             qk_norm: if kind.uses_rope() && cfg.use_qk_norm {
                 Some(RmsNorm::unit(d, cfg.rms_norm_eps, dtype, dev)?)

@@ -14,6 +14,7 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::quant::compressed::{self, CompressedTensors};
 
 /// Where model weights come from: a checkpoint on disk, or generated ones (benchmarks, `gen-model`).
 pub trait WeightSource {
@@ -30,6 +31,14 @@ pub trait WeightSource {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor>;
+
+    /// The matrix `key` (an `nn.Linear` weight, `….weight`, `[out, in]` = `shape`) when the source
+    /// stores it pre-quantized (compressed-tensors: see [`crate::quant::compressed`]); `None` when
+    /// it is stored as plain floats.
+    fn quantized(&self, key: &str, shape: (usize, usize)) -> Result<Option<crate::quant::QuantMatrix>> {
+        let _ = (key, shape);
+        Ok(None)
+    }
 
     /// The dtype `key` is stored in (`None` when unknown or not a float type candle reads).
     fn stored_dtype(&self, key: &str) -> Option<DType> {
@@ -65,6 +74,8 @@ pub struct Checkpoint {
     files: Vec<(PathBuf, Mmap)>,
     tensors: HashMap<String, TensorEntry>,
     bytes_read: AtomicU64,
+    /// The pre-quantized format `config.json`'s `quantization_config` declares, if any.
+    quantization: Option<CompressedTensors>,
 }
 
 impl Checkpoint {
@@ -121,7 +132,31 @@ impl Checkpoint {
             }
             files.push((path, mmap));
         }
-        Ok(Checkpoint { dir: dir.to_owned(), files, tensors, bytes_read: AtomicU64::new(0) })
+        let quantization = Self::quantization_config(dir)?;
+        Ok(Checkpoint { dir: dir.to_owned(), files, tensors, bytes_read: AtomicU64::new(0), quantization })
+    }
+
+    /// The `quantization_config` of `dir/config.json` (checked here, so that a scheme this loader
+    /// cannot read is refused before anything is loaded). No config file: no quantization.
+    fn quantization_config(dir: &Path) -> Result<Option<CompressedTensors>> {
+        let path = dir.join("config.json");
+        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::checkpoint(&path, format!("not valid JSON: {e}")))?;
+        match config.get("quantization_config") {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(q) => CompressedTensors::parse(q).map(Some).map_err(|why| Error::checkpoint(&path, why)),
+        }
+    }
+
+    /// The pre-quantized scheme of the checkpoint, if any (e.g. for `Status`).
+    pub fn quantization(&self) -> Option<&CompressedTensors> {
+        self.quantization.as_ref()
+    }
+
+    fn raw(&self, key: &str) -> Option<compressed::Raw<'_>> {
+        let e = self.tensors.get(key)?;
+        Some(compressed::Raw { dtype: e.dtype, shape: &e.shape, bytes: &self.files[e.file].1[e.start..e.end] })
     }
 
     pub fn dir(&self) -> &Path {
@@ -176,6 +211,17 @@ impl Checkpoint {
 }
 
 impl WeightSource for Checkpoint {
+    fn quantized(&self, key: &str, shape: (usize, usize)) -> Result<Option<crate::quant::QuantMatrix>> {
+        let Some(ct) = &self.quantization else { return Ok(None) };
+        let base = key.strip_suffix("weight").unwrap_or(key);
+        let found = compressed::load(ct, base, shape, |name| self.raw(name))
+            .map_err(|why| Error::checkpoint(&self.dir, why))?;
+        if let Some(q) = &found {
+            self.bytes_read.fetch_add(q.bytes(), Ordering::Relaxed);
+        }
+        Ok(found)
+    }
+
     fn tensor(&self, key: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let entry = self.entry(key, shape)?;
         let bytes = &self.files[entry.file].1[entry.start..entry.end];

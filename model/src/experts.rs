@@ -1,7 +1,9 @@
 //! Routed experts computed in this process: a shard (any subset of expert ids) of every MoE layer,
 //! loaded from the fused hub tensors `feed_forward.experts.gate_up_proj` `[E, hidden, 2·inter]`
-//! (gate = first half of the last dim) and `down_proj` `[E, inter, hidden]`. Only the hosted
-//! experts' slices are read from the checkpoint.
+//! (gate = first half of the last dim) and `down_proj` `[E, inter, hidden]`, or from per-expert
+//! pre-quantized tensors (`feed_forward.experts.{e}.{gate,up,down}_proj.…`, as llm-compressor writes
+//! Llama 4). Only the hosted experts' slices are read from the checkpoint, and quantized on the fly
+//! one expert at a time when the load policy says so.
 //!
 //! The expert worker serves one; the coordinator's `local` transport uses one holding every expert.
 
@@ -11,17 +13,24 @@ use crate::checkpoint::WeightSource;
 use crate::config::{FeedForwardKind, ModelConfig};
 use crate::error::{Error, Result, Retry};
 use crate::kernels;
-use crate::layers::{WeightStorage, matmul_t, swiglu_down};
+use crate::layers::{Matrix, matmul_t, swiglu_down};
 use crate::moe::{ExpertBackend, ExpertBatch, ExpertGroup, ExpertsInFlight};
+use crate::quant::{LoadPolicy, MatrixRole};
 
 /// One expert's weights, transposed at load from the checkpoint's `x·W` layout to `[out, in]`:
 /// the layout candle's CPU gemm streams fastest for both few and many rows (see `matmul_t`).
 #[derive(Debug, Clone)]
 struct ExpertFfn {
     /// `[2·inter, hidden]`, gate rows first.
-    gate_up: Tensor,
+    gate_up: Matrix,
     /// `[hidden, inter]`.
-    down: Tensor,
+    down: Matrix,
+}
+
+impl ExpertFfn {
+    fn bytes(&self) -> u64 {
+        self.gate_up.bytes() + self.down.bytes()
+    }
 }
 
 #[derive(Debug)]
@@ -35,16 +44,19 @@ pub struct ExpertShard {
 }
 
 impl ExpertShard {
-    /// Loads `experts` (global ids) of every MoE layer. `progress` is called after each tensor read.
+    /// Loads `experts` (global ids) of every MoE layer, kept (and quantized) as `policy` says.
+    /// `progress` is called after each expert is loaded.
     pub fn load(
         cfg: &ModelConfig,
         src: &dyn WeightSource,
         experts: &[u32],
         dtype: DType,
-        storage: WeightStorage,
+        policy: impl Into<LoadPolicy>,
         dev: &Device,
         progress: &mut dyn FnMut(),
     ) -> Result<Self> {
+        let policy: LoadPolicy = policy.into();
+        let scheme = policy.scheme_for(MatrixRole::RoutedExpert);
         let t = &cfg.text;
         let mut ids = experts.to_vec();
         ids.sort_unstable();
@@ -60,16 +72,39 @@ impl ExpertShard {
             if *kind == FeedForwardKind::Moe {
                 let gu_key = format!("{prefix}layers.{l}.feed_forward.experts.gate_up_proj");
                 let down_key = format!("{prefix}layers.{l}.feed_forward.experts.down_proj");
-                let gu_dtype = storage.dtype(src.stored_dtype(&gu_key), dtype, dev);
-                let down_dtype = storage.dtype(src.stored_dtype(&down_key), dtype, dev);
+                let (hidden, inter) = (t.hidden_size, t.intermediate_size);
+                // Quantized on the fly: read as stored (bf16 stays bf16), one expert at a time.
+                let kept = |key: &str| match scheme {
+                    Some(_) => {
+                        src.stored_dtype(key).filter(|d| matches!(d, DType::BF16 | DType::F32)).unwrap_or(DType::F32)
+                    }
+                    None => policy.storage.dtype(src.stored_dtype(key), dtype, dev),
+                };
+                let (gu_dtype, down_dtype) = (kept(&gu_key), kept(&down_key));
+                let on = if scheme.is_some() { Device::Cpu } else { dev.clone() };
                 for &e in &ids {
                     let e = e as usize;
-                    let gate_up = src.rows(&gu_key, &t.expert_gate_up_shape(), e, 1, gu_dtype, dev)?.squeeze(0)?;
-                    let down = src.rows(&down_key, &t.expert_down_shape(), e, 1, down_dtype, dev)?.squeeze(0)?;
-                    let (gate_up, down) = (gate_up.t()?.contiguous()?, down.t()?.contiguous()?);
-                    resident_bytes += (gate_up.elem_count() * gu_dtype.size_in_bytes()
-                        + down.elem_count() * down_dtype.size_in_bytes()) as u64;
-                    slots[e] = Some(ExpertFfn { gate_up, down });
+                    let per_expert =
+                        |name: &str| format!("{prefix}layers.{l}.feed_forward.experts.{e}.{name}_proj.weight");
+                    let ffn = if let Some(gate) = src.quantized(&per_expert("gate"), (inter, hidden))? {
+                        let how = (dtype, policy, MatrixRole::RoutedExpert);
+                        let up = Matrix::load(src, &per_expert("up"), (inter, hidden), how, dev)?;
+                        let gate = Matrix::from_quant(gate, dev)?;
+                        ExpertFfn {
+                            gate_up: gate.concat_rows(up, dtype)?,
+                            down: Matrix::load(src, &per_expert("down"), (hidden, inter), how, dev)?,
+                        }
+                    } else {
+                        let gate_up = src.rows(&gu_key, &t.expert_gate_up_shape(), e, 1, gu_dtype, &on)?.squeeze(0)?;
+                        let down = src.rows(&down_key, &t.expert_down_shape(), e, 1, down_dtype, &on)?.squeeze(0)?;
+                        let (gate_up, down) = (gate_up.t()?.contiguous()?, down.t()?.contiguous()?);
+                        ExpertFfn {
+                            gate_up: Matrix::from_tensor(gate_up, scheme, dtype, dev)?,
+                            down: Matrix::from_tensor(down, scheme, dtype, dev)?,
+                        }
+                    };
+                    resident_bytes += ffn.bytes();
+                    slots[e] = Some(ffn);
                     progress();
                 }
             }
@@ -87,9 +122,7 @@ impl ExpertShard {
         for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
             for (slot, ffn) in mine.iter_mut().zip(theirs) {
                 if let (None, Some(ffn)) = (&slot, ffn) {
-                    self.resident_bytes += (ffn.gate_up.elem_count() * ffn.gate_up.dtype().size_in_bytes()
-                        + ffn.down.elem_count() * ffn.down.dtype().size_in_bytes())
-                        as u64;
+                    self.resident_bytes += ffn.bytes();
                     *slot = Some(ffn);
                 }
             }
@@ -116,11 +149,7 @@ impl ExpertShard {
 
     /// Bytes of one expert of one layer as held in memory (`None` when nothing is hosted).
     pub fn expert_bytes(&self) -> Option<u64> {
-        let ffn = self.layers.iter().flatten().flatten().next()?;
-        Some(
-            (ffn.gate_up.elem_count() * ffn.gate_up.dtype().size_in_bytes()
-                + ffn.down.elem_count() * ffn.down.dtype().size_in_bytes()) as u64,
-        )
+        Some(self.layers.iter().flatten().flatten().next()?.bytes())
     }
 
     /// SwiGLU of every group's rows with its expert: one matrix product per expert, not per row.
@@ -152,8 +181,19 @@ impl ExpertShard {
             .collect::<Result<Vec<&ExpertFfn>>>()?;
         // The plain-Rust kernels take every group of up to `max_rows` rows, and every group when
         // the weights are kept in bf16 (in blocks of `max_rows`: candle cannot mix the dtypes).
+        let quantized = ffns.iter().any(|f| f.gate_up.dense_dtype().is_none() || f.down.dense_dtype().is_none());
+        if quantized {
+            // Only the kernels read quantized weights; they take f32 rows.
+            let x = rows.to_dtype(DType::F32)?;
+            let out = self
+                .compute_kernels_f32(groups, &ffns, &x)?
+                .ok_or_else(|| err("quantized experts are computed on the CPU only".into()))?;
+            return Ok(out.to_dtype(rows.dtype())?);
+        }
         if rows.dtype() == DType::F32 && rows.device().is_cpu() {
-            let narrow = ffns.iter().any(|f| f.gate_up.dtype() != DType::F32 || f.down.dtype() != DType::F32);
+            let narrow = ffns
+                .iter()
+                .any(|f| f.gate_up.dense_dtype() != Some(DType::F32) || f.down.dense_dtype() != Some(DType::F32));
             if (narrow || groups.iter().all(|g| g.rows as usize <= kernels::max_rows()))
                 && let Some(out) = self.compute_kernels_f32(groups, &ffns, rows)?
             {
@@ -168,8 +208,11 @@ impl ExpertShard {
                 continue;
             }
             let x = rows.narrow(0, offset, n)?;
-            let gu = matmul_t(&x, &ffn.gate_up.to_dtype(x.dtype())?)?;
-            outputs.push(swiglu_down(&gu, self.inter, |h| matmul_t(h, &ffn.down.to_dtype(h.dtype())?))?);
+            let (Matrix::Dense(gate_up), Matrix::Dense(down)) = (&ffn.gate_up, &ffn.down) else {
+                return Err(err("quantized experts reached the dense path".into()));
+            };
+            let gu = matmul_t(&x, &gate_up.to_dtype(x.dtype())?)?;
+            outputs.push(swiglu_down(&gu, self.inter, |h| matmul_t(h, &down.to_dtype(h.dtype())?))?);
             offset += n;
         }
         if outputs.is_empty() {
@@ -190,8 +233,7 @@ impl ExpertShard {
         let x = rows.flatten_all()?.to_vec1::<f32>()?;
         let mut views = Vec::with_capacity(ffns.len());
         for ffn in ffns {
-            let (Some(gate_up), Some(down)) = (kernels::CpuView::new(&ffn.gate_up), kernels::CpuView::new(&ffn.down))
-            else {
+            let (Some(gate_up), Some(down)) = (ffn.gate_up.view(), ffn.down.view()) else {
                 return Ok(None);
             };
             views.push((gate_up, down));

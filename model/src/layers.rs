@@ -1,10 +1,14 @@
 //! The small building blocks shared by the decoder: bias-free linear layers, RMSNorm and the SwiGLU
 //! MLP (shared expert and dense layers).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::WeightSource;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::kernels::CpuView;
+use crate::quant::{LoadPolicy, MatrixRole, QuantMatrix, QuantScheme};
 
 /// How weight matrices (linear layers and routed experts) are kept in memory. Embeddings and norms
 /// are always in the compute dtype.
@@ -27,37 +31,159 @@ impl WeightStorage {
     }
 }
 
-/// `y = x·Wᵀ`; the weight is stored `[out, in]` as in `nn.Linear`. Llama 4's text model has no biases.
+/// A weight matrix `[out, in]` as kept in memory: a tensor (f32 or bf16), or quantized.
 #[derive(Debug, Clone)]
-pub struct Linear {
-    weight: Tensor,
+pub enum Matrix {
+    Dense(Tensor),
+    Quant(Arc<QuantMatrix>),
 }
 
-impl Linear {
-    /// Loads `key`, kept as `storage` says (see [`WeightStorage`]).
+impl Matrix {
+    /// The matrix whose `nn.Linear`-style weight is `key` (`….weight`), `[out, in]`: pre-quantized
+    /// when the checkpoint stores it so, else quantized with the scheme `policy` gives `role`, else
+    /// kept as `policy.storage` says.
     pub fn load(
         src: &dyn WeightSource,
         key: &str,
-        (out_dim, in_dim): (usize, usize),
-        dtype: DType,
-        storage: WeightStorage,
+        shape: (usize, usize),
+        (dtype, policy, role): (DType, LoadPolicy, MatrixRole),
         dev: &Device,
     ) -> Result<Self> {
-        let kept = storage.dtype(src.stored_dtype(key), dtype, dev);
-        Ok(Linear { weight: src.tensor(key, &[out_dim, in_dim], kept, dev)? })
+        if let Some(q) = src.quantized(key, shape)? {
+            return Matrix::from_quant(q, dev);
+        }
+        let Some(scheme) = policy.scheme_for(role) else {
+            let kept = policy.storage.dtype(src.stored_dtype(key), dtype, dev);
+            return Ok(Matrix::Dense(src.tensor(key, &[shape.0, shape.1], kept, dev)?));
+        };
+        // Read as stored when that is bf16 or f32 (no wider copy is made), else as f32.
+        let read = src.stored_dtype(key).filter(|d| matches!(d, DType::BF16 | DType::F32)).unwrap_or(DType::F32);
+        let t = src.tensor(key, &[shape.0, shape.1], read, &Device::Cpu)?;
+        Matrix::from_tensor(t, Some(scheme), dtype, dev)
+    }
+
+    /// `t` (`[out, in]`, on the CPU when `scheme` is given) quantized with `scheme`, or kept.
+    pub fn from_tensor(t: Tensor, scheme: Option<QuantScheme>, dtype: DType, dev: &Device) -> Result<Self> {
+        let Some(scheme) = scheme else {
+            return Ok(Matrix::Dense(if t.device().same_device(dev) { t } else { t.to_device(dev)? }));
+        };
+        let &[n, k] = t.dims() else {
+            return Err(Error::Input(format!("only matrices are quantized, not shape {:?}", t.dims())));
+        };
+        let t = if matches!(t.dtype(), DType::BF16 | DType::F32) { t } else { t.to_dtype(dtype)? };
+        let view =
+            CpuView::new(&t).ok_or_else(|| Error::Input("a quantized matrix is made from CPU weights".into()))?;
+        Matrix::from_quant(QuantMatrix::quantize(view.weights(), (n, k), scheme)?, dev)
+    }
+
+    /// A quantized matrix, on `dev` (only the CPU computes them).
+    pub(crate) fn from_quant(q: QuantMatrix, dev: &Device) -> Result<Self> {
+        if !dev.is_cpu() {
+            return Err(Error::Input("quantized weights are computed on the CPU only".into()));
+        }
+        Ok(Matrix::Quant(Arc::new(q)))
+    }
+
+    /// Bytes as kept in memory.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Matrix::Dense(t) => (t.elem_count() * t.dtype().size_in_bytes()) as u64,
+            Matrix::Quant(q) => q.bytes(),
+        }
+    }
+
+    /// `x · Wᵀ`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Matrix::Dense(w) => matmul_t(x, w),
+            Matrix::Quant(q) => {
+                let xf = x.to_dtype(DType::F32)?.contiguous()?;
+                let y = crate::kernels::matmul_t_weights(&xf, crate::kernels::Weights::Quant(q.view()), q.shape().0)
+                    .ok_or_else(|| Error::Input("quantized weights need f32 rows on the CPU".into()))?;
+                Ok(y.to_dtype(x.dtype())?)
+            }
+        }
+    }
+
+    /// `self`'s rows then `other`'s, both kept alike (if not, both in `dtype`).
+    pub fn concat_rows(self, other: Matrix, dtype: DType) -> Result<Matrix> {
+        match (self, other) {
+            (Matrix::Quant(a), Matrix::Quant(b)) => {
+                let (a, b) = (Arc::unwrap_or_clone(a), Arc::unwrap_or_clone(b));
+                Ok(Matrix::Quant(Arc::new(QuantMatrix::concat_rows(a, b)?)))
+            }
+            (Matrix::Dense(a), Matrix::Dense(b)) => {
+                let (a, b) = if a.dtype() == b.dtype() { (a, b) } else { (a.to_dtype(dtype)?, b.to_dtype(dtype)?) };
+                Ok(Matrix::Dense(Tensor::cat(&[a, b], 0)?))
+            }
+            _ => Err(Error::Input("cannot fuse a quantized matrix with a dense one".into())),
+        }
+    }
+}
+
+/// A [`Matrix`] borrowed as the kernels read it.
+pub(crate) enum MatrixView<'a> {
+    Cpu(CpuView<'a>),
+    Quant(crate::kernels::QuantView<'a>),
+}
+
+impl MatrixView<'_> {
+    pub fn weights(&self) -> crate::kernels::Weights<'_> {
+        match self {
+            MatrixView::Cpu(v) => v.weights(),
+            MatrixView::Quant(q) => crate::kernels::Weights::Quant(*q),
+        }
+    }
+}
+
+impl Matrix {
+    /// The matrix as the kernels read it; `None` for a tensor the kernels cannot (not on the CPU,
+    /// or in neither f32 nor bf16).
+    pub(crate) fn view(&self) -> Option<MatrixView<'_>> {
+        match self {
+            Matrix::Dense(t) => CpuView::new(t).map(MatrixView::Cpu),
+            Matrix::Quant(q) => Some(MatrixView::Quant(q.view())),
+        }
+    }
+
+    /// The dtype of a dense matrix (`None` when quantized).
+    pub fn dense_dtype(&self) -> Option<DType> {
+        match self {
+            Matrix::Dense(t) => Some(t.dtype()),
+            Matrix::Quant(_) => None,
+        }
+    }
+}
+
+/// `y = x·Wᵀ`; the weight is stored `[out, in]` as in `nn.Linear`. Llama 4's text model has no biases.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Matrix,
+}
+
+impl Linear {
+    /// Loads `key`, kept as `policy` says for a matrix of `role` (see [`Matrix::load`]).
+    pub fn load(
+        src: &dyn WeightSource,
+        key: &str,
+        shape: (usize, usize),
+        (dtype, policy, role): (DType, LoadPolicy, MatrixRole),
+        dev: &Device,
+    ) -> Result<Self> {
+        Ok(Linear { weight: Matrix::load(src, key, shape, (dtype, policy, role), dev)? })
     }
 
     pub fn from_weight(weight: Tensor) -> Self {
-        Linear { weight }
+        Linear { weight: Matrix::Dense(weight) }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        matmul_t(x, &self.weight)
+        self.weight.forward(x)
     }
 
     /// Bytes of the weight as kept in memory.
     pub fn bytes(&self) -> u64 {
-        (self.weight.elem_count() * self.weight.dtype().size_in_bytes()) as u64
+        self.weight.bytes()
     }
 }
 
@@ -117,25 +243,19 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// Loads `{prefix}gate_proj.weight`, `{prefix}up_proj.weight`, `{prefix}down_proj.weight`.
+    /// Loads `{prefix}gate_proj.weight`, `{prefix}up_proj.weight`, `{prefix}down_proj.weight`
+    /// (or their pre-quantized forms), kept as `policy` says for matrices of `role`.
     pub fn load(
         src: &dyn WeightSource,
         prefix: &str,
         (hidden, inter): (usize, usize),
-        dtype: DType,
-        storage: WeightStorage,
+        how: (DType, LoadPolicy, MatrixRole),
         dev: &Device,
     ) -> Result<Self> {
-        let gate = Linear::load(src, &format!("{prefix}gate_proj.weight"), (inter, hidden), dtype, storage, dev)?;
-        let up = Linear::load(src, &format!("{prefix}up_proj.weight"), (inter, hidden), dtype, storage, dev)?;
-        let down = Linear::load(src, &format!("{prefix}down_proj.weight"), (hidden, inter), dtype, storage, dev)?;
-        // Both halves in one dtype (they are stored alike; if not, both in the compute dtype).
-        let (gate, up) = if gate.weight.dtype() == up.weight.dtype() {
-            (gate.weight, up.weight)
-        } else {
-            (gate.weight.to_dtype(dtype)?, up.weight.to_dtype(dtype)?)
-        };
-        Ok(Mlp { gate_up: Linear { weight: Tensor::cat(&[gate, up], 0)? }, down, inter })
+        let gate = Matrix::load(src, &format!("{prefix}gate_proj.weight"), (inter, hidden), how, dev)?;
+        let up = Matrix::load(src, &format!("{prefix}up_proj.weight"), (inter, hidden), how, dev)?;
+        let down = Linear::load(src, &format!("{prefix}down_proj.weight"), (hidden, inter), how, dev)?;
+        Ok(Mlp { gate_up: Linear { weight: gate.concat_rows(up, how.0)? }, down, inter })
     }
 
     /// Bytes of the three matrices as kept in memory.

@@ -13,7 +13,8 @@ use crate::config::TextConfig;
 use crate::deviation::Deviation;
 use crate::deviation::deviates;
 use crate::error::{Error, Result, Retry};
-use crate::layers::{Linear, Mlp, WeightStorage};
+use crate::layers::{Linear, Mlp};
+use crate::quant::{LoadPolicy, MatrixRole};
 
 /// `rows` consecutive rows of an [`ExpertBatch`] go to expert `expert`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +82,7 @@ impl MoeBlock {
         layer: usize,
         src: &dyn WeightSource,
         prefix: &str,
-        (dtype, storage): (DType, WeightStorage),
+        (dtype, policy): (DType, LoadPolicy),
         dev: &Device,
     ) -> Result<Self> {
         let p = format!("{prefix}feed_forward.");
@@ -91,16 +92,14 @@ impl MoeBlock {
                 src,
                 &format!("{p}router.weight"),
                 (cfg.num_local_experts, cfg.hidden_size),
-                dtype,
-                storage,
+                (dtype, policy, MatrixRole::Router),
                 dev,
             )?,
             shared_expert: Mlp::load(
                 src,
                 &format!("{p}shared_expert."),
                 (cfg.hidden_size, cfg.intermediate_size),
-                dtype,
-                storage,
+                (dtype, policy, MatrixRole::SharedExpert),
                 dev,
             )?,
             top_k: cfg.num_experts_per_tok,

@@ -35,14 +35,14 @@ fn top2_fixture_dir() -> PathBuf {
 }
 
 #[derive(Deserialize)]
-struct Golden {
-    cases: Vec<Case>,
+pub(crate) struct Golden {
+    pub cases: Vec<Case>,
 }
 
 #[derive(Deserialize)]
-struct Case {
-    input_ids: Vec<u32>,
-    logits: Vec<Vec<f32>>,
+pub(crate) struct Case {
+    pub input_ids: Vec<u32>,
+    pub logits: Vec<Vec<f32>>,
     router_topk: std::collections::BTreeMap<String, Vec<Vec<u32>>>,
     greedy_tokens: Vec<u32>,
 }
@@ -51,15 +51,15 @@ fn golden() -> Golden {
     golden_in(&fixture_dir())
 }
 
-fn golden_in(dir: &Path) -> Golden {
+pub(crate) fn golden_in(dir: &Path) -> Golden {
     let path = dir.join("golden/text.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("golden/text.json parses")
 }
 
-struct Loaded {
-    model: TextModel,
-    experts: ExpertShard,
+pub(crate) struct Loaded {
+    pub model: TextModel,
+    pub experts: ExpertShard,
 }
 
 fn load_from(dir: &std::path::Path) -> Loaded {
@@ -69,21 +69,24 @@ fn load_from(dir: &std::path::Path) -> Loaded {
 }
 
 fn load_with(cfg: &ModelConfig, src: &dyn WeightSource) -> Loaded {
+    load_policy(cfg, src, WeightStorage::AsStored.into())
+}
+
+/// Every weight of `src`, kept as `policy` says.
+pub(crate) fn load_policy(cfg: &ModelConfig, src: &dyn WeightSource, policy: crate::quant::LoadPolicy) -> Loaded {
     let dev = Device::Cpu;
     let all: Vec<u32> = (0..cfg.text.num_local_experts as u32).collect();
     Loaded {
-        model: TextModel::load(cfg, src, DType::F32, WeightStorage::AsStored, &dev, &mut |_, _| {})
-            .expect("model loads"),
-        experts: ExpertShard::load(cfg, src, &all, DType::F32, WeightStorage::AsStored, &dev, &mut || {})
-            .expect("experts load"),
+        model: TextModel::load(cfg, src, DType::F32, policy, &dev, &mut |_, _| {}).expect("model loads"),
+        experts: ExpertShard::load(cfg, src, &all, DType::F32, policy, &dev, &mut || {}).expect("experts load"),
     }
 }
 
-fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+pub(crate) fn rows(t: &Tensor) -> Vec<Vec<f32>> {
     t.to_vec2::<f32>().expect("f32 logits")
 }
 
-fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+pub(crate) fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     assert_eq!(a.len(), b.len(), "row count");
     a.iter()
         .zip(b)
@@ -109,7 +112,7 @@ fn trace_by_layer(trace: &RoutingTrace) -> std::collections::BTreeMap<String, Ve
 
 impl Loaded {
     /// Full forward of `tokens` from an empty cache: logits of every position and the routing.
-    fn full(&self, tokens: &[u32]) -> (Vec<Vec<f32>>, RoutingTrace) {
+    pub(crate) fn full(&self, tokens: &[u32]) -> (Vec<Vec<f32>>, RoutingTrace) {
         let mut cache = self.model.new_cache();
         let mut trace = RoutingTrace::default();
         let logits = self

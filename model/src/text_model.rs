@@ -13,8 +13,9 @@ use crate::config::{FeedForwardKind, ModelConfig, TextConfig};
 use crate::deviation::Deviation;
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, KvStore};
-use crate::layers::{Linear, Mlp, RmsNorm, WeightStorage};
+use crate::layers::{Linear, Mlp, RmsNorm};
 use crate::moe::{ExpertBackend, MoeBlock, MoeInFlight, RoutingTrace};
+use crate::quant::{LoadPolicy, MatrixRole};
 use crate::rope::Rope;
 
 #[derive(Debug)]
@@ -86,16 +87,18 @@ pub struct TextModel {
 }
 
 impl TextModel {
-    /// Loads every non-expert text weight, the matrices kept as `storage` says.
+    /// Loads every non-expert text weight, the matrices kept (and quantized) as `policy` says (a
+    /// [`crate::WeightStorage`] alone is a policy that quantizes nothing).
     /// `progress(done_tensors, total_tensors)` follows the load.
     pub fn load(
         cfg: &ModelConfig,
         src: &dyn WeightSource,
         dtype: DType,
-        storage: WeightStorage,
+        policy: impl Into<LoadPolicy>,
         device: &Device,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
+        let policy = policy.into();
         let t = &cfg.text;
         let prefix = cfg.architecture.decoder_prefix();
         let total = t.num_hidden_layers + 2;
@@ -109,19 +112,18 @@ impl TextModel {
                 RmsNorm::load(src, &format!("{p}{name}.weight"), t.hidden_size, t.rms_norm_eps, dtype, device)
             };
             let feed_forward = match t.feed_forward[i] {
-                FeedForwardKind::Moe => FeedForward::Moe(MoeBlock::load(t, i, src, &p, (dtype, storage), device)?),
+                FeedForwardKind::Moe => FeedForward::Moe(MoeBlock::load(t, i, src, &p, (dtype, policy), device)?),
                 FeedForwardKind::Dense => FeedForward::Dense(Mlp::load(
                     src,
                     &format!("{p}feed_forward."),
                     (t.hidden_size, t.intermediate_size_mlp),
-                    dtype,
-                    storage,
+                    (dtype, policy, MatrixRole::DenseMlp),
                     device,
                 )?),
             };
             layers.push(DecoderLayer {
                 input_layernorm: norm("input_layernorm")?,
-                attention: Attention::load(t, i, src, &p, (dtype, storage), device)?,
+                attention: Attention::load(t, i, src, &p, (dtype, policy), device)?,
                 post_attention_layernorm: norm("post_attention_layernorm")?,
                 feed_forward,
             });
@@ -131,7 +133,13 @@ impl TextModel {
         let lm_head = if t.tie_word_embeddings {
             Linear::from_weight(embed_tokens.clone())
         } else {
-            Linear::load(src, cfg.architecture.lm_head_key(), (t.vocab_size, t.hidden_size), dtype, storage, device)?
+            Linear::load(
+                src,
+                cfg.architecture.lm_head_key(),
+                (t.vocab_size, t.hidden_size),
+                (dtype, policy, MatrixRole::LmHead),
+                device,
+            )?
         };
         progress(total, total);
         Ok(TextModel {

@@ -10,6 +10,11 @@ use crate::repository_root;
 pub const TINY_LLAMA4: &str = "tiny-llama4";
 /// Text only, top-2 routing, dense layers between MoE layers, config as transformers 5 writes it.
 pub const TINY_LLAMA4_TOP2: &str = "tiny-llama4-top2";
+/// `tiny-llama4` as compressed-tensors writes it W4A16 (pack-quantized int4, group 32; per-expert
+/// tensors), with goldens from the dequantised weights.
+pub const TINY_LLAMA4_W4A16: &str = "tiny-llama4-w4a16";
+/// `tiny-llama4` as compressed-tensors writes it FP8 (float-quantized, per-channel scales).
+pub const TINY_LLAMA4_FP8: &str = "tiny-llama4-fp8";
 /// The published Llama-4-Scout config (no weights).
 pub const SCOUT_CONFIG: &str = "scout-config";
 
@@ -51,7 +56,7 @@ mod tests {
 
     #[test]
     fn committed_fixtures_are_found() {
-        for name in [TINY_LLAMA4, TINY_LLAMA4_TOP2, SCOUT_CONFIG] {
+        for name in [TINY_LLAMA4, TINY_LLAMA4_TOP2, TINY_LLAMA4_W4A16, TINY_LLAMA4_FP8, SCOUT_CONFIG] {
             assert!(dir(name).join("config.json").is_file(), "{name}/config.json");
         }
         assert!(dir(TINY_LLAMA4).join("golden/text.json").is_file());

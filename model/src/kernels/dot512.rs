@@ -1,59 +1,66 @@
 //! The dot-product form on AVX-512, for 1 to 8 rows: 16 weights at a time are loaded (widened to
-//! f32 when stored in bf16) and multiplied into `M` rows for `O` output features at once, so that
-//! `O × M` independent accumulators hide the latency of the fused multiply-adds; one horizontal sum
-//! per output at the end. Each weight row is read once from memory for all rows.
+//! f32 from bf16, or dequantised, as they are loaded) and multiplied into `M` rows for `O` output
+//! features at once, so that `O × M` independent accumulators hide the latency of the fused
+//! multiply-adds; one horizontal sum per output at the end. Each weight row is read once from
+//! memory for all rows.
 
 use std::arch::x86_64::*;
 
-use super::Weight;
+use super::source::MatrixSource;
 
 const LANES: usize = 16;
 
 /// `yt[o][r]` for every feature `o` of `w` (`[n, k]`) and row `r` of `x` (`[m, k]`, 1 ≤ m ≤ 8).
-pub fn features_of<W: Weight>(x: &[f32], m: usize, w: &[W], k: usize, yt: &mut [f32]) {
+pub fn features_of<S: MatrixSource>(x: &[f32], m: usize, w: S, yt: &mut [f32]) {
     assert!(super::outer::available(), "the AVX-512 dot form needs AVX-512");
     // SAFETY: the CPU has AVX-512F (asserted above); every slice bound is asserted inside.
     unsafe {
         match m {
-            1 => features::<8, 1, W>(x, w, k, yt),
-            2 => features::<6, 2, W>(x, w, k, yt),
-            3 => features::<4, 3, W>(x, w, k, yt),
-            4 => features::<4, 4, W>(x, w, k, yt),
-            5 => features::<3, 5, W>(x, w, k, yt),
-            6 => features::<3, 6, W>(x, w, k, yt),
-            7 => features::<2, 7, W>(x, w, k, yt),
-            _ => features::<2, 8, W>(x, w, k, yt),
+            1 => features::<8, 1, S>(x, w, yt),
+            2 => features::<6, 2, S>(x, w, yt),
+            3 => features::<4, 3, S>(x, w, yt),
+            4 => features::<4, 4, S>(x, w, yt),
+            5 => features::<3, 5, S>(x, w, yt),
+            6 => features::<3, 6, S>(x, w, yt),
+            7 => features::<2, 7, S>(x, w, yt),
+            _ => features::<2, 8, S>(x, w, yt),
         }
     }
 }
 
 #[target_feature(enable = "avx512f")]
-unsafe fn features<const O: usize, const M: usize, W: Weight>(x: &[f32], w: &[W], k: usize, yt: &mut [f32]) {
-    let n = w.len() / k;
+unsafe fn features<const O: usize, const M: usize, S: MatrixSource>(x: &[f32], w: S, yt: &mut [f32]) {
+    let (n, k) = (w.n(), w.k());
     assert!(x.len() == M * k && yt.len() == n * M);
     let mut o = 0;
     while o + O <= n {
         // SAFETY: rows o..o+O of `w` and of `yt` exist (checked by the loop and the assert).
-        unsafe { block::<O, M, W>(x, &w[o * k..(o + O) * k], k, &mut yt[o * M..(o + O) * M]) };
+        unsafe { block::<O, M, S>(x, w, o, k, &mut yt[o * M..(o + O) * M]) };
         o += O;
     }
     while o < n {
         // SAFETY: as above, one row.
-        unsafe { block::<1, M, W>(x, &w[o * k..(o + 1) * k], k, &mut yt[o * M..(o + 1) * M]) };
+        unsafe { block::<1, M, S>(x, w, o, k, &mut yt[o * M..(o + 1) * M]) };
         o += 1;
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn block<const O: usize, const M: usize, W: Weight>(x: &[f32], w: &[W], k: usize, yt: &mut [f32]) {
+unsafe fn block<const O: usize, const M: usize, S: MatrixSource>(
+    x: &[f32],
+    w: S,
+    first: usize,
+    k: usize,
+    yt: &mut [f32],
+) {
     let body = k - k % LANES;
     let mut acc = [[_mm512_setzero_ps(); M]; O];
-    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let xp = x.as_ptr();
     for i in (0..body).step_by(LANES) {
-        // SAFETY: i + 16 ≤ k, so every load below stays within its row of `x` or `w`.
+        // SAFETY: i + 16 ≤ k and rows first..first+O exist, so every load stays within its row.
         unsafe {
-            let wv: [__m512; O] = std::array::from_fn(|a| W::load16(wp.add(a * k + i)));
+            let wv: [__m512; O] = std::array::from_fn(|a| w.load16(first + a, i));
             let xv: [__m512; M] = std::array::from_fn(|r| _mm512_loadu_ps(xp.add(r * k + i)));
             for (row, w) in acc.iter_mut().zip(&wv) {
                 for (sum, x) in row.iter_mut().zip(&xv) {
@@ -66,7 +73,7 @@ unsafe fn block<const O: usize, const M: usize, W: Weight>(x: &[f32], w: &[W], k
         for (r, v) in row.iter().enumerate() {
             let mut sum = _mm512_reduce_add_ps(*v);
             for i in body..k {
-                sum += w[a * k + i].widen() * x[r * k + i];
+                sum += w.widen(first + a, i) * x[r * k + i];
             }
             yt[a * M + r] = sum;
         }

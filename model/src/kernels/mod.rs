@@ -16,8 +16,12 @@ mod dot;
 mod dot512;
 #[cfg(target_arch = "x86_64")]
 mod outer;
+pub mod source;
 
 use rayon::prelude::*;
+
+pub use source::{CodeKind, QuantView, ScalesRef};
+use source::{Dense, Fp8Source, Int4Source, Int8Source};
 
 /// A stored weight element, widened to f32 where it is multiplied. bf16 weights are the
 /// checkpoint's own values: widening is exact, so a product over bf16 weights equals the product
@@ -66,18 +70,21 @@ impl Weight for half::bf16 {
     }
 }
 
-/// A weight matrix `[n, k]`, row-major, in one of the stored element types.
+/// A weight matrix `[n, k]`, row-major, in one of the stored element types or quantized.
 #[derive(Debug, Clone, Copy)]
 pub enum Weights<'a> {
     F32(&'a [f32]),
     Bf16(&'a [half::bf16]),
+    Quant(QuantView<'a>),
 }
 
 impl<'a> Weights<'a> {
+    /// Elements (`n · k`).
     pub fn len(&self) -> usize {
         match self {
             Weights::F32(w) => w.len(),
             Weights::Bf16(w) => w.len(),
+            Weights::Quant(q) => q.n() * q.k,
         }
     }
 
@@ -91,6 +98,7 @@ impl<'a> Weights<'a> {
         match *self {
             Weights::F32(w) => Weights::F32(&w[range]),
             Weights::Bf16(w) => Weights::Bf16(&w[range]),
+            Weights::Quant(q) => Weights::Quant(q.rows(first, count)),
         }
     }
 }
@@ -151,18 +159,23 @@ pub fn products(batch: Vec<Product<'_>>) {
         }
     }
     tasks.into_par_iter().for_each(|(x, m, w, k, yt)| match w {
-        Weights::F32(w) => task(x, m, w, k, yt),
-        Weights::Bf16(w) => task(x, m, w, k, yt),
+        Weights::F32(w) => task(x, m, Dense { w, k }, yt),
+        Weights::Bf16(w) => task(x, m, Dense { w, k }, yt),
+        Weights::Quant(q) => match q.kind {
+            CodeKind::Int8 => task(x, m, Int8Source(q), yt),
+            CodeKind::Int4 => task(x, m, Int4Source(q), yt),
+            CodeKind::Fp8E4m3 => task(x, m, Fp8Source(q), yt),
+        },
     });
 }
 
-fn task<W: Weight>(x: Input<'_>, m: usize, w: &[W], k: usize, yt: &mut [f32]) {
+fn task<S: source::MatrixSource>(x: Input<'_>, m: usize, w: S, yt: &mut [f32]) {
     match x {
         #[cfg(target_arch = "x86_64")]
-        Input::Rows(x) if outer::available() => dot512::features_of(x, m, w, k, yt),
-        Input::Rows(x) => dot::features(x, m, w, w.len() / k, k, yt),
+        Input::Rows(x) if outer::available() => dot512::features_of(x, m, w, yt),
+        Input::Rows(x) => dot::features(x, m, w, yt),
         #[cfg(target_arch = "x86_64")]
-        Input::Transposed(xt) => outer::features_of(xt, m, w, k, yt),
+        Input::Transposed(xt) => outer::features_of(xt, m, w, yt),
         #[cfg(not(target_arch = "x86_64"))]
         Input::Transposed(_) => unreachable!("no outer form on this architecture"),
     }
@@ -255,7 +268,7 @@ impl<'t> CpuView<'t> {
     pub fn f32(&self) -> Option<&[f32]> {
         match self.weights() {
             Weights::F32(v) => Some(v),
-            Weights::Bf16(_) => None,
+            Weights::Bf16(_) | Weights::Quant(_) => None,
         }
     }
 }
@@ -264,12 +277,23 @@ impl<'t> CpuView<'t> {
 /// [`max_rows`] rows (one parallel region for all); `None` when the tensors are not that (the
 /// caller uses candle).
 pub(crate) fn matmul_t(x: &candle_core::Tensor, w: &candle_core::Tensor) -> Option<candle_core::Tensor> {
-    let (&[m, k], &[n, k2]) = (x.dims(), w.dims()) else { return None };
+    let (&[_, k], &[n, k2]) = (x.dims(), w.dims()) else { return None };
     if k != k2 || x.dtype() != candle_core::DType::F32 || !x.device().is_cpu() {
         return None;
     }
-    let (xs, ws) = (CpuView::new(x)?, CpuView::new(w)?);
-    let (xs, ws) = (xs.f32()?, ws.weights());
+    let ws = CpuView::new(w)?;
+    matmul_t_weights(x, ws.weights(), n)
+}
+
+/// `x · Wᵀ` for f32 `x` `[m, k]` on the CPU and any stored weight matrix `w` `[n, k]`, in blocks of
+/// [`max_rows`] rows (one parallel region for all); `None` when `x` is not that.
+pub(crate) fn matmul_t_weights(x: &candle_core::Tensor, ws: Weights<'_>, n: usize) -> Option<candle_core::Tensor> {
+    let &[m, k] = x.dims() else { return None };
+    if x.dtype() != candle_core::DType::F32 || !x.device().is_cpu() || ws.len() != n * k {
+        return None;
+    }
+    let xs = CpuView::new(x)?;
+    let xs = xs.f32()?;
     let block = max_rows();
     let mut yt = vec![0f32; n * m];
     products(
@@ -504,7 +528,7 @@ mod tests {
             // The portable/AVX2 dot form, which this CPU may not pick, on its own.
             if m <= dot::MAX_ROWS {
                 let mut portable = vec![f32::NAN; n * m];
-                dot::features(&x, m, &w, n, k, &mut portable);
+                dot::features(&x, m, Dense { w: &w, k }, &mut portable);
                 for (a, b) in portable.iter().zip(reference(&x, m, &w, n, k)) {
                     assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "dot form m={m} n={n} k={k}: {a} vs {b}");
                 }

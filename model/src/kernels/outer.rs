@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use super::Weight;
+use super::source::MatrixSource;
 
 /// Rows of `x` up to which a block of `x` stays in L2 (64 rows of 4,096 floats: 1 MiB).
 pub const MAX_ROWS: usize = 64;
@@ -29,51 +29,58 @@ pub fn transpose_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
 
 /// `yt[o][r]` for every feature `o` of `w` (`[n, k]`) and row `r` of `x`, given as
 /// [`transpose_rows`] left it.
-pub fn features_of<W: Weight>(xt: &[f32], m: usize, w: &[W], k: usize, yt: &mut [f32]) {
+pub fn features_of<S: MatrixSource>(xt: &[f32], m: usize, w: S, yt: &mut [f32]) {
     assert!(available(), "the outer-product form needs AVX-512");
     // SAFETY: the CPU has AVX-512F (asserted above); every slice bound is asserted inside.
     unsafe {
         match m.div_ceil(LANES) {
-            1 => features::<12, 1, W>(xt, w, k, m, yt),
-            2 => features::<8, 2, W>(xt, w, k, m, yt),
-            3 => features::<6, 3, W>(xt, w, k, m, yt),
-            _ => features::<5, 4, W>(xt, w, k, m, yt),
+            1 => features::<12, 1, S>(xt, w, m, yt),
+            2 => features::<8, 2, S>(xt, w, m, yt),
+            3 => features::<6, 3, S>(xt, w, m, yt),
+            _ => features::<5, 4, S>(xt, w, m, yt),
         }
     }
 }
 
 /// Every output feature of `w` (`[n, k]`) in blocks of `O`, the remainder one at a time.
 #[target_feature(enable = "avx512f")]
-unsafe fn features<const O: usize, const V: usize, W: Weight>(xt: &[f32], w: &[W], k: usize, m: usize, yt: &mut [f32]) {
-    let n = w.len() / k;
+unsafe fn features<const O: usize, const V: usize, S: MatrixSource>(xt: &[f32], w: S, m: usize, yt: &mut [f32]) {
+    let (n, k) = (w.n(), w.k());
     assert!(xt.len() >= k * V * LANES && yt.len() == n * m && m <= V * LANES);
     let mut o = 0;
     while o + O <= n {
         // SAFETY: rows o..o+O of `w` and of `yt` exist (checked by the loop and the assert).
-        unsafe { block::<O, V, W>(xt, &w[o * k..(o + O) * k], k, m, &mut yt[o * m..(o + O) * m]) };
+        unsafe { block::<O, V, S>(xt, w, o, k, m, &mut yt[o * m..(o + O) * m]) };
         o += O;
     }
     while o < n {
         // SAFETY: as above, one row.
-        unsafe { block::<1, V, W>(xt, &w[o * k..(o + 1) * k], k, m, &mut yt[o * m..(o + 1) * m]) };
+        unsafe { block::<1, V, S>(xt, w, o, k, m, &mut yt[o * m..(o + 1) * m]) };
         o += 1;
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn block<const O: usize, const V: usize, W: Weight>(xt: &[f32], w: &[W], k: usize, m: usize, yt: &mut [f32]) {
+unsafe fn block<const O: usize, const V: usize, S: MatrixSource>(
+    xt: &[f32],
+    w: S,
+    first: usize,
+    k: usize,
+    m: usize,
+    yt: &mut [f32],
+) {
     let stride = V * LANES;
     let mut acc = [[_mm512_setzero_ps(); V]; O];
-    let (xp, wp) = (xt.as_ptr(), w.as_ptr());
-    // Weights are widened 16 at a time into a buffer the broadcasts read from: a bf16 weight then
-    // costs one vector conversion per 16, not a scalar conversion per use.
+    let xp = xt.as_ptr();
+    // Weights are widened 16 at a time into a buffer the broadcasts read from: a bf16 or quantized
+    // weight then costs one vector conversion per 16, not a scalar conversion per use.
     let body = k - k % LANES;
     let mut widened = [[0f32; LANES]; O];
     for i0 in (0..body).step_by(LANES) {
         for (a, buf) in widened.iter_mut().enumerate() {
-            // SAFETY: i0 + 16 ≤ k: 16 weights of row `a` are readable; `buf` holds 16 floats.
-            unsafe { _mm512_storeu_ps(buf.as_mut_ptr(), W::load16(wp.add(a * k + i0))) };
+            // SAFETY: i0 + 16 ≤ k: 16 weights of row `first + a` are readable; `buf` holds 16 floats.
+            unsafe { _mm512_storeu_ps(buf.as_mut_ptr(), w.load16(first + a, i0)) };
         }
         #[allow(clippy::needless_range_loop)] // `j` is a column of every row of `widened`
         for j in 0..LANES {
@@ -83,7 +90,7 @@ unsafe fn block<const O: usize, const V: usize, W: Weight>(xt: &[f32], w: &[W], 
     }
     for i in body..k {
         // SAFETY: i < k.
-        unsafe { step(&mut acc, xp.add(i * stride), std::array::from_fn(|a| w[a * k + i].widen())) };
+        unsafe { step(&mut acc, xp.add(i * stride), std::array::from_fn(|a| w.widen(first + a, i))) };
     }
     for (a, row) in acc.iter().enumerate() {
         for (v, sum) in row.iter().enumerate() {

@@ -165,7 +165,8 @@ fn product_f32(x: &Tensor, w: &Tensor, bias: Option<&[f32]>, scratch: &Scratch) 
                 .for_each(|(out, src)| rows::widen(src, out));
             Ok(gemm_xwt(xs, wide, (m, k, n), bias))
         }
-        None => {
+        // A tensor view is never quantized (the vision tower is not).
+        None | Some(Weights::Quant(_)) => {
             let ws = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             Ok(gemm_xwt(xs, &ws, (m, k, n), bias))
         }

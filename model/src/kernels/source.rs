@@ -1,0 +1,267 @@
+//! Where a kernel reads its weights from: a row-major matrix `[n, k]` whose elements are widened to
+//! f32 as they are loaded, 16 at a time. Dense f32 and bf16 slices are one kind; the quantized
+//! matrices (8-bit and 4-bit integers with group scales, FP8 with row scales) are the others, each
+//! dequantised in registers: a quantized weight costs its stored bytes from memory and a few vector
+//! instructions, and never exists in memory as f32.
+//!
+//! Widening is exact for every kind: an integer code times its scale is computed as the reference
+//! dequantisation computes it (`(code − zero) · scale`, rounded once to f32), so a product over a
+//! quantized matrix equals the product over its dequantised f32 copy, bit for bit.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use half::{bf16, f16};
+
+use super::Weight;
+
+/// A weight matrix as the kernels read it.
+pub trait MatrixSource: Copy + Send + Sync {
+    /// Elements per row.
+    fn k(&self) -> usize;
+    /// Rows.
+    fn n(&self) -> usize;
+    /// Element `i` of row `row`, widened.
+    fn widen(&self, row: usize, i: usize) -> f32;
+    /// Elements `i..i + 16` of row `row`, widened.
+    ///
+    /// # Safety
+    /// `i` is a multiple of 16 with `i + 16 ≤ k`, `row < n`, and the CPU has AVX-512F (callers are
+    /// compiled with it; this is inlined into them).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(&self, row: usize, i: usize) -> __m512;
+}
+
+/// A dense row-major matrix of f32 or bf16.
+#[derive(Debug, Clone, Copy)]
+pub struct Dense<'a, W> {
+    pub w: &'a [W],
+    pub k: usize,
+}
+
+impl<W: Weight> MatrixSource for Dense<'_, W> {
+    #[inline(always)]
+    fn k(&self) -> usize {
+        self.k
+    }
+
+    #[inline(always)]
+    fn n(&self) -> usize {
+        self.w.len() / self.k.max(1)
+    }
+
+    #[inline(always)]
+    fn widen(&self, row: usize, i: usize) -> f32 {
+        self.w[row * self.k + i].widen()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(&self, row: usize, i: usize) -> __m512 {
+        debug_assert!((row * self.k + i + 16) <= self.w.len());
+        // SAFETY: as the caller guarantees, the 16 elements are inside row `row`.
+        unsafe { W::load16(self.w.as_ptr().add(row * self.k + i)) }
+    }
+}
+
+/// How the codes of a quantized matrix are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeKind {
+    /// One signed byte per weight: `w = code · scale`.
+    Int8,
+    /// Two weights per byte, the lower-indexed one in the low nibble, stored as value + 8:
+    /// `w = (code − 8) · scale`.
+    Int4,
+    /// One FP8 E4M3 (`float8_e4m3fn`) byte per weight: `w = fp8(code) · scale`.
+    Fp8E4m3,
+}
+
+impl CodeKind {
+    /// Bytes a row of `k` codes takes.
+    pub fn row_bytes(self, k: usize) -> usize {
+        match self {
+            CodeKind::Int8 | CodeKind::Fp8E4m3 => k,
+            CodeKind::Int4 => k.div_ceil(2),
+        }
+    }
+}
+
+/// The scales of a quantized matrix, one per group of a row, in the dtype they are stored in.
+#[derive(Debug, Clone, Copy)]
+pub enum ScalesRef<'a> {
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+    F32(&'a [f32]),
+}
+
+impl ScalesRef<'_> {
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            ScalesRef::F16(s) => s[i].to_f32(),
+            ScalesRef::Bf16(s) => s[i].to_f32(),
+            ScalesRef::F32(s) => s[i],
+        }
+    }
+
+    fn slice(&self, range: std::ops::Range<usize>) -> Self {
+        match self {
+            ScalesRef::F16(s) => ScalesRef::F16(&s[range]),
+            ScalesRef::Bf16(s) => ScalesRef::Bf16(&s[range]),
+            ScalesRef::F32(s) => ScalesRef::F32(&s[range]),
+        }
+    }
+}
+
+/// A quantized matrix `[n, k]` as the kernels read it: each row's codes, then one scale for every
+/// `2^group_shift` consecutive elements of a row (a group never straddles two rows; the last group
+/// of a row may be partial).
+#[derive(Debug, Clone, Copy)]
+pub struct QuantView<'a> {
+    pub kind: CodeKind,
+    pub codes: &'a [u8],
+    pub scales: ScalesRef<'a>,
+    pub k: usize,
+    /// `log2` of the group size (at least 4: a load of 16 elements never straddles two groups);
+    /// a shift of `usize::BITS - 1` or more means one group per row.
+    pub group_shift: u32,
+}
+
+impl<'a> QuantView<'a> {
+    pub fn n(&self) -> usize {
+        self.codes.len() / self.kind.row_bytes(self.k).max(1)
+    }
+
+    /// Groups per row.
+    pub fn groups(&self) -> usize {
+        if self.group_shift >= usize::BITS - 1 { 1 } else { self.k.div_ceil(1 << self.group_shift) }
+    }
+
+    /// Rows `first..first + count`.
+    pub fn rows(&self, first: usize, count: usize) -> Self {
+        let rb = self.kind.row_bytes(self.k);
+        let g = self.groups();
+        QuantView {
+            codes: &self.codes[first * rb..(first + count) * rb],
+            scales: self.scales.slice(first * g..(first + count) * g),
+            ..*self
+        }
+    }
+
+    #[inline(always)]
+    fn scale(&self, row: usize, i: usize) -> f32 {
+        let group = if self.group_shift >= usize::BITS - 1 { 0 } else { i >> self.group_shift };
+        self.scales.get(row * self.groups() + group)
+    }
+
+    /// Element `i` of row `row`, dequantised.
+    #[inline(always)]
+    pub fn dequantize(&self, row: usize, i: usize) -> f32 {
+        let rb = self.kind.row_bytes(self.k);
+        let s = self.scale(row, i);
+        match self.kind {
+            CodeKind::Int8 => f32::from(self.codes[row * rb + i] as i8) * s,
+            CodeKind::Int4 => {
+                let byte = self.codes[row * rb + i / 2];
+                let code = if i.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 };
+                (f32::from(code) - 8.0) * s
+            }
+            CodeKind::Fp8E4m3 => fp8_e4m3(self.codes[row * rb + i]) * s,
+        }
+    }
+}
+
+/// The value of an FP8 E4M3 (`float8_e4m3fn`: bias 7, no infinities) byte. The exponent and
+/// mantissa bits are moved to f32's positions and rebiased by one exact multiplication by `2¹²⁰`,
+/// which also gives subnormals their value; the vector form does the same.
+#[inline(always)]
+pub fn fp8_e4m3(code: u8) -> f32 {
+    let magnitude = f32::from_bits(u32::from(code & 0x7F) << 20) * FP8_REBIAS;
+    if code & 0x80 != 0 { -magnitude } else { magnitude }
+}
+
+/// `2¹²⁰`: from E4M3's exponent bias (7) to f32's (127).
+const FP8_REBIAS: f32 = f32::from_bits((127 + 120) << 23);
+
+macro_rules! quant_source {
+    ($name:ident, $kind:expr, $load:ident) => {
+        /// A [`QuantView`] of one code kind, so that the kernels are compiled for it.
+        #[derive(Debug, Clone, Copy)]
+        pub struct $name<'a>(pub QuantView<'a>);
+
+        impl MatrixSource for $name<'_> {
+            #[inline(always)]
+            fn k(&self) -> usize {
+                self.0.k
+            }
+
+            #[inline(always)]
+            fn n(&self) -> usize {
+                self.0.n()
+            }
+
+            #[inline(always)]
+            fn widen(&self, row: usize, i: usize) -> f32 {
+                self.0.dequantize(row, i)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[inline(always)]
+            unsafe fn load16(&self, row: usize, i: usize) -> __m512 {
+                debug_assert_eq!(self.0.kind, $kind);
+                let v = &self.0;
+                let at = row * v.kind.row_bytes(v.k) + if $kind == CodeKind::Int4 { i / 2 } else { i };
+                debug_assert!(at + if $kind == CodeKind::Int4 { 8 } else { 16 } <= v.codes.len());
+                // SAFETY: as the caller guarantees, the 16 elements are inside row `row`.
+                unsafe { $load(v.codes.as_ptr().add(at), v.scale(row, i)) }
+            }
+        }
+    };
+}
+
+quant_source!(Int8Source, CodeKind::Int8, load_int8);
+quant_source!(Int4Source, CodeKind::Int4, load_int4);
+quant_source!(Fp8Source, CodeKind::Fp8E4m3, load_fp8);
+
+/// 16 signed bytes at `p`, times `scale`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_int8(p: *const u8, scale: f32) -> __m512 {
+    // SAFETY: 16 bytes are readable at `p`; AVX-512F (the caller).
+    unsafe {
+        let codes = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast()));
+        _mm512_mul_ps(_mm512_cvtepi32_ps(codes), _mm512_set1_ps(scale))
+    }
+}
+
+/// 8 bytes at `p` holding 16 nibbles (low nibble first), each `(code − 8) · scale`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_int4(p: *const u8, scale: f32) -> __m512 {
+    // SAFETY: 8 bytes are readable at `p`; AVX-512F (the caller).
+    unsafe {
+        // Each byte b widened to a 16-bit lane; (b | b << 4) & 0x0F0F puts its low nibble in the
+        // lane's low byte and its high nibble in the high byte: the 16 codes in order, one a byte.
+        let b = _mm_cvtepu8_epi16(_mm_loadl_epi64(p.cast()));
+        let nibbles = _mm_and_si128(_mm_or_si128(b, _mm_slli_epi16::<4>(b)), _mm_set1_epi16(0x0F0F));
+        let codes = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nibbles));
+        // code·s − 8s is (code − 8)·s exactly before the one rounding, as the reference computes it.
+        let s = _mm512_set1_ps(scale);
+        _mm512_fmadd_ps(codes, s, _mm512_set1_ps(-8.0 * scale))
+    }
+}
+
+/// 16 FP8 E4M3 bytes at `p`, times `scale` (see [`fp8_e4m3`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_fp8(p: *const u8, scale: f32) -> __m512 {
+    // SAFETY: 16 bytes are readable at `p`; AVX-512F (the caller).
+    unsafe {
+        let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()));
+        let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(bytes, _mm512_set1_epi32(0x80)));
+        let magnitude = _mm512_slli_epi32::<20>(_mm512_and_si512(bytes, _mm512_set1_epi32(0x7F)));
+        let value = _mm512_mul_ps(_mm512_castsi512_ps(magnitude), _mm512_set1_ps(FP8_REBIAS));
+        let signed = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign));
+        _mm512_mul_ps(signed, _mm512_set1_ps(scale))
+    }
+}

@@ -1,0 +1,219 @@
+//! Quantized weights: which matrices are quantized at load and how ([`Quantize`], [`QuantScope`],
+//! [`QuantScheme`]), the quantized matrix itself ([`QuantMatrix`]), pre-quantized checkpoints in
+//! compressed-tensors' formats ([`compressed`]), and the measures that compare a quantized model's
+//! logits with the unquantized ones ([`quality`]).
+//!
+//! Only matrices are ever quantized (routed and shared experts, attention, dense MLPs, `lm_head`);
+//! the router, norms, embeddings and the vision tower always stay as the checkpoint stores them:
+//! routing decisions are made in full precision.
+
+pub mod compressed;
+mod matrix;
+pub mod quality;
+#[cfg(test)]
+mod tests;
+
+use std::str::FromStr;
+
+use half::f16;
+
+pub use matrix::{Group, QuantMatrix, Scales};
+
+use crate::kernels::CodeKind;
+use crate::layers::WeightStorage;
+
+/// epserve's on-the-fly schemes (docs/model.md, "Quantized weights", says why these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantScheme {
+    /// Symmetric 8-bit, one f16 scale per 32 weights of a row (GGUF's Q8_0 layout): 8.5 bits a weight.
+    Int8,
+    /// Symmetric 4-bit stored as value + 8, two per byte, one f16 scale per 32 weights of a row
+    /// (GGUF's Q4_0 layout), the scale chosen per group to minimise the squared error: 4.5 bits a
+    /// weight.
+    Int4,
+}
+
+impl QuantScheme {
+    /// Weights per scale.
+    pub fn group(self) -> usize {
+        32
+    }
+
+    pub fn kind(self) -> CodeKind {
+        match self {
+            QuantScheme::Int8 => CodeKind::Int8,
+            QuantScheme::Int4 => CodeKind::Int4,
+        }
+    }
+
+    /// The scale of one group, rounded to f16 (codes are computed from the rounded scale).
+    fn scale_for(self, values: &[f32]) -> f16 {
+        // The value of largest magnitude, with its sign.
+        let extreme = values.iter().copied().fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+        if extreme == 0.0 || !extreme.is_finite() {
+            return f16::ZERO;
+        }
+        match self {
+            QuantScheme::Int8 => f16::from_f32(extreme.abs() / 127.0),
+            QuantScheme::Int4 => {
+                // Codes run from −8 to 7. Candidate scales put the extreme at −8 (a negative scale
+                // when it is positive, as GGUF's Q4_0 does) or a little inside; for the codes each
+                // gives, the least-squares scale `Σ v·q / Σ q²` is taken, and the candidate with the
+                // smallest squared error over the group wins (measured: docs/model.md).
+                let codes = |s: f32| values.iter().map(move |&v| (v / s).round().clamp(-8.0, 7.0));
+                let error = |s: f32| -> f32 { values.iter().zip(codes(s)).map(|(&v, q)| (v - q * s).powi(2)).sum() };
+                (0..=20)
+                    .map(|i| -extreme / (6.5 + 0.1 * i as f32))
+                    .map(|s| {
+                        let (dot, norm) =
+                            values.iter().zip(codes(s)).fold((0f32, 0f32), |(d, n), (&v, q)| (d + v * q, n + q * q));
+                        f16::from_f32(if norm > 0.0 { dot / norm } else { s })
+                    })
+                    .filter(|s| s.to_f32() != 0.0 && s.is_finite())
+                    .min_by(|a, b| error(a.to_f32()).total_cmp(&error(b.to_f32())))
+                    .unwrap_or(f16::ZERO)
+            }
+        }
+    }
+}
+
+impl FromStr for QuantScheme {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "int8" => Ok(QuantScheme::Int8),
+            "int4" => Ok(QuantScheme::Int4),
+            other => Err(format!("unknown quantization `{other}` (int8, int4)")),
+        }
+    }
+}
+
+impl std::fmt::Display for QuantScheme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QuantScheme::Int8 => "int8",
+            QuantScheme::Int4 => "int4",
+        })
+    }
+}
+
+/// What a weight matrix is, for deciding whether it is quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatrixRole {
+    RoutedExpert,
+    SharedExpert,
+    /// q, k, v and o projections.
+    Attention,
+    /// The MLPs of dense (non-MoE) layers.
+    DenseMlp,
+    LmHead,
+    /// Never quantized.
+    Router,
+}
+
+/// The matrices quantized besides the routed experts (which always are, when quantizing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantScope {
+    pub shared_experts: bool,
+    pub attention: bool,
+    pub dense_mlp: bool,
+    pub lm_head: bool,
+}
+
+impl Default for QuantScope {
+    /// Meta's choice for Scout on one GPU: routed and shared experts; attention, dense MLPs and
+    /// `lm_head` stay as stored.
+    fn default() -> Self {
+        QuantScope { shared_experts: true, attention: false, dense_mlp: false, lm_head: false }
+    }
+}
+
+impl QuantScope {
+    /// Every matrix.
+    pub const ALL: QuantScope = QuantScope { shared_experts: true, attention: true, dense_mlp: true, lm_head: true };
+    /// The routed experts only.
+    pub const ROUTED: QuantScope =
+        QuantScope { shared_experts: false, attention: false, dense_mlp: false, lm_head: false };
+
+    pub fn covers(&self, role: MatrixRole) -> bool {
+        match role {
+            MatrixRole::RoutedExpert => true,
+            MatrixRole::SharedExpert => self.shared_experts,
+            MatrixRole::Attention => self.attention,
+            MatrixRole::DenseMlp => self.dense_mlp,
+            MatrixRole::LmHead => self.lm_head,
+            MatrixRole::Router => false,
+        }
+    }
+}
+
+impl FromStr for QuantScope {
+    type Err = String;
+
+    /// A comma-separated list of `routed`, `shared`, `attention`, `dense`, `lm-head`, or `all`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut scope = QuantScope::ROUTED;
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "routed" => {}
+                "shared" => scope.shared_experts = true,
+                "attention" => scope.attention = true,
+                "dense" => scope.dense_mlp = true,
+                "lm-head" | "lm_head" => scope.lm_head = true,
+                "all" => scope = QuantScope::ALL,
+                other => {
+                    return Err(format!(
+                        "unknown quantization scope `{other}` (routed, shared, attention, dense, lm-head, all)"
+                    ));
+                }
+            }
+        }
+        Ok(scope)
+    }
+}
+
+impl std::fmt::Display for QuantScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = vec!["routed"];
+        for (on, name) in [
+            (self.shared_experts, "shared"),
+            (self.attention, "attention"),
+            (self.dense_mlp, "dense"),
+            (self.lm_head, "lm-head"),
+        ] {
+            if on {
+                parts.push(name);
+            }
+        }
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// On-the-fly quantization: a scheme and the matrices it applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quantize {
+    pub scheme: QuantScheme,
+    pub scope: QuantScope,
+}
+
+/// How a load keeps weight matrices: their dtype ([`WeightStorage`]) and which are quantized.
+/// Pre-quantized matrices of a checkpoint are kept as stored whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoadPolicy {
+    pub storage: WeightStorage,
+    pub quantize: Option<Quantize>,
+}
+
+impl LoadPolicy {
+    /// The scheme a matrix of `role` is quantized with, if any.
+    pub fn scheme_for(&self, role: MatrixRole) -> Option<QuantScheme> {
+        self.quantize.filter(|q| q.scope.covers(role)).map(|q| q.scheme)
+    }
+}
+
+impl From<WeightStorage> for LoadPolicy {
+    fn from(storage: WeightStorage) -> Self {
+        LoadPolicy { storage, quantize: None }
+    }
+}
