@@ -55,7 +55,7 @@ pub fn run(args: ExchangeBenchArgs) -> Result<()> {
         let mut id = 0u64;
         for &rows in &args.rows {
             let values: Vec<f32> = (0..rows as usize * hidden).map(|i| ((i % 97) as f32 - 48.0) / 64.0).collect();
-            let payload = wire.encode(&values);
+            let payload = wire.encode(&values, hidden);
             let mut samples = Vec::with_capacity(args.iterations);
             let mut compute = Duration::ZERO;
             for i in 0..args.iterations + 20 {

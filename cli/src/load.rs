@@ -82,6 +82,8 @@ impl QuantArgs {
 pub enum WireArg {
     Bf16,
     F32,
+    /// 8-bit with one f32 scale per row: about half of bf16's bytes.
+    Int8,
 }
 
 impl From<WireArg> for WireDtype {
@@ -89,6 +91,7 @@ impl From<WireArg> for WireDtype {
         match w {
             WireArg::Bf16 => WireDtype::Bf16,
             WireArg::F32 => WireDtype::F32,
+            WireArg::Int8 => WireDtype::Int8,
         }
     }
 }

@@ -18,6 +18,7 @@ mod load;
 mod logits;
 mod metrics_endpoint;
 mod prompt;
+mod quality;
 mod stats;
 mod up;
 mod vision_bench;
@@ -58,6 +59,8 @@ enum Command {
     ExchangeBench(exchange_bench::ExchangeBenchArgs),
     /// Measure the vision encoder on a Scout-shaped tower against the machine's matmul peak.
     VisionBench(vision_bench::VisionBenchArgs),
+    /// Compare a quantized model's logits with the unquantized ones (KL divergence, top-1 agreement).
+    Quality(quality::QualityArgs),
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -114,6 +117,7 @@ fn main() -> std::process::ExitCode {
         Command::EngineBench(args) => engine_bench::run(args),
         Command::Bench(args) => bench::run(args),
         Command::VisionBench(args) => vision_bench::run(args),
+        Command::Quality(args) => quality::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

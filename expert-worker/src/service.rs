@@ -98,7 +98,7 @@ impl ExpertWorker {
     /// Decodes, computes and encodes one exchange; runs on a blocking thread.
     fn compute(&self, x: &Exchange) -> Result<bytes::Bytes, String> {
         let mut values = Vec::new();
-        x.dtype.decode_into(&x.payload, &mut values);
+        x.dtype.decode_into(&x.payload, x.hidden, &mut values);
         let rows = Tensor::from_vec(values, (x.total_rows(), x.hidden), &Device::Cpu)
             .and_then(|t| t.to_dtype(self.dtype))
             .map_err(|e| e.to_string())?;
@@ -106,7 +106,7 @@ impl ExpertWorker {
             x.groups.iter().map(|g| ExpertGroup { expert: g.expert, rows: g.rows }).collect();
         let out = self.shard().compute(x.layer as usize, &groups, &rows).map_err(|e| e.to_string())?;
         let out = out.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>());
-        Ok(x.dtype.encode(&out.map_err(|e| e.to_string())?))
+        Ok(x.dtype.encode(&out.map_err(|e| e.to_string())?, x.hidden))
     }
 
     async fn handle(self: Arc<Self>, request: ExchangeRequest) -> ExchangeResponse {
@@ -177,6 +177,7 @@ impl ExpertWorker {
             num_experts: self.text.num_local_experts as u32,
             model: self.model_name.clone(),
             compute_dtype: format!("{:?}", self.dtype).to_lowercase(),
+            weight_format: shard.weight_format().unwrap_or_default(),
         }
     }
 }

@@ -152,6 +152,13 @@ impl ExpertShard {
         Some(self.layers.iter().flatten().flatten().next()?.bytes())
     }
 
+    /// How the hosted experts' matrices are held, e.g. `bf16` or `int4 (group 32, f16 scales)`
+    /// (`None` when nothing is hosted).
+    pub fn weight_format(&self) -> Option<String> {
+        let ffn = self.layers.iter().flatten().flatten().next()?;
+        Some(ffn.gate_up.describe())
+    }
+
     /// SwiGLU of every group's rows with its expert: one matrix product per expert, not per row.
     /// Runs on rayon's pool (see [`kernels::on_pool`]): an expert worker calls it from its own
     /// threads.

@@ -146,6 +146,14 @@ impl Matrix {
         }
     }
 
+    /// How the matrix is held, e.g. `bf16` or `int4 (group 32, f16 scales)`.
+    pub fn describe(&self) -> String {
+        match self {
+            Matrix::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
+            Matrix::Quant(q) => q.describe(),
+        }
+    }
+
     /// The dtype of a dense matrix (`None` when quantized).
     pub fn dense_dtype(&self) -> Option<DType> {
         match self {

@@ -68,14 +68,14 @@ impl TryFrom<ExchangeRequest> for Exchange {
             }
         }
         let rows: u64 = r.groups.iter().map(|g| u64::from(g.rows)).sum();
-        let expected = rows * u64::from(r.hidden) * dtype.size() as u64;
+        let expected = rows * dtype.row_bytes(r.hidden as usize) as u64;
         if r.payload.len() as u64 != expected {
             return Err(InvalidExchange(format!(
-                "exchange {}: payload is {} bytes, {rows} rows × {} hidden × {} bytes ({dtype}) = {expected}",
+                "exchange {}: payload is {} bytes, {rows} rows of {} values × {} bytes a row ({dtype}) = {expected}",
                 r.id,
                 r.payload.len(),
                 r.hidden,
-                dtype.size()
+                dtype.row_bytes(r.hidden as usize)
             )));
         }
         Ok(Exchange {

@@ -289,7 +289,7 @@ impl GrpcInFlight<'_> {
             values.extend_from_slice(&self.rows[r.start * hidden..r.end * hidden]);
             wire_groups.push(RowGroup { expert: self.groups[g].expert, rows: r.len() as u32 });
         }
-        let payload = x.wire.encode(&values);
+        let payload = x.wire.encode(&values, hidden);
         metrics::counter!(m::EXCHANGE_SENT_BYTES_TOTAL, "worker" => link.addr.clone()).increment(payload.len() as u64);
         let request = Exchange {
             id,
@@ -363,12 +363,12 @@ impl GrpcInFlight<'_> {
         }
         let rows: usize = part.groups.iter().map(|&g| self.groups[g].rows.len()).sum();
         let wire = WireDtype::from_proto(answer.dtype).unwrap_or(x.wire);
-        if answer.payload.len() != rows * x.hidden * wire.size() {
+        if answer.payload.len() != wire.payload_bytes(rows, x.hidden) {
             let message = format!("answered {} bytes for {rows} rows", answer.payload.len());
             return Err(rejected(tonic::Code::DataLoss, message));
         }
         let mut decoded = Vec::new();
-        wire.decode_into(&answer.payload, &mut decoded);
+        wire.decode_into(&answer.payload, x.hidden, &mut decoded);
         Ok(decoded)
     }
 }

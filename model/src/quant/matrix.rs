@@ -146,6 +146,26 @@ impl QuantMatrix {
         Self::from_parts(kind, (n, k), Group::Elements(group), codes, Scales::F16(scales))
     }
 
+    /// E.g. `int4 (group 32, f16 scales)`, `fp8-e4m3 (per channel, bf16 scales)`.
+    pub fn describe(&self) -> String {
+        let kind = match self.kind {
+            CodeKind::Int8 => "int8",
+            CodeKind::Int4 => "int4",
+            CodeKind::Fp8E4m3 => "fp8-e4m3",
+        };
+        let group = if self.group_shift >= usize::BITS - 1 {
+            "per channel".to_owned()
+        } else {
+            format!("group {}", 1usize << self.group_shift)
+        };
+        let scales = match self.scales {
+            Scales::F16(_) => "f16",
+            Scales::Bf16(_) => "bf16",
+            Scales::F32(_) => "f32",
+        };
+        format!("{kind} ({group}, {scales} scales)")
+    }
+
     pub fn kind(&self) -> CodeKind {
         self.kind
     }

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Quantized weights on `mini`, in one run: `epserve decode-bench` (experts in process) at batch
+# 1 / 32 / 64 with the matrices as stored (bf16) and quantized at load to int8 and int4 — scope `all`
+# (every matrix but the router) and the default `routed,shared` — each row with its tokens/s, the
+# bytes a step reads and the fraction of the memory-bandwidth bound it reaches. Prints a markdown
+# table for docs/benchmarks.md, then the raw JSON.
+#
+#   bench/quantized.sh            # QUANT_BATCHES=1,32,64 QUANT_STEPS=32 QUANT_PROMPT_LEN=32
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+model=$(ensure_model "${QUANT_MODEL:-mini}")
+batches="${QUANT_BATCHES:-1,32,64}"
+steps="${QUANT_STEPS:-32}"
+prompt_len="${QUANT_PROMPT_LEN:-32}"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+run() { # NAME ARGS...
+  local name="$1"
+  shift
+  echo "decode-bench $name: epserve decode-bench --model $model --batch $batches --steps $steps --prompt-len $prompt_len --probe-bandwidth $*" >&2
+  "$EPSERVE" decode-bench --model "$model" --batch "$batches" --steps "$steps" --prompt-len "$prompt_len" \
+    --probe-bandwidth "$@" >"$work/$name.json"
+}
+run bf16
+run int8-all --quantize int8 --quantize-scope all
+run int4-all --quantize int4 --quantize-scope all
+run int8-default --quantize int8
+run int4-default --quantize int4
+
+python3 - "$work" <<'PY'
+import json, os, sys
+work = sys.argv[1]
+names = ["bf16", "int8-all", "int4-all", "int8-default", "int4-default"]
+runs = {}
+for n in names:
+    rows = json.load(open(os.path.join(work, n + ".json")))
+    runs[n] = {r["batch"]: r for r in rows if "batch" in r}
+    bw = [r["memory_read_gb_per_s"] for r in rows if "memory_read_gb_per_s" in r]
+    if bw:
+        print(f"{n}: memory read bandwidth probe {bw[0]:.1f} GB/s")
+print()
+print("| weights | batch | tok/s | × bf16 | MB read / step | fraction of the bandwidth bound |")
+print("| --- | ---: | ---: | ---: | ---: | ---: |")
+for n in names:
+    for b, r in sorted(runs[n].items()):
+        base = runs["bf16"].get(b, {}).get("tokens_per_s")
+        ratio = f"{r['tokens_per_s'] / base:.2f}×" if base else "n/a"
+        mb = r.get("weight_bytes_per_step", 0) / 1e6
+        frac = r.get("fraction_of_bound")
+        frac = f"{frac:.2f}" if frac is not None else "n/a"
+        print(f"| {n} | {b} | {r['tokens_per_s']:.1f} | {ratio} | {mb:.1f} | {frac} |")
+print()
+for n in names:
+    print(n, json.dumps(list(runs[n].values())))
+PY

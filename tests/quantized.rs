@@ -1,0 +1,177 @@
+//! Quantization across processes: `epserve worker --quantize` quantizes only its own experts (its
+//! `Status` reports the bytes they take, a fraction of bf16's) and computes exactly what the same
+//! quantization in process computes; and the int8 expert exchange (`--wire-dtype int8`) stays as
+//! close to the in-process run as int8 weights do.
+
+mod support;
+
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use epserve_coordinator::{ExpertTransport, GrpcConfig, GrpcExperts};
+use epserve_model::quant::quality::{Comparison, Quality};
+use epserve_model::{
+    Checkpoint, ExpertBackend, ExpertShard, LoadPolicy, LogitsFor, ModelConfig, QuantScheme, QuantScope, Quantize,
+    SequenceStep, TextModel, WeightStorage,
+};
+use epserve_proto::v1::StatusRequest;
+use epserve_proto::v1::expert_service_client::ExpertServiceClient;
+use epserve_proto::wire::WireDtype;
+use serde::Deserialize;
+use support::{Process, tiny_fixture, workers};
+
+#[derive(Deserialize)]
+struct Golden {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    input_ids: Vec<u32>,
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    let text = std::fs::read_to_string(tiny_fixture().join("golden/text.json")).expect("golden");
+    serde_json::from_str::<Golden>(&text).expect("json").cases.into_iter().map(|c| c.input_ids).collect()
+}
+
+fn policy(scheme: Option<QuantScheme>) -> LoadPolicy {
+    LoadPolicy {
+        storage: WeightStorage::AsStored,
+        quantize: scheme.map(|scheme| Quantize { scheme, scope: QuantScope::default() }),
+    }
+}
+
+/// The attention side in process (unquantized), experts in process or behind gRPC.
+struct Coordinator {
+    runtime: tokio::runtime::Runtime,
+    config: ModelConfig,
+    model: TextModel,
+}
+
+impl Coordinator {
+    fn new() -> Self {
+        let dir = tiny_fixture();
+        let config = ModelConfig::from_file(&dir.join("config.json")).expect("config");
+        let ckpt = Checkpoint::open(&dir).expect("checkpoint");
+        let model = TextModel::load(&config, &ckpt, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut |_, _| {})
+            .expect("model");
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+        Coordinator { runtime, config, model }
+    }
+
+    fn local(&self, scheme: Option<QuantScheme>) -> ExpertTransport {
+        let ckpt = Checkpoint::open(&tiny_fixture()).expect("checkpoint");
+        let all: Vec<u32> = (0..16).collect();
+        let shard = ExpertShard::load(&self.config, &ckpt, &all, DType::F32, policy(scheme), &Device::Cpu, &mut || {})
+            .expect("experts");
+        ExpertTransport::Local(shard)
+    }
+
+    fn grpc(&self, workers: &[Process], wire: WireDtype) -> ExpertTransport {
+        let cfg = GrpcConfig {
+            wire,
+            exchange_timeout: Duration::from_secs(20),
+            ..GrpcConfig::new(workers.iter().map(|w| w.addr.clone()).collect())
+        };
+        let experts =
+            self.runtime.block_on(GrpcExperts::connect(&cfg, &self.config.text, DType::F32)).expect("connect");
+        ExpertTransport::Grpc(experts)
+    }
+
+    fn logits(&self, experts: &dyn ExpertBackend, tokens: &[u32]) -> Vec<Vec<f32>> {
+        let mut cache = self.model.new_cache();
+        let logits = self
+            .model
+            .forward(&mut [SequenceStep::new(tokens, &mut cache)], experts, LogitsFor::All, None)
+            .expect("forward");
+        logits.to_vec2::<f32>().expect("rows")
+    }
+
+    /// Every position of every golden prompt, `reference` against `candidate`.
+    fn compare(&self, reference: &dyn ExpertBackend, candidate: &dyn ExpertBackend) -> Quality {
+        let mut comparison = Comparison::default();
+        for prompt in prompts() {
+            for (r, c) in self.logits(reference, &prompt).iter().zip(&self.logits(candidate, &prompt)) {
+                comparison.add(r, c);
+            }
+        }
+        comparison.finish()
+    }
+}
+
+fn status(runtime: &tokio::runtime::Runtime, worker: &Process) -> epserve_proto::v1::StatusResponse {
+    runtime.block_on(async {
+        let mut client = ExpertServiceClient::connect(format!("http://{}", worker.addr)).await.expect("connect");
+        client.status(StatusRequest {}).await.expect("status").into_inner()
+    })
+}
+
+#[test]
+fn quantized_workers_hold_a_fraction_of_bf16_and_compute_what_the_same_quantization_computes_in_process() {
+    let coordinator = Coordinator::new();
+    // Four of sixteen experts each, as stored (bf16), int8 and int4.
+    let hosts = workers(
+        &tiny_fixture(),
+        &[
+            &["--experts", "0-3"],
+            &["--experts", "0-3", "--quantize", "int8"],
+            &["--experts", "0-3", "--quantize", "int4"],
+        ],
+    );
+    let [bf16, int8, int4] = [0, 1, 2].map(|i| status(&coordinator.runtime, &hosts[i]));
+    assert_eq!(bf16.weight_format, "bf16");
+    assert_eq!(int8.weight_format, "int8 (group 32, f16 scales)");
+    assert_eq!(int4.weight_format, "int4 (group 32, f16 scales)");
+    for s in [&bf16, &int8, &int4] {
+        assert!(s.layers.iter().all(|l| l.experts == [0, 1, 2, 3]), "{s:?}");
+    }
+    let ratio = |s: &epserve_proto::v1::StatusResponse| s.resident_bytes as f64 / bf16.resident_bytes as f64;
+    eprintln!(
+        "resident expert bytes: bf16 {}, int8 {:.3}×, int4 {:.3}×",
+        bf16.resident_bytes,
+        ratio(&int8),
+        ratio(&int4)
+    );
+    assert!(ratio(&int8) <= 0.55, "int8: {:.3} of bf16", ratio(&int8));
+    assert!(ratio(&int4) <= 0.30, "int4: {:.3} of bf16", ratio(&int4));
+    drop(hosts);
+
+    // Two int4 workers serving every expert: over an f32 wire, the in-process int4 logits.
+    let int4_workers = workers(
+        &tiny_fixture(),
+        &[&["--shard", "0/2", "--quantize", "int4"], &["--shard", "1/2", "--quantize", "int4"]],
+    );
+    let remote = coordinator.grpc(&int4_workers, WireDtype::F32);
+    let local = coordinator.local(Some(QuantScheme::Int4));
+    for prompt in prompts() {
+        let (a, b) = (coordinator.logits(&local, &prompt), coordinator.logits(&remote, &prompt));
+        let diff = a.iter().zip(&b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0f32, f32::max);
+        assert!(diff <= 1e-5, "T={}: int4 workers differ from int4 in process by {diff}", prompt.len());
+    }
+}
+
+#[test]
+fn int8_wire_stays_as_close_to_the_in_process_run_as_int8_weights() {
+    let coordinator = Coordinator::new();
+    let hosts = workers(&tiny_fixture(), &[&["--shard", "0/2"], &["--shard", "1/2"]]);
+    let local = coordinator.local(None);
+    let mut figures = Vec::new();
+    for wire in [WireDtype::Bf16, WireDtype::Int8] {
+        let q = coordinator.compare(&local, &coordinator.grpc(&hosts, wire));
+        eprintln!(
+            "{wire} wire: {} positions, top-1 agreement {:.3}, mean KL {:.5}, p99 KL {:.5}, max |Δlogit| {:.4}",
+            q.positions, q.top1_agreement, q.mean_kl, q.p99_kl, q.max_abs_logit_diff
+        );
+        figures.push(q);
+    }
+    let int8_weights = coordinator.compare(&local, &coordinator.local(Some(QuantScheme::Int8)));
+    eprintln!("int8 weights: top-1 {:.3}, mean KL {:.5}", int8_weights.top1_agreement, int8_weights.mean_kl);
+    let int8 = &figures[1];
+    assert!(int8.positions > 60);
+    assert!(int8.top1_agreement >= 0.97 && int8.mean_kl <= 0.01, "int8 wire: {int8:?}");
+    // Each row keeps half a step of max|row|/127: the wire's bytes are about half of bf16's.
+    let hidden = coordinator.config.text.hidden_size;
+    let ratio = WireDtype::Int8.payload_bytes(1, hidden) as f64 / WireDtype::Bf16.payload_bytes(1, hidden) as f64;
+    assert!(ratio <= 0.55, "{ratio}");
+}
