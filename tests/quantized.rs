@@ -175,3 +175,39 @@ fn int8_wire_stays_as_close_to_the_in_process_run_as_int8_weights() {
     let ratio = WireDtype::Int8.payload_bytes(1, hidden) as f64 / WireDtype::Bf16.payload_bytes(1, hidden) as f64;
     assert!(ratio <= 0.55, "{ratio}");
 }
+
+/// `epserve quality`: a model against itself quantized at load, and a pre-quantized checkpoint
+/// against the bf16 one it was made from; a run with nothing to compare is refused.
+#[test]
+fn quality_command_compares_a_quantized_model_with_its_reference() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("prompts.jsonl");
+    let lines: Vec<String> = prompts().iter().map(|p| serde_json::json!({ "tokens": p }).to_string()).collect();
+    std::fs::write(&file, lines.join("\n")).expect("write prompts");
+    let positions: u64 = prompts().iter().map(|p| p.len() as u64).sum();
+    let (model, prompts) = (tiny_fixture(), file.to_str().expect("utf-8").to_owned());
+    let model = model.to_str().expect("utf-8");
+
+    let int8 = support::run_json(&["quality", "--model", model, "--quantize", "int8", "--prompts", &prompts]);
+    let q = &int8["quality"];
+    assert_eq!(q["positions"], positions);
+    assert_eq!(int8["quantize"], "int8");
+    assert_eq!(int8["quantize_scope"], "routed,shared");
+    assert!(q["top1_agreement"].as_f64().expect("agreement") >= 0.97, "{int8}");
+    assert!(q["mean_kl"].as_f64().expect("kl") <= 0.01, "{int8}");
+
+    let w4a16 = epserve_testkit::fixtures::dir(epserve_testkit::fixtures::TINY_LLAMA4_W4A16);
+    let w4a16 = w4a16.to_str().expect("utf-8");
+    let pre = support::run_json(&["quality", "--model", w4a16, "--against", model, "--prompts", &prompts]);
+    let (agreement, kl) = (pre["quality"]["top1_agreement"].as_f64(), pre["quality"]["mean_kl"].as_f64());
+    eprintln!("W4A16 against bf16: top-1 {agreement:?}, mean KL {kl:?}");
+    assert!(kl.expect("kl") > 1e-4, "a 4-bit checkpoint differs from its bf16 source: {pre}");
+    assert!(agreement.expect("agreement") >= 0.5, "{pre}");
+
+    let out = std::process::Command::new(support::epserve())
+        .args(["quality", "--model", model, "--prompts", &prompts])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to compare"), "{out:?}");
+}
