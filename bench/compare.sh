@@ -39,7 +39,14 @@
 #   COMPARE_SYSTEMS [epserve up llama.cpp llama-server transformers]  which to run (names as listed)
 #   COMPARE_MODEL [mini]          the bench/common.sh preset
 #   COMPARE_GGUF_TYPE [f32]       the GGUF llama.cpp runs: f32, or bf16 (the checkpoint's own
-#                                 dtype, as many bytes per weight as epserve's default storage)
+#                                 dtype, as many bytes per weight as epserve's default storage), or
+#                                 q8_0 (convert_hf_to_gguf.py --outtype q8_0: 8-bit, an f16 scale per
+#                                 32 weights, like epserve's int8), or q4_0 / q4_k_m (the bf16 GGUF,
+#                                 then llama.cpp's llama-quantize, built from the same source as
+#                                 llama-server; q4_0 = 4-bit, an f16 scale per 32, like epserve's int4)
+#   COMPARE_EPSERVE_QUANTIZE []   int8 or int4: every epserve command gets `--quantize X
+#                                 --quantize-scope SCOPE` (weights quantized at load); empty: as stored
+#   COMPARE_EPSERVE_QUANTIZE_SCOPE [all]  that SCOPE (all: every matrix but the router)
 #   LLAMA_CPP_PYTHON_VERSION [0.3.36], TORCH_VERSION [2.15.0], TRANSFORMERS_VERSION [5.23.0]
 source "$(dirname "$0")/common.sh"
 
@@ -55,6 +62,8 @@ WARMUP="${COMPARE_WARMUP:-2}"
 SYSTEMS="${COMPARE_SYSTEMS:-epserve up llama.cpp llama-server transformers}"
 PRESET="${COMPARE_MODEL:-mini}"
 GGUF_TYPE="${COMPARE_GGUF_TYPE:-f32}"
+EQ="${COMPARE_EPSERVE_QUANTIZE:-}"
+EQ_SCOPE="${COMPARE_EPSERVE_QUANTIZE_SCOPE:-all}"
 LCP_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 TORCH_VERSION="${TORCH_VERSION:-2.15.0}"
 TRANSFORMERS_VERSION="${TRANSFORMERS_VERSION:-5.23.0}"
@@ -65,6 +74,26 @@ if (( CONC_REQ % CONC != 0 )); then
   echo "COMPARE_C32_REQUESTS ($CONC_REQ) must be a multiple of COMPARE_CONCURRENCY ($CONC)" >&2
   exit 1
 fi
+# GGUF_BASE: the type convert_hf_to_gguf.py writes before llama-quantize makes GGUF_TYPE (empty: the
+# converter writes GGUF_TYPE itself). bf16 is the checkpoint's own dtype, so the base loses nothing.
+case "$GGUF_TYPE" in
+  f32|f16|bf16|q8_0) GGUF_BASE="" ;;
+  q4_0|q4_k_m) GGUF_BASE=bf16 ;;
+  *) echo "COMPARE_GGUF_TYPE must be f32, f16, bf16, q8_0, q4_0 or q4_k_m (got $GGUF_TYPE)" >&2; exit 1 ;;
+esac
+# The flags every epserve command gets; the environment's own EPSERVE_QUANTIZE* would otherwise apply
+# to them unannounced.
+case "$EQ" in
+  "") EQ_ARGS=() ;;
+  int8|int4) EQ_ARGS=(--quantize "$EQ" --quantize-scope "$EQ_SCOPE") ;;
+  *) echo "COMPARE_EPSERVE_QUANTIZE must be empty, int8 or int4 (got $EQ)" >&2; exit 1 ;;
+esac
+unset EPSERVE_QUANTIZE EPSERVE_QUANTIZE_SCOPE
+# " --quantize X --quantize-scope S" for the commands lists, or nothing.
+EQ_FLAGS="${EQ_ARGS[*]:+ ${EQ_ARGS[*]}}"
+# The report names each system's weights when either side is quantized (otherwise as before).
+QUANT_REPORT=""
+if [ -n "$EQ" ] || [[ "$GGUF_TYPE" != f32 && "$GGUF_TYPE" != bf16 && "$GGUF_TYPE" != f16 ]]; then QUANT_REPORT=1; fi
 
 mkdir -p "$CACHE/logs" "$CACHE/gguf" "$CACHE/results"
 RUN="$CACHE/results/$(date -u +%Y%m%dT%H%M%SZ)"
@@ -168,6 +197,7 @@ ensure_hf() {
 LS_SRC="$CACHE/llama-server-src"
 LS_BUILD="$CACHE/llama-server-build"
 LS_BIN="$LS_BUILD/bin/llama-server"
+LQ_BIN="$LS_BUILD/bin/llama-quantize"
 
 # llama-cpp-python[server], compiled from its sdist (CPU only, -march=native), and the sdist unpacked
 # for its convert_hf_to_gguf.py.
@@ -205,28 +235,20 @@ ensure_llama_cpp() {
   progress "llama-cpp-python compiled and installed in $((SECONDS - started)) s ($(du -sh "$LCP_VENV" | cut -f1))"
 }
 
-# llama.cpp's llama-server from the same vendored source (cmake + ninja from the llama venv's PyPI wheels).
-ensure_llama_server() {
-  local log="$LOGS/build-llama-server.log" cmake_bin ninja_bin started=$SECONDS
-  if [ -x "$LS_BIN" ]; then return 0; fi
-  if ! "$LCP_VENV/bin/python" -c 'import cmake, ninja' 2>/dev/null; then
-    { [ -x "$LCP_VENV/bin/python" ] || "$PY" -m venv "$LCP_VENV"; } >"$log" 2>&1
-    "$LCP_VENV/bin/python" -m pip install cmake ninja >>"$log" 2>&1 || { LS_ERROR="pip install cmake ninja failed: $(last_lines "$log")"; return 1; }
-  fi
-  cmake_bin=$("$LCP_VENV/bin/python" -c 'import cmake, os; print(os.path.join(cmake.CMAKE_BIN_DIR, "cmake"))' 2>/dev/null) \
-    && ninja_bin=$("$LCP_VENV/bin/python" -c 'import ninja, os; print(os.path.join(ninja.BIN_DIR, "ninja"))' 2>/dev/null) \
-    || { LS_ERROR="cmake/ninja (PyPI wheels in $LCP_VENV) are missing"; return 1; }
-  # A copy of the vendored source with one fix in the server's HTTP layer: after the last chunk of a
-  # streamed response the chunk provider returns false ("no more data"), which cpp-httplib takes as
-  # an abort and closes the connection, although the response advertised keep-alive; a client that
-  # reuses pooled connections (`epserve bench`, like most HTTP clients) then sees its next request
-  # fail. The provider has already called done() there, so returning true ends the body the same way
-  # and keeps the connection. Nothing in the model or the scheduler is touched.
+# configure_llama_cpp LOG CMAKE NINJA: a copy of the vendored source in $LS_SRC, configured in $LS_BUILD,
+# with one fix in the server's HTTP layer: after the last chunk of a streamed response the chunk
+# provider returns false ("no more data"), which cpp-httplib takes as an abort and closes the
+# connection, although the response advertised keep-alive; a client that reuses pooled connections
+# (`epserve bench`, like most HTTP clients) then sees its next request fail. The provider has already
+# called done() there, so returning true ends the body the same way and keeps the connection. Nothing
+# in the model or the scheduler is touched (nor anything llama-quantize uses).
+configure_llama_cpp() {
+  local log="$1" cmake_bin="$2" ninja_bin="$3"
   rm -rf "$LS_SRC" "$LS_BUILD"
   mkdir -p "$LS_SRC"
   tar -C "$LCP_SRC/vendor/llama.cpp" --exclude=./models --exclude=./docs -cf - . | tar -C "$LS_SRC" -xf - \
-    || { LS_ERROR="copying the llama.cpp source failed"; return 1; }
-  "$PY" - "$LS_SRC/tools/server/server-http.cpp" <<'FIX' >"$log" 2>&1 || { LS_ERROR="patching server-http.cpp failed: $(last_lines "$log")"; return 1; }
+    || { BUILD_ERROR="copying the llama.cpp source failed"; return 1; }
+  "$PY" - "$LS_SRC/tools/server/server-http.cpp" <<'FIX' >"$log" 2>&1 || { BUILD_ERROR="patching server-http.cpp failed: $(last_lines "$log")"; return 1; }
 import re, sys
 path = sys.argv[1]
 src = open(path).read()
@@ -237,40 +259,112 @@ if n != 1:
 open(path, "w").write(fixed)
 print("patched", path)
 FIX
-  progress "compiling llama.cpp's llama-server from the llama-cpp-python $LCP_VERSION sdist (CPU only, $THREADS jobs; log $log)"
+  progress "configuring llama.cpp from the llama-cpp-python $LCP_VERSION sdist (log $log)"
   if ! "$cmake_bin" -S "$LS_SRC" -B "$LS_BUILD" -G Ninja -DCMAKE_MAKE_PROGRAM="$ninja_bin" \
       -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_BLAS=OFF \
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
       -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >>"$log" 2>&1; then
-    LS_ERROR="cmake configure of llama.cpp failed: $(last_lines "$log")"
+    BUILD_ERROR="cmake configure of llama.cpp failed: $(last_lines "$log")"
     return 1
   fi
-  if ! with_heartbeat "$log.build" "$cmake_bin" --build "$LS_BUILD" --target llama-server -j "$THREADS"; then
-    LS_ERROR="building llama-server failed: $(grep -m3 -i 'error' "$log.build" | tr '\n' ' ' | cut -c1-600)"
-    return 1
-  fi
-  progress "llama-server built in $((SECONDS - started)) s"
+  echo "$LCP_VERSION" >"$LS_SRC/.bench-configured"
 }
 
+# build_llama_cpp TARGET: one program of llama.cpp (llama-server, llama-quantize) from the same vendored
+# source, in one build folder (cmake + ninja from the llama venv's PyPI wheels); BUILD_ERROR says why not.
+# The source is copied and configured once per llama-cpp-python version (a tree from before the marker
+# counts when llama-server was built in it); a second program is built in the same folder.
+build_llama_cpp() {
+  local target="$1" log="$LOGS/build-$1.log" cmake_bin ninja_bin started=$SECONDS
+  BUILD_ERROR=""
+  if [ -x "$LS_BUILD/bin/$target" ]; then return 0; fi
+  if ! "$LCP_VENV/bin/python" -c 'import cmake, ninja' 2>/dev/null; then
+    { [ -x "$LCP_VENV/bin/python" ] || "$PY" -m venv "$LCP_VENV"; } >"$log" 2>&1
+    "$LCP_VENV/bin/python" -m pip install cmake ninja >>"$log" 2>&1 || { BUILD_ERROR="pip install cmake ninja failed: $(last_lines "$log")"; return 1; }
+  fi
+  cmake_bin=$("$LCP_VENV/bin/python" -c 'import cmake, os; print(os.path.join(cmake.CMAKE_BIN_DIR, "cmake"))' 2>/dev/null) \
+    && ninja_bin=$("$LCP_VENV/bin/python" -c 'import ninja, os; print(os.path.join(ninja.BIN_DIR, "ninja"))' 2>/dev/null) \
+    || { BUILD_ERROR="cmake/ninja (PyPI wheels in $LCP_VENV) are missing"; return 1; }
+  if ! { [ -f "$LS_BUILD/build.ninja" ] \
+      && { [ "$(cat "$LS_SRC/.bench-configured" 2>/dev/null)" = "$LCP_VERSION" ] || [ -x "$LS_BIN" ]; }; }; then
+    configure_llama_cpp "$log" "$cmake_bin" "$ninja_bin" || return 1
+  fi
+  progress "compiling llama.cpp's $target from the llama-cpp-python $LCP_VERSION sdist (CPU only, $THREADS jobs; log $log.build)"
+  if ! with_heartbeat "$log.build" "$cmake_bin" --build "$LS_BUILD" --target "$target" -j "$THREADS"; then
+    BUILD_ERROR="building $target failed: $(grep -m3 -i 'error' "$log.build" | tr '\n' ' ' | cut -c1-600)"
+    return 1
+  fi
+  progress "$target built in $((SECONDS - started)) s"
+}
+
+ensure_llama_server() { build_llama_cpp llama-server || { LS_ERROR="$BUILD_ERROR"; return 1; }; }
+
 # The checkpoint as GGUF ($GGUF_TYPE), with the sdist's own converter (see bench/convert_gguf.py for the one
-# workaround: the synthetic tokenizer's pre-tokenizer hash).
-GGUF="$CACHE/gguf/$(basename "$model")-$GGUF_TYPE.gguf"
-ensure_gguf() {
-  local log="$LOGS/convert-gguf.log"
-  if [ -s "$GGUF" ] && [ "$GGUF" -nt "$model/model.safetensors" ]; then return 0; fi
+# workaround: the synthetic tokenizer's pre-tokenizer hash); q4_0 / q4_k_m: the converter's bf16 GGUF
+# (cached too), then llama-quantize from the same source as llama-server.
+gguf_path() { echo "$CACHE/gguf/$(basename "$model")-$1.gguf"; }
+GGUF=$(gguf_path "$GGUF_TYPE")
+# convert_gguf TYPE: writes $(gguf_path TYPE) with convert_hf_to_gguf.py --outtype TYPE unless it is newer
+# than the checkpoint.
+convert_gguf() {
+  local type="$1" out log="$LOGS/convert-gguf.log"
+  out=$(gguf_path "$1")
+  echo "python bench/convert_gguf.py src/llama_cpp_python-$LCP_VERSION/vendor/llama.cpp -- $model --outtype $type --outfile gguf/$(basename "$out")" >>"$RUN/gguf.commands"
+  if [ -s "$out" ] && [ "$out" -nt "$model/model.safetensors" ]; then return 0; fi
   if [ -n "${HF_ERROR:-}" ]; then
     GGUF_ERROR="the GGUF conversion (convert_hf_to_gguf.py) needs torch + transformers, which are missing: $HF_ERROR"
     return 1
   fi
-  progress "converting $model to GGUF $GGUF_TYPE with llama.cpp's convert_hf_to_gguf.py (log $log)"
+  progress "converting $model to GGUF $type with llama.cpp's convert_hf_to_gguf.py (log $log)"
   if ! "$HF_VENV/bin/python" "$root/bench/convert_gguf.py" "$LCP_SRC/vendor/llama.cpp" -- "$model" \
-      --outtype "$GGUF_TYPE" --outfile "$GGUF.tmp" >"$log" 2>&1; then
+      --outtype "$type" --outfile "$out.tmp" >"$log" 2>&1; then
+    rm -f "$out.tmp"
+    GGUF_ERROR="convert_hf_to_gguf.py --outtype $type failed: $(grep -v '^INFO' "$log" | tail -n 4 | tr '\n' ' ' | cut -c1-900)"
+    return 1
+  fi
+  mv "$out.tmp" "$out"
+  progress "GGUF written: $out ($(du -h "$out" | cut -f1))"
+}
+ensure_gguf() {
+  local base log="$LOGS/quantize-gguf.log" qtype
+  if [ -z "$GGUF_BASE" ]; then convert_gguf "$GGUF_TYPE"; return; fi
+  base=$(gguf_path "$GGUF_BASE")
+  convert_gguf "$GGUF_BASE" || return 1
+  qtype=$(echo "$GGUF_TYPE" | tr '[:lower:]' '[:upper:]')
+  echo "llama-quantize gguf/$(basename "$base") gguf/$(basename "$GGUF") $qtype $THREADS" >>"$RUN/gguf.commands"
+  if [ -s "$GGUF" ] && [ "$GGUF" -nt "$base" ]; then return 0; fi
+  build_llama_cpp llama-quantize || { GGUF_ERROR="llama-quantize (for GGUF $GGUF_TYPE): $BUILD_ERROR"; return 1; }
+  progress "quantizing $base to GGUF $GGUF_TYPE with llama.cpp's llama-quantize (log $log)"
+  if ! "$LQ_BIN" "$base" "$GGUF.tmp" "$qtype" "$THREADS" >"$log" 2>&1; then
     rm -f "$GGUF.tmp"
-    GGUF_ERROR="convert_hf_to_gguf.py --outtype $GGUF_TYPE failed: $(grep -v '^INFO' "$log" | tail -n 4 | tr '\n' ' ' | cut -c1-900)"
+    GGUF_ERROR="llama-quantize $qtype failed: $(last_lines "$log" 4)"
     return 1
   fi
   mv "$GGUF.tmp" "$GGUF"
   progress "GGUF written: $GGUF ($(du -h "$GGUF" | cut -f1))"
+}
+# gguf_types: the GGUF's tensors by type (count, MB, which tensors when not the main type), its size
+# and the checkpoint's, on one line for the report.
+gguf_types() {
+  PYTHONPATH="$LCP_SRC/vendor/llama.cpp/gguf-py" "$HF_VENV/bin/python" - "$GGUF" "$model" <<'PY'
+import collections, os, re, sys
+from gguf import GGUFReader
+path, model = sys.argv[1], sys.argv[2]
+r = GGUFReader(path)
+by = collections.defaultdict(lambda: [0, 0, set()])
+for t in r.tensors:
+    e = by[t.tensor_type.name.lower()]
+    e[0] += 1
+    e[1] += int(t.n_bytes)
+    e[2].add(re.sub(r"^blk\.\d+\.", "blk.N.", t.name))
+main = max(by, key=lambda k: by[k][1])
+parts = []
+for k, (n, b, names) in sorted(by.items(), key=lambda kv: -kv[1][1]):
+    which = "" if k == main else ": " + ", ".join(sorted(names))
+    parts.append(f"{k} {n} tensors {b / 1e6:.1f} MB{which}")
+ckpt = sum(os.path.getsize(os.path.join(model, f)) for f in os.listdir(model) if f.endswith(".safetensors"))
+print(f"file {os.path.getsize(path) / 1e6:.1f} MB (checkpoint safetensors {ckpt / 1e6:.1f} MB, vision tower included); " + "; ".join(parts))
+PY
 }
 
 HF_ERROR=""
@@ -292,7 +386,11 @@ if has llama-server; then
 fi
 if has llama.cpp || has llama-server; then
   if [ -f "$LCP_SRC/vendor/llama.cpp/convert_hf_to_gguf.py" ]; then
-    ensure_gguf || progress "GGUF: $GGUF_ERROR"
+    if ensure_gguf; then
+      gguf_types >"$RUN/gguf.types" 2>"$LOGS/gguf-types.log" || progress "GGUF tensor types unreadable (log $LOGS/gguf-types.log)"
+    else
+      progress "GGUF: $GGUF_ERROR"
+    fi
   else
     GGUF_ERROR="no converter (the llama-cpp-python sdist did not download): $LCP_ERROR"
   fi
@@ -346,16 +444,16 @@ stop_pid() {
 }
 
 if has epserve; then
-  progress "epserve in process: engine-bench (c=1, c=$CONC, TTFT)"
+  progress "epserve in process: engine-bench (c=1, c=$CONC, TTFT)${EQ:+, weights $EQ (scope $EQ_SCOPE)}"
   # A first, unmeasured concurrency-1 pass is the warm-up (engine-bench has no --warmup).
   for spec in "c1|--concurrency 1,1 --requests-per-client $C1_REQ --prompt-len $PROMPT_LEN --max-tokens $OUT_LEN" \
               "cN|--concurrency $CONC --requests-per-client $((CONC_REQ / CONC)) --prompt-len $PROMPT_LEN --max-tokens $OUT_LEN" \
               "ttft|--concurrency 1,1 --requests-per-client $TTFT_REQ --prompt-len $TTFT_LEN --max-tokens $TTFT_OUT"; do
     key="${spec%%|*}"
     args="${spec#*|}"
-    echo "epserve engine-bench --model $model $args" >>"$RUN/epserve.commands"
+    echo "epserve engine-bench --model $model $args$EQ_FLAGS" >>"$RUN/epserve.commands"
     # shellcheck disable=SC2086
-    if ! "$EPSERVE" engine-bench --model "$model" $args >"$RUN/epserve.$key.json" 2>"$LOGS/epserve.$key.log"; then
+    if ! "$EPSERVE" engine-bench --model "$model" $args "${EQ_ARGS[@]}" >"$RUN/epserve.$key.json" 2>"$LOGS/epserve.$key.log"; then
       fail epserve "epserve engine-bench $args failed: $(last_lines "$LOGS/epserve.$key.log" 4)"
       break
     fi
@@ -369,7 +467,7 @@ GREEDY_N=16
 # continuation is GREEDY_N tokens without one.
 for i in $(seq 1 10); do
   first_prompt=$("$PY" -c 'import json,sys; print(json.loads(open(sys.argv[1]).readlines()[int(sys.argv[2])])["prompt"])' "$RUN/prompts.jsonl" "$((i - 1))")
-  "$EPSERVE" generate --model "$model" --prompt "$first_prompt" --max-tokens "$GREEDY_N" --json 2>/dev/null \
+  "$EPSERVE" generate --model "$model" --prompt "$first_prompt" --max-tokens "$GREEDY_N" "${EQ_ARGS[@]}" --json 2>/dev/null \
     | "$PY" -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["tokens"]))' >"$RUN/epserve.greedy.json" || true
   [ "$("$PY" -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "$RUN/epserve.greedy.json" 2>/dev/null)" = "$GREEDY_N" ] && break
 done
@@ -377,9 +475,9 @@ greedy_index=$((i - 1))
 
 if has up; then
   port=$(free_port)
-  progress "epserve up: 4 expert workers + coordinator + gateway on 127.0.0.1:$port"
-  echo "epserve up --model $model --workers 4 --port $port" >"$RUN/up.commands"
-  "$EPSERVE" up --model "$model" --workers 4 --port "$port" >"$LOGS/up.log" 2>&1 &
+  progress "epserve up: 4 expert workers + coordinator + gateway on 127.0.0.1:$port${EQ:+, weights $EQ (scope $EQ_SCOPE)}"
+  echo "epserve up --model $model --workers 4 --port $port$EQ_FLAGS" >"$RUN/up.commands"
+  "$EPSERVE" up --model "$model" --workers 4 --port "$port" "${EQ_ARGS[@]}" >"$LOGS/up.log" 2>&1 &
   up_pid=$!
   WORKER_PIDS+=("$up_pid")
   if wait_http "http://127.0.0.1:$port/ready" "$up_pid"; then
@@ -473,7 +571,7 @@ fi
 versions="epserve $(git -C "$root" rev-parse --short HEAD 2>/dev/null)$(git -C "$root" diff --quiet 2>/dev/null || echo '+dirty')"
 [ -x "$LCP_VENV/bin/python" ] && versions+=", llama-cpp-python $("$LCP_VENV/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null || echo '?')"
 [ -x "$HF_VENV/bin/python" ] && versions+=", $("$HF_VENV/bin/python" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")' 2>/dev/null || echo 'torch ?')"
-GGUF_TYPE="$GGUF_TYPE" "$PY" - "$RUN" "$SYSTEMS" "$machine_line" "$versions" "$model" "$OUT_LEN" "$PROMPT_LEN" "$C1_REQ" "$CONC" "$CONC_REQ" \
+GGUF_TYPE="$GGUF_TYPE" QUANT_REPORT="$QUANT_REPORT" EQ="$EQ" EQ_SCOPE="$EQ_SCOPE" "$PY" - "$RUN" "$SYSTEMS" "$machine_line" "$versions" "$model" "$OUT_LEN" "$PROMPT_LEN" "$C1_REQ" "$CONC" "$CONC_REQ" \
   "$TTFT_LEN" "$TTFT_REQ" "$TTFT_OUT" "$WARMUP" "$THREADS" <<'PY' | tee "$RUN/report.md"
 import json, os, sys
 (run, systems, machine, versions, model, out_len, prompt_len, c1_req, conc, conc_req, ttft_len, ttft_req, ttft_out,
@@ -530,12 +628,32 @@ label = {
     "llama-server": "llama.cpp's own `llama-server` (same source and GGUF)",
     "transformers": "transformers (`generate()`, f32, eager)",
 }
+# With quantized weights on either side (COMPARE_EPSERVE_QUANTIZE, or a quantized COMPARE_GGUF_TYPE) every
+# row and the title name each system's weights; otherwise the report reads as it always has.
+quant_report = bool(os.environ.get("QUANT_REPORT"))
+gguf_type, eq, eq_scope = os.environ["GGUF_TYPE"], os.environ.get("EQ", ""), os.environ.get("EQ_SCOPE", "")
+ep_weights = f"{eq} {eq_scope}" if eq else "bf16 as stored"
+if quant_report:
+    label["epserve"] = f"epserve in process (`engine-bench`, {ep_weights})"
+    label["up"] = f"`epserve up` (gateway + coordinator + 4 gRPC expert workers, {ep_weights})"
+    label["llama-server"] = f"llama.cpp's own `llama-server` (GGUF {gguf_type})"
 fmt = lambda v, d=1: "n/a" if v is None else f"{v:,.{d}f}"
-print(f"## epserve vs llama.cpp vs transformers on `{os.path.basename(model)}`\n")
+if quant_report:
+    print(f"## epserve ({ep_weights}) vs llama.cpp (GGUF {gguf_type}) vs transformers (f32) on `{os.path.basename(model)}`\n")
+else:
+    print(f"## epserve vs llama.cpp vs transformers on `{os.path.basename(model)}`\n")
 print(f"{machine}; {threads} threads for every system; {versions}\n")
+quant_vars = f" COMPARE_GGUF_TYPE={gguf_type} COMPARE_EPSERVE_QUANTIZE={eq} COMPARE_EPSERVE_QUANTIZE_SCOPE={eq_scope}" if quant_report else ""
 print(f"Command: `bench/compare.sh` (COMPARE_OUTPUT_LEN={out_len} COMPARE_PROMPT_LEN={prompt_len} COMPARE_C1_REQUESTS={c1_req} "
       f"COMPARE_CONCURRENCY={conc} COMPARE_C32_REQUESTS={conc_req} COMPARE_TTFT_PROMPT_LEN={ttft_len} COMPARE_TTFT_REQUESTS={ttft_req} "
-      f"COMPARE_TTFT_OUTPUT_LEN={ttft_out} COMPARE_WARMUP={warmup})\n")
+      f"COMPARE_TTFT_OUTPUT_LEN={ttft_out} COMPARE_WARMUP={warmup}{quant_vars})\n")
+if quant_report:
+    ep_desc = (f"`--quantize {eq} --quantize-scope {eq_scope}`, quantized at load ({'8' if eq == 'int8' else '4'}-bit symmetric, "
+               "an f16 scale per 32 weights; router, norms and embeddings as stored)") if eq else \
+              "the checkpoint's bf16 matrices as stored (f32 compute)"
+    types = text(f"{run}/gguf.types")
+    print(f"Weights: epserve {ep_desc}; llama.cpp GGUF {gguf_type}" + (f" ({types})" if types else "")
+          + "; transformers the checkpoint in f32.\n")
 print(f"Closed loop; greedy; every output forced to {out_len} tokens; prompts of {prompt_len} tokens (BOS included) for the "
       f"throughput points and {ttft_len} tokens for TTFT (p50 of {ttft_req}, concurrency 1). HTTP systems: `epserve bench`, "
       f"{warmup} warm-up requests per point, TTFT = first streamed text.\n")
@@ -572,6 +690,11 @@ print(f"| llama-server TTFT ÷ epserve in process TTFT (above 1: epserve answers
 print(f"| transformers TTFT ÷ epserve in process TTFT (above 1: epserve answers first sooner) | {ratio('epserve', 'ttft', 'transformers', 'ttft', True)} |")
 
 print("\nCommands (run by bench/compare.sh, in this order; paths relative to the run's folder or the peer cache):\n")
+gguf_commands = text(f"{run}/gguf.commands")
+if quant_report and gguf_commands and ("llama.cpp" in systems or "llama-server" in systems):
+    print(f"- GGUF {gguf_type} (made once, then read from the peer cache):")
+    for line in gguf_commands.splitlines():
+        print(f"  - `{line}`")
 for name, r in rows.items():
     if r["commands"]:
         print(f"- {label[name]}:")
@@ -588,7 +711,9 @@ if ref:
             same.append(f"{name} {k}/{len(ref)}")
     if same:
         notes.append(f"Same model check: of the {len(ref)} greedy tokens `epserve generate` continues one of the prompts with, the "
-                     f"number each peer reproduces before its first difference: {', '.join(same)}.")
+                     f"number each peer reproduces before its first difference: {', '.join(same)}."
+                     + (f" Each side ran with its own weights here (epserve {ep_weights}, llama.cpp GGUF {gguf_type}, "
+                        "transformers f32), so quantization alone can end the agreement early." if quant_report else ""))
 if "llama.cpp" in systems and not rows["llama.cpp"]["error"]:
     notes.append("llama-cpp-python's server runs one request at a time (one `Llama` object behind a lock; "
                  "no continuous batching), so at c>1 the requests queue: its c=%s number is that server's, not llama.cpp's "

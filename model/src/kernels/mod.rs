@@ -84,7 +84,7 @@ impl<'a> Weights<'a> {
         match self {
             Weights::F32(w) => w.len(),
             Weights::Bf16(w) => w.len(),
-            Weights::Quant(q) => q.n() * q.k,
+            Weights::Quant(q) => q.n() * q.k(),
         }
     }
 
@@ -161,7 +161,7 @@ pub fn products(batch: Vec<Product<'_>>) {
     tasks.into_par_iter().for_each(|(x, m, w, k, yt)| match w {
         Weights::F32(w) => task(x, m, Dense { w, k }, yt),
         Weights::Bf16(w) => task(x, m, Dense { w, k }, yt),
-        Weights::Quant(q) => match q.kind {
+        Weights::Quant(q) => match q.kind() {
             CodeKind::Int8 => task(x, m, Int8Source(q), yt),
             CodeKind::Int4 => task(x, m, Int4Source(q), yt),
             CodeKind::Fp8E4m3 => task(x, m, Fp8Source(q), yt),

@@ -98,7 +98,7 @@ impl ScalesRef<'_> {
     #[inline(always)]
     pub fn get(&self, i: usize) -> f32 {
         match self {
-            ScalesRef::F16(s) => s[i].to_f32(),
+            ScalesRef::F16(s) => f16_to_f32(s[i]),
             ScalesRef::Bf16(s) => s[i].to_f32(),
             ScalesRef::F32(s) => s[i],
         }
@@ -118,29 +118,48 @@ impl ScalesRef<'_> {
 /// of a row may be partial).
 #[derive(Debug, Clone, Copy)]
 pub struct QuantView<'a> {
-    pub kind: CodeKind,
-    pub codes: &'a [u8],
-    pub scales: ScalesRef<'a>,
-    pub k: usize,
+    kind: CodeKind,
+    codes: &'a [u8],
+    scales: ScalesRef<'a>,
+    k: usize,
     /// `log2` of the group size (at least 4: a load of 16 elements never straddles two groups);
-    /// a shift of `usize::BITS - 1` or more means one group per row.
-    pub group_shift: u32,
+    /// `usize::BITS - 1` for one group per row (`i >> shift` is then 0 for every element).
+    group_shift: u32,
+    /// Derived, kept so that no load divides: groups per row, bytes per row.
+    groups: usize,
+    row_bytes: usize,
 }
 
 impl<'a> QuantView<'a> {
+    /// `codes` (rows of `kind.row_bytes(k)` bytes) with `scales` (`groups` a row) for groups of
+    /// `2^group_shift` elements, or one a row when `group_shift` is `usize::BITS - 1`.
+    pub fn new(kind: CodeKind, codes: &'a [u8], scales: ScalesRef<'a>, k: usize, group_shift: u32) -> Self {
+        let group_shift = group_shift.min(usize::BITS - 1);
+        let groups = if group_shift == usize::BITS - 1 { 1 } else { k.div_ceil(1 << group_shift) };
+        QuantView { kind, codes, scales, k, group_shift, groups, row_bytes: kind.row_bytes(k) }
+    }
+
+    pub fn kind(&self) -> CodeKind {
+        self.kind
+    }
+
+    /// Elements per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
     pub fn n(&self) -> usize {
-        self.codes.len() / self.kind.row_bytes(self.k).max(1)
+        self.codes.len() / self.row_bytes.max(1)
     }
 
     /// Groups per row.
     pub fn groups(&self) -> usize {
-        if self.group_shift >= usize::BITS - 1 { 1 } else { self.k.div_ceil(1 << self.group_shift) }
+        self.groups
     }
 
     /// Rows `first..first + count`.
     pub fn rows(&self, first: usize, count: usize) -> Self {
-        let rb = self.kind.row_bytes(self.k);
-        let g = self.groups();
+        let (rb, g) = (self.row_bytes, self.groups);
         QuantView {
             codes: &self.codes[first * rb..(first + count) * rb],
             scales: self.scales.slice(first * g..(first + count) * g),
@@ -150,14 +169,13 @@ impl<'a> QuantView<'a> {
 
     #[inline(always)]
     fn scale(&self, row: usize, i: usize) -> f32 {
-        let group = if self.group_shift >= usize::BITS - 1 { 0 } else { i >> self.group_shift };
-        self.scales.get(row * self.groups() + group)
+        self.scales.get(row * self.groups + (i >> self.group_shift))
     }
 
     /// Element `i` of row `row`, dequantised.
     #[inline(always)]
     pub fn dequantize(&self, row: usize, i: usize) -> f32 {
-        let rb = self.kind.row_bytes(self.k);
+        let rb = self.row_bytes;
         let s = self.scale(row, i);
         match self.kind {
             CodeKind::Int8 => f32::from(self.codes[row * rb + i] as i8) * s,
@@ -180,6 +198,18 @@ pub fn fp8_e4m3(code: u8) -> f32 {
     if code & 0x80 != 0 { -magnitude } else { magnitude }
 }
 
+/// An f16 value widened without a call or a branch (the `half` crate dispatches at run time): the
+/// exponent and mantissa bits moved to f32's positions and rebiased by one exact multiplication by
+/// `2¹¹²`, which also gives subnormals their value. Scales are finite: infinities and NaN are not
+/// kept (they would come out as large finite values).
+#[inline(always)]
+pub fn f16_to_f32(v: f16) -> f32 {
+    const REBIAS: f32 = f32::from_bits((127 + 112) << 23);
+    let bits = u32::from(v.to_bits());
+    let magnitude = f32::from_bits((bits & 0x7FFF) << 13) * REBIAS;
+    f32::from_bits(magnitude.to_bits() | ((bits & 0x8000) << 16))
+}
+
 /// `2¹²⁰`: from E4M3's exponent bias (7) to f32's (127).
 const FP8_REBIAS: f32 = f32::from_bits((127 + 120) << 23);
 
@@ -192,7 +222,7 @@ macro_rules! quant_source {
         impl MatrixSource for $name<'_> {
             #[inline(always)]
             fn k(&self) -> usize {
-                self.0.k
+                self.0.k()
             }
 
             #[inline(always)]
@@ -210,7 +240,7 @@ macro_rules! quant_source {
             unsafe fn load16(&self, row: usize, i: usize) -> __m512 {
                 debug_assert_eq!(self.0.kind, $kind);
                 let v = &self.0;
-                let at = row * v.kind.row_bytes(v.k) + if $kind == CodeKind::Int4 { i / 2 } else { i };
+                let at = row * v.row_bytes + if $kind == CodeKind::Int4 { i / 2 } else { i };
                 debug_assert!(at + if $kind == CodeKind::Int4 { 8 } else { 16 } <= v.codes.len());
                 // SAFETY: as the caller guarantees, the 16 elements are inside row `row`.
                 unsafe { $load(v.codes.as_ptr().add(at), v.scale(row, i)) }

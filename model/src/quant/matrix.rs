@@ -9,8 +9,8 @@ use super::QuantScheme;
 use crate::error::{Error, Result};
 use crate::kernels::{CodeKind, QuantView, ScalesRef, Weights};
 
-/// Scales as stored: f16 for epserve's schemes (as GGUF's Q8_0/Q4_0), the checkpoint's dtype for
-/// pre-quantized ones.
+/// Scales as stored: f16 for epserve's schemes (as GGUF's Q8_0/Q4_0: bf16's 8-bit mantissa
+/// measurably hurt int8, docs/model.md), the checkpoint's dtype for pre-quantized ones.
 #[derive(Debug, Clone)]
 pub enum Scales {
     F16(Vec<f16>),
@@ -180,13 +180,7 @@ impl QuantMatrix {
     }
 
     pub fn view(&self) -> QuantView<'_> {
-        QuantView {
-            kind: self.kind,
-            codes: &self.codes,
-            scales: self.scales.view(),
-            k: self.k,
-            group_shift: self.group_shift,
-        }
+        QuantView::new(self.kind, &self.codes, self.scales.view(), self.k, self.group_shift)
     }
 
     /// Every weight as f32, `[n, k]`: the reference the kernels compute exactly.

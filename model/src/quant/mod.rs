@@ -25,7 +25,8 @@ use crate::layers::WeightStorage;
 /// epserve's on-the-fly schemes (docs/model.md, "Quantized weights", says why these).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QuantScheme {
-    /// Symmetric 8-bit, one f16 scale per 32 weights of a row (GGUF's Q8_0 layout): 8.5 bits a weight.
+    /// Symmetric 8-bit, one f16 scale per 32 weights of a row (GGUF's Q8_0 layout): 8.5 bits a
+    /// weight.
     Int8,
     /// Symmetric 4-bit stored as value + 8, two per byte, one f16 scale per 32 weights of a row
     /// (GGUF's Q4_0 layout), the scale chosen per group to minimise the squared error: 4.5 bits a

@@ -345,3 +345,11 @@ fn unsupported_pre_quantized_schemes_are_refused_by_name() {
         assert!(err.contains(named) && err.contains("not supported"), "`{err}` should name `{named}`");
     }
 }
+
+#[test]
+fn f16_scales_widen_exactly() {
+    for bits in (0u16..=0xFFFF).filter(|b| b & 0x7C00 != 0x7C00) {
+        let v = half::f16::from_bits(bits);
+        assert_eq!(crate::kernels::source::f16_to_f32(v).to_bits(), v.to_f32().to_bits(), "{bits:#06x}");
+    }
+}
