@@ -32,15 +32,18 @@ pub fn features_of<S: MatrixSource>(x: &[f32], m: usize, w: S, yt: &mut [f32]) {
 unsafe fn features<const O: usize, const M: usize, S: MatrixSource>(x: &[f32], w: S, yt: &mut [f32]) {
     let (n, k) = (w.n(), w.k());
     assert!(x.len() == M * k && yt.len() == n * M);
+    let mut prepared = Vec::new();
     let mut o = 0;
     while o + O <= n {
+        w.prepare(o, O, &mut prepared);
         // SAFETY: rows o..o+O of `w` and of `yt` exist (checked by the loop and the assert).
-        unsafe { block::<O, M, S>(x, w, o, k, &mut yt[o * M..(o + O) * M]) };
+        unsafe { block::<O, M, S>(x, w, o, k, &prepared, &mut yt[o * M..(o + O) * M]) };
         o += O;
     }
     while o < n {
+        w.prepare(o, 1, &mut prepared);
         // SAFETY: as above, one row.
-        unsafe { block::<1, M, S>(x, w, o, k, &mut yt[o * M..(o + 1) * M]) };
+        unsafe { block::<1, M, S>(x, w, o, k, &prepared, &mut yt[o * M..(o + 1) * M]) };
         o += 1;
     }
 }
@@ -52,6 +55,7 @@ unsafe fn block<const O: usize, const M: usize, S: MatrixSource>(
     w: S,
     first: usize,
     k: usize,
+    prepared: &[f32],
     yt: &mut [f32],
 ) {
     let body = k - k % LANES;
@@ -60,7 +64,7 @@ unsafe fn block<const O: usize, const M: usize, S: MatrixSource>(
     for i in (0..body).step_by(LANES) {
         // SAFETY: i + 16 ≤ k and rows first..first+O exist, so every load stays within its row.
         unsafe {
-            let wv: [__m512; O] = std::array::from_fn(|a| w.load16(first + a, i));
+            let wv: [__m512; O] = std::array::from_fn(|a| w.load16_prepared(first, a, i, prepared));
             let xv: [__m512; M] = std::array::from_fn(|r| _mm512_loadu_ps(xp.add(r * k + i)));
             for (row, w) in acc.iter_mut().zip(&wv) {
                 for (sum, x) in row.iter_mut().zip(&xv) {

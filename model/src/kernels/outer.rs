@@ -47,15 +47,18 @@ pub fn features_of<S: MatrixSource>(xt: &[f32], m: usize, w: S, yt: &mut [f32]) 
 unsafe fn features<const O: usize, const V: usize, S: MatrixSource>(xt: &[f32], w: S, m: usize, yt: &mut [f32]) {
     let (n, k) = (w.n(), w.k());
     assert!(xt.len() >= k * V * LANES && yt.len() == n * m && m <= V * LANES);
+    let mut prepared = Vec::new();
     let mut o = 0;
     while o + O <= n {
+        w.prepare(o, O, &mut prepared);
         // SAFETY: rows o..o+O of `w` and of `yt` exist (checked by the loop and the assert).
-        unsafe { block::<O, V, S>(xt, w, o, k, m, &mut yt[o * m..(o + O) * m]) };
+        unsafe { block::<O, V, S>(xt, w, o, k, m, &prepared, &mut yt[o * m..(o + O) * m]) };
         o += O;
     }
     while o < n {
+        w.prepare(o, 1, &mut prepared);
         // SAFETY: as above, one row.
-        unsafe { block::<1, V, S>(xt, w, o, k, m, &mut yt[o * m..(o + 1) * m]) };
+        unsafe { block::<1, V, S>(xt, w, o, k, m, &prepared, &mut yt[o * m..(o + 1) * m]) };
         o += 1;
     }
 }
@@ -68,6 +71,7 @@ unsafe fn block<const O: usize, const V: usize, S: MatrixSource>(
     first: usize,
     k: usize,
     m: usize,
+    prepared: &[f32],
     yt: &mut [f32],
 ) {
     let stride = V * LANES;
@@ -80,7 +84,7 @@ unsafe fn block<const O: usize, const V: usize, S: MatrixSource>(
     for i0 in (0..body).step_by(LANES) {
         for (a, buf) in widened.iter_mut().enumerate() {
             // SAFETY: i0 + 16 ≤ k: 16 weights of row `first + a` are readable; `buf` holds 16 floats.
-            unsafe { _mm512_storeu_ps(buf.as_mut_ptr(), w.load16(first + a, i0)) };
+            unsafe { _mm512_storeu_ps(buf.as_mut_ptr(), w.load16_prepared(first, a, i0, prepared)) };
         }
         #[allow(clippy::needless_range_loop)] // `j` is a column of every row of `widened`
         for j in 0..LANES {

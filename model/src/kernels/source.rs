@@ -30,6 +30,28 @@ pub trait MatrixSource: Copy + Send + Sync {
     /// compiled with it; this is inlined into them).
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(&self, row: usize, i: usize) -> __m512;
+
+    /// Before a kernel reads rows `first..first + count` many times: whatever per-row state its
+    /// loads need, into `prepared` (quantized sources: the rows' scales widened to f32, so that a
+    /// load reads its scale with one broadcast instead of widening it each time). Nothing for
+    /// dense sources.
+    #[inline(always)]
+    fn prepare(&self, first: usize, count: usize, prepared: &mut Vec<f32>) {
+        let _ = (first, count, prepared);
+    }
+
+    /// [`MatrixSource::load16`] of row `first + rel` after [`MatrixSource::prepare`]`(first, …)`
+    /// left `prepared`.
+    ///
+    /// # Safety
+    /// As for `load16`, and `prepared` is what `prepare` left for a range holding the row.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_prepared(&self, first: usize, rel: usize, i: usize, prepared: &[f32]) -> __m512 {
+        let _ = prepared;
+        // SAFETY: as the caller guarantees.
+        unsafe { self.load16(first + rel, i) }
+    }
 }
 
 /// A dense row-major matrix of f32 or bf16.
@@ -243,7 +265,26 @@ macro_rules! quant_source {
                 let at = row * v.row_bytes + if $kind == CodeKind::Int4 { i / 2 } else { i };
                 debug_assert!(at + if $kind == CodeKind::Int4 { 8 } else { 16 } <= v.codes.len());
                 // SAFETY: as the caller guarantees, the 16 elements are inside row `row`.
-                unsafe { $load(v.codes.as_ptr().add(at), v.scale(row, i)) }
+                unsafe { $load(v.codes.as_ptr().add(at), _mm512_set1_ps(v.scale(row, i))) }
+            }
+
+            #[inline(always)]
+            fn prepare(&self, first: usize, count: usize, prepared: &mut Vec<f32>) {
+                let g = self.0.groups;
+                prepared.clear();
+                prepared.extend((first * g..(first + count) * g).map(|j| self.0.scales.get(j)));
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[inline(always)]
+            unsafe fn load16_prepared(&self, first: usize, rel: usize, i: usize, prepared: &[f32]) -> __m512 {
+                let v = &self.0;
+                let row = first + rel;
+                let at = row * v.row_bytes + if $kind == CodeKind::Int4 { i / 2 } else { i };
+                let s = rel * v.groups + (i >> v.group_shift);
+                debug_assert!(s < prepared.len());
+                // SAFETY: as the caller guarantees; `s` indexes the prepared scales of row `row`.
+                unsafe { $load(v.codes.as_ptr().add(at), _mm512_set1_ps(*prepared.get_unchecked(s))) }
             }
         }
     };
@@ -253,38 +294,37 @@ quant_source!(Int8Source, CodeKind::Int8, load_int8);
 quant_source!(Int4Source, CodeKind::Int4, load_int4);
 quant_source!(Fp8Source, CodeKind::Fp8E4m3, load_fp8);
 
-/// 16 signed bytes at `p`, times `scale`.
+/// 16 signed bytes at `p`, times `scale` (16 copies).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn load_int8(p: *const u8, scale: f32) -> __m512 {
+unsafe fn load_int8(p: *const u8, scale: __m512) -> __m512 {
     // SAFETY: 16 bytes are readable at `p`; AVX-512F (the caller).
     unsafe {
         let codes = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast()));
-        _mm512_mul_ps(_mm512_cvtepi32_ps(codes), _mm512_set1_ps(scale))
+        _mm512_mul_ps(_mm512_cvtepi32_ps(codes), scale)
     }
 }
 
 /// 8 bytes at `p` holding 16 nibbles (low nibble first), each `(code − 8) · scale`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn load_int4(p: *const u8, scale: f32) -> __m512 {
+unsafe fn load_int4(p: *const u8, scale: __m512) -> __m512 {
     // SAFETY: 8 bytes are readable at `p`; AVX-512F (the caller).
     unsafe {
         // Each byte b widened to a 16-bit lane; (b | b << 4) & 0x0F0F puts its low nibble in the
         // lane's low byte and its high nibble in the high byte: the 16 codes in order, one a byte.
         let b = _mm_cvtepu8_epi16(_mm_loadl_epi64(p.cast()));
         let nibbles = _mm_and_si128(_mm_or_si128(b, _mm_slli_epi16::<4>(b)), _mm_set1_epi16(0x0F0F));
-        let codes = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nibbles));
-        // code·s − 8s is (code − 8)·s exactly before the one rounding, as the reference computes it.
-        let s = _mm512_set1_ps(scale);
-        _mm512_fmadd_ps(codes, s, _mm512_set1_ps(-8.0 * scale))
+        // code − 8 in integers (exact), then one rounded product, as the reference computes it.
+        let values = _mm512_sub_epi32(_mm512_cvtepu8_epi32(nibbles), _mm512_set1_epi32(8));
+        _mm512_mul_ps(_mm512_cvtepi32_ps(values), scale)
     }
 }
 
 /// 16 FP8 E4M3 bytes at `p`, times `scale` (see [`fp8_e4m3`]).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn load_fp8(p: *const u8, scale: f32) -> __m512 {
+unsafe fn load_fp8(p: *const u8, scale: __m512) -> __m512 {
     // SAFETY: 16 bytes are readable at `p`; AVX-512F (the caller).
     unsafe {
         let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()));
@@ -292,6 +332,6 @@ unsafe fn load_fp8(p: *const u8, scale: f32) -> __m512 {
         let magnitude = _mm512_slli_epi32::<20>(_mm512_and_si512(bytes, _mm512_set1_epi32(0x7F)));
         let value = _mm512_mul_ps(_mm512_castsi512_ps(magnitude), _mm512_set1_ps(FP8_REBIAS));
         let signed = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign));
-        _mm512_mul_ps(signed, _mm512_set1_ps(scale))
+        _mm512_mul_ps(signed, scale)
     }
 }

@@ -105,30 +105,35 @@ impl QuantMatrix {
         Ok(QuantMatrix { kind, n, k, group_shift, codes, scales })
     }
 
-    /// Quantizes `w` (`[n, k]`, f32 or bf16; not quantized) with `scheme`, row by row: no copy of
-    /// the matrix is made in any other dtype.
+    /// Quantizes `w` (`[n, k]`, f32 or bf16; not quantized) with `scheme`, rows in parallel on
+    /// rayon's pool: no copy of the matrix is made in any other dtype.
     pub fn quantize(w: Weights<'_>, (n, k): (usize, usize), scheme: QuantScheme) -> Result<Self> {
+        use rayon::prelude::*;
         if w.len() != n * k {
             return Err(Error::Input(format!("{} weights for a [{n}, {k}] matrix", w.len())));
         }
+        if matches!(w, Weights::Quant(_)) {
+            return Err(Error::Input("the matrix is quantized already".into()));
+        }
         let group = scheme.group();
         let (kind, per_row) = (scheme.kind(), Group::Elements(group).per_row(k));
+        let row_bytes = kind.row_bytes(k).max(1);
         let mut codes = vec![0u8; n * kind.row_bytes(k)];
-        let mut scales = Vec::with_capacity(n * per_row);
-        let mut buf = vec![0f32; group];
-        for (r, row_codes) in codes.chunks_mut(kind.row_bytes(k).max(1)).enumerate().take(n) {
-            for g in 0..per_row {
+        let mut scales = vec![half::f16::ZERO; n * per_row];
+        let quantize_row = |(r, (row_codes, row_scales)): (usize, (&mut [u8], &mut [f16]))| {
+            let mut buf = vec![0f32; group];
+            for (g, scale_out) in row_scales.iter_mut().enumerate() {
                 let (start, end) = (g * group, ((g + 1) * group).min(k));
                 let values = &mut buf[..end - start];
                 for (i, v) in values.iter_mut().enumerate() {
                     *v = match w {
                         Weights::F32(w) => w[r * k + start + i],
                         Weights::Bf16(w) => w[r * k + start + i].to_f32(),
-                        Weights::Quant(_) => return Err(Error::Input("the matrix is quantized already".into())),
+                        Weights::Quant(_) => 0.0,
                     };
                 }
                 let scale = scheme.scale_for(values);
-                scales.push(scale);
+                *scale_out = scale;
                 let s = scale.to_f32();
                 for (i, &v) in values.iter().enumerate() {
                     let q = if s == 0.0 { 0.0 } else { (v / s).round() };
@@ -142,7 +147,8 @@ impl QuantMatrix {
                     }
                 }
             }
-        }
+        };
+        codes.par_chunks_mut(row_bytes).zip(scales.par_chunks_mut(per_row.max(1))).enumerate().for_each(quantize_row);
         Self::from_parts(kind, (n, k), Group::Elements(group), codes, Scales::F16(scales))
     }
 
