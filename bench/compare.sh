@@ -241,7 +241,8 @@ ensure_llama_cpp() {
 # connection, although the response advertised keep-alive; a client that reuses pooled connections
 # (`epserve bench`, like most HTTP clients) then sees its next request fail. The provider has already
 # called done() there, so returning true ends the body the same way and keeps the connection. Nothing
-# in the model or the scheduler is touched (nor anything llama-quantize uses).
+# in the model or the scheduler is touched (nor anything llama-quantize uses). patch_amx_tile_config
+# follows.
 configure_llama_cpp() {
   local log="$1" cmake_bin="$2" ninja_bin="$3"
   rm -rf "$LS_SRC" "$LS_BUILD"
@@ -268,6 +269,37 @@ FIX
     return 1
   fi
   echo "$LCP_VERSION" >"$LS_SRC/.bench-configured"
+  patch_amx_tile_config "$log" || return 1
+}
+
+# patch_amx_tile_config LOG: the second fix, in ggml's AMX matrix multiplication (used for q4_0, q8_0
+# and k-quant weights on CPUs with AMX-INT8): ggml_tile_config_init() fills a 64-byte tile
+# configuration on the stack and hands it to _tile_loadconfig (ldtilecfg), and GCC 12 drops the stores
+# to its rows/colsb (it zeroes 32 bytes and sets the palette only), so ldtilecfg faults on a reserved
+# field: llama-server dies with SIGSEGV on its first quantized matmul. An empty asm statement that takes
+# the address, with a memory clobber, makes the compiler write the configuration first; the AMX code
+# itself is unchanged (upstream: ggml-org/llama.cpp#20824, #26954). Idempotent, on a configured tree
+# too; where the code is not there any more it does nothing. Writes $LS_SRC/.bench-amx (what it did).
+patch_amx_tile_config() {
+  local log="$1" file="$LS_SRC/ggml/src/ggml-cpu/amx/mmq.cpp" state
+  state=$("$PY" - "$file" <<'FIX' 2>>"$log"
+import os, re, sys
+path = sys.argv[1]
+if not os.path.exists(path):
+    print("absent"); sys.exit()
+src = open(path).read()
+if "bench/compare.sh: GCC" in src:
+    print("patched"); sys.exit()
+fixed, n = re.subn(r"\n([ \t]*)_tile_loadconfig\(&tc\);",
+                   r'\n\1asm volatile("" : : "r"(&tc) : "memory");  // bench/compare.sh: GCC 12 dropped the stores to tc'
+                   r"\n\1_tile_loadconfig(&tc);", src)
+if n != 1:
+    print("absent"); sys.exit()
+open(path, "w").write(fixed)
+print("patched")
+FIX
+) || { BUILD_ERROR="patching ggml-cpu/amx/mmq.cpp failed: $(last_lines "$log")"; return 1; }
+  echo "$state" >"$LS_SRC/.bench-amx"
 }
 
 # build_llama_cpp TARGET: one program of llama.cpp (llama-server, llama-quantize) from the same vendored
@@ -275,9 +307,11 @@ FIX
 # The source is copied and configured once per llama-cpp-python version (a tree from before the marker
 # counts when llama-server was built in it); a second program is built in the same folder.
 build_llama_cpp() {
-  local target="$1" log="$LOGS/build-$1.log" cmake_bin ninja_bin started=$SECONDS
+  local target="$1" log="$LOGS/build-$1.log" cmake_bin ninja_bin started=$SECONDS bin="$LS_BUILD/bin/$1"
   BUILD_ERROR=""
-  if [ -x "$LS_BUILD/bin/$target" ]; then return 0; fi
+  # Built, and after the AMX fix was applied to its source (a program built before is rebuilt: ninja
+  # recompiles mmq.cpp and links).
+  if [ -x "$bin" ] && [ -f "$LS_SRC/.bench-amx" ] && ! [ "$LS_SRC/.bench-amx" -nt "$bin" ]; then return 0; fi
   if ! "$LCP_VENV/bin/python" -c 'import cmake, ninja' 2>/dev/null; then
     { [ -x "$LCP_VENV/bin/python" ] || "$PY" -m venv "$LCP_VENV"; } >"$log" 2>&1
     "$LCP_VENV/bin/python" -m pip install cmake ninja >>"$log" 2>&1 || { BUILD_ERROR="pip install cmake ninja failed: $(last_lines "$log")"; return 1; }
@@ -288,6 +322,8 @@ build_llama_cpp() {
   if ! { [ -f "$LS_BUILD/build.ninja" ] \
       && { [ "$(cat "$LS_SRC/.bench-configured" 2>/dev/null)" = "$LCP_VERSION" ] || [ -x "$LS_BIN" ]; }; }; then
     configure_llama_cpp "$log" "$cmake_bin" "$ninja_bin" || return 1
+  elif [ ! -f "$LS_SRC/.bench-amx" ]; then
+    patch_amx_tile_config "$log" || return 1
   fi
   progress "compiling llama.cpp's $target from the llama-cpp-python $LCP_VERSION sdist (CPU only, $THREADS jobs; log $log.build)"
   if ! with_heartbeat "$log.build" "$cmake_bin" --build "$LS_BUILD" --target "$target" -j "$THREADS"; then
@@ -537,6 +573,9 @@ if has llama-server; then
     progress "llama-server: llama.cpp's server on 127.0.0.1:$port ($THREADS threads, $CONC slots)"
     echo "llama-server ${ls_args[*]}" | sed "s|$CACHE/||g" >"$RUN/llama-server.commands"
     echo "built with a one-line keep-alive fix in tools/server/server-http.cpp (see bench/compare.sh)" >"$RUN/llama-server.note"
+    if [ "$(cat "$LS_SRC/.bench-amx" 2>/dev/null)" = patched ] && [[ "$GGUF_TYPE" == q* ]]; then
+      echo "built with a one-line keep-alive fix in tools/server/server-http.cpp and a compiler barrier in ggml-cpu/amx/mmq.cpp (GCC 12 dropped the AMX tile configuration's stores; see bench/compare.sh)" >"$RUN/llama-server.note"
+    fi
     "$LS_BIN" "${ls_args[@]}" >"$LOGS/llama-server.log" 2>&1 &
     ls_pid=$!
     WORKER_PIDS+=("$ls_pid")
