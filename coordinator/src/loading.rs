@@ -154,7 +154,7 @@ fn load_weights(config: &LoadConfig, local_experts: bool) -> Result<LoadedWeight
         policy.storage,
         match (ckpt.quantization(), policy.quantize) {
             (Some(ct), _) => format!("pre-quantized: {}", ct.description),
-            (None, Some(q)) => format!("{:?} of {}", q.scheme, q.scope),
+            (None, Some(q)) => format!("{} of {}", q.scheme, q.scope),
             (None, None) => "none".into(),
         },
     );

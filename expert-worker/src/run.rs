@@ -156,7 +156,7 @@ impl LoadSpec {
                 shard.resident_bytes() as f64 / 1048576.0,
                 match (ckpt.quantization(), self.weights.quantize) {
                     (Some(ct), _) => format!("pre-quantized: {}", ct.description),
-                    (None, Some(q)) => format!("quantized at load to {:?}", q.scheme),
+                    (None, Some(q)) => format!("quantized at load to {} ({})", q.scheme, q.scope),
                     (None, None) => format!("{:?}", self.weights.storage),
                 },
             );
