@@ -136,7 +136,7 @@ impl QuantMatrix {
                 *scale_out = scale;
                 let s = scale.to_f32();
                 for (i, &v) in values.iter().enumerate() {
-                    let q = if s == 0.0 { 0.0 } else { (v / s).round() };
+                    let q = if s == 0.0 { 0.0 } else { super::round_code(v / s) };
                     let at = start + i;
                     match kind {
                         CodeKind::Int8 => row_codes[at] = q.clamp(-127.0, 127.0) as i8 as u8,

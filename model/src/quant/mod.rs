@@ -61,21 +61,57 @@ impl QuantScheme {
                 // when it is positive, as GGUF's Q4_0 does) or a little inside; for the codes each
                 // gives, the least-squares scale `Σ v·q / Σ q²` is taken, and the candidate with the
                 // smallest squared error over the group wins (measured: docs/model.md).
-                let codes = |s: f32| values.iter().map(move |&v| (v / s).round().clamp(-8.0, 7.0));
-                let error = |s: f32| -> f32 { values.iter().zip(codes(s)).map(|(&v, q)| (v - q * s).powi(2)).sum() };
-                (0..=20)
-                    .map(|i| -extreme / (6.5 + 0.1 * i as f32))
-                    .map(|s| {
-                        let (dot, norm) =
-                            values.iter().zip(codes(s)).fold((0f32, 0f32), |(d, n), (&v, q)| (d + v * q, n + q * q));
-                        f16::from_f32(if norm > 0.0 { dot / norm } else { s })
-                    })
-                    .filter(|s| s.to_f32() != 0.0 && s.is_finite())
-                    .min_by(|a, b| error(a.to_f32()).total_cmp(&error(b.to_f32())))
-                    .unwrap_or(f16::ZERO)
+                // Written as fixed-length loops over one zero-padded group (zeros change no sum),
+                // with rounding that needs no library call: they vectorize, and a worker quantizes
+                // billions of weights at load.
+                let mut group = [0f32; 32];
+                let len = values.len().min(group.len());
+                group[..len].copy_from_slice(&values[..len]);
+                let code = |v: f32, inv: f32| round_code(v * inv).clamp(-8.0, 7.0);
+                let mut best = (f32::INFINITY, f16::ZERO);
+                for i in 0..=20 {
+                    let first = -extreme / (6.5 + 0.1 * i as f32);
+                    let inv = 1.0 / first;
+                    // Eight independent partial sums: a float sum in one chain would not vectorize.
+                    let (mut dot, mut norm) = ([0f32; 8], [0f32; 8]);
+                    for chunk in group.chunks_exact(8) {
+                        for l in 0..8 {
+                            let q = code(chunk[l], inv);
+                            dot[l] += chunk[l] * q;
+                            norm[l] += q * q;
+                        }
+                    }
+                    let (dot, norm): (f32, f32) = (dot.iter().sum(), norm.iter().sum());
+                    let s = f16::from_f32(if norm > 0.0 { dot / norm } else { first });
+                    let sf = s.to_f32();
+                    if sf == 0.0 || !sf.is_finite() {
+                        continue;
+                    }
+                    let inv = 1.0 / sf;
+                    let mut errors = [0f32; 8];
+                    for chunk in group.chunks_exact(8) {
+                        for l in 0..8 {
+                            errors[l] += (chunk[l] - code(chunk[l], inv) * sf).powi(2);
+                        }
+                    }
+                    let error: f32 = errors.iter().sum();
+                    if error < best.0 {
+                        best = (error, s);
+                    }
+                }
+                best.1
             }
         }
     }
+}
+
+/// `x` rounded to the nearest integer, ties to even, without a library call (`f32::round` is one on
+/// CPUs without SSE4.1 at compile time): adding and removing `1.5 · 2²³`. Valid for `|x| < 2²²`;
+/// codes are at most 128 in magnitude.
+#[inline(always)]
+pub(crate) fn round_code(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
 }
 
 impl FromStr for QuantScheme {
