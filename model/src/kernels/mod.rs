@@ -539,6 +539,28 @@ mod tests {
         }
     }
 
+    /// The portable/AVX2 dot form (what CPUs without AVX-512 run) over quantized weights computes
+    /// the dequantised weights' product.
+    #[test]
+    fn portable_dot_form_reads_quantized_weights() {
+        use crate::quant::{QuantMatrix, QuantScheme};
+        for (m, n, k) in [(1, 40, 64), (3, 17, 37), (8, 33, 96)] {
+            let x = values(m * k, 21);
+            let w: Vec<half::bf16> = values(n * k, 22).into_iter().map(half::bf16::from_f32).collect();
+            for scheme in [QuantScheme::Int8, QuantScheme::Int4] {
+                let q = QuantMatrix::quantize(Weights::Bf16(&w), (n, k), scheme).expect("quantize");
+                let mut got = vec![f32::NAN; n * m];
+                match scheme {
+                    QuantScheme::Int8 => dot::features(&x, m, Int8Source(q.view()), &mut got),
+                    QuantScheme::Int4 => dot::features(&x, m, Int4Source(q.view()), &mut got),
+                }
+                for (a, b) in got.iter().zip(reference(&x, m, &q.dequantize(), n, k)) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{scheme} m={m} n={n} k={k}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn bf16_weights_give_the_f32_product_of_the_same_values_bit_for_bit() {
         for (m, n, k) in [(1, 130, 37), (4, 128, 512), (7, 33, 64), (16, 250, 64), (40, 17, 100), (64, 130, 40)] {
