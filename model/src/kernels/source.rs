@@ -126,6 +126,17 @@ impl ScalesRef<'_> {
         }
     }
 
+    /// Scales `range`, widened, into `out` (cleared first): one dtype match, then a loop that
+    /// vectorizes.
+    fn widen_into(&self, range: std::ops::Range<usize>, out: &mut Vec<f32>) {
+        out.clear();
+        match self {
+            ScalesRef::F16(s) => out.extend(s[range].iter().map(|&v| f16_to_f32(v))),
+            ScalesRef::Bf16(s) => out.extend(s[range].iter().map(|v| f32::from_bits(u32::from(v.to_bits()) << 16))),
+            ScalesRef::F32(s) => out.extend_from_slice(&s[range]),
+        }
+    }
+
     fn slice(&self, range: std::ops::Range<usize>) -> Self {
         match self {
             ScalesRef::F16(s) => ScalesRef::F16(&s[range]),
@@ -270,9 +281,7 @@ macro_rules! quant_source {
 
             #[inline(always)]
             fn prepare(&self, first: usize, count: usize, prepared: &mut Vec<f32>) {
-                let g = self.0.groups;
-                prepared.clear();
-                prepared.extend((first * g..(first + count) * g).map(|j| self.0.scales.get(j)));
+                self.0.scales.widen_into(first * self.0.groups..(first + count) * self.0.groups, prepared);
             }
 
             #[cfg(target_arch = "x86_64")]
