@@ -59,9 +59,24 @@ unsafe fn block<const O: usize, const M: usize, S: MatrixSource>(
     yt: &mut [f32],
 ) {
     let body = k - k % LANES;
+    let pairs = k - k % (2 * LANES);
     let mut acc = [[_mm512_setzero_ps(); M]; O];
     let xp = x.as_ptr();
-    for i in (0..body).step_by(LANES) {
+    // 32 weights a step (int4 unpacks them with one load), then a last 16 if `k` has one.
+    for i in (0..pairs).step_by(2 * LANES) {
+        // SAFETY: i + 32 ≤ k and rows first..first+O exist, so every load stays within its row.
+        unsafe {
+            let wv: [(__m512, __m512); O] = std::array::from_fn(|a| w.load32_prepared(first, a, i, prepared));
+            let x0: [__m512; M] = std::array::from_fn(|r| _mm512_loadu_ps(xp.add(r * k + i)));
+            let x1: [__m512; M] = std::array::from_fn(|r| _mm512_loadu_ps(xp.add(r * k + i + LANES)));
+            for (row, (w0, w1)) in acc.iter_mut().zip(&wv) {
+                for ((sum, a), b) in row.iter_mut().zip(&x0).zip(&x1) {
+                    *sum = _mm512_fmadd_ps(*w1, *b, _mm512_fmadd_ps(*w0, *a, *sum));
+                }
+            }
+        }
+    }
+    for i in (pairs..body).step_by(LANES) {
         // SAFETY: i + 16 ≤ k and rows first..first+O exist, so every load stays within its row.
         unsafe {
             let wv: [__m512; O] = std::array::from_fn(|a| w.load16_prepared(first, a, i, prepared));

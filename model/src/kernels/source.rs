@@ -52,6 +52,18 @@ pub trait MatrixSource: Copy + Send + Sync {
         // SAFETY: as the caller guarantees.
         unsafe { self.load16(first + rel, i) }
     }
+
+    /// Elements `i..i + 32` of row `first + rel`, as two vectors, after [`MatrixSource::prepare`].
+    /// Sources whose codes are cheaper to unpack 32 at a time (int4) override it.
+    ///
+    /// # Safety
+    /// As for [`MatrixSource::load16_prepared`], with `i + 32 ≤ k`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load32_prepared(&self, first: usize, rel: usize, i: usize, prepared: &[f32]) -> (__m512, __m512) {
+        // SAFETY: as the caller guarantees.
+        unsafe { (self.load16_prepared(first, rel, i, prepared), self.load16_prepared(first, rel, i + 16, prepared)) }
+    }
 }
 
 /// A dense row-major matrix of f32 or bf16.
@@ -247,7 +259,7 @@ pub fn f16_to_f32(v: f16) -> f32 {
 const FP8_REBIAS: f32 = f32::from_bits((127 + 120) << 23);
 
 macro_rules! quant_source {
-    ($name:ident, $kind:expr, $load:ident) => {
+    ($name:ident, $kind:expr, $load:ident, { $($extra:item)* }) => {
         /// A [`QuantView`] of one code kind, so that the kernels are compiled for it.
         #[derive(Debug, Clone, Copy)]
         pub struct $name<'a>(pub QuantView<'a>);
@@ -295,13 +307,30 @@ macro_rules! quant_source {
                 // SAFETY: as the caller guarantees; `s` indexes the prepared scales of row `row`.
                 unsafe { $load(v.codes.as_ptr().add(at), _mm512_set1_ps(*prepared.get_unchecked(s))) }
             }
+
+            $($extra)*
         }
     };
 }
 
-quant_source!(Int8Source, CodeKind::Int8, load_int8);
-quant_source!(Int4Source, CodeKind::Int4, load_int4);
-quant_source!(Fp8Source, CodeKind::Fp8E4m3, load_fp8);
+quant_source!(Int8Source, CodeKind::Int8, load_int8, {});
+quant_source!(Int4Source, CodeKind::Int4, load_int4, {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load32_prepared(&self, first: usize, rel: usize, i: usize, prepared: &[f32]) -> (__m512, __m512) {
+        let v = &self.0;
+        let row = first + rel;
+        let (s0, s1) = (rel * v.groups + (i >> v.group_shift), rel * v.groups + ((i + 16) >> v.group_shift));
+        debug_assert!(s1 < prepared.len() && row * v.row_bytes + i / 2 + 16 <= v.codes.len());
+        // SAFETY: as the caller guarantees (i + 32 ≤ k: 16 bytes of the row at i / 2); the indices
+        // are the prepared scales of row `row`.
+        unsafe {
+            let p = v.codes.as_ptr().add(row * v.row_bytes + i / 2);
+            load_int4_32(p, _mm512_set1_ps(*prepared.get_unchecked(s0)), _mm512_set1_ps(*prepared.get_unchecked(s1)))
+        }
+    }
+});
+quant_source!(Fp8Source, CodeKind::Fp8E4m3, load_fp8, {});
 
 /// 16 signed bytes at `p`, times `scale` (16 copies).
 #[cfg(target_arch = "x86_64")]
@@ -327,6 +356,23 @@ unsafe fn load_int4(p: *const u8, scale: __m512) -> __m512 {
         // code − 8 in integers (exact), then one rounded product, as the reference computes it.
         let values = _mm512_sub_epi32(_mm512_cvtepu8_epi32(nibbles), _mm512_set1_epi32(8));
         _mm512_mul_ps(_mm512_cvtepi32_ps(values), scale)
+    }
+}
+
+/// 16 bytes at `p` holding 32 nibbles (low nibble first), each `(code − 8)` times `s0` (the first
+/// 16) or `s1` (the last 16): one load and one unpacking for both halves.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_int4_32(p: *const u8, s0: __m512, s1: __m512) -> (__m512, __m512) {
+    // SAFETY: 16 bytes are readable at `p`; AVX-512F, which implies AVX2 (the caller).
+    unsafe {
+        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.cast()));
+        let nibbles = _mm256_and_si256(_mm256_or_si256(b, _mm256_slli_epi16::<4>(b)), _mm256_set1_epi16(0x0F0F));
+        // code − 8 as signed bytes (exact), widened, then one rounded product each.
+        let values = _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8));
+        let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(values)));
+        let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(values)));
+        (_mm512_mul_ps(lo, s0), _mm512_mul_ps(hi, s1))
     }
 }
 
