@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use candle_core::{DType, Device};
 use epserve_coordinator::{ExpertTransport, GrpcConfig, GrpcExperts};
-use epserve_model::{
-    Checkpoint, ExpertBackend, ExpertShard, LogitsFor, ModelConfig, SequenceStep, TextModel, WeightStorage,
-};
+use epserve_model::{Checkpoint, ExpertShard, ModelConfig, WeightStorage};
 use epserve_proto::v1::expert_service_client::ExpertServiceClient;
 use epserve_proto::v1::{ExchangeRequest, ExpertRows, HealthRequest, StatusRequest};
 use epserve_proto::wire::WireDtype;
 use serde::Deserialize;
-use support::{Process, tiny_fixture, workers};
+use support::coordinator::{Coordinator, max_abs_diff};
+use support::{tiny_fixture, workers};
 
 #[derive(Deserialize)]
 struct Golden {
@@ -31,65 +30,6 @@ struct Case {
 fn golden() -> Vec<Case> {
     let text = std::fs::read_to_string(tiny_fixture().join("golden/text.json")).expect("golden");
     serde_json::from_str::<Golden>(&text).expect("json").cases
-}
-
-struct Coordinator {
-    runtime: tokio::runtime::Runtime,
-    config: ModelConfig,
-    model: TextModel,
-    local: ExpertTransport,
-}
-
-impl Coordinator {
-    fn new() -> Self {
-        let dir = tiny_fixture();
-        let config = ModelConfig::from_file(&dir.join("config.json")).expect("config");
-        let ckpt = Checkpoint::open(&dir).expect("checkpoint");
-        let model = TextModel::load(&config, &ckpt, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut |_, _| {})
-            .expect("model");
-        let all: Vec<u32> = (0..16).collect();
-        let shard =
-            ExpertShard::load(&config, &ckpt, &all, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut || {})
-                .expect("experts");
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
-        Coordinator { runtime, config, model, local: ExpertTransport::Local(shard) }
-    }
-
-    fn grpc(&self, workers: &[Process], wire: WireDtype, timeout: Duration) -> Result<GrpcExperts, String> {
-        let cfg = GrpcConfig {
-            wire,
-            exchange_timeout: timeout,
-            ..GrpcConfig::new(workers.iter().map(|w| w.addr.clone()).collect())
-        };
-        self.runtime.block_on(GrpcExperts::connect(&cfg, &self.config.text, DType::F32)).map_err(|e| e.to_string())
-    }
-
-    fn logits(&self, experts: &dyn ExpertBackend, tokens: &[u32]) -> epserve_model::Result<Vec<Vec<f32>>> {
-        let mut cache = self.model.new_cache();
-        let logits = self.model.forward(&mut [SequenceStep::new(tokens, &mut cache)], experts, LogitsFor::All, None)?;
-        Ok(logits.to_vec2::<f32>()?)
-    }
-
-    fn greedy(&self, experts: &dyn ExpertBackend, prompt: &[u32], n: usize) -> Vec<u32> {
-        let mut cache = self.model.new_cache();
-        let mut next = prompt.to_vec();
-        let mut out = Vec::new();
-        for _ in 0..n {
-            let logits = self
-                .model
-                .forward(&mut [SequenceStep::new(&next, &mut cache)], experts, LogitsFor::Last, None)
-                .expect("step");
-            let row = logits.to_vec2::<f32>().expect("logits").remove(0);
-            let t = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).expect("row");
-            out.push(t);
-            next = vec![t];
-        }
-        out
-    }
-}
-
-fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0, f32::max)
 }
 
 /// For each placement: f32 wire matches the in-process logits to 1e-5 at every position of every

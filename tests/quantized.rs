@@ -7,17 +7,14 @@ mod support;
 
 use std::time::Duration;
 
-use candle_core::{DType, Device};
-use epserve_coordinator::{ExpertTransport, GrpcConfig, GrpcExperts};
+use epserve_coordinator::ExpertTransport;
 use epserve_model::quant::quality::{Comparison, Quality};
-use epserve_model::{
-    Checkpoint, ExpertBackend, ExpertShard, LoadPolicy, LogitsFor, ModelConfig, QuantScheme, QuantScope, Quantize,
-    SequenceStep, TextModel, WeightStorage,
-};
+use epserve_model::{ExpertBackend, LoadPolicy, QuantScheme, QuantScope, Quantize, WeightStorage};
 use epserve_proto::v1::StatusRequest;
 use epserve_proto::v1::expert_service_client::ExpertServiceClient;
 use epserve_proto::wire::WireDtype;
 use serde::Deserialize;
+use support::coordinator::{Coordinator, max_abs_diff};
 use support::{Process, tiny_fixture, workers};
 
 #[derive(Deserialize)]
@@ -42,62 +39,20 @@ fn policy(scheme: Option<QuantScheme>) -> LoadPolicy {
     }
 }
 
-/// The attention side in process (unquantized), experts in process or behind gRPC.
-struct Coordinator {
-    runtime: tokio::runtime::Runtime,
-    config: ModelConfig,
-    model: TextModel,
+/// Every position of every golden prompt, `reference` against `candidate`.
+fn compare(coordinator: &Coordinator, reference: &dyn ExpertBackend, candidate: &dyn ExpertBackend) -> Quality {
+    let mut comparison = Comparison::default();
+    for prompt in prompts() {
+        let (r, c) = (coordinator.logits(reference, &prompt), coordinator.logits(candidate, &prompt));
+        for (r, c) in r.expect("reference").iter().zip(&c.expect("candidate")) {
+            comparison.add(r, c);
+        }
+    }
+    comparison.finish()
 }
 
-impl Coordinator {
-    fn new() -> Self {
-        let dir = tiny_fixture();
-        let config = ModelConfig::from_file(&dir.join("config.json")).expect("config");
-        let ckpt = Checkpoint::open(&dir).expect("checkpoint");
-        let model = TextModel::load(&config, &ckpt, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut |_, _| {})
-            .expect("model");
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
-        Coordinator { runtime, config, model }
-    }
-
-    fn local(&self, scheme: Option<QuantScheme>) -> ExpertTransport {
-        let ckpt = Checkpoint::open(&tiny_fixture()).expect("checkpoint");
-        let all: Vec<u32> = (0..16).collect();
-        let shard = ExpertShard::load(&self.config, &ckpt, &all, DType::F32, policy(scheme), &Device::Cpu, &mut || {})
-            .expect("experts");
-        ExpertTransport::Local(shard)
-    }
-
-    fn grpc(&self, workers: &[Process], wire: WireDtype) -> ExpertTransport {
-        let cfg = GrpcConfig {
-            wire,
-            exchange_timeout: Duration::from_secs(20),
-            ..GrpcConfig::new(workers.iter().map(|w| w.addr.clone()).collect())
-        };
-        let experts =
-            self.runtime.block_on(GrpcExperts::connect(&cfg, &self.config.text, DType::F32)).expect("connect");
-        ExpertTransport::Grpc(experts)
-    }
-
-    fn logits(&self, experts: &dyn ExpertBackend, tokens: &[u32]) -> Vec<Vec<f32>> {
-        let mut cache = self.model.new_cache();
-        let logits = self
-            .model
-            .forward(&mut [SequenceStep::new(tokens, &mut cache)], experts, LogitsFor::All, None)
-            .expect("forward");
-        logits.to_vec2::<f32>().expect("rows")
-    }
-
-    /// Every position of every golden prompt, `reference` against `candidate`.
-    fn compare(&self, reference: &dyn ExpertBackend, candidate: &dyn ExpertBackend) -> Quality {
-        let mut comparison = Comparison::default();
-        for prompt in prompts() {
-            for (r, c) in self.logits(reference, &prompt).iter().zip(&self.logits(candidate, &prompt)) {
-                comparison.add(r, c);
-            }
-        }
-        comparison.finish()
-    }
+fn grpc(coordinator: &Coordinator, workers: &[Process], wire: WireDtype) -> ExpertTransport {
+    ExpertTransport::Grpc(coordinator.grpc(workers, wire, Duration::from_secs(20)).expect("connect"))
 }
 
 fn status(runtime: &tokio::runtime::Runtime, worker: &Process) -> epserve_proto::v1::StatusResponse {
@@ -142,11 +97,12 @@ fn quantized_workers_hold_a_fraction_of_bf16_and_compute_what_the_same_quantizat
         &tiny_fixture(),
         &[&["--shard", "0/2", "--quantize", "int4"], &["--shard", "1/2", "--quantize", "int4"]],
     );
-    let remote = coordinator.grpc(&int4_workers, WireDtype::F32);
-    let local = coordinator.local(Some(QuantScheme::Int4));
+    let remote = grpc(&coordinator, &int4_workers, WireDtype::F32);
+    let local = coordinator.local_with(policy(Some(QuantScheme::Int4)));
     for prompt in prompts() {
-        let (a, b) = (coordinator.logits(&local, &prompt), coordinator.logits(&remote, &prompt));
-        let diff = a.iter().zip(&b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0f32, f32::max);
+        let (a, b) =
+            (coordinator.logits(&local, &prompt).expect("local"), coordinator.logits(&remote, &prompt).expect("grpc"));
+        let diff = max_abs_diff(&a, &b);
         assert!(diff <= 1e-5, "T={}: int4 workers differ from int4 in process by {diff}", prompt.len());
     }
 }
@@ -155,17 +111,17 @@ fn quantized_workers_hold_a_fraction_of_bf16_and_compute_what_the_same_quantizat
 fn int8_wire_stays_as_close_to_the_in_process_run_as_int8_weights() {
     let coordinator = Coordinator::new();
     let hosts = workers(&tiny_fixture(), &[&["--shard", "0/2"], &["--shard", "1/2"]]);
-    let local = coordinator.local(None);
+    let local = &coordinator.local;
     let mut figures = Vec::new();
     for wire in [WireDtype::Bf16, WireDtype::Int8] {
-        let q = coordinator.compare(&local, &coordinator.grpc(&hosts, wire));
+        let q = compare(&coordinator, local, &grpc(&coordinator, &hosts, wire));
         eprintln!(
             "{wire} wire: {} positions, top-1 agreement {:.3}, mean KL {:.5}, p99 KL {:.5}, max |Δlogit| {:.4}",
             q.positions, q.top1_agreement, q.mean_kl, q.p99_kl, q.max_abs_logit_diff
         );
         figures.push(q);
     }
-    let int8_weights = coordinator.compare(&local, &coordinator.local(Some(QuantScheme::Int8)));
+    let int8_weights = compare(&coordinator, local, &coordinator.local_with(policy(Some(QuantScheme::Int8))));
     eprintln!("int8 weights: top-1 {:.3}, mean KL {:.5}", int8_weights.top1_agreement, int8_weights.mean_kl);
     let int8 = &figures[1];
     assert!(int8.positions > 60);

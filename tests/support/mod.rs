@@ -13,6 +13,8 @@ pub use nix::sys::signal::Signal;
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
 
+pub mod coordinator;
+
 pub fn epserve() -> PathBuf {
     epserve_testkit::epserve_binary()
 }
