@@ -67,6 +67,7 @@ fn request(id: &str, prompt: &[u32], images: &[&Path], max_tokens: u32) -> Gener
         sampling: Some(SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..Default::default() }),
         priority: 0,
         images: images.iter().map(|p| tiles(p)).collect(),
+        constraint: None,
     }
 }
 

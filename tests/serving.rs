@@ -16,6 +16,7 @@ fn request(id: usize, len: usize) -> GenerateRequest {
         sampling: Some(SamplingParams { temperature: 0.0, max_tokens: 10, ignore_eos: true, ..Default::default() }),
         priority: 0,
         images: Vec::new(),
+        constraint: None,
     }
 }
 
@@ -104,6 +105,7 @@ fn served(addr: &str, prompt: &[u32], sampling: SamplingParams) -> (Vec<u32>, Fi
             sampling: Some(sampling),
             priority: 0,
             images: Vec::new(),
+            constraint: None,
         };
         let mut stream = client.generate(request).await.expect("generate").into_inner();
         let mut tokens = Vec::new();

@@ -78,6 +78,11 @@ pub struct BenchArgs {
     pub no_ignore_eos: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Ask every request for JSON following the schema in this file (`response_format` of type
+    /// `json_schema`; on `completions`, epserve's extension field): measures constrained decoding.
+    /// Requests end when their document is complete, so their output may be shorter than `--output-len`.
+    #[arg(long, conflicts_with = "coordinator")]
+    pub json_schema: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -171,7 +176,27 @@ enum Payload {
     Tokens(Vec<u32>),
 }
 
+/// The `response_format` of `--json-schema`, read once.
+fn response_format(args: &BenchArgs) -> Result<Option<Value>> {
+    let Some(path) = &args.json_schema else { return Ok(None) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let schema: Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    Ok(Some(json!({ "type": "json_schema", "json_schema": { "name": "bench", "schema": schema } })))
+}
+
 fn prompts(args: &BenchArgs, n: usize) -> Result<Vec<Payload>> {
+    let mut payloads = prompt_payloads(args, n)?;
+    if let Some(format) = response_format(args)? {
+        for p in &mut payloads {
+            if let Payload::Http(body) = p {
+                body["response_format"] = format.clone();
+            }
+        }
+    }
+    Ok(payloads)
+}
+
+fn prompt_payloads(args: &BenchArgs, n: usize) -> Result<Vec<Payload>> {
     let mut rng = SplitMix64::seed_from_u64(args.seed);
     if let Some(path) = &args.prompts {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -308,6 +333,7 @@ async fn run_grpc(channel: tonic::transport::Channel, args: &BenchArgs, tokens: 
         }),
         priority: 0,
         images: Vec::new(),
+        constraint: None,
     };
     let mut stream = match client.generate(request).await {
         Ok(s) => s.into_inner(),

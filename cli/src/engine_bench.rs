@@ -72,7 +72,14 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
                             SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..Default::default() };
                         let sent = Instant::now();
                         engine.submit(
-                            Request { id: format!("c{client}-{r}"), prompt, sampling, priority: 0, images: Vec::new() },
+                            Request {
+                                id: format!("c{client}-{r}"),
+                                prompt,
+                                sampling,
+                                priority: 0,
+                                images: Vec::new(),
+                                constraint: None,
+                            },
                             tx,
                         )?;
                         let mut first = None;

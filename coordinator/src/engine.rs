@@ -4,13 +4,16 @@
 //! Each step: drop cancelled requests, schedule decode tokens of the running sequences and chunks of
 //! waiting prompts within a token budget (FCFS by priority then arrival), reserve KV blocks —
 //! preempting the youngest running sequence when the pool is short (it is recomputed later, nothing
-//! is lost) — run one forward pass for all of them, sample, and stream the tokens back.
+//! is lost) — run one forward pass for all of them, sample, and stream the tokens back. Requests
+//! with a grammar get their token masks computed on other threads during the forward pass
+//! ([`crate::masks`]) and sample among the allowed tokens only.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::{Duration, Instant};
 
+use epserve_grammar::{Advance, TokenConstraint, TokenMask};
 use epserve_imaging::Tiles;
 use epserve_model::{ExpertBackend, LogitsFor, Retry, SequenceStep, TextModel};
 use epserve_proto::metric_names as m;
@@ -19,6 +22,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::images::{ImageSpec, SequenceImages, Vision};
 use crate::kv_pool::{KvPool, SeqBlocks};
+use crate::masks::{MaskJob, MasksInFlight};
 use crate::sampling::{Sampled, Sampler, SamplingParams};
 
 #[derive(Debug, Clone)]
@@ -52,6 +56,8 @@ pub struct Request {
     pub priority: i32,
     /// The prompt's images in order: their features fill its `<|patch|>` placeholders exactly.
     pub images: Vec<Tiles>,
+    /// A grammar the output must follow, compiled against this model's vocabulary.
+    pub constraint: Option<TokenConstraint>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +172,9 @@ struct Sequence {
     /// The prompt's images, until the sequence finishes (a preempted one encodes them again).
     images: Option<SequenceImages>,
     sampler: Sampler,
+    /// The grammar, at the end of the tokens generated so far (kept across preemption: the
+    /// tokens are too). Taken out while a step computes its mask.
+    constraint: Option<TokenConstraint>,
     events: UnboundedSender<Event>,
     arrival: u64,
     priority: i32,
@@ -299,6 +308,9 @@ impl<E: ExpertBackend> Engine<E> {
         }
         self.arrivals += 1;
         let sampler = Sampler::new(request.sampling, &request.prompt);
+        if let Some(c) = &request.constraint {
+            metrics::counter!(m::CONSTRAINED_REQUESTS_TOTAL, "grammar" => c.kind().label()).increment(1);
+        }
         let tokens_per_tile = self.vision.as_ref().map_or(0, |v| v.spec.tokens_per_tile);
         let seq = Sequence {
             id: request.id,
@@ -307,6 +319,7 @@ impl<E: ExpertBackend> Engine<E> {
             blocks: SeqBlocks::default(),
             images: SequenceImages::new(request.images, positions, tokens_per_tile),
             sampler,
+            constraint: request.constraint,
             events,
             arrival: self.arrivals,
             priority: request.priority,
@@ -350,7 +363,20 @@ impl<E: ExpertBackend> Engine<E> {
             return;
         }
         let started = Instant::now();
-        let result = self.encode_images(&plan).and_then(|()| {
+        let jobs = self.mask_jobs(&plan);
+        let (result, masks) = std::thread::scope(|scope| {
+            let masks = (!jobs.is_empty()).then(|| MasksInFlight::start(scope, jobs));
+            let result = self.forward(&plan);
+            (result, masks.map(MasksInFlight::finish))
+        });
+        let masks = self.restore_constraints(masks);
+        self.steps += 1;
+        self.finish_step(&plan, started, result, masks);
+    }
+
+    /// The forward pass of this step's plan: the logits of each scheduled sequence's last token.
+    fn forward(&mut self, plan: &[(u64, usize)]) -> epserve_model::Result<Vec<Vec<f32>>> {
+        self.encode_images(plan).and_then(|()| {
             let pool = &self.pool;
             let mut views: Vec<_> = Vec::with_capacity(plan.len());
             for seq in self.running.iter_mut() {
@@ -378,8 +404,51 @@ impl<E: ExpertBackend> Engine<E> {
                 None,
             );
             logits.and_then(|l| Ok(l.to_vec2::<f32>()?))
-        });
-        self.steps += 1;
+        })
+    }
+
+    /// Takes the grammars of the sequences that sample this step (their chunk completes what they
+    /// have pending) out of them, to compute their masks during the forward pass.
+    fn mask_jobs(&mut self, plan: &[(u64, usize)]) -> Vec<MaskJob> {
+        let mut jobs = Vec::new();
+        for seq in &mut self.running {
+            let samples = plan.iter().any(|&(id, n)| id == seq.arrival && n == seq.pending());
+            if samples && let Some(constraint) = seq.constraint.take() {
+                jobs.push(MaskJob { sequence: seq.arrival, constraint, mask: None });
+            }
+        }
+        jobs
+    }
+
+    /// Puts the grammars back into their sequences and returns each one's mask, by arrival id. A
+    /// sequence whose mask thread panicked has lost its grammar: it ends with an error.
+    fn restore_constraints(
+        &mut self,
+        masks: Option<(Vec<MaskJob>, Vec<u64>)>,
+    ) -> Vec<(u64, Result<TokenMask, String>)> {
+        let Some((jobs, lost)) = masks else { return Vec::new() };
+        let mut out = Vec::with_capacity(jobs.len() + lost.len());
+        for job in jobs {
+            if let Some(seq) = self.running.iter_mut().find(|s| s.arrival == job.sequence) {
+                seq.constraint = Some(job.constraint);
+            }
+            let mask = job.mask.unwrap_or_else(|| Err(epserve_grammar::GrammarError::Failed("no mask".into())));
+            out.push((job.sequence, mask.map_err(|e| e.to_string())));
+        }
+        for sequence in lost {
+            tracing::error!(sequence, "a grammar mask thread panicked");
+            out.push((sequence, Err("the grammar engine failed computing the token mask".into())));
+        }
+        out
+    }
+
+    fn finish_step(
+        &mut self,
+        plan: &[(u64, usize)],
+        started: Instant,
+        result: epserve_model::Result<Vec<Vec<f32>>>,
+        masks: Vec<(u64, Result<TokenMask, String>)>,
+    ) {
         let batch_tokens: usize = plan.iter().map(|p| p.1).sum();
         metrics::histogram!(m::ENGINE_STEP_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::histogram!(m::ENGINE_BATCH_TOKENS).record(batch_tokens as f64);
@@ -447,7 +516,23 @@ impl<E: ExpertBackend> Engine<E> {
                 // A chunk of a long prompt: no token yet.
                 continue;
             }
-            let sampled = seq.sampler.sample(logits);
+            let mask = match masks.iter().position(|(id, _)| *id == seq.arrival) {
+                Some(i) => match &masks[i].1 {
+                    Ok(mask) => Some(mask),
+                    Err(error) => {
+                        let message = format!("constrained decoding: {error}");
+                        let _ = seq.events.send(Event::Finished {
+                            reason: FinishReason::Error,
+                            usage: seq.usage(),
+                            message: Some(message),
+                        });
+                        finished.push(seq.arrival);
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let sampled = seq.sampler.sample_masked(logits, mask);
             let token = sampled.token;
             seq.tokens.push(token);
             let now = Instant::now();
@@ -457,7 +542,25 @@ impl<E: ExpertBackend> Engine<E> {
             }
             seq.last_token = Some(now);
             let _ = seq.events.send(Event::Token(sampled));
-            let reason = if seq.sampler.stops_at(token, &self.config.eos_token_ids) {
+            let eos = &self.config.eos_token_ids;
+            // A grammar allows an end-of-sequence id only once it is complete: that ends the
+            // request even under `ignore_eos`. Any other token moves the grammar on.
+            let grammar = match &mut seq.constraint {
+                Some(_) if eos.contains(&token) => Ok(Advance::Complete),
+                Some(constraint) => constraint.advance(token),
+                None => Ok(Advance::Continue),
+            };
+            let complete = match grammar {
+                Ok(advance) => advance == Advance::Complete,
+                Err(error) => {
+                    let message = Some(format!("constrained decoding: {error}"));
+                    let _ =
+                        seq.events.send(Event::Finished { reason: FinishReason::Error, usage: seq.usage(), message });
+                    finished.push(seq.arrival);
+                    continue;
+                }
+            };
+            let reason = if complete || seq.sampler.stops_at(token, eos) {
                 Some(FinishReason::Stop)
             } else if seq.generated() >= seq.sampler.params().max_tokens as usize
                 || seq.tokens.len() >= self.config.max_model_len

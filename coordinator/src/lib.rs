@@ -14,6 +14,7 @@ pub mod errors;
 pub mod images;
 pub mod kv_pool;
 pub mod loading;
+mod masks;
 pub mod overlap;
 pub mod placement;
 pub mod run;

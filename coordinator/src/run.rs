@@ -17,6 +17,7 @@ use crate::engine::{self, EngineConfig, EngineHandle};
 use crate::kv_pool::{KvCapacity, KvPool};
 use crate::loading::{LoadConfig, LoadError, LoadedModel, load_model, read_config};
 use crate::server::{self, Coordinator};
+use epserve_grammar::{GrammarCompiler, Vocabulary};
 
 /// The election whose leader runs the placement controller.
 pub const PLACEMENT_ELECTION: &str = "placement";
@@ -80,6 +81,7 @@ pub struct ReadyCoordinator {
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     engine: EngineHandle,
+    grammars: Result<Arc<GrammarCompiler>, String>,
     control: Option<(ControlConnection, Arc<Membership>)>,
 }
 
@@ -105,11 +107,12 @@ pub async fn start(config: CoordinatorConfig) -> Result<ReadyCoordinator, RunErr
         None => None,
     };
     let loaded = load_model(&load, control.as_ref()).await?;
+    let grammars = grammar_compiler(&load.dir, loaded.config.text.vocab_size, &loaded.eos_token_ids);
     let engine = start_engine(loaded, &sizing, overlap)?;
     if let Some(m) = &membership {
         m.update(|i| i.ready = true);
     }
-    Ok(ReadyCoordinator { listener, local_addr, engine, control: control.zip(membership) })
+    Ok(ReadyCoordinator { listener, local_addr, engine, grammars, control: control.zip(membership) })
 }
 
 impl ReadyCoordinator {
@@ -124,8 +127,8 @@ impl ReadyCoordinator {
     /// Serves `CoordinatorService` until `shutdown` resolves, then leaves the control plane and
     /// stops the engine.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
-        let ReadyCoordinator { listener, engine, control, .. } = self;
-        let served = server::serve(Coordinator::new(engine.clone()), listener, shutdown).await;
+        let ReadyCoordinator { listener, engine, grammars, control, .. } = self;
+        let served = server::serve(Coordinator::new(engine.clone(), grammars), listener, shutdown).await;
         if let Some((control, membership)) = control {
             control.leave(membership).await;
         }
@@ -162,6 +165,20 @@ pub fn start_engine(loaded: LoadedModel, sizing: &EngineSizing, overlap: bool) -
             ..EngineConfig::new(max_model_len, eos_token_ids)
         },
     ))
+}
+
+/// The compiler of request grammars over the checkpoint's `tokenizer.json`, or why there is none:
+/// a checkpoint without a tokenizer is still served, only its constrained requests are refused.
+pub fn grammar_compiler(
+    dir: &std::path::Path,
+    vocab_size: usize,
+    eos_token_ids: &[u32],
+) -> Result<Arc<GrammarCompiler>, String> {
+    let compiler = Vocabulary::from_checkpoint(dir, vocab_size, eos_token_ids).and_then(GrammarCompiler::new);
+    compiler.map(Arc::new).map_err(|e| {
+        tracing::warn!("constrained decoding is off: {e}");
+        e.to_string()
+    })
 }
 
 /// Registers the coordinator (not ready), and campaigns to be the one that runs the placement

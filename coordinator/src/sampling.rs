@@ -3,6 +3,7 @@
 //! seeded request draws the same tokens alone or batched with others, and across preemption. The
 //! server's engine and `epserve generate` both sample here: same seed, same tokens.
 
+use epserve_grammar::TokenMask;
 use rand_xoshiro::SplitMix64;
 use rand_xoshiro::rand_core::{Rng, SeedableRng};
 
@@ -141,6 +142,13 @@ impl Sampler {
 
     /// Picks the next token from one row of logits and records it.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        self.sample_masked(logits, None)
+    }
+
+    /// [`Self::sample`] among the tokens a grammar allows only: the others' scores are −∞ after the
+    /// penalties, so greedy and every filter see the constrained distribution. Logprobs stay the
+    /// model's (before the mask, as before penalties and temperature).
+    pub fn sample_masked(&mut self, logits: &[f32], mask: Option<&TokenMask>) -> Sampled {
         let p = &self.params;
         let (logprob_of, top) = match p.logprobs {
             Some(n) => {
@@ -171,6 +179,9 @@ impl Sampler {
                 }
             }
         }
+        if let Some(mask) = mask {
+            mask.apply(&mut scores);
+        }
         let token = if p.temperature == 0.0 { argmax(&scores) } else { self.draw(&scores) };
         self.seen.insert(token);
         *self.output_counts.entry(token).or_default() += 1;
@@ -189,7 +200,9 @@ impl Sampler {
         let mut probs: Vec<f64> = cands.iter().map(|c| f64::from(c.1 - max).exp()).collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);
-        let mut keep = probs.len();
+        // Tokens a grammar masked (and any whose probability underflowed) sit at the end with
+        // probability 0: never let the rounding fallback below land on one.
+        let mut keep = probs.iter().take_while(|&&q| q > 0.0).count().max(1);
         if p.min_p > 0.0 {
             let floor = f64::from(p.min_p) * probs[0];
             keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));

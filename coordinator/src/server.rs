@@ -1,16 +1,23 @@
 //! `CoordinatorService` over the engine: `Generate` streams a request's tokens, `Load` reports the
 //! queue and the KV cache for the gateway's routing. A client that goes away cancels its request
-//! (its blocks are freed at the next step).
+//! (its blocks are freed at the next step). A request's grammar is compiled here, on the blocking
+//! pool, before the engine sees it: one that does not compile is an `invalid_argument` with the reason.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use epserve_grammar::{GrammarCompiler, GrammarSpec, TokenConstraint};
 
 use epserve_imaging::Tiles;
+use epserve_proto::metric_names as m;
 use epserve_proto::v1::coordinator_service_server::{CoordinatorService, CoordinatorServiceServer};
 use epserve_proto::v1::{
     self as pb, GenerateRequest, HealthRequest, HealthResponse, LoadRequest, LoadResponse, TokenEvent,
 };
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::engine::{EngineHandle, Event, FinishReason, SubmitError};
 use crate::sampling::SamplingParams;
@@ -18,11 +25,35 @@ use crate::sampling::SamplingParams;
 #[derive(Debug, Clone)]
 pub struct Coordinator {
     engine: EngineHandle,
+    /// Compiles request grammars against the checkpoint's vocabulary; why not, when the
+    /// checkpoint has no readable `tokenizer.json`.
+    grammars: Result<Arc<GrammarCompiler>, String>,
 }
 
 impl Coordinator {
-    pub fn new(engine: EngineHandle) -> Self {
-        Coordinator { engine }
+    /// `grammars`: as [`crate::run::grammar_compiler`] made it.
+    pub fn new(engine: EngineHandle, grammars: Result<Arc<GrammarCompiler>, String>) -> Self {
+        Coordinator { engine, grammars }
+    }
+
+    /// The request's grammar compiled (or taken from the cache), on the blocking pool.
+    async fn constraint(&self, constraint: Option<pb::Constraint>) -> Result<Option<TokenConstraint>, Status> {
+        let Some(spec) = constraint.map(spec_from_proto).transpose()? else { return Ok(None) };
+        let compiler = self.grammars.clone().map_err(|why| {
+            Status::invalid_argument(format!("constraint: this coordinator cannot follow grammars: {why}"))
+        })?;
+        let compiled = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let cached = compiler.cached();
+            let compiled = compiler.compile(&spec);
+            if compiler.cached() != cached {
+                metrics::histogram!(m::GRAMMAR_COMPILE_SECONDS).record(started.elapsed().as_secs_f64());
+            }
+            compiled
+        })
+        .await
+        .map_err(|e| Status::internal(format!("compiling the grammar: {e}")))?;
+        compiled.map(Some).map_err(|e| Status::invalid_argument(format!("constraint: {e}")))
     }
 
     pub fn into_service(self) -> CoordinatorServiceServer<Self> {
@@ -46,6 +77,14 @@ fn sampling_from_proto(p: Option<pb::SamplingParams>) -> Result<SamplingParams, 
         ignore_eos: p.ignore_eos,
         logprobs: p.logprobs,
     })
+}
+
+fn spec_from_proto(c: pb::Constraint) -> Result<GrammarSpec, Status> {
+    match c.grammar {
+        Some(pb::constraint::Grammar::JsonSchema(text)) => Ok(GrammarSpec::json_schema(text)),
+        Some(pb::constraint::Grammar::Lark(text)) => Ok(GrammarSpec::lark(text)),
+        None => Err(Status::invalid_argument("constraint: neither json_schema nor lark is set")),
+    }
 }
 
 /// The request's images as tiles, each checked for a length that matches its grid.
@@ -92,9 +131,15 @@ impl CoordinatorService for Coordinator {
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<EventStream>, Status> {
         let r = request.into_inner();
-        let span = tracing::info_span!("generate", request_id = %r.request_id, prompt_tokens = r.prompt_tokens.len());
-        let _entered = span.enter();
+        let span = tracing::info_span!(
+            "generate",
+            request_id = %r.request_id,
+            prompt_tokens = r.prompt_tokens.len(),
+            constrained = r.constraint.is_some()
+        );
         let sampling = sampling_from_proto(r.sampling)?;
+        let constraint = self.constraint(r.constraint).instrument(span.clone()).await?;
+        let _entered = span.enter();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let images = images_from_proto(r.images)?;
         let request = crate::engine::Request {
@@ -103,6 +148,7 @@ impl CoordinatorService for Coordinator {
             sampling,
             priority: r.priority,
             images,
+            constraint,
         };
         self.engine.submit(request, tx).map_err(|e| match e {
             SubmitError::Invalid(m) => Status::invalid_argument(m),

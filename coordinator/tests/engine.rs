@@ -83,7 +83,10 @@ fn collect(mut rx: UnboundedReceiver<Event>) -> Outcome {
 fn submit(engine: &EngineHandle, id: usize, prompt: Vec<u32>, sampling: SamplingParams) -> UnboundedReceiver<Event> {
     let (tx, rx) = unbounded_channel();
     engine
-        .submit(Request { id: format!("r{id}"), prompt, sampling, priority: 0, images: Vec::new() }, tx)
+        .submit(
+            Request { id: format!("r{id}"), prompt, sampling, priority: 0, images: Vec::new(), constraint: None },
+            tx,
+        )
         .expect("submit");
     rx
 }
@@ -242,14 +245,28 @@ fn bad_requests_are_refused_with_a_reason() {
     let (tx, _rx) = unbounded_channel();
     let err = engine
         .submit(
-            Request { id: "x".into(), prompt: vec![600], sampling: greedy(4), priority: 0, images: Vec::new() },
+            Request {
+                id: "x".into(),
+                prompt: vec![600],
+                sampling: greedy(4),
+                priority: 0,
+                images: Vec::new(),
+                constraint: None,
+            },
             tx.clone(),
         )
         .expect_err("out of vocabulary");
     assert!(err.to_string().contains("vocabulary"), "{err}");
     let err = engine
         .submit(
-            Request { id: "y".into(), prompt: vec![1; 5000], sampling: greedy(4), priority: 0, images: Vec::new() },
+            Request {
+                id: "y".into(),
+                prompt: vec![1; 5000],
+                sampling: greedy(4),
+                priority: 0,
+                images: Vec::new(),
+                constraint: None,
+            },
             tx.clone(),
         )
         .expect_err("too long");
@@ -258,7 +275,14 @@ fn bad_requests_are_refused_with_a_reason() {
     let (tx, rx) = unbounded_channel();
     engine
         .submit(
-            Request { id: "z".into(), prompt: prompt(40, 1), sampling: greedy(200), priority: 0, images: Vec::new() },
+            Request {
+                id: "z".into(),
+                prompt: prompt(40, 1),
+                sampling: greedy(200),
+                priority: 0,
+                images: Vec::new(),
+                constraint: None,
+            },
             tx,
         )
         .expect("queued");

@@ -106,7 +106,9 @@ fn run(engine: &engine::EngineHandle) -> (Vec<u32>, FinishReason, Option<String>
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let prompt = vec![480, 12, 7, 301, 44, 95, 260, 8, 77];
     let sampling = SamplingParams { temperature: 0.0, max_tokens: 6, ignore_eos: true, ..Default::default() };
-    engine.submit(Request { id: "r".into(), prompt, sampling, priority: 0, images: Vec::new() }, tx).expect("queued");
+    engine
+        .submit(Request { id: "r".into(), prompt, sampling, priority: 0, images: Vec::new(), constraint: None }, tx)
+        .expect("queued");
     let mut tokens = Vec::new();
     loop {
         match rx.blocking_recv().expect("the engine finishes every request") {

@@ -105,6 +105,7 @@ async fn registers_not_ready_leads_and_is_ready_once_every_expert_has_a_live_hos
         sampling: Some(SamplingParams { temperature: 0.0, max_tokens: 4, ignore_eos: true, ..Default::default() }),
         priority: 0,
         images: Vec::new(),
+        constraint: None,
     };
     let mut events = client.generate(request).await.expect("generate").into_inner();
     let mut tokens = 0;

@@ -1,12 +1,14 @@
 //! Chat templates exactly as checkpoints ship them (`chat_template.jinja`, or `chat_template` in
 //! `tokenizer_config.json`), rendered with minijinja plus Python string methods, with the options
-//! transformers uses (`trim_blocks`, `lstrip_blocks`).
+//! transformers uses (`trim_blocks`, `lstrip_blocks`), its `tojson` filter, and its `tools` variable.
 
 use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use minijinja::value::Kwargs;
 use minijinja::{Environment, Error, ErrorKind, Value as JinjaValue};
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::openai::Message;
@@ -69,6 +71,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", |message: String| -> Result<JinjaValue, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, message))
         });
+        env.add_filter("tojson", python_tojson);
         env.add_template_owned("chat", source).context("chat template does not compile")?;
         Ok(ChatTemplate { env, bos_token })
     }
@@ -76,11 +79,28 @@ impl ChatTemplate {
     /// Renders OpenAI-style `messages` (`[{"role": ..., "content": ...}]`): the gateway's typed
     /// messages, or JSON as it is.
     pub fn render<M: serde::Serialize + ?Sized>(&self, messages: &M, add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`Self::render`] with `tools` (the request's tool definitions as sent), as transformers'
+    /// `apply_chat_template(messages, tools=...)` renders them: `None` leaves `tools` undefined.
+    pub fn render_with_tools<M: serde::Serialize + ?Sized>(
+        &self,
+        messages: &M,
+        tools: Option<&[Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.env.get_template("chat")?;
         let ctx = minijinja::context! {
             messages => JinjaValue::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
+        };
+        let ctx = match tools {
+            Some(tools) => {
+                minijinja::context! { tools => JinjaValue::from(minijinja::value::Serde(tools)), ..ctx }
+            }
+            None => ctx,
         };
         template.render(ctx).map_err(|e| anyhow::anyhow!("chat template: {e:#}"))
     }
@@ -94,7 +114,12 @@ impl ChatTemplate {
     /// markers must be exactly the text around the placeholders of the first rendering, and every
     /// image must have rendered as the same placeholder text. A template that drops, repeats or
     /// numbers its image placeholders is refused.
-    pub fn image_placeholders(&self, messages: &[Message], rendered: &str) -> Result<Vec<Range<usize>>> {
+    pub fn image_placeholders(
+        &self,
+        messages: &[Message],
+        tools: Option<&[Value]>,
+        rendered: &str,
+    ) -> Result<Vec<Range<usize>>> {
         let images = messages.iter().map(|m| image_parts(m).count()).sum::<usize>();
         if images == 0 {
             return Ok(Vec::new());
@@ -120,7 +145,7 @@ impl ChatTemplate {
                 m
             })
             .collect();
-        let with_marks = self.render(&marked, true)?;
+        let with_marks = self.render_with_tools(&marked, tools, true)?;
         let mut segments = Vec::with_capacity(images + 1);
         let mut rest = with_marks.as_str();
         for k in 0..images {
@@ -156,6 +181,47 @@ impl ChatTemplate {
             }
         }
         Ok(spans)
+    }
+}
+
+/// transformers' `tojson` (`json.dumps(x, ensure_ascii=False, indent=indent)`), not minijinja's, which
+/// escapes `<`, `>`, `&` and `'` and writes no spaces: templates render tools and tool calls with it,
+/// and the prompt must be the one the model was trained on. Python's layout is `", "` and `": "`
+/// without an indent, `","` and newlines with one.
+fn python_tojson(value: &JinjaValue, kwargs: Kwargs) -> Result<JinjaValue, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let mut out = Vec::new();
+    let written = match indent {
+        Some(n) => {
+            let spaces = vec![b' '; n];
+            let mut ser = serde_json::Serializer::with_formatter(
+                &mut out,
+                serde_json::ser::PrettyFormatter::with_indent(&spaces),
+            );
+            value.serialize(&mut ser)
+        }
+        None => value.serialize(&mut serde_json::Serializer::with_formatter(&mut out, PythonCompact)),
+    };
+    written.map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let text = String::from_utf8(out).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    Ok(JinjaValue::from_safe_string(text))
+}
+
+/// Python's `json.dumps` layout without an indent: `{"a": 1, "b": [1, 2]}`.
+struct PythonCompact;
+
+impl serde_json::ser::Formatter for PythonCompact {
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
+        if first { Ok(()) } else { writer.write_all(b", ") }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
+        if first { Ok(()) } else { writer.write_all(b", ") }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        writer.write_all(b": ")
     }
 }
 

@@ -1,5 +1,6 @@
 //! `/v1/chat/completions` and `/v1/completions`: a tokenized prompt goes to a coordinator, tokens come
-//! back, text goes out — whole, or as server-sent events ending with `data: [DONE]`.
+//! back, text goes out — whole, or as server-sent events ending with `data: [DONE]`. A request that may
+//! call tools has its answer read back as calls ([`crate::tool_calls`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,11 +19,13 @@ use crate::openai::GenerationOptions;
 use crate::openai::request::Role;
 use crate::openai::response::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs,
-    Completion, CompletionChoice, CompletionLogprobs, FinishReason, TokenLogprob, Usage,
+    Completion, CompletionChoice, CompletionLogprobs, FinishReason, FunctionCallDelta, TokenLogprob, ToolCall,
+    ToolCallDelta, Usage,
 };
 use crate::routing::{Generation, RouteError};
 use crate::server::AppState;
 use crate::text::StopMatcher;
+use crate::tool_calls::ToolCallStream;
 
 /// Which OpenAI API a request came through; it decides the shape of the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +50,8 @@ pub struct Prepared {
     pub prompt_param: &'static str,
     /// Carried to the coordinator, so that both logs name the request the same way.
     pub request_id: String,
+    /// The grammar the output follows (already compiled once here: it is valid).
+    pub constraint: Option<pb::Constraint>,
 }
 
 /// The OpenAI-style id of a response (`chatcmpl-…`, `cmpl-…`).
@@ -190,6 +195,7 @@ pub async fn run(state: Arc<AppState>, p: Prepared, permit: OwnedSemaphorePermit
         }),
         priority: 0,
         images: p.images.clone(),
+        constraint: p.constraint.clone(),
     };
     let id = response_id(p.api);
     let generation = match state.pool.generate(request).await {
@@ -241,12 +247,15 @@ async fn whole(state: &AppState, p: &Prepared, mut generation: Generation, id: &
     let logprobs = p.options.sampling.logprobs.map(|_| logprobs);
     match p.api {
         CompletionApi::Chat => {
-            let choice = ChatChoice {
-                index: 0,
-                message: AssistantMessage { role: Role::Assistant, content: text },
-                logprobs: logprobs.map(ChatLogprobs::from),
-                finish_reason: finish,
+            let calls =
+                p.options.structured.tools.as_ref().and_then(|plan| crate::tool_calls::tool_calls(&text, plan, id));
+            let message = match calls {
+                Some(calls) => AssistantMessage { role: Role::Assistant, content: None, tool_calls: Some(calls) },
+                None => AssistantMessage { role: Role::Assistant, content: Some(text), tool_calls: None },
             };
+            let finish = if message.tool_calls.is_some() { FinishReason::ToolCalls } else { finish };
+            let choice =
+                ChatChoice { index: 0, message, logprobs: logprobs.map(ChatLogprobs::from), finish_reason: finish };
             Json(ChatCompletion::new(id, now(), &p.model, choice, usage)).into_response()
         }
         CompletionApi::Text => {
@@ -281,7 +290,7 @@ struct ChunkWriter<'a> {
 impl ChunkWriter<'_> {
     /// The chat API opens with the assistant's role; the text API has no opening chunk.
     fn opening(&self) -> Option<SseEvent> {
-        let delta = ChatDelta { role: Some(Role::Assistant), content: Some("") };
+        let delta = ChatDelta { role: Some(Role::Assistant), content: Some(""), tool_calls: None };
         (self.api == CompletionApi::Chat).then(|| self.chat(delta, None, None))
     }
 
@@ -289,10 +298,24 @@ impl ChunkWriter<'_> {
         let logprobs = (!logprobs.is_empty()).then_some(logprobs);
         match self.api {
             CompletionApi::Chat => {
-                self.chat(ChatDelta { role: None, content: Some(text) }, logprobs.map(ChatLogprobs::from), None)
+                let delta = ChatDelta { role: None, content: Some(text), tool_calls: None };
+                self.chat(delta, logprobs.map(ChatLogprobs::from), None)
             }
             CompletionApi::Text => self.text(text, logprobs.map(CompletionLogprobs::from), None),
         }
+    }
+
+    /// A call as two deltas, as OpenAI streams them: its id, type and name with empty arguments,
+    /// then its arguments.
+    fn tool_call(&self, index: u32, call: &ToolCall) -> [SseEvent; 2] {
+        let delta = |id, kind, name, arguments| ChatDelta {
+            role: None,
+            content: None,
+            tool_calls: Some(vec![ToolCallDelta { index, id, kind, function: FunctionCallDelta { name, arguments } }]),
+        };
+        let head = delta(Some(call.id.as_str()), Some(call.kind), Some(call.function.name.as_str()), "");
+        let arguments = delta(None, None, None, call.function.arguments.as_str());
+        [self.chat(head, None, None), self.chat(arguments, None, None)]
     }
 
     fn finish(&self, reason: FinishReason) -> SseEvent {
@@ -341,19 +364,39 @@ fn stream(
             return;
         }
         let mut asm = Assembler::new(&state, &p.options);
+        let tools = p.options.structured.tools.as_ref().filter(|_| p.api == CompletionApi::Chat);
+        let mut calls = tools.map(ToolCallStream::new);
         let mut event = Some(std::mem::take(&mut generation.first));
         while let Some(e) = event.take() {
-            let piece = asm.push(&e);
+            let mut piece = asm.push(&e);
             if let Some(err) = piece.error_response() {
                 let _ = send(json_event(&err.body())).await;
                 break;
+            }
+            if let Some(calls) = &mut calls {
+                piece.text = calls.push(&piece.text);
             }
             if (!piece.text.is_empty() || !piece.logprobs.is_empty())
                 && !send(chunks.content(&piece.text, piece.logprobs)).await
             {
                 return; // The client went away: dropping the stream cancels the request.
             }
-            if let Some(f) = piece.finish {
+            if let Some(mut f) = piece.finish {
+                if let (Some(calls), Some(plan)) = (calls.take(), tools) {
+                    let events = match calls.finish(plan, &id) {
+                        Ok(calls) => {
+                            f = FinishReason::ToolCalls;
+                            calls.iter().zip(0..).flat_map(|(call, i)| chunks.tool_call(i, call)).collect()
+                        }
+                        Err(text) if text.is_empty() => Vec::new(),
+                        Err(text) => vec![chunks.content(&text, Vec::new())],
+                    };
+                    for event in events {
+                        if !send(event).await {
+                            return;
+                        }
+                    }
+                }
                 if !send(chunks.finish(f)).await {
                     return;
                 }

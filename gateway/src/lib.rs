@@ -7,10 +7,14 @@
 //! Chat requests may carry images ([`images`]): they are decoded and cut into tiles here, and travel
 //! to the coordinator as uint8 tiles with the prompt whose `<|patch|>` runs their features fill.
 //!
+//! `response_format` and tools become a grammar ([`constraints`], checked here, enforced by the
+//! coordinator), and an answer that calls tools is read back as OpenAI tool calls ([`tool_calls`]).
+//!
 //! Boundaries: no model weights, no sampling (the coordinator's), no state beyond requests in flight.
 
 pub mod chat_template;
 pub mod completions;
+pub mod constraints;
 pub mod errors;
 pub mod images;
 pub mod openai;
@@ -18,6 +22,7 @@ pub mod routing;
 pub mod run;
 pub mod server;
 pub mod text;
+pub mod tool_calls;
 
 pub use images::{ImageConfig, ImageInput};
 pub use routing::CoordinatorPool;

@@ -123,6 +123,9 @@ pub async fn start(config: GatewayConfig) -> Result<ReadyGateway, RunError> {
     let mut state = AppState::new(text, pool, name.clone())
         .with_limits(api_keys, max_body_bytes, max_concurrent_requests)
         .with_images(images);
+    if let Some(grammars) = grammar_compiler(&model) {
+        state = state.with_grammars(grammars);
+    }
     state.metrics = metrics;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
@@ -160,6 +163,25 @@ impl ReadyGateway {
         }
         tracing::info!("gateway stopped");
         served.map_err(RunError::Serve)
+    }
+}
+
+/// The compiler that checks request grammars against the checkpoint's vocabulary (the coordinator's
+/// is built the same way), or `None` with a warning: grammars are then checked by the coordinator only.
+fn grammar_compiler(dir: &Path) -> Option<Arc<epserve_grammar::GrammarCompiler>> {
+    let built =
+        epserve_model::ModelConfig::from_file(&dir.join("config.json")).map_err(|e| e.to_string()).and_then(|config| {
+            let eos = epserve_model::generation_config::eos_token_ids(dir, &config.text).map_err(|e| e.to_string())?;
+            let vocabulary = epserve_grammar::Vocabulary::from_checkpoint(dir, config.text.vocab_size, &eos)
+                .map_err(|e| e.to_string())?;
+            epserve_grammar::GrammarCompiler::new(vocabulary).map_err(|e| e.to_string())
+        });
+    match built {
+        Ok(compiler) => Some(Arc::new(compiler)),
+        Err(e) => {
+            tracing::warn!("grammars will be checked by the coordinators only: {e}");
+            None
+        }
     }
 }
 

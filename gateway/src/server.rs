@@ -10,6 +10,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use epserve_grammar::GrammarCompiler;
 use epserve_proto::metric_names as m;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
@@ -17,6 +18,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::completions::{self, CompletionApi, Prepared};
+use crate::constraints;
 use crate::errors::ApiError;
 use crate::images::ImageInput;
 use crate::openai::response::ModelList;
@@ -41,6 +43,9 @@ pub struct AppState {
     pub in_flight: Arc<Semaphore>,
     pub metrics: Option<PrometheusHandle>,
     pub started: u64,
+    /// Checks grammars (`response_format`, required tool calls) before they are sent; `None`: they
+    /// are sent unchecked, and the coordinator refuses a bad one.
+    pub grammars: Option<Arc<GrammarCompiler>>,
 }
 
 impl AppState {
@@ -59,7 +64,14 @@ impl AppState {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            grammars: None,
         }
+    }
+
+    /// Checks grammars with `grammars` before sending them.
+    pub fn with_grammars(mut self, grammars: Arc<GrammarCompiler>) -> Self {
+        self.grammars = Some(grammars);
+        self
     }
 
     pub fn with_limits(mut self, api_keys: Vec<String>, max_body_bytes: usize, max_in_flight: usize) -> Self {
@@ -181,8 +193,12 @@ async fn chat(State(state): State<Arc<AppState>>, Extension(id): Extension<Reque
         state.require_served_model(&r.model)?;
         // Cheap checks first: image parts and the template, then the images' I/O and decoding.
         let requested = state.images.take_parts(&mut r.messages)?;
-        let chat =
-            state.text.encode_chat(&r.messages).map_err(|e| ApiError::invalid_param("messages", format!("{e:#}")))?;
+        let tools = r.options.structured.tools.as_ref().map(|t| t.definitions.as_slice());
+        let chat = state
+            .text
+            .encode_chat_with_tools(&r.messages, tools)
+            .map_err(|e| ApiError::invalid_param("messages", format!("{e:#}")))?;
+        let constraint = constraints::constraint(state.grammars.as_ref(), &r.options.structured).await?;
         let loaded = state.images.load(requested).await?;
         let (prompt, images) = state.images.expand(&chat.ids, &chat.image_placeholders, loaded, &r.messages)?;
         Ok::<_, ApiError>(Prepared {
@@ -193,6 +209,7 @@ async fn chat(State(state): State<Arc<AppState>>, Extension(id): Extension<Reque
             options: r.options,
             prompt_param: "messages",
             request_id: id.0,
+            constraint,
         })
     };
     dispatch(state.clone(), prepared.await).await
@@ -202,6 +219,7 @@ async fn completion(State(state): State<Arc<AppState>>, Extension(id): Extension
     let prepared = async {
         let r = ValidatedCompletion::try_from(read_request::<CompletionRequest>(&state, body).await?)?;
         state.require_served_model(&r.model)?;
+        let constraint = constraints::constraint(state.grammars.as_ref(), &r.options.structured).await?;
         let prompt = match r.prompt {
             CompletionPrompt::Text(t) => {
                 state.text.encode_prompt(&t).map_err(|e| ApiError::invalid_param("prompt", format!("{e:#}")))?
@@ -216,6 +234,7 @@ async fn completion(State(state): State<Arc<AppState>>, Extension(id): Extension
             options: r.options,
             prompt_param: "prompt",
             request_id: id.0,
+            constraint,
         })
     };
     dispatch(state.clone(), prepared.await).await

@@ -44,9 +44,18 @@ impl TextCodec {
     /// `{"type": "image"}`; where it placed each one is found by position (see
     /// [`ChatTemplate::image_placeholders`]), never by looking for a token a user could type.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<ChatTokens> {
+        self.encode_chat_with_tools(messages, None)
+    }
+
+    /// [`Self::encode_chat`] with the request's tool definitions given to the template.
+    pub fn encode_chat_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<ChatTokens> {
         let template = self.template.as_ref().context("this checkpoint has no chat template")?;
-        let text = template.render(messages, true)?;
-        let spans = template.image_placeholders(messages, &text)?;
+        let text = template.render_with_tools(messages, tools, true)?;
+        let spans = template.image_placeholders(messages, tools, &text)?;
         if spans.is_empty() {
             return Ok(ChatTokens { ids: self.encode(&text, false)?, image_placeholders: Vec::new() });
         }

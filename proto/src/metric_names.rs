@@ -50,6 +50,14 @@ pub const VISION_ENCODE_SECONDS: &str = "epserve_vision_encode_seconds";
 /// Counter: image tiles encoded by the vision tower (coordinator; recomputed tiles count again).
 pub const VISION_TILES_TOTAL: &str = "epserve_vision_tiles_total";
 
+// Constrained decoding (coordinator; docs/structured-outputs.md).
+/// Counter, label `grammar` (`json_schema` | `lark`): requests whose output a grammar constrains.
+pub const CONSTRAINED_REQUESTS_TOTAL: &str = "epserve_constrained_requests_total";
+/// Histogram, seconds: computing one constrained token's mask (beside the forward pass).
+pub const GRAMMAR_MASK_SECONDS: &str = "epserve_grammar_mask_seconds";
+/// Histogram, seconds: compiling a grammar that was not in the cache (coordinator and gateway).
+pub const GRAMMAR_COMPILE_SECONDS: &str = "epserve_grammar_compile_seconds";
+
 /// Counter, labels `route` (closed set), `status`: HTTP requests the gateway answered.
 pub const HTTP_REQUESTS_TOTAL: &str = "epserve_http_requests_total";
 /// Histogram, seconds, label `route`: time to the response head (whole body when not streaming).

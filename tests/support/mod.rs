@@ -176,8 +176,12 @@ impl Drop for Up {
 
 /// Starts `epserve up` on the tiny fixture and waits for its URL.
 pub fn up(extra: &[&str]) -> (Up, String) {
+    up_model(&tiny_fixture(), extra)
+}
+
+/// Starts `epserve up` on the checkpoint in `model` and waits for its URL.
+pub fn up_model(model: &std::path::Path, extra: &[&str]) -> (Up, String) {
     let port = free_port();
-    let model = tiny_fixture();
     let mut args = vec!["up", "--model", model.to_str().expect("utf-8"), "--workers", "2", "--port"];
     let port_s = port.to_string();
     args.push(&port_s);

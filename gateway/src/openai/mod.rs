@@ -6,6 +6,7 @@
 
 pub mod request;
 pub mod response;
+pub mod structured;
 pub mod validation;
 
 use serde::de::{DeserializeOwned, IgnoredAny};
@@ -242,6 +243,55 @@ mod tests {
         assert_eq!(param(one(json!({"content": "x"}))).as_deref(), Some("messages[1].role"));
         assert_eq!(param(one(json!({"role": 1, "content": "x"}))).as_deref(), Some("messages[1].role"));
         assert_eq!(param(one(json!("hello"))).as_deref(), Some("messages[1]"));
+    }
+
+    #[test]
+    fn structured_output_fields() {
+        use super::structured::{OutputFormat, ToolMode};
+        let format = |value: Value| chat_with("response_format", value).map(|r| r.options.structured.format);
+        assert_eq!(format(json!({"type": "text"})).expect("text"), OutputFormat::Text);
+        assert_eq!(format(json!({"type": "json_object"})).expect("object"), OutputFormat::JsonObject);
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        assert_eq!(
+            format(json!({"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": true}}))
+                .expect("schema"),
+            OutputFormat::JsonSchema(schema)
+        );
+        assert_eq!(param(format(json!({"type": "xml"}))).as_deref(), Some("response_format.type"));
+        assert_eq!(param(format(json!({"type": "json_schema"}))).as_deref(), Some("response_format"));
+        let e = completion(json!({"model": "m", "prompt": "x", "response_format": {"type": "json_object"}}))
+            .expect("an extension of the text API");
+        assert_eq!(e.options.structured.format, OutputFormat::JsonObject);
+
+        let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": tools,
+                              "tool_choice": "required", "parallel_tool_calls": false});
+        let r = chat(body.clone()).expect("tools");
+        let plan = r.options.structured.tools.expect("a plan");
+        assert_eq!((plan.mode, plan.parallel, plan.definitions.len()), (ToolMode::Required, false, 1));
+        body["tool_choice"] = json!({"type": "function", "function": {"name": "f"}});
+        assert!(chat(body.clone()).is_ok());
+        body["tool_choice"] = json!(7);
+        assert_eq!(param(chat(body)).as_deref(), Some("tool_choice"));
+
+        // An assistant turn's arguments string becomes the object the template writes.
+        let ok = chat_with(
+            "messages",
+            json!([{"role": "user", "content": "x"},
+                   {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                        "function": {"name": "f", "arguments": "{\"a\": 1}"}}]},
+                   {"role": "tool", "tool_call_id": "c", "content": "2"}]),
+        )
+        .expect("valid");
+        assert_eq!(
+            serde_json::to_value(&ok.messages[1]).expect("json")["tool_calls"][0]["function"]["arguments"],
+            json!({"a": 1})
+        );
+        let bad = chat_with(
+            "messages",
+            json!([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]),
+        );
+        assert_eq!(param(bad).as_deref(), Some("messages[0].tool_calls[0].function.arguments"));
     }
 
     #[test]

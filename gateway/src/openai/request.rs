@@ -2,13 +2,15 @@
 //! names and shapes. Deserialising checks JSON types only; ranges and combinations are checked once,
 //! in `validation.rs`. Every field is optional here (a JSON `null` is the same as an absent field), so
 //! that a missing field is reported by validation with OpenAI's wording rather than serde's. Fields
-//! not listed (`tools`, `response_format`, `logit_bias`, ...) are ignored, as OpenAI ignores unknown ones.
+//! not listed (`logit_bias`, ...) are ignored, as OpenAI ignores unknown ones.
 
 use std::fmt;
 
 use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
+
+use crate::openai::structured::{ResponseFormat, ToolChoice};
 
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -40,6 +42,12 @@ pub struct ChatCompletionRequest {
     pub stream_options: Option<StreamOptions>,
     /// Accepted whatever its value, and not used.
     pub user: Option<IgnoredAny>,
+    /// Text, any JSON object, or a document of a JSON schema (enforced by a grammar).
+    pub response_format: Option<ResponseFormat>,
+    /// Function tools, kept as sent: the chat template renders them as the client wrote them.
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<ToolChoice>,
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// `POST /v1/completions` (the legacy text API).
@@ -67,6 +75,8 @@ pub struct CompletionRequest {
     pub stream_options: Option<StreamOptions>,
     /// Accepted whatever its value, and not used.
     pub user: Option<IgnoredAny>,
+    /// Extension: chat's `response_format` on the text API (docs/structured-outputs.md).
+    pub response_format: Option<ResponseFormat>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -121,11 +131,38 @@ pub struct Message {
     pub role: Option<Role>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<MessageContent>,
-    /// Any JSON, read by the template only; an assistant turn with tool calls needs no content.
+    /// An assistant turn's calls, as clients send them back; an assistant turn with tool calls
+    /// needs no content. Validation turns `arguments` strings into objects for the template.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool_calls: Option<Value>,
+    pub tool_calls: Option<Vec<AssistantToolCall>>,
     #[serde(flatten)]
     pub other_fields: Map<String, Value>,
+}
+
+/// A call in an assistant turn of the conversation.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct AssistantToolCall {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub function: CalledFunction,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct CalledFunction {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<Arguments>,
+}
+
+/// OpenAI sends a call's arguments as a JSON string; Hugging Face templates (Llama 4's writes them
+/// with `tojson`) expect the object, as vLLM gives them.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged, expecting = "expected a JSON object or a string holding one")]
+pub enum Arguments {
+    Object(Map<String, Value>),
+    Text(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

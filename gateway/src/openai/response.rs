@@ -14,6 +14,9 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the context limit.
     Length,
+    /// The answer is one or more tool calls.
+    #[serde(rename = "tool_calls")]
+    ToolCalls,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -67,7 +70,45 @@ pub struct ChatChoice {
 #[derive(Debug, Clone, Serialize)]
 pub struct AssistantMessage {
     pub role: Role,
-    pub content: String,
+    /// `null` when the answer is tool calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// A call of one of the request's functions, as the model wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments, a JSON object as a string.
+    pub arguments: String,
+}
+
+/// A stream's piece of a tool call: the first names it (`id`, `type`, `function.name`), the next
+/// ones add to `function.arguments`; `index` says which call.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallDelta<'a> {
+    pub index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<&'a str>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionCallDelta<'a>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionCallDelta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<&'a str>,
+    pub arguments: &'a str,
 }
 
 /// One event of a streamed chat completion.
@@ -115,6 +156,8 @@ pub struct ChatDelta<'a> {
     pub role: Option<Role>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta<'a>>>,
 }
 
 /// Chat logprobs: one entry per generated token.
@@ -255,7 +298,7 @@ mod tests {
     fn chat_shapes() {
         let choice = ChatChoice {
             index: 0,
-            message: AssistantMessage { role: Role::Assistant, content: "hi".into() },
+            message: AssistantMessage { role: Role::Assistant, content: Some("hi".into()), tool_calls: None },
             logprobs: Some(logprobs().into()),
             finish_reason: FinishReason::Length,
         };
@@ -278,7 +321,7 @@ mod tests {
             })
         );
 
-        let first = ChatDelta { role: Some(Role::Assistant), content: Some("") };
+        let first = ChatDelta { role: Some(Role::Assistant), content: Some(""), tool_calls: None };
         let chunk = |delta, finish_reason| {
             let choice = ChatChunkChoice { index: 0, delta, logprobs: None, finish_reason };
             serde_json::to_string(&ChatCompletionChunk::new("c", 7, "m", choice)).expect("json")
@@ -294,6 +337,37 @@ mod tests {
         assert_eq!(
             serde_json::to_value(ChatCompletionChunk::usage("c", 7, "m", Usage::new(1, 1))).expect("json")["choices"],
             json!([])
+        );
+    }
+
+    #[test]
+    fn tool_call_shapes() {
+        let call = ToolCall {
+            id: "call_1".into(),
+            kind: "function",
+            function: FunctionCall { name: "f".into(), arguments: "{\"x\": 1}".into() },
+        };
+        let message = AssistantMessage { role: Role::Assistant, content: None, tool_calls: Some(vec![call]) };
+        assert_eq!(
+            serde_json::to_value(&message).expect("json"),
+            json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}
+            ]})
+        );
+        assert_eq!(serde_json::to_value(FinishReason::ToolCalls).expect("json"), json!("tool_calls"));
+        let delta = ChatDelta {
+            role: None,
+            content: None,
+            tool_calls: Some(vec![ToolCallDelta {
+                index: 0,
+                id: None,
+                kind: None,
+                function: FunctionCallDelta { name: None, arguments: "{}" },
+            }]),
+        };
+        assert_eq!(
+            serde_json::to_value(&delta).expect("json"),
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]})
         );
     }
 

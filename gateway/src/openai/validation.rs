@@ -5,9 +5,10 @@ use std::ops::RangeInclusive;
 
 use crate::errors::ApiError;
 use crate::openai::request::{
-    ChatCompletionRequest, CompletionRequest, ContentPart, ImageUrl, Message, MessageContent, Prompt, Role, Seed, Stop,
-    StreamOptions,
+    Arguments, ChatCompletionRequest, CompletionRequest, ContentPart, ImageUrl, Message, MessageContent, Prompt, Role,
+    Seed, Stop, StreamOptions,
 };
+use crate::openai::structured::{self, Structured};
 
 /// Sampling fields shared by chat and text completions.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +32,8 @@ pub struct Sampling {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationOptions {
     pub sampling: Sampling,
+    /// `response_format` and tools: the grammar the output follows, whether it is read as calls.
+    pub structured: Structured,
     pub stream: bool,
     /// A last stream chunk with the token counts (`stream_options.include_usage`).
     pub include_usage: bool,
@@ -86,10 +89,16 @@ impl TryFrom<ChatCompletionRequest> for ValidatedChat {
             stream,
             stream_options,
             user: _,
+            response_format,
+            tools,
+            tool_choice,
+            parallel_tool_calls,
         } = request;
         let model = required_model(model)?;
-        let messages = messages.ok_or_else(|| ApiError::invalid_param("messages", "You must provide 'messages'."))?;
-        check_messages(&messages)?;
+        let mut messages =
+            messages.ok_or_else(|| ApiError::invalid_param("messages", "You must provide 'messages'."))?;
+        check_messages(&mut messages)?;
+        let structured = structured::structured(response_format, tools, tool_choice, parallel_tool_calls)?;
         let top_logprobs = integer("top_logprobs", top_logprobs, 0..=20)?;
         let logprobs = match (logprobs.unwrap_or(false), top_logprobs) {
             (true, top) => Some(top.unwrap_or(0)),
@@ -116,7 +125,7 @@ impl TryFrom<ChatCompletionRequest> for ValidatedChat {
             logprobs,
         }
         .validate()?;
-        Ok(ValidatedChat { model, messages, options: options(sampling, stream, stream_options)? })
+        Ok(ValidatedChat { model, messages, options: options(sampling, structured, stream, stream_options)? })
     }
 }
 
@@ -144,8 +153,10 @@ impl TryFrom<CompletionRequest> for ValidatedCompletion {
             stream,
             stream_options,
             user: _,
+            response_format,
         } = request;
         let model = required_model(model)?;
+        let structured = Structured { format: structured::output_format(response_format)?, tools: None };
         let prompt = match prompt {
             Some(Prompt::Text(text)) => CompletionPrompt::Text(text),
             Some(Prompt::Texts(texts)) if texts.len() == 1 => {
@@ -181,7 +192,7 @@ impl TryFrom<CompletionRequest> for ValidatedCompletion {
             logprobs,
         }
         .validate()?;
-        Ok(ValidatedCompletion { model, prompt, options: options(sampling, stream, stream_options)? })
+        Ok(ValidatedCompletion { model, prompt, options: options(sampling, structured, stream, stream_options)? })
     }
 }
 
@@ -191,6 +202,7 @@ fn required_model(model: Option<String>) -> Result<String, ApiError> {
 
 fn options(
     sampling: Sampling,
+    structured: Structured,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
 ) -> Result<GenerationOptions, ApiError> {
@@ -199,7 +211,7 @@ fn options(
     if include_usage && !stream {
         return Err(ApiError::invalid_param("stream_options", "stream_options is only allowed when 'stream' is true."));
     }
-    Ok(GenerationOptions { sampling, stream, include_usage })
+    Ok(GenerationOptions { sampling, structured, stream, include_usage })
 }
 
 /// The sampling fields both APIs share, as they came (`max_tokens` and `logprobs` already resolved,
@@ -283,11 +295,20 @@ fn integer(param: &str, value: Option<u32>, range: RangeInclusive<u32>) -> Resul
     }
 }
 
-fn check_messages(messages: &[Message]) -> Result<(), ApiError> {
+fn check_messages(messages: &mut [Message]) -> Result<(), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid_param("messages", "'messages' must not be empty."));
     }
-    for (i, m) in messages.iter().enumerate() {
+    for (i, m) in messages.iter_mut().enumerate() {
+        for (j, call) in m.tool_calls.iter_mut().flatten().enumerate() {
+            if let Some(Arguments::Text(text)) = &call.function.arguments {
+                let object = serde_json::from_str(text).map_err(|e| {
+                    let param = format!("messages[{i}].tool_calls[{j}].function.arguments");
+                    ApiError::invalid(Some(param), format!("A call's 'arguments' must be a JSON object: {e}."))
+                })?;
+                call.function.arguments = Some(Arguments::Object(object));
+            }
+        }
         if m.role.is_none() {
             return Err(ApiError::invalid(Some(format!("messages[{i}].role")), "Each message needs a 'role'."));
         }
