@@ -36,6 +36,7 @@ fn policy(scheme: Option<QuantScheme>) -> LoadPolicy {
     LoadPolicy {
         storage: WeightStorage::AsStored,
         quantize: scheme.map(|scheme| Quantize { scheme, scope: QuantScope::default() }),
+        activations: Default::default(),
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use candle_core::DType;
 use epserve_coordinator::{GrpcConfig, LoadConfig, StandaloneModel};
-use epserve_model::{LoadPolicy, QuantScheme, QuantScope, Quantize, WeightStorage};
+use epserve_model::{Activations, LoadPolicy, QuantScheme, QuantScope, Quantize, WeightStorage};
 use epserve_proto::wire::WireDtype;
 
 /// Compute dtype on the command line.
@@ -56,25 +56,36 @@ pub struct QuantArgs {
     /// vision tower are never quantized.
     #[arg(long, default_value = "routed,shared", value_parser = clap::value_parser!(QuantScope), env = "EPSERVE_QUANTIZE_SCOPE")]
     pub quantize_scope: QuantScope,
+    /// What rows are multiplied as against int8 and int4 weights (on-the-fly or pre-quantized):
+    /// `f32` computes exactly what the dequantised weights give; `int8` quantizes them per 32
+    /// values and uses integer dot products (AVX512-VNNI) for products of up to 8 rows, faster and
+    /// less exact (its error: docs/model.md, "Int8 activations").
+    #[arg(long, default_value = "f32", value_parser = clap::value_parser!(Activations), env = "EPSERVE_ACTIVATIONS")]
+    pub activations: Activations,
 }
 
 impl QuantArgs {
     /// The same settings as flags, for a component `epserve up` starts.
     pub fn to_flags(&self) -> Vec<String> {
-        match self.quantize {
-            Some(scheme) => vec![
+        let mut flags = vec!["--activations".to_owned(), self.activations.to_string()];
+        if let Some(scheme) = self.quantize {
+            flags.extend([
                 "--quantize".into(),
                 scheme.to_string(),
                 "--quantize-scope".into(),
                 self.quantize_scope.to_string(),
-            ],
-            None => Vec::new(),
+            ]);
         }
+        flags
     }
 
     /// The load policy for matrices kept as `storage` says.
     pub fn policy(&self, storage: WeightStorage) -> LoadPolicy {
-        LoadPolicy { storage, quantize: self.quantize.map(|scheme| Quantize { scheme, scope: self.quantize_scope }) }
+        LoadPolicy {
+            storage,
+            quantize: self.quantize.map(|scheme| Quantize { scheme, scope: self.quantize_scope }),
+            activations: self.activations,
+        }
     }
 }
 

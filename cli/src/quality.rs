@@ -2,7 +2,8 @@
 //! unquantized model's over the same prompts (per-position KL divergence, top-1 agreement, largest
 //! logit difference: the measures of llama.cpp's `--kl-divergence`). The reference is `--against`
 //! (e.g. the bf16 checkpoint a pre-quantized one was made from) or, without it, `--model` itself
-//! loaded without `--quantize`. The two runs are one after the other: the reference's logits are
+//! loaded without `--quantize` (and with f32 activations: `--activations int8` alone measures what
+//! int8 activations add on a pre-quantized checkpoint). The two runs are one after the other: the reference's logits are
 //! kept in memory (positions × vocabulary f32), then the candidate's are compared as they come.
 
 use std::io::Write;
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use epserve_model::quant::quality::Comparison;
-use epserve_model::{LogitsFor, SequenceStep};
+use epserve_model::{Activations, LogitsFor, SequenceStep};
 
 use crate::load::{ComputeDtype, ExpertArgs};
 use crate::prompt::load_tokenizer;
@@ -101,12 +102,17 @@ fn run_all(dir: &Path, experts: &ExpertArgs, dtype: ComputeDtype, prompts: &[Vec
 }
 
 pub fn run(args: QualityArgs) -> Result<()> {
-    if args.against.is_none() && args.experts.quant.quantize.is_none() {
-        bail!("nothing to compare: give --quantize (the model against itself unquantized) or --against REF_DIR");
+    let quant = &args.experts.quant;
+    if args.against.is_none() && quant.quantize.is_none() && quant.activations == Activations::F32 {
+        bail!(
+            "nothing to compare: give --quantize (the model against itself unquantized), --activations int8 (against \
+             f32 activations) or --against REF_DIR"
+        );
     }
     let prompts = read_prompts(&args)?;
     let mut reference_args = args.experts.clone();
     reference_args.quant.quantize = None;
+    reference_args.quant.activations = Activations::F32;
     let reference_dir = args.against.clone().unwrap_or_else(|| args.model.clone());
     let reference = run_all(&reference_dir, &reference_args, args.dtype, &prompts)?;
     let candidate = run_all(&args.model, &args.experts, args.dtype, &prompts)?;
@@ -125,6 +131,7 @@ pub fn run(args: QualityArgs) -> Result<()> {
         "reference": reference_dir,
         "quantize": args.experts.quant.quantize.map(|s| s.to_string()),
         "quantize_scope": args.experts.quant.quantize.map(|_| args.experts.quant.quantize_scope.to_string()),
+        "activations": args.experts.quant.activations.to_string(),
         "prompts": prompts.len(),
         "quality": q,
     });

@@ -2,7 +2,8 @@
 //! 32 rows against `[4096, 4096]` matrices held as bf16, int8 and int4 (epserve's schemes), cycling
 //! over as many copies as make `--total-mb` of each format, so that a run either stays in the
 //! caches (small totals) or streams from memory (totals beyond the last-level cache). Prints
-//! weights/s and bytes/s per format (docs/benchmarks.md, "Quantized weights").
+//! weights/s and bytes/s per format (docs/benchmarks.md, "Quantized weights"). `int8·a8` and
+//! `int4·a8` are the same matrices multiplied with int8 activations (`--activations int8`).
 //!
 //!   cargo run --release -p epserve-model --example quant_kernels -- [--total-mb 64] [--iterations 3]
 
@@ -38,10 +39,12 @@ fn main() {
     for m in [1usize, 4, 32] {
         let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 / 13.0).collect();
         let mut yt = vec![0f32; n * m];
-        let formats: [(&str, Vec<Weights<'_>>, u64); 3] = [
+        let formats: [(&str, Vec<Weights<'_>>, u64); 5] = [
             ("bf16", bf16.iter().map(|w| Weights::Bf16(w)).collect(), (n * k * 2) as u64),
             ("int8", int8.iter().map(|q| Weights::Quant(q.view())).collect(), q8.bytes()),
+            ("int8·a8", int8.iter().map(|q| Weights::Quant(q.view().with_int8_activations(true))).collect(), q8.bytes()),
             ("int4", int4.iter().map(|q| Weights::Quant(q.view())).collect(), q4.bytes()),
+            ("int4·a8", int4.iter().map(|q| Weights::Quant(q.view().with_int8_activations(true))).collect(), q4.bytes()),
         ];
         for (name, matrices, bytes) in formats {
             for w in &matrices {
@@ -55,7 +58,7 @@ fn main() {
             }
             let s = t.elapsed().as_secs_f64() / (iterations * matrices.len()) as f64;
             println!(
-                "rows {m:>2}  {name}: {:7.3} ms a matrix, {:6.1} G weights/s, {:6.1} GB/s",
+                "rows {m:>2}  {name:>7}: {:7.3} ms a matrix, {:6.1} G weights/s, {:6.1} GB/s",
                 s * 1e3,
                 (n * k) as f64 / s / 1e9,
                 bytes as f64 / s / 1e9

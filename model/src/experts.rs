@@ -57,6 +57,7 @@ impl ExpertShard {
     ) -> Result<Self> {
         let policy: LoadPolicy = policy.into();
         let scheme = policy.scheme_for(MatrixRole::RoutedExpert);
+        let quantize = scheme.map(|s| (s, policy.activations));
         let t = &cfg.text;
         let mut ids = experts.to_vec();
         ids.sort_unstable();
@@ -89,7 +90,7 @@ impl ExpertShard {
                     let ffn = if let Some(gate) = src.quantized(&per_expert("gate"), (inter, hidden))? {
                         let how = (dtype, policy, MatrixRole::RoutedExpert);
                         let up = Matrix::load(src, &per_expert("up"), (inter, hidden), how, dev)?;
-                        let gate = Matrix::from_quant(gate, dev)?;
+                        let gate = Matrix::from_quant(gate, policy.activations, dev)?;
                         ExpertFfn {
                             gate_up: gate.concat_rows(up, dtype)?,
                             down: Matrix::load(src, &per_expert("down"), (hidden, inter), how, dev)?,
@@ -99,8 +100,8 @@ impl ExpertShard {
                         let down = src.rows(&down_key, &t.expert_down_shape(), e, 1, down_dtype, &on)?.squeeze(0)?;
                         let (gate_up, down) = (gate_up.t()?.contiguous()?, down.t()?.contiguous()?);
                         ExpertFfn {
-                            gate_up: Matrix::from_tensor(gate_up, scheme, dtype, dev)?,
-                            down: Matrix::from_tensor(down, scheme, dtype, dev)?,
+                            gate_up: Matrix::from_tensor(gate_up, quantize, dtype, dev)?,
+                            down: Matrix::from_tensor(down, quantize, dtype, dev)?,
                         }
                     };
                     resident_bytes += ffn.bytes();

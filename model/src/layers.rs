@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::checkpoint::WeightSource;
 use crate::error::{Error, Result};
 use crate::kernels::CpuView;
-use crate::quant::{LoadPolicy, MatrixRole, QuantMatrix, QuantScheme};
+use crate::quant::{Activations, LoadPolicy, MatrixRole, QuantMatrix, QuantScheme};
 
 /// How weight matrices (linear layers and routed experts) are kept in memory. Embeddings and norms
 /// are always in the compute dtype.
@@ -50,7 +50,7 @@ impl Matrix {
         dev: &Device,
     ) -> Result<Self> {
         if let Some(q) = src.quantized(key, shape)? {
-            return Matrix::from_quant(q, dev);
+            return Matrix::from_quant(q, policy.activations, dev);
         }
         let Some(scheme) = policy.scheme_for(role) else {
             let kept = policy.storage.dtype(src.stored_dtype(key), dtype, dev);
@@ -59,12 +59,18 @@ impl Matrix {
         // Read as stored when that is bf16 or f32 (no wider copy is made), else as f32.
         let read = src.stored_dtype(key).filter(|d| matches!(d, DType::BF16 | DType::F32)).unwrap_or(DType::F32);
         let t = src.tensor(key, &[shape.0, shape.1], read, &Device::Cpu)?;
-        Matrix::from_tensor(t, Some(scheme), dtype, dev)
+        Matrix::from_tensor(t, Some((scheme, policy.activations)), dtype, dev)
     }
 
-    /// `t` (`[out, in]`, on the CPU when `scheme` is given) quantized with `scheme`, or kept.
-    pub fn from_tensor(t: Tensor, scheme: Option<QuantScheme>, dtype: DType, dev: &Device) -> Result<Self> {
-        let Some(scheme) = scheme else {
+    /// `t` (`[out, in]`, on the CPU when quantizing) quantized with the scheme given and multiplied
+    /// with the activations given, or kept.
+    pub fn from_tensor(
+        t: Tensor,
+        quantize: Option<(QuantScheme, Activations)>,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let Some((scheme, activations)) = quantize else {
             return Ok(Matrix::Dense(if t.device().same_device(dev) { t } else { t.to_device(dev)? }));
         };
         let &[n, k] = t.dims() else {
@@ -73,15 +79,15 @@ impl Matrix {
         let t = if matches!(t.dtype(), DType::BF16 | DType::F32) { t } else { t.to_dtype(dtype)? };
         let view =
             CpuView::new(&t).ok_or_else(|| Error::Input("a quantized matrix is made from CPU weights".into()))?;
-        Matrix::from_quant(QuantMatrix::quantize(view.weights(), (n, k), scheme)?, dev)
+        Matrix::from_quant(QuantMatrix::quantize(view.weights(), (n, k), scheme)?, activations, dev)
     }
 
-    /// A quantized matrix, on `dev` (only the CPU computes them).
-    pub(crate) fn from_quant(q: QuantMatrix, dev: &Device) -> Result<Self> {
+    /// A quantized matrix, on `dev` (only the CPU computes them), multiplied with `activations`.
+    pub(crate) fn from_quant(q: QuantMatrix, activations: Activations, dev: &Device) -> Result<Self> {
         if !dev.is_cpu() {
             return Err(Error::Input("quantized weights are computed on the CPU only".into()));
         }
-        Ok(Matrix::Quant(Arc::new(q)))
+        Ok(Matrix::Quant(Arc::new(q.with_activations(activations))))
     }
 
     /// Bytes as kept in memory.

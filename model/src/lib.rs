@@ -39,6 +39,6 @@ pub use kv_cache::{KvCache, KvSlots, KvStore};
 pub use layers::WeightStorage;
 pub use load_progress::LoadProgress;
 pub use moe::{ExpertBackend, ExpertBatch, ExpertGroup, ExpertsInFlight, RoutingTrace};
-pub use quant::{LoadPolicy, QuantScheme, QuantScope, Quantize};
+pub use quant::{Activations, LoadPolicy, QuantScheme, QuantScope, Quantize};
 pub use text_model::{ImageRows, LayerInFlight, LogitsFor, SequenceStep, Step, TextModel};
 pub use vision::VisionModel;

@@ -17,6 +17,8 @@ mod dot512;
 #[cfg(target_arch = "x86_64")]
 mod outer;
 pub mod source;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 
 use rayon::prelude::*;
 
@@ -135,33 +137,40 @@ pub struct Product<'a> {
 
 /// Every product of `batch` as one parallel region of rayon's pool, split by output features.
 pub fn products(batch: Vec<Product<'_>>) {
-    // The outer form reads `x` transposed; done once per product, before the region.
-    let stage = |p: &Product<'_>| transposed_for_outer(p.x, p.m, p.k);
-    let staged: Vec<Option<Vec<f32>>> =
-        if batch.len() > 1 { batch.par_iter().map(stage).collect() } else { batch.iter().map(stage).collect() };
+    // The outer form reads `x` transposed, the int8-activation mode quantized: done once per
+    // product, before the region.
+    let staged: Vec<Staged> = if batch.len() > 1 {
+        batch.par_iter().map(Staged::new).collect()
+    } else {
+        batch.iter().map(Staged::new).collect()
+    };
     let mut tasks = Vec::new();
-    for (p, xt) in batch.into_iter().zip(&staged) {
+    for (p, staged) in batch.into_iter().zip(&staged) {
         debug_assert_eq!(p.x.len(), p.m * p.k);
         debug_assert_eq!(p.w.len() * p.m, p.yt.len() * p.k);
         if p.m == 0 {
             continue;
         }
         let (m, k) = (p.m, p.k);
-        let per_task = task_features(p.yt.len() / m, xt.is_some());
+        let per_task = task_features(p.yt.len() / m, matches!(staged, Staged::Transposed(_)));
         for (i, yt) in p.yt.chunks_mut(per_task * m).enumerate() {
             let first = i * per_task;
             let w = p.w.rows(first, yt.len() / m, k);
-            let x = match xt {
-                Some(xt) => Input::Transposed(xt),
-                None => Input::Rows(p.x),
+            let x = match staged {
+                Staged::Rows => Input::Rows(p.x),
+                Staged::Transposed(xt) => Input::Transposed(xt),
+                #[cfg(target_arch = "x86_64")]
+                Staged::Int8(xq) => Input::Int8(xq),
             };
             tasks.push((x, m, w, k, yt));
         }
     }
-    tasks.into_par_iter().for_each(|(x, m, w, k, yt)| match w {
-        Weights::F32(w) => task(x, m, Dense { w, k }, yt),
-        Weights::Bf16(w) => task(x, m, Dense { w, k }, yt),
-        Weights::Quant(q) => match q.kind() {
+    tasks.into_par_iter().for_each(|(x, m, w, k, yt)| match (x, w) {
+        #[cfg(target_arch = "x86_64")]
+        (Input::Int8(xq), Weights::Quant(q)) => vnni::features_of(xq, q, yt),
+        (x, Weights::F32(w)) => task(x, m, Dense { w, k }, yt),
+        (x, Weights::Bf16(w)) => task(x, m, Dense { w, k }, yt),
+        (x, Weights::Quant(q)) => match q.kind() {
             CodeKind::Int8 => task(x, m, Int8Source(q), yt),
             CodeKind::Int4 => task(x, m, Int4Source(q), yt),
             CodeKind::Fp8E4m3 => task(x, m, Fp8Source(q), yt),
@@ -178,6 +187,34 @@ fn task<S: source::MatrixSource>(x: Input<'_>, m: usize, w: S, yt: &mut [f32]) {
         Input::Transposed(xt) => outer::features_of(xt, m, w, yt),
         #[cfg(not(target_arch = "x86_64"))]
         Input::Transposed(_) => unreachable!("no outer form on this architecture"),
+        #[cfg(target_arch = "x86_64")]
+        Input::Int8(_) => unreachable!("int8 rows are staged for quantized weights only"),
+    }
+}
+
+/// A product's rows as prepared before its parallel region.
+enum Staged {
+    /// As given, for the dot form.
+    Rows,
+    /// For the outer form ([`transposed_for_outer`]).
+    Transposed(Vec<f32>),
+    /// Quantized, for the int8-activation mode.
+    #[cfg(target_arch = "x86_64")]
+    Int8(vnni::Int8Rows),
+}
+
+impl Staged {
+    fn new(p: &Product<'_>) -> Staged {
+        #[cfg(target_arch = "x86_64")]
+        if let Weights::Quant(q) = &p.w
+            && vnni::takes(q, p.m)
+        {
+            return Staged::Int8(vnni::Int8Rows::quantize(p.x, p.m, p.k, q.kind()));
+        }
+        match transposed_for_outer(p.x, p.m, p.k) {
+            Some(xt) => Staged::Transposed(xt),
+            None => Staged::Rows,
+        }
     }
 }
 
@@ -187,6 +224,9 @@ enum Input<'a> {
     Rows(&'a [f32]),
     /// `[k, padded m]`, for the outer form.
     Transposed(&'a [f32]),
+    /// Quantized to int8, for the int8-activation mode.
+    #[cfg(target_arch = "x86_64")]
+    Int8(&'a vnni::Int8Rows),
 }
 
 /// `x` laid out for the outer form when that form takes `m` rows on this CPU, else `None`.

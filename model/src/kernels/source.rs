@@ -173,6 +173,9 @@ pub struct QuantView<'a> {
     /// Derived, kept so that no load divides: groups per row, bytes per row.
     groups: usize,
     row_bytes: usize,
+    /// Products with few rows quantize the rows to int8 where the CPU can multiply them so
+    /// (`Activations::Int8`, [`super::vnni`]); else every product is exact.
+    int8_activations: bool,
 }
 
 impl<'a> QuantView<'a> {
@@ -181,7 +184,42 @@ impl<'a> QuantView<'a> {
     pub fn new(kind: CodeKind, codes: &'a [u8], scales: ScalesRef<'a>, k: usize, group_shift: u32) -> Self {
         let group_shift = group_shift.min(usize::BITS - 1);
         let groups = if group_shift == usize::BITS - 1 { 1 } else { k.div_ceil(1 << group_shift) };
-        QuantView { kind, codes, scales, k, group_shift, groups, row_bytes: kind.row_bytes(k) }
+        QuantView { kind, codes, scales, k, group_shift, groups, row_bytes: kind.row_bytes(k), int8_activations: false }
+    }
+
+    /// The same matrix, multiplied with int8 activations where that mode applies, or exactly.
+    pub fn with_int8_activations(self, on: bool) -> Self {
+        QuantView { int8_activations: on, ..self }
+    }
+
+    pub fn int8_activations(&self) -> bool {
+        self.int8_activations
+    }
+
+    /// `log2` of the group size (`usize::BITS - 1` for one group per row).
+    pub fn group_shift(&self) -> u32 {
+        self.group_shift
+    }
+
+    /// Bytes of codes per row.
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+
+    /// Every row's codes, rows of [`QuantView::row_bytes`].
+    pub fn codes(&self) -> &'a [u8] {
+        self.codes
+    }
+
+    /// The scales of rows `first..first + count`, widened to f32, into `out` (cleared first).
+    #[inline]
+    pub fn widen_scales(&self, first: usize, count: usize, out: &mut Vec<f32>) {
+        self.scales.widen_into(first * self.groups..(first + count) * self.groups, out);
+    }
+
+    /// The scale element `i` of row `row` is multiplied by.
+    pub fn scale_at(&self, row: usize, i: usize) -> f32 {
+        self.scale(row, i)
     }
 
     pub fn kind(&self) -> CodeKind {
@@ -293,7 +331,7 @@ macro_rules! quant_source {
 
             #[inline(always)]
             fn prepare(&self, first: usize, count: usize, prepared: &mut Vec<f32>) {
-                self.0.scales.widen_into(first * self.0.groups..(first + count) * self.0.groups, prepared);
+                self.0.widen_scales(first, count, prepared);
             }
 
             #[cfg(target_arch = "x86_64")]

@@ -79,6 +79,7 @@ pub struct QuantMatrix {
     group_shift: u32,
     codes: Vec<u8>,
     scales: Scales,
+    activations: super::Activations,
 }
 
 impl QuantMatrix {
@@ -102,7 +103,7 @@ impl QuantMatrix {
                 group.per_row(k)
             )));
         }
-        Ok(QuantMatrix { kind, n, k, group_shift, codes, scales })
+        Ok(QuantMatrix { kind, n, k, group_shift, codes, scales, activations: super::Activations::F32 })
     }
 
     /// Quantizes `w` (`[n, k]`, f32 or bf16; not quantized) with `scheme`, rows in parallel on
@@ -187,6 +188,12 @@ impl QuantMatrix {
 
     pub fn view(&self) -> QuantView<'_> {
         QuantView::new(self.kind, &self.codes, self.scales.view(), self.k, self.group_shift)
+            .with_int8_activations(self.activations == super::Activations::Int8)
+    }
+
+    /// The same matrix, multiplied with `activations` from now on.
+    pub fn with_activations(self, activations: super::Activations) -> Self {
+        QuantMatrix { activations, ..self }
     }
 
     /// Every weight as f32, `[n, k]`: the reference the kernels compute exactly.

@@ -234,12 +234,48 @@ pub struct Quantize {
     pub scope: QuantScope,
 }
 
-/// How a load keeps weight matrices: their dtype ([`WeightStorage`]) and which are quantized.
-/// Pre-quantized matrices of a checkpoint are kept as stored whatever this says.
+/// What the rows entering a product with int8 or int4 weights are multiplied as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum Activations {
+    /// f32, against the weights widened in registers: the product the dequantised weights give
+    /// (the default, and what the tests pin).
+    #[default]
+    F32,
+    /// Quantized to int8, one scale per 32 values, and multiplied with integer dot products
+    /// (AVX512-VNNI) for products of 1 to 8 rows; larger products, other weights and CPUs without
+    /// the instructions stay f32 (docs/model.md, "Int8 activations").
+    Int8,
+}
+
+impl FromStr for Activations {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Activations::F32),
+            "int8" => Ok(Activations::Int8),
+            other => Err(format!("unknown activation precision `{other}` (f32, int8)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Activations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Activations::F32 => "f32",
+            Activations::Int8 => "int8",
+        })
+    }
+}
+
+/// How a load keeps weight matrices: their dtype ([`WeightStorage`]), which are quantized, and
+/// what integer-quantized ones are multiplied with. Pre-quantized matrices of a checkpoint are kept
+/// as stored whatever this says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LoadPolicy {
     pub storage: WeightStorage,
     pub quantize: Option<Quantize>,
+    pub activations: Activations,
 }
 
 impl LoadPolicy {
@@ -251,6 +287,6 @@ impl LoadPolicy {
 
 impl From<WeightStorage> for LoadPolicy {
     fn from(storage: WeightStorage) -> Self {
-        LoadPolicy { storage, quantize: None }
+        LoadPolicy { storage, quantize: None, activations: Activations::F32 }
     }
 }
