@@ -142,3 +142,57 @@ fn sampled_requests_follow_the_grammar() {
     }
     assert_eq!(f.grammars.cached(), 1, "compiled once");
 }
+
+/// Through `CoordinatorService`: a grammar that does not compile is refused with `invalid_argument`
+/// and llguidance's reason (the engine never sees it); a valid one is compiled and enforced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_refuses_bad_grammars_and_enforces_good_ones() {
+    use epserve_coordinator::{CoordinatorConfig, EngineSizing, LoadConfig};
+    use epserve_proto::v1::coordinator_service_client::CoordinatorServiceClient;
+    use epserve_proto::v1::{self as pb, GenerateRequest};
+
+    let config = CoordinatorConfig {
+        load: LoadConfig::local(fixtures::dir(fixtures::TINY_LLAMA4), DType::F32),
+        listen: "127.0.0.1:0".into(),
+        sizing: EngineSizing::new(KvCapacity::Tokens(2048)),
+        overlap: false,
+        control: None,
+    };
+    let coordinator = epserve_coordinator::start(config).await.expect("start");
+    let addr = coordinator.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(coordinator.serve(async move {
+        let _ = stopped.await;
+    }));
+    let mut client = CoordinatorServiceClient::connect(format!("http://{addr}")).await.expect("connect");
+    let request = |grammar| GenerateRequest {
+        request_id: "c".into(),
+        prompt_tokens: prompt(7, 3),
+        sampling: Some(pb::SamplingParams { temperature: 0.0, max_tokens: 200, ..Default::default() }),
+        priority: 0,
+        images: Vec::new(),
+        constraint: Some(pb::Constraint { grammar }),
+    };
+    for (grammar, says) in [
+        (Some(pb::constraint::Grammar::JsonSchema(r#"{"type": "array", "uniqueItems": true}"#.into())), "uniqueItems"),
+        (Some(pb::constraint::Grammar::JsonSchema("{oops".into())), "not JSON"),
+        (Some(pb::constraint::Grammar::Lark("start: (".into())), "constraint"),
+        (None, "neither json_schema nor lark"),
+    ] {
+        let status = client.generate(request(grammar)).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(says), "{}", status.message());
+    }
+    let mut events =
+        client.generate(request(Some(pb::constraint::Grammar::JsonSchema(SCHEMA.into())))).await.expect("ok").into_inner();
+    let mut tokens = Vec::new();
+    while let Some(event) = events.message().await.expect("event") {
+        tokens.extend(event.tokens.iter().map(|t| t.id));
+        if event.finish_reason != 0 {
+            assert_eq!(event.finish_reason, pb::FinishReason::Stop as i32, "{}", event.error);
+        }
+    }
+    check_document(&tokens);
+    let _ = stop.send(());
+    serving.await.expect("task").expect("serve");
+}
