@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quantized weights on `mini`, in one run: `epserve decode-bench` (experts in process) at batch
 # 1 / 32 / 64 with the matrices as stored (bf16) and quantized at load to int8 and int4 — scope `all`
-# (every matrix but the router) and the default `routed,shared` — each row with its tokens/s, the
+# (every matrix but the router) and the default `routed,shared`, and scope `all` with int8
+# activations (`--activations int8`) — each row with its tokens/s, the
 # bytes a step reads and the fraction of the memory-bandwidth bound it reaches. Prints a markdown
 # table for docs/benchmarks.md, then the raw JSON.
 #
@@ -26,11 +27,13 @@ run int8-all --quantize int8 --quantize-scope all
 run int4-all --quantize int4 --quantize-scope all
 run int8-default --quantize int8
 run int4-default --quantize int4
+run int8-all-a8 --quantize int8 --quantize-scope all --activations int8
+run int4-all-a8 --quantize int4 --quantize-scope all --activations int8
 
 python3 - "$work" <<'PY'
 import json, os, sys
 work = sys.argv[1]
-names = ["bf16", "int8-all", "int4-all", "int8-default", "int4-default"]
+names = ["bf16", "int8-all", "int4-all", "int8-default", "int4-default", "int8-all-a8", "int4-all-a8"]
 runs = {}
 for n in names:
     rows = json.load(open(os.path.join(work, n + ".json")))
