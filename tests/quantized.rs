@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use epserve_coordinator::ExpertTransport;
 use epserve_model::quant::quality::{Comparison, Quality};
-use epserve_model::{ExpertBackend, LoadPolicy, QuantScheme, QuantScope, Quantize, WeightStorage};
+use epserve_model::{Activations, ExpertBackend, LoadPolicy, QuantScheme, QuantScope, Quantize, WeightStorage};
 use epserve_proto::v1::StatusRequest;
 use epserve_proto::v1::expert_service_client::ExpertServiceClient;
 use epserve_proto::wire::WireDtype;
@@ -106,6 +106,25 @@ fn quantized_workers_hold_a_fraction_of_bf16_and_compute_what_the_same_quantizat
         let diff = max_abs_diff(&a, &b);
         assert!(diff <= 1e-5, "T={}: int4 workers differ from int4 in process by {diff}", prompt.len());
     }
+    drop(int4_workers);
+
+    // Workers told `--activations int8` multiply as the same mode does in process.
+    let a8_workers = workers(
+        &tiny_fixture(),
+        &[
+            &["--shard", "0/2", "--quantize", "int4", "--activations", "int8"],
+            &["--shard", "1/2", "--quantize", "int4", "--activations", "int8"],
+        ],
+    );
+    let remote = grpc(&coordinator, &a8_workers, WireDtype::F32);
+    let local =
+        coordinator.local_with(LoadPolicy { activations: Activations::Int8, ..policy(Some(QuantScheme::Int4)) });
+    for prompt in prompts() {
+        let (a, b) =
+            (coordinator.logits(&local, &prompt).expect("local"), coordinator.logits(&remote, &prompt).expect("grpc"));
+        let diff = max_abs_diff(&a, &b);
+        assert!(diff <= 1e-5, "T={}: int8-activation workers differ from the mode in process by {diff}", prompt.len());
+    }
 }
 
 #[test]
@@ -160,6 +179,14 @@ fn quality_command_compares_a_quantized_model_with_its_reference() {
     eprintln!("W4A16 against bf16: top-1 {agreement:?}, mean KL {kl:?}");
     assert!(kl.expect("kl") > 1e-4, "a 4-bit checkpoint differs from its bf16 source: {pre}");
     assert!(agreement.expect("agreement") >= 0.5, "{pre}");
+
+    // What int8 activations add on a pre-quantized checkpoint: it against itself with f32 ones.
+    let a8 = support::run_json(&["quality", "--model", w4a16, "--activations", "int8", "--prompts", &prompts]);
+    assert_eq!(a8["activations"], "int8");
+    assert_eq!(a8["quality"]["positions"], positions);
+    let kl = a8["quality"]["mean_kl"].as_f64().expect("kl");
+    eprintln!("W4A16 with int8 activations against f32 ones: {}", a8["quality"]);
+    assert!(kl < 0.3, "{a8}");
 
     let out = std::process::Command::new(support::epserve())
         .args(["quality", "--model", model, "--prompts", &prompts])

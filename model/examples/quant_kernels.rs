@@ -42,9 +42,17 @@ fn main() {
         let formats: [(&str, Vec<Weights<'_>>, u64); 5] = [
             ("bf16", bf16.iter().map(|w| Weights::Bf16(w)).collect(), (n * k * 2) as u64),
             ("int8", int8.iter().map(|q| Weights::Quant(q.view())).collect(), q8.bytes()),
-            ("int8·a8", int8.iter().map(|q| Weights::Quant(q.view().with_int8_activations(true))).collect(), q8.bytes()),
+            (
+                "int8·a8",
+                int8.iter().map(|q| Weights::Quant(q.view().with_int8_activations(true))).collect(),
+                q8.bytes(),
+            ),
             ("int4", int4.iter().map(|q| Weights::Quant(q.view())).collect(), q4.bytes()),
-            ("int4·a8", int4.iter().map(|q| Weights::Quant(q.view().with_int8_activations(true))).collect(), q4.bytes()),
+            (
+                "int4·a8",
+                int4.iter().map(|q| Weights::Quant(q.view().with_int8_activations(true))).collect(),
+                q4.bytes(),
+            ),
         ];
         for (name, matrices, bytes) in formats {
             for w in &matrices {
