@@ -22,7 +22,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::images::{ImageSpec, SequenceImages, Vision};
 use crate::kv_pool::{KvPool, SeqBlocks};
-use crate::masks::{MaskJob, MasksInFlight};
+use crate::masks::{MaskJob, MaskThreads};
 use crate::sampling::{Sampled, Sampler, SamplingParams};
 
 #[derive(Debug, Clone)]
@@ -231,6 +231,7 @@ pub fn start<E: ExpertBackend + 'static>(
                 steps: 0,
                 preemptions: 0,
                 failures: 0,
+                masks: MaskThreads::new(),
             };
             engine.run(rx);
         })
@@ -253,6 +254,8 @@ struct Engine<E> {
     preemptions: u64,
     /// Failed steps in a row.
     failures: u32,
+    /// Compute constrained requests' token masks during the forward pass.
+    masks: MaskThreads,
 }
 
 /// How many times in a row a step that failed transiently ([`Retry::Now`]) is retried (after 100,
@@ -364,11 +367,9 @@ impl<E: ExpertBackend> Engine<E> {
         }
         let started = Instant::now();
         let jobs = self.mask_jobs(&plan);
-        let (result, masks) = std::thread::scope(|scope| {
-            let masks = (!jobs.is_empty()).then(|| MasksInFlight::start(scope, jobs));
-            let result = self.forward(&plan);
-            (result, masks.map(MasksInFlight::finish))
-        });
+        let in_flight = (!jobs.is_empty()).then(|| self.masks.start(jobs));
+        let result = self.forward(&plan);
+        let masks = in_flight.map(|f| self.masks.finish(f));
         let masks = self.restore_constraints(masks);
         self.steps += 1;
         self.finish_step(&plan, started, result, masks);

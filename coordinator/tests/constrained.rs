@@ -183,8 +183,11 @@ async fn the_service_refuses_bad_grammars_and_enforces_good_ones() {
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
         assert!(status.message().contains(says), "{}", status.message());
     }
-    let mut events =
-        client.generate(request(Some(pb::constraint::Grammar::JsonSchema(SCHEMA.into())))).await.expect("ok").into_inner();
+    let mut events = client
+        .generate(request(Some(pb::constraint::Grammar::JsonSchema(SCHEMA.into()))))
+        .await
+        .expect("ok")
+        .into_inner();
     let mut tokens = Vec::new();
     while let Some(event) = events.message().await.expect("event") {
         tokens.extend(event.tokens.iter().map(|t| t.id));
