@@ -223,6 +223,7 @@ unsafe fn block<const O: usize, const M: usize, C: UnsignedCodes>(
                     _mm512_set1_ps(*s.add((i + BLOCK) >> shift)),
                 )
             });
+            #[allow(clippy::needless_range_loop)] // `r` is a row of `x` and a column of every row of `acc`
             for r in 0..M {
                 let q = _mm512_loadu_si512(x.codes.as_ptr().add(r * k + i).cast());
                 let start = _mm512_loadu_si512(x.offsets.as_ptr().add((r * k + i) / 4).cast());
