@@ -35,6 +35,25 @@ start_workers() {
   WORKERS=$(IFS=,; echo "${addrs[*]}")
 }
 
+# start_serving MODEL [COORDINATOR_FLAGS...]: one coordinator over $WORKERS (start_workers first) and
+# a gateway in front of it, as `epserve up` lays them out; sets COORDINATOR and GATEWAY (host:port) and
+# returns once the gateway is ready.
+start_serving() {
+  local model="$1" out
+  shift
+  out=$(mktemp)
+  "$EPSERVE" coordinator --model "$model" --listen 127.0.0.1:0 --workers "$WORKERS" "$@" >"$out" &
+  WORKER_PIDS+=($!)
+  for _ in $(seq 1 600); do grep -q '^listening on ' "$out" && break; sleep 0.1; done
+  COORDINATOR=$(sed -n 's/^listening on //p' "$out")
+  "$EPSERVE" gateway --model "$model" --listen 127.0.0.1:0 --coordinators "$COORDINATOR" >"$out" &
+  WORKER_PIDS+=($!)
+  for _ in $(seq 1 600); do grep -q '^listening on ' "$out" && break; sleep 0.1; done
+  GATEWAY=$(sed -n 's/^listening on //p' "$out")
+  for _ in $(seq 1 100); do curl -sf "http://$GATEWAY/ready" >/dev/null && break; sleep 0.1; done
+  rm -f "$out"
+}
+
 stop_workers() {
   for pid in "${WORKER_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true

@@ -8,16 +8,8 @@ model=$(ensure_model mini)
 n="${1:-32}"
 machine
 start_workers "$model" 4
-out=$(mktemp)
-"$EPSERVE" coordinator --model "$model" --listen 127.0.0.1:0 --workers "$WORKERS" >"$out" &
-WORKER_PIDS+=($!)
-for _ in $(seq 1 600); do grep -q '^listening on ' "$out" && break; sleep 0.1; done
-coordinator=$(sed -n 's/^listening on //p' "$out")
-"$EPSERVE" gateway --model "$model" --listen 127.0.0.1:0 --coordinators "$coordinator" >"$out" &
-WORKER_PIDS+=($!)
-for _ in $(seq 1 600); do grep -q '^listening on ' "$out" && break; sleep 0.1; done
-gateway=$(sed -n 's/^listening on //p' "$out")
-for _ in $(seq 1 100); do curl -sf "http://$gateway/ready" >/dev/null && break; sleep 0.1; done
+start_serving "$model"
+coordinator=$COORDINATOR gateway=$GATEWAY
 common=(--input-len 64 --output-len 32 --warmup 2 --json)
 direct=$("$EPSERVE" bench --coordinator "$coordinator" --concurrency 1 --requests "$n" "${common[@]}" 2>/dev/null)
 http=$("$EPSERVE" bench --url "http://$gateway/v1" --model mini --token-prompts --concurrency 1 --requests "$n" "${common[@]}" 2>/dev/null)
@@ -34,4 +26,3 @@ print()
 print(f"gateway added latency at concurrency 1: TTFT p50 {http['ttft']['p50_ms'] - direct['ttft']['p50_ms']:+.2f} ms, "
       f"end-to-end p50 {http['e2e']['p50_ms'] - direct['e2e']['p50_ms']:+.2f} ms per request")
 PY
-rm -f "$out"

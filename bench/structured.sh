@@ -9,18 +9,9 @@ model=$(ensure_model mini)
 n="${1:-32}"
 machine
 start_workers "$model" 4
-out=$(mktemp)
 metrics_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$EPSERVE" coordinator --model "$model" --listen 127.0.0.1:0 --workers "$WORKERS" \
-  --metrics-listen "127.0.0.1:$metrics_port" >"$out" &
-WORKER_PIDS+=($!)
-for _ in $(seq 1 600); do grep -q '^listening on ' "$out" && break; sleep 0.1; done
-coordinator=$(sed -n 's/^listening on //p' "$out")
-"$EPSERVE" gateway --model "$model" --listen 127.0.0.1:0 --coordinators "$coordinator" >"$out" &
-WORKER_PIDS+=($!)
-for _ in $(seq 1 600); do grep -q '^listening on ' "$out" && break; sleep 0.1; done
-gateway=$(sed -n 's/^listening on //p' "$out")
-for _ in $(seq 1 100); do curl -sf "http://$gateway/ready" >/dev/null && break; sleep 0.1; done
+start_serving "$model" --metrics-listen "127.0.0.1:$metrics_port"
+gateway=$GATEWAY
 schema="$root/bench/schemas/records.json"
 common=(--url "http://$gateway/v1" --model mini --endpoint chat --input-len 64 --output-len 128 --warmup 2 --json)
 free1=$("$EPSERVE" bench "${common[@]}" --concurrency 1 --requests "$n" 2>/dev/null)
@@ -46,4 +37,3 @@ print()
 print(f"mask time per token (coordinator, {count.group(1) if count else '?'} masks): "
       f"p50 {quantile('0.5'):.3f} ms, p99 {quantile('0.99'):.3f} ms, max {quantile('1'):.3f} ms")
 PY
-rm -f "$out"
