@@ -3,15 +3,15 @@
 //! follows the grammar and ends with `Stop` when the grammar is complete, and sampled requests
 //! follow it too.
 
+mod support;
+
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use epserve_coordinator::ExpertTransport;
 use epserve_coordinator::engine::{self, EngineConfig, EngineHandle, Event, FinishReason, Request};
 use epserve_coordinator::kv_pool::{KvCapacity, KvPool};
 use epserve_coordinator::sampling::SamplingParams;
 use epserve_grammar::{GrammarCompiler, GrammarSpec, TokenConstraint, Vocabulary};
-use epserve_model::{Checkpoint, ExpertShard, ModelConfig, TextModel, WeightStorage};
 use epserve_testkit::fixtures;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -28,13 +28,7 @@ struct Fixture {
 
 fn start() -> Fixture {
     let dir = fixtures::dir(fixtures::TINY_LLAMA4);
-    let cfg = ModelConfig::from_file(&dir.join("config.json")).expect("config");
-    let ckpt = Checkpoint::open(&dir).expect("checkpoint");
-    let model =
-        TextModel::load(&cfg, &ckpt, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut |_, _| {}).expect("model");
-    let all: Vec<u32> = (0..16).collect();
-    let experts = ExpertShard::load(&cfg, &ckpt, &all, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut || {})
-        .expect("experts");
+    let (cfg, model, experts) = support::load_tiny();
     let eos = cfg.text.eos_token_ids.clone();
     let grammars =
         GrammarCompiler::new(Vocabulary::from_checkpoint(&dir, cfg.text.vocab_size, &eos).expect("vocabulary"))
@@ -43,7 +37,7 @@ fn start() -> Fixture {
     let engine = engine::start(
         model,
         None,
-        ExpertTransport::Local(experts),
+        experts,
         pool,
         EngineConfig { max_batch_tokens: 256, max_running: 16, ..EngineConfig::new(2048, eos) },
     );

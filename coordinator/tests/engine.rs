@@ -2,6 +2,8 @@
 //! request the tokens it gets alone, preemption loses nothing, cancellation frees blocks, chunked
 //! layers stay bounded.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
@@ -10,26 +12,12 @@ use epserve_coordinator::engine::{self, EngineConfig, EngineHandle, Event, Finis
 use epserve_coordinator::kv_pool::{KvCapacity, KvPool};
 use epserve_coordinator::sampling::SamplingParams;
 use epserve_model::{
-    Checkpoint, ExpertBackend, ExpertBatch, ExpertShard, ExpertsInFlight, KvCache, LogitsFor, ModelConfig, Retry,
-    SequenceStep, TextModel, WeightStorage,
+    ExpertBackend, ExpertBatch, ExpertsInFlight, KvCache, LogitsFor, ModelConfig, Retry, SequenceStep, TextModel,
 };
-use epserve_testkit::fixtures;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-fn load() -> (ModelConfig, TextModel, ExpertTransport) {
-    let dir = fixtures::dir(fixtures::TINY_LLAMA4);
-    let cfg = ModelConfig::from_file(&dir.join("config.json")).expect("config");
-    let ckpt = Checkpoint::open(&dir).expect("checkpoint");
-    let model =
-        TextModel::load(&cfg, &ckpt, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut |_, _| {}).expect("model");
-    let all: Vec<u32> = (0..16).collect();
-    let experts = ExpertShard::load(&cfg, &ckpt, &all, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut || {})
-        .expect("experts");
-    (cfg, model, ExpertTransport::Local(experts))
-}
-
 fn start(capacity_tokens: usize, block_size: usize, max_batch_tokens: usize) -> EngineHandle {
-    let (cfg, model, experts) = load();
+    let (cfg, model, experts) = support::load_tiny();
     start_with(cfg, model, experts, capacity_tokens, block_size, max_batch_tokens)
 }
 
@@ -219,7 +207,7 @@ fn long_sequence_keeps_one_chunk_on_chunked_layers_and_matches_the_reference() {
     assert!(most_blocks <= bound, "{most_blocks} blocks in use, bound {bound}");
     assert!(most_blocks < unbounded / 2, "chunk freeing saved nothing: {most_blocks} of {unbounded}");
 
-    let (_, model, experts) = load();
+    let (_, model, experts) = support::load_tiny();
     let mut cache = KvCache::new(model.config(), DType::F32, &Device::Cpu);
     let mut seq = p.clone();
     seq.extend_from_slice(&tokens[..tokens.len() - 1]);
@@ -318,13 +306,13 @@ impl ExpertBackend for FlakyExperts {
 fn failed_steps_are_retried_then_reported() {
     let alone = collect(submit(&start(4096, 4, 64), 0, prompt(9, 4), greedy(6))).tokens;
 
-    let (cfg, model, experts) = load();
+    let (cfg, model, experts) = support::load_tiny();
     let flaky = FlakyExperts { inner: experts, failures: 2.into() };
     let engine = start_with(cfg, model, flaky, 4096, 4, 64);
     let out = collect(submit(&engine, 0, prompt(9, 4), greedy(6)));
     assert_eq!(out.tokens, alone, "transient failures change nothing");
 
-    let (cfg, model, experts) = load();
+    let (cfg, model, experts) = support::load_tiny();
     let broken = FlakyExperts { inner: experts, failures: u32::MAX.into() };
     let engine = start_with(cfg, model, broken, 4096, 4, 64);
     let started = Instant::now();
