@@ -5,6 +5,8 @@
 
 mod support;
 
+use support::{collect, prompt};
+
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
@@ -44,12 +46,6 @@ fn start() -> Fixture {
     Fixture { engine, grammars: Arc::new(grammars) }
 }
 
-fn prompt(len: usize, salt: usize) -> Vec<u32> {
-    let mut p = vec![480];
-    p.extend((1..len).map(|i| ((i * 37 + salt * 101) % 470) as u32));
-    p
-}
-
 fn submit(
     engine: &EngineHandle,
     id: &str,
@@ -61,19 +57,6 @@ fn submit(
     let request = Request { id: id.into(), prompt, sampling, priority: 0, images: Vec::new(), constraint };
     engine.submit(request, tx).expect("submit");
     rx
-}
-
-fn collect(mut rx: UnboundedReceiver<Event>) -> (Vec<u32>, FinishReason) {
-    let mut tokens = Vec::new();
-    loop {
-        match rx.blocking_recv().expect("the engine finishes every request") {
-            Event::Token(s) => tokens.push(s.token),
-            Event::Finished { reason, message, .. } => {
-                assert_ne!(reason, FinishReason::Error, "{message:?}");
-                return (tokens, reason);
-            }
-        }
-    }
 }
 
 /// The fixture's tokens are byte-level BPE: decode by the tokenizer.
@@ -105,8 +88,8 @@ fn constrained_and_free_requests_do_not_affect_each_other() {
     let alone_free = collect(submit(&f.engine, "free", prompt(19, 1), free(), None));
     let constraint = || Some(f.grammars.compile(&spec).expect("compiles"));
     let alone_json = collect(submit(&f.engine, "json", prompt(11, 2), greedy(200), constraint()));
-    assert_eq!(alone_json.1, FinishReason::Stop, "the grammar completes before max_tokens");
-    check_document(&alone_json.0);
+    assert_eq!(alone_json.reason, FinishReason::Stop, "the grammar completes before max_tokens");
+    check_document(&alone_json.tokens);
 
     // Both in flight at once: the same tokens each got alone.
     let a = submit(&f.engine, "free-b", prompt(19, 1), free(), None);
@@ -115,7 +98,7 @@ fn constrained_and_free_requests_do_not_affect_each_other() {
     assert_eq!(collect(b), alone_json);
     // The grammar changed the constrained request's tokens: without it the model writes other ones.
     let unconstrained = collect(submit(&f.engine, "json-free", prompt(11, 2), greedy(200), None));
-    assert_ne!(unconstrained.0, alone_json.0);
+    assert_ne!(unconstrained.tokens, alone_json.tokens);
 }
 
 #[test]
@@ -130,7 +113,7 @@ fn sampled_requests_follow_the_grammar() {
         })
         .collect();
     for rx in streams {
-        let (tokens, reason) = collect(rx);
+        let support::Outcome { tokens, reason } = collect(rx);
         assert_eq!(reason, FinishReason::Stop);
         check_document(&tokens);
     }

@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::{collect, prompt};
+
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
@@ -42,30 +44,6 @@ fn start_with<E: ExpertBackend + 'static>(
 
 fn greedy(max_tokens: u32) -> SamplingParams {
     SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..Default::default() }
-}
-
-fn prompt(len: usize, salt: usize) -> Vec<u32> {
-    let mut p = vec![480];
-    p.extend((1..len).map(|i| ((i * 37 + salt * 101) % 470) as u32));
-    p
-}
-
-struct Outcome {
-    tokens: Vec<u32>,
-    reason: FinishReason,
-}
-
-fn collect(mut rx: UnboundedReceiver<Event>) -> Outcome {
-    let mut tokens = Vec::new();
-    loop {
-        match rx.blocking_recv().expect("the engine finishes every request") {
-            Event::Token(s) => tokens.push(s.token),
-            Event::Finished { reason, message, .. } => {
-                assert_ne!(reason, FinishReason::Error, "{message:?}");
-                return Outcome { tokens, reason };
-            }
-        }
-    }
 }
 
 fn submit(engine: &EngineHandle, id: usize, prompt: Vec<u32>, sampling: SamplingParams) -> UnboundedReceiver<Event> {
