@@ -56,6 +56,11 @@ impl Default for SamplingParams {
 /// Most alternatives a request may ask logprobs for (OpenAI's limit is 20).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 
+/// Temperatures below this sample greedily (vLLM's `_SAMPLING_EPS` is the same): dividing scores by
+/// a temperature such as 1e-40 overflows f32, and the infinities and NaN that follow would pick an
+/// unlikely token instead of the likeliest one such a temperature asks for.
+pub const GREEDY_BELOW_TEMPERATURE: f32 = 1e-5;
+
 impl SamplingParams {
     /// Checks ranges; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
@@ -182,7 +187,7 @@ impl Sampler {
         if let Some(mask) = mask {
             mask.apply(&mut scores);
         }
-        let token = if p.temperature == 0.0 { argmax(&scores) } else { self.draw(&scores) };
+        let token = if p.temperature < GREEDY_BELOW_TEMPERATURE { argmax(&scores) } else { self.draw(&scores) };
         self.seen.insert(token);
         *self.output_counts.entry(token).or_default() += 1;
         Sampled { token, logprob: logprob_of.map(|lp| lp[token as usize]), top }
@@ -307,6 +312,17 @@ mod tests {
         // Repetition penalty counts prompt tokens too.
         let mut s = Sampler::new(SamplingParams { temperature: 0.0, repetition_penalty: 2.0, ..params() }, &[1]);
         assert_eq!(s.sample(&logits).token, 2);
+    }
+
+    /// A vanishing temperature asks for the likeliest token; dividing by it would overflow.
+    #[test]
+    fn tiny_temperatures_sample_greedily() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 7) % 50) as f32 / 3.0).collect();
+        let best = argmax(&logits);
+        for temperature in [1e-40, 1e-30, 1e-6] {
+            let mut s = Sampler::new(SamplingParams { temperature, ..params() }, &[]);
+            assert!((0..20).all(|_| s.sample(&logits).token == best), "temperature {temperature}");
+        }
     }
 
     #[test]
