@@ -61,6 +61,22 @@ impl ApiError {
         }
     }
 
+    /// A body that is not declared JSON. Refused rather than parsed: a web page can make a browser
+    /// send a cross-origin `text/plain` (or form) POST without asking the server first (no CORS
+    /// preflight), but not an `application/json` one.
+    pub fn not_json(content_type: &str) -> Self {
+        let given = if content_type.is_empty() { "none".to_owned() } else { format!("`{content_type}`") };
+        ApiError {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            error_type: "invalid_request_error",
+            message: format!(
+                "The request body must be JSON, sent with `Content-Type: application/json` (got {given})."
+            ),
+            param: None,
+            code: Some("unsupported_media_type"),
+        }
+    }
+
     pub fn overloaded(limit: usize) -> Self {
         ApiError {
             status: StatusCode::TOO_MANY_REQUESTS,

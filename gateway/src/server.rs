@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -178,18 +178,33 @@ fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Reads a body of at most `--max-body-bytes` and deserialises it (axum's `Json` extractor would answer
-/// a wrong type in plain text, not in OpenAI's error JSON).
-async fn read_request<T: serde::de::DeserializeOwned>(state: &AppState, body: Body) -> Result<T, ApiError> {
+/// Reads a body declared JSON (`application/json`, any parameters) of at most `--max-body-bytes`
+/// and deserialises it (axum's `Json` extractor would answer a wrong type in plain text, not in
+/// OpenAI's error JSON).
+async fn read_request<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = content_type.split(';').next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::not_json(content_type));
+    }
     let bytes = axum::body::to_bytes(body, state.max_body_bytes)
         .await
         .map_err(|_| ApiError::too_large(state.max_body_bytes))?;
     openai::parse_body(&bytes)
 }
 
-async fn chat(State(state): State<Arc<AppState>>, Extension(id): Extension<RequestId>, body: Body) -> Response {
+async fn chat(
+    State(state): State<Arc<AppState>>,
+    Extension(id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let prepared = async {
-        let mut r = ValidatedChat::try_from(read_request::<ChatCompletionRequest>(&state, body).await?)?;
+        let mut r = ValidatedChat::try_from(read_request::<ChatCompletionRequest>(&state, &headers, body).await?)?;
         state.require_served_model(&r.model)?;
         // Cheap checks first: image parts and the template, then the images' I/O and decoding.
         let requested = state.images.take_parts(&mut r.messages)?;
@@ -215,9 +230,14 @@ async fn chat(State(state): State<Arc<AppState>>, Extension(id): Extension<Reque
     dispatch(state.clone(), prepared.await).await
 }
 
-async fn completion(State(state): State<Arc<AppState>>, Extension(id): Extension<RequestId>, body: Body) -> Response {
+async fn completion(
+    State(state): State<Arc<AppState>>,
+    Extension(id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let prepared = async {
-        let r = ValidatedCompletion::try_from(read_request::<CompletionRequest>(&state, body).await?)?;
+        let r = ValidatedCompletion::try_from(read_request::<CompletionRequest>(&state, &headers, body).await?)?;
         state.require_served_model(&r.model)?;
         let constraint = constraints::constraint(state.grammars.as_ref(), &r.options.structured).await?;
         let prompt = match r.prompt {

@@ -102,6 +102,34 @@ async fn openai_errors() {
     assert!(body["error"].is_object());
 }
 
+/// Only bodies declared JSON are read: a browser sends a cross-origin `text/plain` or form POST
+/// without a CORS preflight, so serving those would let any web page use the API.
+#[tokio::test]
+async fn bodies_not_declared_json_are_refused() {
+    for content_type in [Some("text/plain"), Some("application/x-www-form-urlencoded"), None] {
+        let mut req = Request::builder().method("POST").uri("/v1/completions");
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let body = r#"{"model": "tiny", "prompt": "hi"}"#;
+        let response = app(&[], 1 << 20).oneshot(req.body(Body::from(body)).expect("request")).await.expect("response");
+        assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{content_type:?}");
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.expect("body");
+        let error: Value = serde_json::from_slice(&bytes).expect("OpenAI error JSON");
+        assert_eq!(error["error"]["code"], "unsupported_media_type", "{error}");
+        assert!(error["error"]["message"].as_str().expect("message").contains("application/json"), "{error}");
+    }
+    // Parameters after the type are fine.
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/completions")
+        .header("content-type", "application/json; charset=utf-8")
+        .body(Body::from(r#"{"model": "nope", "prompt": "hi"}"#))
+        .expect("request");
+    let response = app(&[], 1 << 20).oneshot(req).await.expect("response");
+    assert_eq!(response.status(), StatusCode::NOT_FOUND, "read as JSON: the model is unknown");
+}
+
 #[tokio::test]
 async fn ready_needs_a_healthy_coordinator() {
     let (status, _) = call(app(&[], 1 << 20), "GET", "/ready", None, "").await;

@@ -314,7 +314,8 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some("prompt"));
             assert!(e.message.contains("batches are not supported"), "{}", e.message);
         }
-        for wrong in [json!(5), json!([1, "a"]), json!([-1]), json!([1.5]), json!({"text": "x"})] {
+        let too_large = json!([4_294_967_297u64]);
+        for wrong in [json!(5), json!([1, "a"]), json!([-1]), json!([1.5]), json!({"text": "x"}), too_large] {
             let e = completion(json!({"model": "m", "prompt": wrong})).expect_err("wrong type");
             assert_eq!(e.param.as_deref(), Some("prompt"), "{e:?}");
             assert!(e.message.contains("expected a string"), "{}", e.message);
