@@ -162,8 +162,14 @@ fn killed_worker_fails_over_to_replicas_without_losing_a_request() {
     let mut cluster = EtcdBackedCluster::start(&selections, 2, &[]);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let plane = cluster.plane(&runtime);
+    // The gateway answers /ready once it sees a coordinator; its own registration is written by a
+    // background task, so it may land a moment later.
     let registered = |kind| runtime.block_on(plane.list(kind)).expect("list").len();
-    assert_eq!((registered(Kind::Worker), registered(Kind::Coordinator), registered(Kind::Gateway)), (4, 2, 1));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (registered(Kind::Worker), registered(Kind::Coordinator), registered(Kind::Gateway)) != (4, 2, 1) {
+        assert!(Instant::now() < deadline, "not every instance registered within 20 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let started = Instant::now();
     let reference = run_streams(&cluster.gateway.addr, 32, 128, || {});
