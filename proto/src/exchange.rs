@@ -68,7 +68,11 @@ impl TryFrom<ExchangeRequest> for Exchange {
             }
         }
         let rows: u64 = r.groups.iter().map(|g| u64::from(g.rows)).sum();
-        let expected = rows * dtype.row_bytes(r.hidden as usize) as u64;
+        // Both factors are the sender's: unchecked, 2³¹ rows of 2³¹ f32 values wrapped to 0 bytes, and
+        // an empty payload passed as that many rows (found by fuzz/fuzz_targets/exchange_frame.rs).
+        let expected = rows.checked_mul(dtype.row_bytes(r.hidden as usize) as u64).ok_or_else(|| {
+            InvalidExchange(format!("exchange {}: {rows} rows of {} values is more than any payload", r.id, r.hidden))
+        })?;
         if r.payload.len() as u64 != expected {
             return Err(InvalidExchange(format!(
                 "exchange {}: payload is {} bytes, {rows} rows of {} values × {} bytes a row ({dtype}) = {expected}",
@@ -120,5 +124,20 @@ mod tests {
         let mut r = request(24);
         r.groups[1].expert = 3;
         assert!(Exchange::try_from(r).expect_err("duplicate").0.contains("two groups"));
+    }
+
+    #[test]
+    fn refuses_rows_whose_size_overflows() {
+        // fuzz/corpus/exchange_frame/regression-rows-overflow: 2³¹ rows of 2³¹ f32 values announce
+        // 2⁶⁴ bytes, which wrapped to the 0 bytes sent.
+        let r = ExchangeRequest {
+            groups: vec![ExpertRows { expert: 0, rows: 1 << 31 }],
+            dtype: WireDtype::F32.to_proto() as i32,
+            hidden: 1 << 31,
+            payload: Bytes::new(),
+            ..request(0)
+        };
+        let err = Exchange::try_from(r).expect_err("2^64 bytes announced, none sent");
+        assert!(err.0.contains("more than any payload"), "{err}");
     }
 }
