@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use epserve_gateway::GatewayConfig;
 use epserve_gateway::ImageConfig;
+use epserve_gateway::edge::{ConnectionLimits, EdgeConfig, KeyLimits, RequestLimits};
 use epserve_gateway::images::fetch::FetchConfig;
 
 use crate::control::JoinArgs;
@@ -39,7 +40,112 @@ pub struct GatewayArgs {
     #[command(flatten)]
     pub images: ImageArgs,
     #[command(flatten)]
+    pub edge: EdgeArgs,
+    #[command(flatten)]
     pub control: JoinArgs,
+}
+
+/// The HTTP edge's timeouts and limits (docs/security.md); `epserve up` passes them on to its gateway.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EdgeArgs {
+    /// A connection must send a whole request head within this many milliseconds (also how long an
+    /// idle keep-alive connection stays open); it is closed otherwise.
+    #[arg(long, default_value_t = 10_000, env = "EPSERVE_HEADER_TIMEOUT_MS")]
+    pub header_timeout_ms: u64,
+    /// A request body must arrive whole within this many milliseconds (408 otherwise).
+    #[arg(long, default_value_t = 30_000, env = "EPSERVE_BODY_TIMEOUT_MS")]
+    pub body_timeout_ms: u64,
+    /// HTTP connections open at once; more are closed as they are accepted.
+    #[arg(long, default_value_t = 4096, env = "EPSERVE_MAX_CONNECTIONS")]
+    pub max_connections: usize,
+    /// Completion requests per minute per API key (per client address without keys); 0 = no limit.
+    #[arg(long, default_value_t = 0, env = "EPSERVE_RATE_LIMIT_PER_MINUTE")]
+    pub rate_limit_per_minute: u32,
+    /// Completion requests in flight per API key (per client address without keys); 0 = no limit.
+    #[arg(long, default_value_t = 0, env = "EPSERVE_MAX_CONCURRENT_PER_KEY")]
+    pub max_concurrent_per_key: u32,
+    /// Characters of prompt text in one request (all chat messages together); checked before tokenizing.
+    #[arg(long, default_value_t = 1 << 20, env = "EPSERVE_MAX_PROMPT_CHARS")]
+    pub max_prompt_chars: usize,
+    /// Messages in one chat request.
+    #[arg(long, default_value_t = 2048, env = "EPSERVE_MAX_MESSAGES")]
+    pub max_messages: usize,
+    /// Characters in one stop string.
+    #[arg(long, default_value_t = 1024, env = "EPSERVE_MAX_STOP_CHARS")]
+    pub max_stop_chars: usize,
+    /// A streaming response whose client reads nothing for this many milliseconds is cancelled.
+    #[arg(long, default_value_t = 30_000, env = "EPSERVE_STREAM_STALL_TIMEOUT_MS")]
+    pub stream_stall_timeout_ms: u64,
+    /// Origins allowed to call the API from browsers (comma-separated, `*` for any); none = no CORS.
+    #[arg(long = "cors-origin", value_delimiter = ',', env = "EPSERVE_CORS_ORIGINS")]
+    pub cors_origins: Vec<String>,
+    /// `GET /metrics` requires `Authorization: Bearer KEY` with this key; unset = open.
+    #[arg(long, env = "EPSERVE_METRICS_KEY", hide_env_values = true)]
+    pub metrics_key: Option<String>,
+}
+
+impl EdgeArgs {
+    pub fn config(&self) -> Result<EdgeConfig> {
+        let positive = [
+            self.header_timeout_ms,
+            self.body_timeout_ms,
+            self.stream_stall_timeout_ms,
+            self.max_connections as u64,
+            self.max_prompt_chars as u64,
+            self.max_messages as u64,
+            self.max_stop_chars as u64,
+        ];
+        if positive.contains(&0) {
+            bail!(
+                "--header-timeout-ms, --body-timeout-ms, --stream-stall-timeout-ms, --max-connections, \
+                 --max-prompt-chars, --max-messages and --max-stop-chars must be positive"
+            );
+        }
+        Ok(EdgeConfig {
+            connections: ConnectionLimits {
+                header_timeout: Duration::from_millis(self.header_timeout_ms),
+                max_connections: self.max_connections,
+            },
+            body_timeout: Duration::from_millis(self.body_timeout_ms),
+            keys: KeyLimits {
+                requests_per_minute: self.rate_limit_per_minute,
+                max_concurrent: self.max_concurrent_per_key,
+            },
+            requests: RequestLimits {
+                max_prompt_chars: self.max_prompt_chars,
+                max_messages: self.max_messages,
+                max_stop_chars: self.max_stop_chars,
+            },
+            stream_stall_timeout: Duration::from_millis(self.stream_stall_timeout_ms),
+            cors_origins: self.cors_origins.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect(),
+            metrics_key: self.metrics_key.as_deref().map(str::trim).filter(|k| !k.is_empty()).map(str::to_owned),
+        })
+    }
+
+    /// The same flags for a child `epserve gateway`.
+    pub fn to_flags(&self) -> Vec<String> {
+        let mut flags: Vec<String> = [
+            ("--header-timeout-ms", self.header_timeout_ms.to_string()),
+            ("--body-timeout-ms", self.body_timeout_ms.to_string()),
+            ("--max-connections", self.max_connections.to_string()),
+            ("--rate-limit-per-minute", self.rate_limit_per_minute.to_string()),
+            ("--max-concurrent-per-key", self.max_concurrent_per_key.to_string()),
+            ("--max-prompt-chars", self.max_prompt_chars.to_string()),
+            ("--max-messages", self.max_messages.to_string()),
+            ("--max-stop-chars", self.max_stop_chars.to_string()),
+            ("--stream-stall-timeout-ms", self.stream_stall_timeout_ms.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_owned(), value])
+        .collect();
+        if !self.cors_origins.is_empty() {
+            flags.extend(["--cors-origin".into(), self.cors_origins.join(",")]);
+        }
+        if let Some(key) = &self.metrics_key {
+            flags.extend(["--metrics-key".into(), key.clone()]);
+        }
+        flags
+    }
 }
 
 /// Image input limits and URL fetching; `epserve up` passes them on to its gateway.
@@ -119,6 +225,7 @@ pub fn run(args: GatewayArgs) -> Result<()> {
         bail!("give --coordinators ADDR[,ADDR] or --registry etcd://HOST:PORT to find them");
     }
     let images = args.images.config()?;
+    let edge = args.edge.config()?;
     let control = args.control.connect()?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
@@ -135,6 +242,7 @@ pub fn run(args: GatewayArgs) -> Result<()> {
         metrics: Some(metrics),
         control,
         images,
+        edge,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().thread_name("epserve-io").enable_all().build()?;
     runtime.block_on(async move {

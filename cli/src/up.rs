@@ -45,6 +45,8 @@ pub struct UpArgs {
     pub replicas: usize,
     #[command(flatten)]
     pub images: crate::gateway::ImageArgs,
+    #[command(flatten)]
+    pub edge: crate::gateway::EdgeArgs,
     /// Passed on to every worker and coordinator.
     #[command(flatten)]
     pub quant: crate::load::QuantArgs,
@@ -205,6 +207,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         a.extend(["--api-key".into(), args.api_keys.join(",")]);
     }
     a.extend(args.images.to_flags());
+    a.extend(args.edge.to_flags());
     let gateway = processes.start("gateway".into(), &a)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

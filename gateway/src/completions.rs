@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::Json;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use epserve_proto::metric_names as m;
 use epserve_proto::v1::{self as pb, GenerateRequest, TokenEvent};
 use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
@@ -204,6 +205,10 @@ pub async fn run(state: Arc<AppState>, p: Prepared, permit: OwnedSemaphorePermit
         Err(RouteError::Unavailable(m)) => {
             return ApiError::unavailable(format!("No coordinator can serve the request: {m}")).into_response();
         }
+        Err(RouteError::Busy(m)) => {
+            return ApiError::queues_full(format!("Every coordinator's queue is full; retry shortly: {m}"))
+                .into_response();
+        }
     };
     if p.options.stream {
         stream(state, p, generation, id, permit)
@@ -343,6 +348,30 @@ impl ChunkWriter<'_> {
     }
 }
 
+/// Why a stream was given up before its end; the `reason` label of
+/// `epserve_http_streams_cancelled_total`.
+#[derive(Debug, Clone, Copy)]
+enum Cancelled {
+    Disconnected,
+    /// The client read nothing for `--stream-stall-timeout-ms` while an event waited.
+    Stalled,
+}
+
+impl Cancelled {
+    fn count(self) {
+        let reason = match self {
+            Cancelled::Disconnected => "disconnected",
+            Cancelled::Stalled => "stalled",
+        };
+        metrics::counter!(m::HTTP_STREAMS_CANCELLED_TOTAL, "reason" => reason).increment(1);
+        tracing::info!(reason, "stream cancelled");
+    }
+}
+
+/// Events go to the response body through a small channel: when the client stops reading, the
+/// socket's buffers fill, the body is no longer polled, and a send waits; one that waits longer than
+/// the stall timeout gives the stream up. Returning drops the coordinator's stream (HTTP/2
+/// RST_STREAM), which cancels the generation there and frees its KV blocks at its next step.
 fn stream(
     state: Arc<AppState>,
     p: Prepared,
@@ -350,13 +379,26 @@ fn stream(
     id: String,
     permit: OwnedSemaphorePermit,
 ) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(16);
+    let stall = state.edge.stream_stall_timeout;
     tokio::spawn(async move {
         let _permit = permit;
         let chunks = ChunkWriter { api: p.api, id: &id, created: now(), model: &p.model };
         let send = |event: SseEvent| {
             let tx = tx.clone();
-            async move { tx.send(Ok(event)).await.is_ok() }
+            async move {
+                match tokio::time::timeout(stall, tx.send(Ok(event))).await {
+                    Ok(Ok(())) => true,
+                    Ok(Err(_)) => {
+                        Cancelled::Disconnected.count();
+                        false
+                    }
+                    Err(_) => {
+                        Cancelled::Stalled.count();
+                        false
+                    }
+                }
+            }
         };
         if let Some(opening) = chunks.opening()
             && !send(opening).await
@@ -405,7 +447,15 @@ fn stream(
                 }
                 break;
             }
-            event = match generation.rest.message().await {
+            // A client that goes away between tokens is noticed now, not at the next token.
+            let next = tokio::select! {
+                next = generation.rest.message() => next,
+                () = tx.closed() => {
+                    Cancelled::Disconnected.count();
+                    return;
+                }
+            };
+            event = match next {
                 Ok(e) => e,
                 Err(status) => {
                     let error = ApiError::internal(format!("the coordinator failed: {}", status.message()));
@@ -414,7 +464,7 @@ fn stream(
                 }
             };
         }
-        let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+        let _ = send(SseEvent::default().data("[DONE]")).await;
     });
     Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()).into_response()
 }

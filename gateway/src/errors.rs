@@ -14,6 +14,8 @@ pub struct ApiError {
     pub message: String,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// Seconds for the `Retry-After` header of a 429 (when to try again).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -24,6 +26,7 @@ impl ApiError {
             message: message.into(),
             param: param.into(),
             code: None,
+            retry_after: None,
         }
     }
 
@@ -38,6 +41,7 @@ impl ApiError {
             message: "Incorrect API key provided. Pass it as `Authorization: Bearer KEY`.".into(),
             param: None,
             code: Some("invalid_api_key"),
+            retry_after: None,
         }
     }
 
@@ -48,6 +52,7 @@ impl ApiError {
             message: format!("The model `{model}` does not exist. This server serves `{served}`."),
             param: Some("model".into()),
             code: Some("model_not_found"),
+            retry_after: None,
         }
     }
 
@@ -58,6 +63,7 @@ impl ApiError {
             message: format!("The request body is larger than the limit of {limit} bytes."),
             param: None,
             code: Some("request_too_large"),
+            retry_after: None,
         }
     }
 
@@ -74,6 +80,7 @@ impl ApiError {
             ),
             param: None,
             code: Some("unsupported_media_type"),
+            retry_after: None,
         }
     }
 
@@ -84,6 +91,43 @@ impl ApiError {
             message: format!("The server is at its limit of {limit} requests in flight; retry shortly."),
             param: None,
             code: Some("overloaded"),
+            retry_after: Some(1),
+        }
+    }
+
+    /// Every coordinator's waiting queue is full (they answered `RESOURCE_EXHAUSTED`).
+    pub fn queues_full(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            error_type: "rate_limit_error",
+            message: message.into(),
+            param: None,
+            code: Some("overloaded"),
+            retry_after: Some(1),
+        }
+    }
+
+    /// This client (its API key, or its address when the gateway has no keys) is over its limit.
+    pub fn rate_limited(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            error_type: "rate_limit_error",
+            message: message.into(),
+            param: None,
+            code: Some("rate_limit_exceeded"),
+            retry_after: Some(retry_after_secs.max(1)),
+        }
+    }
+
+    /// The body did not arrive whole within `--body-timeout-ms`.
+    pub fn body_timeout(limit: std::time::Duration) -> Self {
+        ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            error_type: "invalid_request_error",
+            message: format!("The request body did not arrive within {} ms.", limit.as_millis()),
+            param: None,
+            code: Some("request_timeout"),
+            retry_after: None,
         }
     }
 
@@ -94,6 +138,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: Some("no_healthy_backend"),
+            retry_after: None,
         }
     }
 
@@ -104,6 +149,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: None,
+            retry_after: None,
         }
     }
 
@@ -114,6 +160,7 @@ impl ApiError {
             message: "Unknown route.".into(),
             param: None,
             code: Some("unknown_url"),
+            retry_after: None,
         }
     }
 
@@ -146,6 +193,10 @@ pub struct ErrorDetail<'a> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }

@@ -15,6 +15,7 @@
 pub mod chat_template;
 pub mod completions;
 pub mod constraints;
+pub mod edge;
 pub mod errors;
 pub mod images;
 pub mod openai;
@@ -24,6 +25,7 @@ pub mod server;
 pub mod text;
 pub mod tool_calls;
 
+pub use edge::EdgeConfig;
 pub use images::{ImageConfig, ImageInput};
 pub use routing::CoordinatorPool;
 pub use run::{GatewayConfig, ReadyGateway, RunError, run, served_model_name, start};

@@ -41,6 +41,9 @@ pub enum RouteError {
     Rejected(String),
     #[error("no healthy coordinator: {0}")]
     Unavailable(String),
+    /// Every coordinator that answered had a full waiting queue (`RESOURCE_EXHAUSTED`): retry later.
+    #[error("every coordinator is busy: {0}")]
+    Busy(String),
 }
 
 /// A started generation: its first event (already received) and the rest of the stream. Holding it
@@ -149,6 +152,7 @@ impl CoordinatorPool {
     /// before producing its first event.
     pub async fn generate(&self, request: GenerateRequest) -> Result<Generation, RouteError> {
         let mut last_error = "none is healthy".to_owned();
+        let mut busy = None;
         for backend in self.candidates() {
             backend.in_flight.fetch_add(1, Ordering::Relaxed);
             let guard = InFlight(backend.clone());
@@ -158,6 +162,11 @@ impl CoordinatorPool {
                 Ok(s) => s.into_inner(),
                 Err(status) if status.code() == Code::InvalidArgument => {
                     return Err(RouteError::Rejected(status.message().to_owned()));
+                }
+                // A full queue is load, not a fault: the coordinator stays in, another is tried.
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    busy = Some(format!("{}: {}", backend.addr, status.message()));
+                    continue;
                 }
                 Err(status) => {
                     mark_down(&backend, status.message());
@@ -179,7 +188,7 @@ impl CoordinatorPool {
                 }
             }
         }
-        Err(RouteError::Unavailable(last_error))
+        Err(busy.map_or(RouteError::Unavailable(last_error), RouteError::Busy))
     }
 }
 

@@ -12,6 +12,7 @@ use epserve_control::{ControlConnection, Instance, Kind, Membership};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
+use crate::edge::EdgeConfig;
 use crate::images::{ImageConfig, ImageInput, Vision};
 use crate::routing::CoordinatorPool;
 use crate::server::{AppState, router};
@@ -41,6 +42,8 @@ pub struct GatewayConfig {
     pub control: Option<ControlConnection>,
     /// Limits on image input and URL fetching (used when the checkpoint has a vision tower).
     pub images: ImageConfig,
+    /// Timeouts and limits of the HTTP edge (connections, per-client limits, request fields, CORS).
+    pub edge: EdgeConfig,
 }
 
 /// Why a gateway could not start or serve.
@@ -70,6 +73,8 @@ pub enum RunError {
     },
     #[error("serving HTTP")]
     Serve(#[source] std::io::Error),
+    #[error("--cors-origin {0:?} is not a valid origin (scheme://host[:port], or *)")]
+    CorsOrigin(String),
 }
 
 /// A gateway that is bound and registered; [`Self::serve`] answers HTTP requests.
@@ -101,9 +106,13 @@ pub async fn start(config: GatewayConfig) -> Result<ReadyGateway, RunError> {
         metrics,
         control,
         images,
+        edge,
     } = config;
     if coordinators.is_empty() && control.is_none() {
         return Err(RunError::NoCoordinators);
+    }
+    if let Some(bad) = edge.cors_origins.iter().find(|o| axum::http::HeaderValue::from_str(o).is_err()) {
+        return Err(RunError::CorsOrigin(bad.clone()));
     }
     let text =
         TextCodec::from_checkpoint(&model).map_err(|e| RunError::Text { dir: model.clone(), source: e.into() })?;
@@ -122,7 +131,8 @@ pub async fn start(config: GatewayConfig) -> Result<ReadyGateway, RunError> {
     let vision = images.vision().is_some();
     let mut state = AppState::new(text, pool, name.clone())
         .with_limits(api_keys, max_body_bytes, max_concurrent_requests)
-        .with_images(images);
+        .with_images(images)
+        .with_edge(edge);
     if let Some(grammars) = grammar_compiler(&model) {
         state = state.with_grammars(grammars);
     }
@@ -149,20 +159,13 @@ impl ReadyGateway {
     /// control plane.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
         let ReadyGateway { state, listener, control, .. } = self;
-        // Streamed chunks are small writes: without TCP_NODELAY, Nagle's algorithm holds one back
-        // until the client's delayed ACK (up to 40 ms), which shows as time to first token.
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!("TCP_NODELAY: {e}");
-            }
-        });
-        let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await;
+        let limits = state.edge.connections.clone();
+        crate::edge::connections::serve(listener, router(state), &limits, shutdown).await;
         if let Some((control, membership)) = control {
             control.leave(membership).await;
         }
         tracing::info!("gateway stopped");
-        served.map_err(RunError::Serve)
+        Ok(())
     }
 }
 

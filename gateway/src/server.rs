@@ -1,4 +1,6 @@
-//! The HTTP server: routes, API-key auth, body limits, the in-flight limit, and the probes.
+//! The HTTP server: routes, API-key auth, per-client limits, body and field limits, the in-flight
+//! limit, CORS, and the probes. Tokenizing and templating run on the blocking pool, a bounded number
+//! at once, never on the IO threads.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,6 +21,8 @@ use tracing::Instrument;
 
 use crate::completions::{self, CompletionApi, Prepared};
 use crate::constraints;
+use crate::edge::rate_limit::{KeySlot, Refusal};
+use crate::edge::{EdgeConfig, KeyLimiter};
 use crate::errors::ApiError;
 use crate::images::ImageInput;
 use crate::openai::response::ModelList;
@@ -46,6 +50,13 @@ pub struct AppState {
     /// Checks grammars (`response_format`, required tool calls) before they are sent; `None`: they
     /// are sent unchecked, and the coordinator refuses a bad one.
     pub grammars: Option<Arc<GrammarCompiler>>,
+    /// Timeouts and limits of the HTTP edge.
+    pub edge: EdgeConfig,
+    /// Per-client rate and concurrency, as `edge.keys` says.
+    pub clients: KeyLimiter,
+    /// Tokenizing and templating jobs on the blocking pool at once (one per core): a burst of large
+    /// prompts queues here instead of taking every blocking thread.
+    pub text_jobs: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -65,7 +76,30 @@ impl AppState {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             grammars: None,
+            edge: EdgeConfig::default(),
+            clients: KeyLimiter::new(Default::default()),
+            text_jobs: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))),
         }
+    }
+
+    /// Applies the HTTP edge's limits (default: [`EdgeConfig::default`]).
+    pub fn with_edge(mut self, edge: EdgeConfig) -> Self {
+        self.clients = KeyLimiter::new(edge.keys);
+        self.edge = edge;
+        self
+    }
+
+    /// Runs CPU-bound text work (tokenizing, templating) on the blocking pool, at most
+    /// `text_jobs` at once.
+    async fn off_runtime<T: Send + 'static>(
+        self: &Arc<Self>,
+        job: impl FnOnce(&AppState) -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let _permit = self.text_jobs.acquire().await.map_err(|_| ApiError::unavailable("the gateway is stopping"))?;
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || job(&state))
+            .await
+            .map_err(|e| ApiError::internal(format!("tokenizing the prompt failed: {e}")))
     }
 
     /// Checks grammars with `grammars` before sending them.
@@ -101,12 +135,17 @@ struct ProbeStatus {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let api = Router::new()
+    let completions = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completion))
+        .route_layer(middleware::from_fn_with_state(state.clone(), limit_per_client));
+    // Route layers wrap the routes added before them: authentication runs first, then the limits.
+    let api = Router::new()
+        .merge(completions)
         .route("/v1/models", get(models))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
-    Router::new()
+    let cors = crate::edge::cors(&state.edge.cors_origins);
+    let router = Router::new()
         .merge(api)
         .route("/health", get(|| async { Json(ProbeStatus { status: "ok" }) }))
         .route("/ready", get(ready))
@@ -114,7 +153,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::not_found_route() })
         .layer(middleware::from_fn(observe))
         .layer(axum::extract::DefaultBodyLimit::disable())
-        .with_state(state)
+        .with_state(state);
+    // Outermost, so that a preflight is answered before authentication (browsers send no key with it).
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
 /// The id that follows a request through the gateway's and the coordinator's logs: the client's
@@ -161,16 +205,76 @@ async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next
     if state.api_keys.is_empty() {
         return next.run(request).await;
     }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
+    match bearer(request.headers()) {
         Some(key) if state.api_keys.iter().any(|k| same_secret(k, key)) => next.run(request).await,
         _ => ApiError::unauthorized().into_response(),
     }
+}
+
+/// Who a request counts against for the per-client limits: its API key (by position in the list, so
+/// the limiter holds no secrets), or its address when the gateway has no keys.
+fn client_of(state: &AppState, request: &Request) -> String {
+    if !state.api_keys.is_empty() {
+        let presented = bearer(request.headers()).unwrap_or("");
+        if let Some(i) = state.api_keys.iter().position(|k| same_secret(k, presented)) {
+            return format!("key-{i}");
+        }
+    }
+    crate::edge::connections::peer(request).map_or_else(|| "unknown".to_owned(), |addr| addr.ip().to_string())
+}
+
+/// The per-client rate and concurrency limits of the completion routes. An admitted request counts
+/// against its client's concurrency until its response ends: a stream's body holds the slot.
+async fn limit_per_client(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let client = client_of(&state, &request);
+    let slot = match state.clients.admit(&client) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            metrics::counter!(m::HTTP_RATE_LIMITED_TOTAL, "limit" => refusal.label()).increment(1);
+            return refused(refusal, &state).into_response();
+        }
+    };
+    let response = next.run(request).await;
+    match slot {
+        Some(slot) if axum::body::HttpBody::size_hint(response.body()).exact().is_none() => {
+            response.map(|body| hold_until_streamed(body, slot))
+        }
+        _ => response,
+    }
+}
+
+fn refused(refusal: Refusal, state: &AppState) -> ApiError {
+    let limits = state.clients.limits();
+    match refusal {
+        Refusal::Rate { retry_after } => ApiError::rate_limited(
+            format!("Rate limit reached: {} requests per minute; retry later.", limits.requests_per_minute),
+            retry_after.as_secs_f64().ceil() as u64,
+        ),
+        Refusal::Concurrency => ApiError::rate_limited(
+            format!(
+                "Concurrency limit reached: {} requests in flight per client; retry shortly.",
+                limits.max_concurrent
+            ),
+            1,
+        ),
+    }
+}
+
+/// `body`, holding `slot` until the body is dropped (sent whole, or the client went away).
+fn hold_until_streamed(body: Body, slot: KeySlot) -> Body {
+    use futures_util::StreamExt;
+    Body::from_stream(body.into_data_stream().map(move |chunk| {
+        let _ = &slot;
+        chunk
+    }))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
 }
 
 /// Compares two keys in time that depends only on their length, not on where they differ.
@@ -178,8 +282,8 @@ fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Reads a body declared JSON (`application/json`, any parameters) of at most `--max-body-bytes`
-/// and deserialises it (axum's `Json` extractor would answer a wrong type in plain text, not in
+/// Reads a body declared JSON (`application/json`, any parameters) of at most `--max-body-bytes`,
+/// arriving within `--body-timeout-ms`, and deserialises it (axum's `Json` extractor would answer a wrong type in plain text, not in
 /// OpenAI's error JSON).
 async fn read_request<T: serde::de::DeserializeOwned>(
     state: &AppState,
@@ -191,8 +295,10 @@ async fn read_request<T: serde::de::DeserializeOwned>(
     if !mime.eq_ignore_ascii_case("application/json") {
         return Err(ApiError::not_json(content_type));
     }
-    let bytes = axum::body::to_bytes(body, state.max_body_bytes)
+    let timeout = state.edge.body_timeout;
+    let bytes = tokio::time::timeout(timeout, axum::body::to_bytes(body, state.max_body_bytes))
         .await
+        .map_err(|_| ApiError::body_timeout(timeout))?
         .map_err(|_| ApiError::too_large(state.max_body_bytes))?;
     openai::parse_body(&bytes)
 }
@@ -206,13 +312,18 @@ async fn chat(
     let prepared = async {
         let mut r = ValidatedChat::try_from(read_request::<ChatCompletionRequest>(&state, &headers, body).await?)?;
         state.require_served_model(&r.model)?;
+        state.edge.requests.check_chat(&r)?;
         // Cheap checks first: image parts and the template, then the images' I/O and decoding.
         let requested = state.images.take_parts(&mut r.messages)?;
-        let tools = r.options.structured.tools.as_ref().map(|t| t.definitions.as_slice());
-        let chat = state
-            .text
-            .encode_chat_with_tools(&r.messages, tools)
-            .map_err(|e| ApiError::invalid_param("messages", format!("{e:#}")))?;
+        let (messages, tools) = (std::mem::take(&mut r.messages), r.options.structured.tools.take());
+        let (chat, messages, tools) = state
+            .off_runtime(move |state| {
+                let definitions = tools.as_ref().map(|t| t.definitions.as_slice());
+                (state.text.encode_chat_with_tools(&messages, definitions), messages, tools)
+            })
+            .await?;
+        (r.messages, r.options.structured.tools) = (messages, tools);
+        let chat = chat.map_err(|e| ApiError::invalid_param("messages", format!("{e:#}")))?;
         let constraint = constraints::constraint(state.grammars.as_ref(), &r.options.structured).await?;
         let loaded = state.images.load(requested).await?;
         let (prompt, images) = state.images.expand(&chat.ids, &chat.image_placeholders, loaded, &r.messages)?;
@@ -239,11 +350,13 @@ async fn completion(
     let prepared = async {
         let r = ValidatedCompletion::try_from(read_request::<CompletionRequest>(&state, &headers, body).await?)?;
         state.require_served_model(&r.model)?;
+        state.edge.requests.check_completion(&r)?;
         let constraint = constraints::constraint(state.grammars.as_ref(), &r.options.structured).await?;
         let prompt = match r.prompt {
-            CompletionPrompt::Text(t) => {
-                state.text.encode_prompt(&t).map_err(|e| ApiError::invalid_param("prompt", format!("{e:#}")))?
-            }
+            CompletionPrompt::Text(t) => state
+                .off_runtime(move |state| state.text.encode_prompt(&t))
+                .await?
+                .map_err(|e| ApiError::invalid_param("prompt", format!("{e:#}")))?,
             CompletionPrompt::Tokens(ids) => ids,
         };
         Ok::<_, ApiError>(Prepared {
@@ -283,7 +396,12 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
+async fn metrics_text(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(key) = &state.edge.metrics_key
+        && !bearer(&headers).is_some_and(|presented| same_secret(key, presented))
+    {
+        return ApiError::unauthorized().into_response();
+    }
     match &state.metrics {
         Some(handle) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),
         None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),

@@ -62,6 +62,15 @@ pub const GRAMMAR_COMPILE_SECONDS: &str = "epserve_grammar_compile_seconds";
 pub const HTTP_REQUESTS_TOTAL: &str = "epserve_http_requests_total";
 /// Histogram, seconds, label `route`: time to the response head (whole body when not streaming).
 pub const HTTP_REQUEST_SECONDS: &str = "epserve_http_request_seconds";
+/// Gauge: HTTP connections the gateway holds open (at most `--max-connections`).
+pub const HTTP_OPEN_CONNECTIONS: &str = "epserve_http_open_connections";
+/// Counter: connections closed as accepted because `--max-connections` were open.
+pub const HTTP_REFUSED_CONNECTIONS_TOTAL: &str = "epserve_http_refused_connections_total";
+/// Counter, label `limit` (`rate`, `concurrency`): completion requests answered 429 by a per-key limit.
+pub const HTTP_RATE_LIMITED_TOTAL: &str = "epserve_http_rate_limited_total";
+/// Counter, label `reason` (`disconnected`, `stalled`): streams cancelled because the client went away
+/// or stopped reading for `--stream-stall-timeout-ms`.
+pub const HTTP_STREAMS_CANCELLED_TOTAL: &str = "epserve_http_streams_cancelled_total";
 
 // Image input (gateway).
 /// Counter, label `source` (`data` | `url`): images decoded and cut into tiles.

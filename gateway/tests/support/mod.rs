@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use epserve_gateway::images::fetch::FetchConfig;
-use epserve_gateway::{GatewayConfig, ImageConfig};
+use epserve_gateway::{EdgeConfig, GatewayConfig, ImageConfig};
 use epserve_proto::v1::coordinator_service_server::{CoordinatorService, CoordinatorServiceServer};
 use epserve_proto::v1::{
     self as pb, GenerateRequest, HealthRequest, HealthResponse, LoadRequest, LoadResponse, TokenEvent,
@@ -76,38 +76,12 @@ impl Harness {
     /// `model`: a fixture name (`fixtures::TINY_LLAMA4`).
     pub async fn start(model: &str, images: ImageConfig) -> Harness {
         let coordinator = RecordingCoordinator::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let coordinator_addr = listener.local_addr().expect("addr").to_string();
-        let service = CoordinatorServiceServer::new(coordinator.clone()).max_decoding_message_size(256 << 20);
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        let gateway = epserve_gateway::start(GatewayConfig {
-            model: epserve_testkit::fixtures::dir(model),
-            listen: "127.0.0.1:0".into(),
-            coordinators: vec![coordinator_addr],
-            api_keys: Vec::new(),
-            served_model_name: Some("tiny".into()),
-            max_body_bytes: 16 << 20,
-            max_concurrent_requests: 16,
-            health_interval: Duration::from_millis(50),
-            metrics: None,
-            control: None,
-            images,
+        let base = serve_gateway(coordinator.clone(), |config| {
+            config.model = epserve_testkit::fixtures::dir(model);
+            config.images = images;
         })
-        .await
-        .expect("gateway starts");
-        let base = format!("http://{}", gateway.local_addr());
-        tokio::spawn(gateway.serve(std::future::pending()));
-        let http = reqwest::Client::new();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while !http.get(format!("{base}/ready")).send().await.is_ok_and(|r| r.status() == 200) {
-            assert!(tokio::time::Instant::now() < deadline, "the gateway never saw its coordinator");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Harness { base, coordinator, http }
+        .await;
+        Harness { base, coordinator, http: reqwest::Client::new() }
     }
 
     /// Posts a chat completion; the status and the JSON answer.
@@ -199,4 +173,46 @@ pub fn golden_expansion(case: &VisionCase) -> Vec<u32> {
     let start = case.input_ids.iter().position(|&t| t == 493).expect("<|image_start|>");
     let end = case.input_ids.iter().position(|&t| t == 494).expect("<|image_end|>");
     case.input_ids[start..=end].to_vec()
+}
+
+/// Serves `coordinator` over gRPC and a real gateway (the tiny text fixture, served as `tiny`,
+/// changed by `configure`) in front of it, both until the test's runtime ends; waits until the
+/// gateway is ready and returns its base URL.
+pub async fn serve_gateway<C: CoordinatorService>(
+    coordinator: C,
+    configure: impl FnOnce(&mut GatewayConfig),
+) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let coordinator_addr = listener.local_addr().expect("addr").to_string();
+    let service = CoordinatorServiceServer::new(coordinator).max_decoding_message_size(256 << 20);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut config = GatewayConfig {
+        model: epserve_testkit::fixtures::dir(epserve_testkit::fixtures::TINY_LLAMA4),
+        listen: "127.0.0.1:0".into(),
+        coordinators: vec![coordinator_addr],
+        api_keys: Vec::new(),
+        served_model_name: Some("tiny".into()),
+        max_body_bytes: 16 << 20,
+        max_concurrent_requests: 16,
+        health_interval: Duration::from_millis(50),
+        metrics: None,
+        control: None,
+        images: ImageConfig::default(),
+        edge: EdgeConfig::default(),
+    };
+    configure(&mut config);
+    let gateway = epserve_gateway::start(config).await.expect("gateway starts");
+    let base = format!("http://{}", gateway.local_addr());
+    tokio::spawn(gateway.serve(std::future::pending()));
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !http.get(format!("{base}/ready")).send().await.is_ok_and(|r| r.status() == 200) {
+        assert!(tokio::time::Instant::now() < deadline, "the gateway never saw its coordinator");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    base
 }
