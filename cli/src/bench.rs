@@ -86,6 +86,9 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// With `--coordinator`: the identity the gRPC link is made with (mutual TLS).
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// What one request measured.
@@ -407,14 +410,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if concurrency == 0 {
         bail!("--concurrency must be positive");
     }
+    let tls = args.tls.load()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let report = runtime.block_on(async {
         let grpc = match &args.coordinator {
-            Some(addr) => Some(
-                tonic::transport::Endpoint::from_shared(epserve_proto::server_uri(addr))?
-                    .tcp_nodelay(true)
-                    .connect_lazy(),
-            ),
+            Some(addr) => Some(epserve_tls::channel(
+                tonic::transport::Endpoint::from_shared(epserve_proto::server_uri(addr))?.tcp_nodelay(true),
+                tls.as_ref(),
+            )),
             None => None,
         };
         let client = Clients { http: reqwest::Client::builder().pool_max_idle_per_host(1024).build()?, grpc };

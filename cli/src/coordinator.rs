@@ -53,8 +53,11 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     if let Some(addr) = &args.metrics_listen {
         runtime.block_on(crate::metrics_endpoint::serve(addr))?;
     }
+    let load = args.experts.load_config(&args.model, args.dtype)?;
+    // One identity for both ends: serving the gateways and connecting to the workers.
+    let server_tls = load.grpc.tls.clone();
     let config = CoordinatorConfig {
-        load: args.experts.load_config(&args.model, args.dtype),
+        load,
         listen: args.listen,
         sizing: EngineSizing {
             kv_capacity: match args.kv_capacity_mib {
@@ -70,7 +73,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         control: args.control.connect()?,
     };
     runtime.block_on(async move {
-        let coordinator = epserve_coordinator::start(config).await?;
+        let coordinator = epserve_coordinator::start(config).await?.with_tls(server_tls);
         // The harnesses and `epserve up` read this line to learn the port.
         println!("listening on {}", coordinator.local_addr());
         Ok(coordinator.serve(crate::shutdown_signal()).await?)

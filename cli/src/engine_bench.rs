@@ -45,7 +45,7 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
         bail!("all sizes must be positive");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let loaded = runtime.block_on(load_model(&args.experts.load_config(&args.model, args.dtype), None))?;
+    let loaded = runtime.block_on(load_model(&args.experts.load_config(&args.model, args.dtype)?, None))?;
     let vocab = loaded.config.text.vocab_size;
     let sizing = EngineSizing {
         max_batch_tokens: args.max_batch_tokens,

@@ -27,18 +27,21 @@ pub struct ExchangeBenchArgs {
     pub iterations: usize,
     #[arg(long, value_enum, default_value = "bf16")]
     pub wire_dtype: WireArg,
+    /// The identity the gRPC link is made with (mutual TLS).
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 pub fn run(args: ExchangeBenchArgs) -> Result<()> {
     if args.iterations == 0 || args.rows.contains(&0) {
         bail!("--iterations and --rows must be positive");
     }
+    let tls = args.tls.load()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let results = runtime.block_on(async {
         let uri = epserve_proto::server_uri(&args.worker);
-        let channel = tonic::transport::Endpoint::from_shared(uri)?
-            .tcp_nodelay(true)
-            .connect()
+        let endpoint = tonic::transport::Endpoint::from_shared(uri)?.tcp_nodelay(true);
+        let channel = epserve_tls::connect(endpoint, tls.as_ref())
             .await
             .with_context(|| format!("connecting to {}", args.worker))?;
         let mut client = ExpertServiceClient::new(channel)

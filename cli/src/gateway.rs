@@ -43,6 +43,9 @@ pub struct GatewayArgs {
     pub edge: EdgeArgs,
     #[command(flatten)]
     pub control: JoinArgs,
+    /// The identity coordinator links are made with.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// The HTTP edge's timeouts and limits (docs/security.md); `epserve up` passes them on to its gateway.
@@ -226,6 +229,7 @@ pub fn run(args: GatewayArgs) -> Result<()> {
     }
     let images = args.images.config()?;
     let edge = args.edge.config()?;
+    let tls = args.tls.load()?;
     let control = args.control.connect()?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
@@ -243,6 +247,7 @@ pub fn run(args: GatewayArgs) -> Result<()> {
         control,
         images,
         edge,
+        tls,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().thread_name("epserve-io").enable_all().build()?;
     runtime.block_on(async move {

@@ -138,12 +138,15 @@ pub struct ExpertArgs {
     pub weight_storage: WeightStorageArg,
     #[command(flatten)]
     pub quant: QuantArgs,
+    /// The identity worker links are made with (and, for a coordinator, the one it serves with).
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 impl ExpertArgs {
     /// What to load from `dir` and how to reach the experts.
-    pub fn load_config(&self, dir: &Path, dtype: ComputeDtype) -> LoadConfig {
-        LoadConfig {
+    pub fn load_config(&self, dir: &Path, dtype: ComputeDtype) -> Result<LoadConfig> {
+        Ok(LoadConfig {
             dir: dir.to_path_buf(),
             dtype: dtype.into(),
             weights: self.quant.policy(self.weight_storage.into()),
@@ -151,14 +154,15 @@ impl ExpertArgs {
                 wire: self.wire_dtype.into(),
                 exchange_timeout: Duration::from_millis(self.exchange_timeout_ms),
                 host_wait: Duration::from_millis(self.host_wait_ms),
+                tls: self.tls.load()?,
                 ..GrpcConfig::new(self.workers.clone())
             },
             startup_wait: Duration::from_millis(self.startup_wait_ms),
-        }
+        })
     }
 
     /// The model in `dir`, stepped directly by an offline command.
     pub fn standalone(&self, dir: &Path, dtype: ComputeDtype) -> Result<StandaloneModel> {
-        Ok(StandaloneModel::load(&self.load_config(dir, dtype), self.overlap)?)
+        Ok(StandaloneModel::load(&self.load_config(dir, dtype)?, self.overlap)?)
     }
 }

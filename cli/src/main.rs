@@ -6,6 +6,7 @@
 //! `vision-bench`) are clients, and live here.
 
 mod bench;
+mod certs;
 mod control;
 mod coordinator;
 mod decode_bench;
@@ -20,6 +21,7 @@ mod metrics_endpoint;
 mod prompt;
 mod quality;
 mod stats;
+mod tls;
 mod up;
 mod vision_bench;
 mod worker;
@@ -61,6 +63,8 @@ enum Command {
     VisionBench(vision_bench::VisionBenchArgs),
     /// Compare a quantized model's logits with the unquantized ones (KL divergence, top-1 agreement).
     Quality(quality::QualityArgs),
+    /// Issue a development CA and per-component certificates for mutual TLS on the gRPC links.
+    Certs(certs::CertsArgs),
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -118,6 +122,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::VisionBench(args) => vision_bench::run(args),
         Command::Quality(args) => quality::run(args),
+        Command::Certs(args) => certs::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

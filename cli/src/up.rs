@@ -54,6 +54,27 @@ pub struct UpArgs {
     // static addresses; the three flags are passed on to each.
     #[command(flatten)]
     pub control: ControlArgs,
+    /// Run the gRPC links in plaintext instead of mutual TLS with a CA of this cluster's own
+    /// (for debugging only: anyone who can reach a port can then call it; docs/security.md).
+    #[arg(long, env = "EPSERVE_UP_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
+}
+
+/// A fresh CA and component certificates in a temporary directory that lives as long as the
+/// cluster; `None` with `--insecure-plaintext`.
+fn cluster_certificates(
+    insecure_plaintext: bool,
+) -> Result<Option<(tempfile::TempDir, epserve_tls::dev::DevCertificates)>> {
+    if insecure_plaintext {
+        tracing::warn!("--insecure-plaintext: the gRPC links of this cluster are neither encrypted nor authenticated");
+        return Ok(None);
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("epserve-up-tls-")
+        .tempdir()
+        .context("creating a directory for the cluster's certificates")?;
+    let certs = epserve_tls::dev::issue(dir.path(), &[])?;
+    Ok(Some((dir, certs)))
 }
 
 fn cache_dir(explicit: Option<PathBuf>) -> PathBuf {
@@ -175,6 +196,12 @@ pub fn run(args: UpArgs) -> Result<()> {
     let started = Instant::now();
 
     let registry = args.control.to_flags();
+    // The secure path is the default path: every gRPC link is mutual TLS under this cluster's CA.
+    let certs = cluster_certificates(args.insecure_plaintext)?;
+    let tls_flags = |component: &str| match &certs {
+        Some((_, certs)) => crate::tls::TlsArgs::from_files(&certs.files(component)).to_flags(),
+        None => Vec::new(),
+    };
     let num_experts = epserve_coordinator::loading::read_config(&model)?.text.num_local_experts;
     let mut workers = Vec::new();
     for i in 0..args.workers {
@@ -183,6 +210,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         a.push(worker_experts(i, args.workers, args.replicas, num_experts)?);
         a.extend(args.quant.to_flags());
         a.extend(registry.iter().cloned());
+        a.extend(tls_flags("worker"));
         workers.push(processes.start(format!("worker {i}"), &a)?);
     }
     let mut coordinators = Vec::new();
@@ -195,6 +223,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         }
         a.extend(args.quant.to_flags());
         a.extend(registry.iter().cloned());
+        a.extend(tls_flags("coordinator"));
         coordinators.push(processes.start(format!("coordinator {i}"), &a)?);
     }
     let listen = format!("{}:{}", args.host, args.port);
@@ -207,6 +236,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         a.extend(["--api-key".into(), args.api_keys.join(",")]);
     }
     a.extend(args.images.to_flags());
+    a.extend(tls_flags("gateway"));
     a.extend(args.edge.to_flags());
     let gateway = processes.start("gateway".into(), &a)?;
 
@@ -221,6 +251,10 @@ pub fn run(args: UpArgs) -> Result<()> {
         coordinators.len()
     );
     println!("  OpenAI API: http://{gateway}/v1");
+    match &certs {
+        Some((_, certs)) => println!("  gRPC links: mutual TLS under this cluster's own CA ({})", certs.ca().display()),
+        None => println!("  gRPC links: PLAINTEXT (--insecure-plaintext): anyone who can reach a port can call it"),
+    }
     println!("  try: curl http://{gateway}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\");
     println!(
         "         -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 32}}'"

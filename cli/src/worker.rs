@@ -36,6 +36,8 @@ pub struct WorkerArgs {
     pub metrics_listen: Option<String>,
     #[command(flatten)]
     pub control: JoinArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 pub fn run(args: WorkerArgs) -> Result<()> {
@@ -47,6 +49,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         _ => bail!("give --shard I/N or --experts LIST"),
     };
     let metrics_listen = args.metrics_listen;
+    let tls = args.tls.load()?;
     let config = WorkerConfig {
         control: args.control.connect()?,
         model: args.model,
@@ -60,7 +63,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         if let Some(addr) = &metrics_listen {
             crate::metrics_endpoint::serve(addr).await?;
         }
-        let worker = epserve_expert_worker::start(config).await?;
+        let worker = epserve_expert_worker::start(config).await?.with_tls(tls);
         // The harnesses and `epserve up` read this line to learn the port.
         println!("listening on {}", worker.local_addr());
         Ok(worker.serve(crate::shutdown_signal()).await?)

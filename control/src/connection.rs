@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::plane::{ControlPlane, Membership};
 use crate::registry::RegistryError;
+use crate::registry_security::RegistrySecurity;
 use crate::types::{Instance, Kind, PlacementMap};
 
 /// Why a process could not join the control plane.
@@ -46,9 +47,21 @@ impl ControlConnection {
     /// private to this process) under the namespace of `cluster`. Blocks: call it outside any async
     /// context.
     pub fn connect(url: &str, cluster: &str, lease_ttl: Duration, name: Option<String>) -> Result<Self, ConnectError> {
+        Self::connect_with(url, cluster, lease_ttl, name, &RegistrySecurity::default())
+    }
+
+    /// [`Self::connect`], also to `etcds://` registries, with `security`'s CA, client certificate
+    /// and credentials.
+    pub fn connect_with(
+        url: &str,
+        cluster: &str,
+        lease_ttl: Duration,
+        name: Option<String>,
+        security: &RegistrySecurity,
+    ) -> Result<Self, ConnectError> {
         let runtime = control_runtime()?;
         let plane = runtime
-            .block_on(crate::plane::connect(url, cluster))
+            .block_on(crate::plane::connect_with(url, cluster, security))
             .map_err(|source| ConnectError::Registry { url: url.to_owned(), source })?;
         tracing::info!(registry = %plane.describe(), cluster, "control plane");
         Ok(Self::with_runtime(plane, runtime, lease_ttl, name))

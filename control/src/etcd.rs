@@ -10,6 +10,7 @@ use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOpt
 use tokio::sync::mpsc;
 
 use crate::registry::{BoxFuture, Changes, Entry, LeaseId, Registry, RegistryError, Result};
+use crate::registry_security::RegistrySecurity;
 
 #[derive(Clone)]
 pub struct EtcdRegistry {
@@ -47,14 +48,30 @@ impl EtcdRegistry {
     /// established lazily, so this succeeds while etcd is briefly down; operations fail until it is
     /// back.
     pub async fn connect(endpoints: &[String], cluster: &str) -> Result<Self> {
+        Self::connect_with(endpoints, cluster, false, &RegistrySecurity::default()).await
+    }
+
+    /// [`Self::connect`] over TLS when `tls` (etcd's certificate checked against `security.ca`),
+    /// with `security`'s client certificate and credentials. With credentials the connection is made
+    /// (and the user authenticated) now.
+    pub async fn connect_with(
+        endpoints: &[String],
+        cluster: &str,
+        tls: bool,
+        security: &RegistrySecurity,
+    ) -> Result<Self> {
         if endpoints.is_empty() {
             return Err(RegistryError::Invalid("no etcd endpoint given".into()));
         }
-        let urls: Vec<String> = endpoints.iter().map(|e| epserve_proto::server_uri(e)).collect();
+        let urls: Vec<String> = match tls {
+            true => endpoints.iter().map(|e| format!("https://{e}")).collect(),
+            false => endpoints.iter().map(|e| epserve_proto::server_uri(e)).collect(),
+        };
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        let options = security.apply(options, tls)?;
         let client = Client::connect(&urls, Some(options)).await.map_err(unavailable)?;
         Ok(EtcdRegistry { client, endpoints: endpoints.to_vec(), namespace: format!("/epserve/{cluster}/") })
     }

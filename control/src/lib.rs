@@ -15,11 +15,13 @@ mod etcd;
 mod memory;
 mod plane;
 mod registry;
+mod registry_security;
 mod types;
 
 pub use connection::{ConnectError, ControlConnection};
 pub use etcd::EtcdRegistry;
 pub use memory::MemoryRegistry;
-pub use plane::{ControlPlane, MemberState, Membership, connect};
+pub use plane::{ControlPlane, MemberState, Membership, connect, connect_with};
 pub use registry::{BoxFuture, Changes, Entry, LeaseId, Registry, RegistryError, Result};
+pub use registry_security::RegistrySecurity;
 pub use types::{Instance, Kind, LayerPlacement, PLACEMENT_KEY, PlacementMap, instance_key, instances_prefix};

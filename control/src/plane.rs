@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::memory::MemoryRegistry;
 use crate::registry::{Entry, LeaseId, Registry, RegistryError, Result};
+use crate::registry_security::RegistrySecurity;
 use crate::types::{Instance, Kind, PLACEMENT_KEY, PlacementMap, instances_prefix};
 
 /// How often a follower lists again even without a change notification (covers a watch that
@@ -28,28 +29,39 @@ pub struct ControlPlane {
 
 /// Where the registry is: `memory` (embedded, this process only) or `etcd://host:port[,host:port]`.
 pub async fn connect(url: &str, cluster: &str) -> Result<ControlPlane> {
+    connect_with(url, cluster, &RegistrySecurity::default()).await
+}
+
+/// [`connect`], also to `etcds://host:port[,host:port]` (etcd over TLS), with `security`'s CA,
+/// client certificate and credentials.
+pub async fn connect_with(url: &str, cluster: &str, security: &RegistrySecurity) -> Result<ControlPlane> {
     if cluster.is_empty() || cluster.contains('/') {
         return Err(RegistryError::Invalid(format!("cluster name {cluster:?} must be non-empty and contain no '/'")));
     }
     let registry: Arc<dyn Registry> = match url {
         "" | "memory" | "memory://" => Arc::new(MemoryRegistry::new()),
-        _ => match url.strip_prefix("etcd://") {
-            Some(hosts) => {
+        _ => match etcd_hosts(url) {
+            Some((hosts, tls)) => {
                 let endpoints: Vec<String> = hosts
                     .split(',')
                     .map(|h| h.trim().trim_end_matches('/').to_owned())
                     .filter(|h| !h.is_empty())
                     .collect();
-                Arc::new(crate::etcd::EtcdRegistry::connect(&endpoints, cluster).await?)
+                Arc::new(crate::etcd::EtcdRegistry::connect_with(&endpoints, cluster, tls, security).await?)
             }
             None => {
                 return Err(RegistryError::Invalid(format!(
-                    "registry {url:?}: expected `memory` or `etcd://host:port[,host:port]`"
+                    "registry {url:?}: expected `memory`, `etcd://host:port[,host:port]` or `etcds://host:port[,host:port]`"
                 )));
             }
         },
     };
     Ok(ControlPlane::new(registry))
+}
+
+/// The hosts of an `etcd://` (`false`) or `etcds://` (`true`, TLS) registry URL.
+fn etcd_hosts(url: &str) -> Option<(&str, bool)> {
+    url.strip_prefix("etcd://").map(|h| (h, false)).or_else(|| url.strip_prefix("etcds://").map(|h| (h, true)))
 }
 
 /// What a registered instance's keeper reports.

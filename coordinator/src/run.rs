@@ -83,6 +83,8 @@ pub struct ReadyCoordinator {
     engine: EngineHandle,
     grammars: Result<Arc<GrammarCompiler>, String>,
     control: Option<(ControlConnection, Arc<Membership>)>,
+    /// Serve over mutual TLS with this identity ([`Self::with_tls`]); `None`: plaintext.
+    tls: Option<epserve_tls::ClusterTls>,
 }
 
 /// Starts a coordinator and serves it until `shutdown` resolves.
@@ -112,7 +114,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<ReadyCoordinator, RunErr
     if let Some(m) = &membership {
         m.update(|i| i.ready = true);
     }
-    Ok(ReadyCoordinator { listener, local_addr, engine, grammars, control: control.zip(membership) })
+    Ok(ReadyCoordinator { listener, local_addr, engine, grammars, control: control.zip(membership), tls: None })
 }
 
 impl ReadyCoordinator {
@@ -124,11 +126,18 @@ impl ReadyCoordinator {
         &self.engine
     }
 
+    /// Serves over mutual TLS with `tls` (every client must present a certificate from its CA);
+    /// `None` keeps plaintext. The worker links take their identity from `GrpcConfig::tls`.
+    pub fn with_tls(mut self, tls: Option<epserve_tls::ClusterTls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// Serves `CoordinatorService` until `shutdown` resolves, then leaves the control plane and
     /// stops the engine.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
-        let ReadyCoordinator { listener, engine, grammars, control, .. } = self;
-        let served = server::serve(Coordinator::new(engine.clone(), grammars), listener, shutdown).await;
+        let ReadyCoordinator { listener, engine, grammars, control, tls, .. } = self;
+        let served = server::serve_with_tls(Coordinator::new(engine.clone(), grammars), listener, tls, shutdown).await;
         if let Some((control, membership)) = control {
             control.leave(membership).await;
         }

@@ -177,15 +177,29 @@ impl CoordinatorService for Coordinator {
     }
 }
 
-/// Serves the coordinator on `listener` until `shutdown` resolves.
+/// Serves the coordinator on `listener` until `shutdown` resolves, in plaintext.
 pub async fn serve(
     coordinator: Coordinator,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
-        .add_service(coordinator.into_service())
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+    serve_with_tls(coordinator, listener, None, shutdown).await
+}
+
+/// [`serve`] over mutual TLS with `tls` (clients must present a certificate from the cluster CA),
+/// in plaintext without.
+pub async fn serve_with_tls(
+    coordinator: Coordinator,
+    listener: tokio::net::TcpListener,
+    tls: Option<epserve_tls::ClusterTls>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let router = tonic::transport::Server::builder().add_service(coordinator.into_service());
+    match tls {
+        Some(tls) => router.serve_with_incoming_shutdown(epserve_tls::incoming(listener, tls), shutdown).await,
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, shutdown).await
+        }
+    }
 }

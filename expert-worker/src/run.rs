@@ -12,7 +12,7 @@ use epserve_control::{ControlConnection, Instance, Kind, Membership};
 use epserve_model::{Checkpoint, ExpertShard, LoadPolicy, LoadProgress, ModelConfig};
 
 use crate::selection::{ExpertSelection, SelectionError};
-use crate::service::{ExpertWorker, serve};
+use crate::service::{ExpertWorker, serve_with_tls};
 
 #[derive(Debug)]
 pub struct WorkerConfig {
@@ -65,6 +65,8 @@ pub struct ReadyWorker {
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     control: Option<(ControlConnection, Arc<Membership>)>,
+    /// Serve over mutual TLS with this identity ([`Self::with_tls`]); `None`: plaintext.
+    tls: Option<epserve_tls::ClusterTls>,
 }
 
 /// Starts a worker and serves it until `shutdown` resolves.
@@ -101,7 +103,7 @@ pub async fn start(config: WorkerConfig) -> Result<ReadyWorker, RunError> {
         follow_assignments(&control, membership.clone(), worker.clone(), load);
         (control, membership)
     });
-    Ok(ReadyWorker { worker, listener, local_addr, control })
+    Ok(ReadyWorker { worker, listener, local_addr, control, tls: None })
 }
 
 impl ReadyWorker {
@@ -113,11 +115,18 @@ impl ReadyWorker {
         &self.worker
     }
 
+    /// Serves over mutual TLS with `tls` (every client must present a certificate from its CA);
+    /// `None` keeps plaintext.
+    pub fn with_tls(mut self, tls: Option<epserve_tls::ClusterTls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// Serves `ExpertService` until `shutdown` resolves, then leaves the control plane: the lease is
     /// revoked, so coordinators stop sending here now, not a TTL later.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
-        let ReadyWorker { worker, listener, control, .. } = self;
-        let served = serve(worker, listener, shutdown).await;
+        let ReadyWorker { worker, listener, control, tls, .. } = self;
+        let served = serve_with_tls(worker, listener, tls, shutdown).await;
         if let Some((control, membership)) = control {
             control.leave(membership).await;
         }

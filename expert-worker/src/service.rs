@@ -230,24 +230,40 @@ impl ExpertService for Service {
     }
 }
 
-/// Serves `worker` on `listener` until `shutdown` resolves.
+/// Serves `worker` on `listener` until `shutdown` resolves, in plaintext.
 pub async fn serve(
     worker: Arc<ExpertWorker>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with_tls(worker, listener, None, shutdown).await
+}
+
+/// [`serve`] over mutual TLS with `tls` (clients must present a certificate from the cluster CA),
+/// in plaintext without.
+pub async fn serve_with_tls(
+    worker: Arc<ExpertWorker>,
+    listener: tokio::net::TcpListener,
+    tls: Option<epserve_tls::ClusterTls>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "expert worker serving");
-    // Nagle's algorithm would hold back responses until the client's delayed ACK (40 ms): the
-    // builder's `tcp_nodelay` only applies to sockets tonic binds itself, so set it here.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let service = ExpertServiceServer::new(Service(worker))
         .max_decoding_message_size(epserve_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(epserve_proto::MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(64 << 20))
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .add_service(service);
+    match tls {
+        // The TLS listener sets TCP_NODELAY on what it accepts.
+        Some(tls) => router.serve_with_incoming_shutdown(epserve_tls::incoming(listener, tls), shutdown).await,
+        None => {
+            // Nagle's algorithm would hold back responses until the client's delayed ACK (40 ms):
+            // the builder's `tcp_nodelay` only applies to sockets tonic binds itself, so set it here.
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, shutdown).await
+        }
+    }
 }

@@ -31,6 +31,8 @@ pub struct CoordinatorPool {
     backends: RwLock<Vec<Arc<Backend>>>,
     /// Set by `spawn_health_checks`: coordinators added later are polled at the same interval.
     interval: Mutex<Option<Duration>>,
+    /// The identity coordinator links are made with (mutual TLS); `None`: plaintext.
+    tls: Option<epserve_tls::ClusterTls>,
 }
 
 /// Why a generation could not start.
@@ -67,8 +69,13 @@ impl Drop for InFlight {
 impl CoordinatorPool {
     /// Connects lazily: coordinators that are not up yet are picked up by the health checks.
     pub fn new(addrs: &[String]) -> anyhow::Result<Arc<Self>> {
-        let backends = addrs.iter().map(|a| backend(a)).collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Arc::new(CoordinatorPool { backends: RwLock::new(backends), interval: Mutex::new(None) }))
+        Self::with_tls(addrs, None)
+    }
+
+    /// [`Self::new`], the coordinators reached over mutual TLS with `tls` (plaintext without).
+    pub fn with_tls(addrs: &[String], tls: Option<epserve_tls::ClusterTls>) -> anyhow::Result<Arc<Self>> {
+        let backends = addrs.iter().map(|a| backend(a, tls.as_ref())).collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Arc::new(CoordinatorPool { backends: RwLock::new(backends), interval: Mutex::new(None), tls }))
     }
 
     fn backends(&self) -> Vec<Arc<Backend>> {
@@ -100,7 +107,7 @@ impl CoordinatorPool {
             if backends.iter().any(|b| &b.addr == addr) {
                 continue;
             }
-            match backend(addr) {
+            match backend(addr, self.tls.as_ref()) {
                 Ok(b) => {
                     tracing::info!(coordinator = %addr, "coordinator joined the cluster");
                     if let Some(interval) = interval {
@@ -192,14 +199,14 @@ impl CoordinatorPool {
     }
 }
 
-fn backend(addr: &str) -> anyhow::Result<Arc<Backend>> {
+fn backend(addr: &str, tls: Option<&epserve_tls::ClusterTls>) -> anyhow::Result<Arc<Backend>> {
     let uri = epserve_proto::server_uri(addr);
-    let channel = Endpoint::from_shared(uri)?
+    let endpoint = Endpoint::from_shared(uri)?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy();
+        .keep_alive_timeout(Duration::from_secs(5));
+    let channel = epserve_tls::channel(endpoint, tls);
     Ok(Arc::new(Backend {
         addr: addr.to_owned(),
         client: CoordinatorServiceClient::new(channel),

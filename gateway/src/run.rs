@@ -44,6 +44,8 @@ pub struct GatewayConfig {
     pub images: ImageConfig,
     /// Timeouts and limits of the HTTP edge (connections, per-client limits, request fields, CORS).
     pub edge: EdgeConfig,
+    /// Reach the coordinators over mutual TLS with this identity; `None`: plaintext.
+    pub tls: Option<epserve_tls::ClusterTls>,
 }
 
 /// Why a gateway could not start or serve.
@@ -107,6 +109,7 @@ pub async fn start(config: GatewayConfig) -> Result<ReadyGateway, RunError> {
         control,
         images,
         edge,
+        tls,
     } = config;
     if coordinators.is_empty() && control.is_none() {
         return Err(RunError::NoCoordinators);
@@ -120,7 +123,7 @@ pub async fn start(config: GatewayConfig) -> Result<ReadyGateway, RunError> {
         .and_then(|vision| ImageInput::new(images, vision))
         .map_err(|e| RunError::Images { dir: model.clone(), source: e.into() })?;
     let name = served_model_name.unwrap_or_else(|| self::served_model_name(&model));
-    let pool = CoordinatorPool::new(&coordinators).map_err(|e| RunError::Coordinators(e.into()))?;
+    let pool = CoordinatorPool::with_tls(&coordinators, tls).map_err(|e| RunError::Coordinators(e.into()))?;
     pool.spawn_health_checks(health_interval.max(Duration::from_millis(50)));
     if let Some(control) = &control
         && coordinators.is_empty()

@@ -79,6 +79,7 @@ async fn serves_through_a_coordinator_found_in_the_registry() {
         metrics: None,
         control: Some(connection(&plane)),
         images: Default::default(),
+        tls: None,
         edge: Default::default(),
     })
     .await

@@ -1,10 +1,11 @@
 //! A throw-away etcd server for tests and local experiments: the `etcd` binary (Debian's
 //! `etcd-server`) on free loopback ports with a temporary data directory, stopped and removed on
 //! drop. It can be stopped and started again on the same ports and data, to test surviving an etcd
-//! restart.
+//! restart. [`EtcdServer::start_tls`] runs it as production should: clients over TLS, each
+//! required to present a certificate from the given CA (`--client-cert-auth`).
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,18 @@ pub struct EtcdServer {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// With TLS on the client port: its files, and a plaintext port for `/health` (which the
+    /// client port only answers to a client certificate).
+    tls: Option<(EtcdTls, u16)>,
+}
+
+/// The server's certificate and key, and the CA its clients' certificates must chain to (the same
+/// CA is expected to have issued the server's).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -28,7 +41,17 @@ impl EtcdServer {
     /// Starts etcd in a fresh directory under `parent` and waits until it answers (10 s at most).
     pub fn start(parent: &Path) -> std::io::Result<Self> {
         let dir = tempfile::Builder::new().prefix("epserve-etcd-").tempdir_in(parent)?;
-        let mut server = EtcdServer { child: None, dir, client_port: free_port()?, peer_port: free_port()? };
+        let mut server = EtcdServer { child: None, dir, client_port: free_port()?, peer_port: free_port()?, tls: None };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// [`Self::start`] with TLS on the client port and client-certificate authentication
+    /// (`--client-cert-auth --trusted-ca-file --cert-file --key-file`).
+    pub fn start_tls(parent: &Path, tls: EtcdTls) -> std::io::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("epserve-etcd-").tempdir_in(parent)?;
+        let tls = Some((tls, free_port()?));
+        let mut server = EtcdServer { child: None, dir, client_port: free_port()?, peer_port: free_port()?, tls };
         server.spawn()?;
         Ok(server)
     }
@@ -38,9 +61,10 @@ impl EtcdServer {
         format!("127.0.0.1:{}", self.client_port)
     }
 
-    /// `etcd://127.0.0.1:PORT`, as `--registry` takes it.
+    /// `etcd://127.0.0.1:PORT` (`etcds://` with TLS), as `--registry` takes it.
     pub fn url(&self) -> String {
-        format!("etcd://{}", self.endpoint())
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://{}", self.endpoint())
     }
 
     /// Stops the server (SIGTERM, then SIGKILL after 5 s); the data stays.
@@ -76,10 +100,22 @@ impl EtcdServer {
     }
 
     fn spawn(&mut self) -> std::io::Result<()> {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.dir.path().join("etcd.log"))?;
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some((tls, metrics_port)) = &self.tls {
+            command
+                .args(["--client-cert-auth", "--trusted-ca-file"])
+                .arg(&tls.ca)
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{metrics_port}")]);
+        }
+        let child = command
             .args(["--name", "epserve-test", "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
@@ -110,7 +146,8 @@ impl EtcdServer {
     fn healthy(&self) -> bool {
         let agent: ureq::Agent =
             ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(1))).build().into();
-        let url = format!("http://127.0.0.1:{}/health", self.client_port);
+        let port = self.tls.as_ref().map_or(self.client_port, |(_, metrics_port)| *metrics_port);
+        let url = format!("http://127.0.0.1:{port}/health");
         agent
             .get(&url)
             .call()

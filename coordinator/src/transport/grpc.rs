@@ -38,6 +38,8 @@ pub struct GrpcConfig {
     pub connect_timeout: Duration,
     /// How long a step waits for an expert without a live host to get one before failing.
     pub host_wait: Duration,
+    /// Connect to the workers over mutual TLS with this identity; `None`: plaintext.
+    pub tls: Option<epserve_tls::ClusterTls>,
 }
 
 impl GrpcConfig {
@@ -48,6 +50,7 @@ impl GrpcConfig {
             exchange_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             host_wait: Duration::ZERO,
+            tls: None,
         }
     }
 }
@@ -80,8 +83,9 @@ impl GrpcExperts {
         let mut records = Vec::with_capacity(cfg.workers.len());
         for addr in &cfg.workers {
             let unavailable = |reason: String| TransportError::Unavailable { worker: addr.clone(), reason };
-            let channel =
-                endpoint(addr, cfg.connect_timeout)?.connect().await.map_err(|e| unavailable(format!("{e:?}")))?;
+            let channel = epserve_tls::connect(endpoint(addr, cfg.connect_timeout)?, cfg.tls.as_ref())
+                .await
+                .map_err(|e| unavailable(format!("{e:?}")))?;
             let status = ExpertServiceClient::new(channel)
                 .status(StatusRequest {})
                 .await
@@ -97,7 +101,7 @@ impl GrpcExperts {
                 ..Instance::new(Kind::Worker, addr.clone(), addr.clone())
             });
         }
-        let workers = WorkerSet::new(model, cfg.connect_timeout);
+        let workers = WorkerSet::new(model, cfg.connect_timeout, cfg.tls.clone());
         workers.sync(&records, None).await;
         workers.routes().check_complete(model)?;
         let (members, members_rx) = watch::channel(records);
@@ -117,7 +121,7 @@ impl GrpcExperts {
         placement: watch::Receiver<Option<PlacementMap>>,
         startup_wait: Duration,
     ) -> Result<Self, TransportError> {
-        let workers = WorkerSet::new(model, cfg.connect_timeout);
+        let workers = WorkerSet::new(model, cfg.connect_timeout, cfg.tls.clone());
         let mut generation = workers.generation.subscribe();
         tokio::spawn(workers.clone().follow(members, placement));
         let deadline = tokio::time::Instant::now() + startup_wait;

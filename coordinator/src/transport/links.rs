@@ -115,6 +115,8 @@ struct Loss {
 pub(super) struct WorkerSet {
     model: TextConfig,
     connect_timeout: Duration,
+    /// The identity worker links are made with (mutual TLS); `None`: plaintext.
+    tls: Option<epserve_tls::ClusterTls>,
     links: Mutex<HashMap<String, Arc<WorkerLink>>>,
     routes: RwLock<Arc<Routes>>,
     /// Bumped whenever the routes change; waiting for a host listens to it.
@@ -128,10 +130,11 @@ fn unix_ms() -> u128 {
 }
 
 impl WorkerSet {
-    pub fn new(model: &TextConfig, connect_timeout: Duration) -> Arc<Self> {
+    pub fn new(model: &TextConfig, connect_timeout: Duration, tls: Option<epserve_tls::ClusterTls>) -> Arc<Self> {
         Arc::new(WorkerSet {
             model: model.clone(),
             connect_timeout,
+            tls,
             links: Mutex::new(HashMap::new()),
             routes: RwLock::new(Arc::new(Routes::default())),
             generation: watch::channel(0).0,
@@ -276,11 +279,13 @@ impl WorkerSet {
 
     async fn connect(self: &Arc<Self>, w: &Instance) -> Result<Arc<WorkerLink>, TransportError> {
         let unavailable = |reason: String| TransportError::Unavailable { worker: w.addr.clone(), reason };
-        let channel: Channel =
-            tokio::time::timeout(self.connect_timeout, endpoint(&w.addr, self.connect_timeout)?.connect())
-                .await
-                .map_err(|_| unavailable("connect timed out".into()))?
-                .map_err(|e| unavailable(format!("{e:?}")))?;
+        let channel: Channel = tokio::time::timeout(
+            self.connect_timeout,
+            epserve_tls::connect(endpoint(&w.addr, self.connect_timeout)?, self.tls.as_ref()),
+        )
+        .await
+        .map_err(|_| unavailable("connect timed out".into()))?
+        .map_err(|e| unavailable(format!("{e:?}")))?;
         let mut client = ExpertServiceClient::new(channel)
             .max_decoding_message_size(epserve_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(epserve_proto::MAX_MESSAGE_BYTES);

@@ -203,6 +203,7 @@ pub async fn serve_gateway<C: CoordinatorService>(
         control: None,
         images: ImageConfig::default(),
         edge: EdgeConfig::default(),
+        tls: None,
     };
     configure(&mut config);
     let gateway = epserve_gateway::start(config).await.expect("gateway starts");
