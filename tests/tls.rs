@@ -244,3 +244,24 @@ fn a_cluster_registers_through_etcd_with_client_certificates() {
     });
     assert!(listed.is_err(), "etcd must refuse a client without a certificate: {listed:?}");
 }
+
+#[test]
+fn epserve_certs_issues_a_ca_and_component_certificates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("certs");
+    let printed =
+        support::run_ok(&["certs", "--out", out.to_str().expect("utf-8"), "--hosts", "node-1.internal,10.1.2.3"]);
+    let certs = DevCertificates { dir: out.clone() };
+    for component in epserve_tls::dev::COMPONENTS {
+        let files = certs.files(component);
+        assert!(printed.contains(&files.cert.display().to_string()), "{printed}");
+        load(files.clone());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&files.key).expect("key").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", files.key.display());
+        }
+    }
+    assert!(out.join(epserve_tls::dev::CA_KEY).exists());
+}

@@ -9,11 +9,11 @@ use anyhow::{Context, Result};
 pub struct CertsArgs {
     /// Directory to write the CA and the certificates into (created if missing; earlier files are
     /// replaced).
-    #[arg(long)]
+    #[arg(long, env = "EPSERVE_CERTS_OUT")]
     pub out: PathBuf,
     /// Host names and IP addresses the certificates are valid for, besides localhost, 127.0.0.1 and
     /// ::1: every address peers use to reach a component.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', env = "EPSERVE_CERTS_HOSTS")]
     pub hosts: Vec<String>,
 }
 
