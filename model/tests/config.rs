@@ -255,6 +255,27 @@ fn out_of_range_token_ids_are_rejected_with_their_path() {
 }
 
 #[test]
+fn sizes_are_bounded_so_derived_sizes_fit() {
+    // fuzz/corpus/model_config/regression-huge-hidden-size: a hidden size of 1e116 was read as
+    // usize::MAX, and an expert's parameter count (3 · hidden · intermediate) overflowed.
+    let base = read("tiny-llama4/config.json");
+    let cases = [
+        ("hidden_size", json!(1e116), "text_config.hidden_size: expected a non-negative integer, got 1e+116"),
+        ("hidden_size", json!(1u64 << 62), "text_config.hidden_size: 4611686018427387904 is more than 16777216"),
+        ("intermediate_size", json!(16777217), "text_config.intermediate_size: 16777217 is more than 16777216"),
+        ("num_local_experts", json!(1u64 << 40), "text_config.num_local_experts: 1099511627776 is more than 16777216"),
+    ];
+    for (key, value, expected) in cases {
+        let mut v = base.clone();
+        v["text_config"][key] = value;
+        assert_eq!(field_error(&v), expected);
+    }
+    let mut v = base.clone();
+    v["text_config"]["hidden_size"] = json!(64.0);
+    assert_eq!(ModelConfig::from_json(&v).expect("an integral float is a count").text.hidden_size, 64);
+}
+
+#[test]
 fn eos_is_one_id_or_a_list() {
     let base = read("tiny-llama4/config.json");
     let eos = |value: &Value| ModelConfig::from_json(value).expect("parses").text.eos_token_ids;

@@ -224,7 +224,8 @@ impl<'de> Deserialize<'de> for Count {
 fn count(v: &Value) -> Option<usize> {
     match v.as_u64() {
         Some(x) => usize::try_from(x).ok(),
-        None => v.as_f64().filter(|x| *x >= 0.0 && x.fract() == 0.0).map(|x| x as usize),
+        // Only floats that are exact integers: `as` would turn 1e116 into usize::MAX.
+        None => v.as_f64().filter(|x| *x >= 0.0 && *x <= 2f64.powi(53) && x.fract() == 0.0).map(|x| x as usize),
     }
 }
 

@@ -40,6 +40,12 @@ fn required<T>(value: Option<T>, at: &FieldPath, key: &str) -> Result<T> {
     value.ok_or_else(|| at.error(key, "is required"))
 }
 
+/// Largest size or count of the text config: sizes derived from two of them (an expert's
+/// `3 · hidden · intermediate` parameters, in bytes) must fit `usize`; 2²⁴ is far above any Llama 4
+/// (Maverick's vocabulary is 202,048). A larger value wrapped those products in release builds
+/// (found by fuzz/fuzz_targets/model_config.rs).
+const MAX_SIZE: usize = 1 << 24;
+
 /// `top_level_eos` is used when the text config has no `eos_token_id` of its own.
 fn text_config(raw: RawTextConfig, at: &FieldPath, top_level_eos: Option<OneOrMany<TokenId>>) -> Result<TextConfig> {
     let Count(hidden_size) = required(raw.hidden_size, at, "hidden_size")?;
@@ -62,6 +68,12 @@ fn text_config(raw: RawTextConfig, at: &FieldPath, top_level_eos: Option<OneOrMa
         if value == 0 {
             return Err(at.error(key, "must be positive"));
         }
+        if value > MAX_SIZE {
+            return Err(at.error(key, format!("{value} is more than {MAX_SIZE}")));
+        }
+    }
+    if num_local_experts > MAX_SIZE {
+        return Err(at.error("num_local_experts", format!("{num_local_experts} is more than {MAX_SIZE}")));
     }
     if num_attention_heads % num_key_value_heads != 0 {
         return Err(at.error(
