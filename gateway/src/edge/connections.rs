@@ -7,6 +7,11 @@
 //! the timer runs whenever a head is awaited). HTTP/2 is not offered: hyper has no header timeout for
 //! it, and no OpenAI client speaks cleartext HTTP/2. Connections past `max_connections` are closed as
 //! soon as they are accepted, before a byte is read.
+//!
+//! Each connection's kernel send buffer is fixed at [`SEND_BUFFER_BYTES`] instead of autotuned: on
+//! loopback and fast links Linux grows it to 4 MiB, which a streaming client that stops reading fills
+//! only after minutes of output, all that time holding its generation (and KV cache) on a
+//! coordinator. Fixed, the stream stall timeout starts after at most this much unread output.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -38,6 +43,10 @@ impl Default for ConnectionLimits {
         ConnectionLimits { header_timeout: Duration::from_secs(10), max_connections: 4096 }
     }
 }
+
+/// The kernel send buffer of every connection (Linux doubles it for its bookkeeping). Answers are
+/// JSON bodies and token streams of a few hundred bytes an event: this is ample for them.
+pub const SEND_BUFFER_BYTES: usize = 128 << 10;
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and waits for the
 /// open connections to finish their requests (idle ones are closed at once).
@@ -72,6 +81,9 @@ pub async fn serve(
         // until the client's delayed ACK (up to 40 ms), which shows as time to first token.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!("TCP_NODELAY: {e}");
+        }
+        if let Err(e) = socket2::SockRef::from(&tcp).set_send_buffer_size(SEND_BUFFER_BYTES) {
+            tracing::warn!("SO_SNDBUF: {e}");
         }
         // The client's address, for `ConnectInfo` (per-client limits when there are no API keys).
         let app = app.clone().map_request(move |mut request: axum::http::Request<Incoming>| {
