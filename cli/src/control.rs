@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
+use epserve_control::address::Advertise;
 use epserve_control::{ControlConnection, RegistrySecurity};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -75,9 +76,18 @@ impl ControlArgs {
 pub struct JoinArgs {
     #[command(flatten)]
     pub control: ControlArgs,
-    /// This instance's name in the registry; default: its kind and listen address.
+    /// This instance's name in the registry; default: its kind and advertised address.
     #[arg(long, env = "EPSERVE_NAME")]
     pub name: Option<String>,
+    /// The address others connect to, written in the registry: `HOST` (the listen port is kept) or
+    /// `HOST:PORT`. Default: the listen address, or, when that is unspecified (`0.0.0.0`, `[::]`),
+    /// this host's address on its default route. Never an unspecified address.
+    #[arg(long, env = "EPSERVE_ADVERTISE", value_parser = parse_advertise)]
+    pub advertise: Option<Advertise>,
+}
+
+fn parse_advertise(value: &str) -> Result<Advertise, String> {
+    Advertise::parse(value).map_err(|e| e.to_string())
 }
 
 impl JoinArgs {
@@ -96,12 +106,13 @@ impl JoinArgs {
         }
         // A lease shorter than a second would expire between two renewals on a loaded machine.
         let ttl = Duration::from_millis(self.control.lease_ttl_ms.max(1000));
-        Ok(Some(ControlConnection::connect_with(
+        let connection = ControlConnection::connect_with(
             url,
             &self.control.cluster,
             ttl,
             self.name.clone(),
             &self.control.security(),
-        )?))
+        )?;
+        Ok(Some(connection.with_advertise(self.advertise.clone())))
     }
 }

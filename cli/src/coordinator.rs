@@ -35,6 +35,10 @@ pub struct CoordinatorArgs {
     /// Sequences in the running batch at most.
     #[arg(long, default_value_t = 256, env = "EPSERVE_MAX_RUNNING")]
     pub max_running: usize,
+    /// Requests accepted and not yet running at most; past it `Generate` answers
+    /// `RESOURCE_EXHAUSTED` (the gateway tries another coordinator, then answers 429).
+    #[arg(long, default_value_t = 1024, env = "EPSERVE_MAX_WAITING")]
+    pub max_waiting: usize,
     /// Longest sequence (prompt + output); default: the model's limit, capped by the KV capacity.
     #[arg(long, env = "EPSERVE_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
@@ -46,8 +50,8 @@ pub struct CoordinatorArgs {
 }
 
 pub fn run(args: CoordinatorArgs) -> Result<()> {
-    if args.kv_block_size == 0 || args.max_batch_tokens == 0 || args.max_running == 0 {
-        bail!("--kv-block-size, --max-batch-tokens and --max-running must be positive");
+    if args.kv_block_size == 0 || args.max_batch_tokens == 0 || args.max_running == 0 || args.max_waiting == 0 {
+        bail!("--kv-block-size, --max-batch-tokens, --max-running and --max-waiting must be positive");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().thread_name("epserve-io").enable_all().build()?;
     if let Some(addr) = &args.metrics_listen {
@@ -67,6 +71,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             kv_block_size: args.kv_block_size,
             max_batch_tokens: args.max_batch_tokens,
             max_running: args.max_running,
+            max_waiting: args.max_waiting,
             max_model_len: args.max_model_len,
         },
         overlap: args.experts.overlap,

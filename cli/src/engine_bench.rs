@@ -67,7 +67,7 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
                         let prompt: Vec<u32> = (0..prompt_len)
                             .map(|i| ((i * 31 + client * 7 + r * 13 + 1) % vocab.min(2000)) as u32)
                             .collect();
-                        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                        let (tx, mut rx) = tokio::sync::mpsc::channel(epserve_coordinator::engine::EVENT_BUFFER);
                         let sampling =
                             SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..Default::default() };
                         let sent = Instant::now();

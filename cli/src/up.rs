@@ -1,8 +1,10 @@
 //! `epserve up`: a whole cluster on this machine — W expert workers, C coordinators and the gateway,
 //! each a separate `epserve` process talking real gRPC over loopback. Wired with static addresses
 //! by default; with `--registry etcd://...` every component registers there instead. Waits until
-//! the gateway is ready, prints the URL and a curl example, and stops everything on Ctrl-C (or when
-//! any component dies).
+//! the gateway is ready, prints the URL and a curl example, and stops everything on Ctrl-C. A
+//! component that dies is restarted on the same address (so that static wiring still reaches it),
+//! after a back-off that doubles with each recent restart; one that keeps dying (a crash loop)
+//! stops the cluster with its reason.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -84,49 +86,76 @@ fn cache_dir(explicit: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".epserve-cache"))
 }
 
+/// Restarts of one component within [`CRASH_LOOP_WINDOW`] after which `up` gives up.
+const CRASH_LOOP_RESTARTS: usize = 5;
+const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(300);
+
+/// One component: how it was started (to start it again) and when it was restarted.
+struct Component {
+    name: String,
+    args: Vec<String>,
+    child: Child,
+    restarts: Vec<Instant>,
+}
+
 /// The component processes `up` started, by name; all are stopped when this is dropped.
 struct ComponentProcesses {
-    children: Vec<(String, Child)>,
+    children: Vec<Component>,
 }
 
 impl ComponentProcesses {
-    /// Starts `epserve ARGS`, waits for its `listening on` line and returns the address.
+    /// Starts `epserve ARGS`, waits for its `listening on` line and returns the address; a
+    /// restart listens on that same address.
     fn start(&mut self, name: String, args: &[String]) -> Result<String> {
-        let exe = std::env::current_exe().context("locating the epserve binary")?;
-        let mut child = Command::new(exe)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        self.children.push((name.clone(), child));
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(addr.trim().to_owned());
-                }
+        let (child, addr) = spawn_component(&name, args)?;
+        let mut args = args.to_vec();
+        if let Some(i) = args.iter().position(|a| a == "--listen") {
+            args[i + 1] = addr.clone();
+        }
+        self.children.push(Component { name, args, child, restarts: Vec::new() });
+        Ok(addr)
+    }
+
+    /// Restarts every component that has exited, after its back-off. An error when one has been
+    /// restarted [`CRASH_LOOP_RESTARTS`] times within [`CRASH_LOOP_WINDOW`] already.
+    fn restart_exited(&mut self) -> Result<()> {
+        for c in &mut self.children {
+            let Ok(Some(status)) = c.child.try_wait() else { continue };
+            c.restarts.retain(|at| at.elapsed() < CRASH_LOOP_WINDOW);
+            if c.restarts.len() >= CRASH_LOOP_RESTARTS {
+                bail!(
+                    "{} exited ({status}) after {} restarts within {} s",
+                    c.name,
+                    c.restarts.len(),
+                    CRASH_LOOP_WINDOW.as_secs()
+                );
             }
-        });
-        rx.recv_timeout(Duration::from_secs(600)).with_context(|| format!("{name} did not start (see its log above)"))
+            let backoff = Duration::from_secs(1 << c.restarts.len().min(5));
+            tracing::warn!("{} exited ({status}): restarting it in {} s", c.name, backoff.as_secs());
+            std::thread::sleep(backoff);
+            let (child, addr) = spawn_component(&c.name, &c.args)?;
+            c.child = child;
+            c.restarts.push(Instant::now());
+            tracing::info!("{} restarted on {addr}", c.name);
+        }
+        Ok(())
     }
 
     /// The first child that has exited, if any.
     fn exited(&mut self) -> Option<String> {
-        self.children.iter_mut().find_map(|(name, c)| match c.try_wait() {
-            Ok(Some(status)) => Some(format!("{name} exited ({status})")),
+        self.children.iter_mut().find_map(|c| match c.child.try_wait() {
+            Ok(Some(status)) => Some(format!("{} exited ({status})", c.name)),
             _ => None,
         })
     }
 
     fn stop(&mut self) {
-        for (_, child) in self.children.iter().rev() {
+        for c in self.children.iter().rev() {
             // Already gone is fine: it is reaped below.
-            let _ = kill_process(Pid::from_child(child), Signal::TERM);
+            let _ = kill_process(Pid::from_child(&c.child), Signal::TERM);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        for (name, child) in self.children.iter_mut().rev() {
+        for Component { name, child, .. } in self.children.iter_mut().rev() {
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
                     break;
@@ -140,6 +169,35 @@ impl ComponentProcesses {
             }
         }
         self.children.clear();
+    }
+}
+
+/// Starts `epserve ARGS` and waits for its `listening on` line: the child and the address. A
+/// child that does not get there is killed.
+fn spawn_component(name: &str, args: &[String]) -> Result<(Child, String)> {
+    let exe = std::env::current_exe().context("locating the epserve binary")?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                let _ = tx.send(addr.trim().to_owned());
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(600)) {
+        Ok(addr) => Ok((child, addr)),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{name} did not start (see its log above)")
+        }
     }
 }
 
@@ -236,8 +294,8 @@ pub fn run(args: UpArgs) -> Result<()> {
         a.extend(["--api-key".into(), args.api_keys.join(",")]);
     }
     a.extend(args.images.to_flags());
-    a.extend(tls_flags("gateway"));
     a.extend(args.edge.to_flags());
+    a.extend(tls_flags("gateway"));
     let gateway = processes.start("gateway".into(), &a)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -267,8 +325,8 @@ pub fn run(args: UpArgs) -> Result<()> {
             tokio::select! {
                 _ = &mut shutdown => break None,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                    if let Some(dead) = processes.exited() {
-                        break Some(dead);
+                    if let Err(crash_loop) = processes.restart_exited() {
+                        break Some(crash_loop.to_string());
                     }
                 }
             }

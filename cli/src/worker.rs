@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use epserve_expert_worker::{ExpertSelection, WorkerConfig};
+use epserve_expert_worker::{ExchangeLimits, ExpertSelection, WorkerConfig};
 
 use crate::control::JoinArgs;
 use crate::load::{ComputeDtype, QuantArgs, WeightStorageArg};
@@ -31,6 +31,13 @@ pub struct WorkerArgs {
     pub weight_storage: WeightStorageArg,
     #[command(flatten)]
     pub quant: QuantArgs,
+    /// Exchanges of one coordinator stream taken in at once; past it the stream is not read (HTTP/2
+    /// flow control holds the sender back).
+    #[arg(long, default_value_t = 16, env = "EPSERVE_MAX_EXCHANGES_PER_STREAM")]
+    pub max_exchanges_per_stream: usize,
+    /// Request payload MiB in flight over all streams (a larger frame runs alone).
+    #[arg(long, default_value_t = 512, env = "EPSERVE_EXCHANGE_MEMORY_MB")]
+    pub exchange_memory_mb: usize,
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     #[arg(long, env = "EPSERVE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -57,6 +64,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         selection,
         dtype: args.dtype.into(),
         weights: args.quant.policy(args.weight_storage.into()),
+        limits: ExchangeLimits { per_stream: args.max_exchanges_per_stream, bytes: args.exchange_memory_mb << 20 },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().thread_name("epserve-io").enable_all().build()?;
     runtime.block_on(async move {

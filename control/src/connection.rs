@@ -4,6 +4,7 @@
 //! its etcd leases on a small runtime of their own).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +12,9 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::address::{Advertise, advertised_addr};
 use crate::plane::{ControlPlane, Membership};
-use crate::registry::RegistryError;
+use crate::registry::{Fence, RegistryError};
 use crate::registry_security::RegistrySecurity;
 use crate::types::{Instance, Kind, PlacementMap};
 
@@ -40,6 +42,11 @@ pub struct ControlConnection {
     handle: Handle,
     lease_ttl: Duration,
     name: Option<String>,
+    /// What to advertise instead of the bound address (`--advertise`).
+    advertise: Option<Advertise>,
+    /// The registry's first endpoint (`host:port`), to find this host's route when it has no
+    /// default route.
+    registry_endpoint: Option<String>,
 }
 
 impl ControlConnection {
@@ -64,7 +71,12 @@ impl ControlConnection {
             .block_on(crate::plane::connect_with(url, cluster, security))
             .map_err(|source| ConnectError::Registry { url: url.to_owned(), source })?;
         tracing::info!(registry = %plane.describe(), cluster, "control plane");
-        Ok(Self::with_runtime(plane, runtime, lease_ttl, name))
+        let mut connection = Self::with_runtime(plane, runtime, lease_ttl, name);
+        connection.registry_endpoint = url
+            .split_once("://")
+            .and_then(|(_, hosts)| hosts.split(',').next())
+            .map(|h| h.trim().trim_end_matches('/').to_owned());
+        Ok(connection)
     }
 
     /// Joins an existing plane: several components of one process can share one
@@ -75,7 +87,27 @@ impl ControlConnection {
 
     fn with_runtime(plane: ControlPlane, runtime: Runtime, lease_ttl: Duration, name: Option<String>) -> Self {
         let handle = runtime.handle().clone();
-        ControlConnection { plane, runtime: Some(runtime), handle, lease_ttl, name }
+        ControlConnection {
+            plane,
+            runtime: Some(runtime),
+            handle,
+            lease_ttl,
+            name,
+            advertise: None,
+            registry_endpoint: None,
+        }
+    }
+
+    /// Advertises `advertise` (`--advertise`) in this process's records instead of the address
+    /// its server is bound to.
+    pub fn with_advertise(mut self, advertise: Option<Advertise>) -> Self {
+        self.advertise = advertise;
+        self
+    }
+
+    /// The address to write in a record for a server bound to `local` (see [`advertised_addr`]).
+    pub fn advertised(&self, local: SocketAddr) -> String {
+        advertised_addr(local, self.advertise.as_ref(), self.registry_endpoint.as_deref())
     }
 
     pub fn plane(&self) -> &ControlPlane {
@@ -105,7 +137,7 @@ impl ControlConnection {
     }
 
     /// Campaigns for `election` as `member` (see [`ControlPlane::campaign`]).
-    pub fn campaign(&self, election: &str, member: &Membership) -> watch::Receiver<bool> {
+    pub fn campaign(&self, election: &str, member: &Membership) -> watch::Receiver<Option<Fence>> {
         let _entered = self.handle.enter();
         self.plane.campaign(election, member)
     }

@@ -14,6 +14,7 @@ use epserve_proto::metric_names as m;
 use tokio::sync::watch;
 
 use crate::plane::ControlPlane;
+use crate::registry::Fence;
 use crate::types::{Instance, LayerPlacement, PlacementMap};
 
 /// The MoE layers and expert count of the served model.
@@ -92,12 +93,13 @@ pub fn reconcile(layout: &Layout, current: Option<&PlacementMap>, live: &[Instan
 pub async fn run(
     plane: ControlPlane,
     layout: Layout,
-    mut leading: watch::Receiver<bool>,
+    mut leading: watch::Receiver<Option<Fence>>,
     mut workers: watch::Receiver<Vec<Instance>>,
     mut placement: watch::Receiver<Option<PlacementMap>>,
 ) {
     loop {
-        if *leading.borrow_and_update() {
+        let fence = leading.borrow_and_update().clone();
+        if let Some(fence) = fence {
             let live = workers.borrow_and_update().clone();
             metrics::gauge!(m::CONTROL_LIVE_WORKERS).set(live.len() as f64);
             // Read the map from the registry rather than the follower's copy: the compare-and-swap
@@ -105,10 +107,15 @@ pub async fn run(
             match plane.placement().await {
                 Ok(current) => {
                     if let Some(next) = reconcile(&layout, current.as_ref(), &live) {
-                        match plane.swap_placement(&next).await {
+                        match plane.swap_placement(&next, Some(&fence)).await {
                             Ok(true) => tracing::info!(version = next.version + 1, "placement updated"),
                             Ok(false) => {
-                                tracing::info!("placement changed concurrently; reconciling again");
+                                // Changed concurrently, or this coordinator no longer leads (the
+                                // campaign will say so).
+                                tracing::info!(
+                                    "placement not written: changed concurrently or leadership lost; reconciling again"
+                                );
+                                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                                 continue;
                             }
                             Err(e) => tracing::warn!("writing the placement: {e}"),

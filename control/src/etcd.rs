@@ -9,7 +9,7 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 use tokio::sync::mpsc;
 
-use crate::registry::{BoxFuture, Changes, Entry, LeaseId, Registry, RegistryError, Result};
+use crate::registry::{BoxFuture, Changes, Entry, Fence, LeaseId, Registry, RegistryError, Result};
 use crate::registry_security::RegistrySecurity;
 
 #[derive(Clone)]
@@ -143,12 +143,16 @@ impl Registry for EtcdRegistry {
         value: Vec<u8>,
         expected: u64,
         lease: Option<LeaseId>,
+        fence: Option<&'a Fence>,
     ) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let full = self.full(key);
-            let txn = Txn::new()
-                .when([Compare::version(full.clone(), CompareOp::Equal, expected as i64)])
-                .and_then([TxnOp::put(full, value, put_options(lease))]);
+            let mut conditions = vec![Compare::version(full.clone(), CompareOp::Equal, expected as i64)];
+            if let Some(f) = fence {
+                // A missing key compares with lease 0, which no granted lease has.
+                conditions.push(Compare::lease(self.full(&f.key), CompareOp::Equal, f.lease));
+            }
+            let txn = Txn::new().when(conditions).and_then([TxnOp::put(full, value, put_options(lease))]);
             match self.client.clone().txn(txn).await {
                 Ok(r) => Ok(r.succeeded()),
                 Err(e) => Err(write_error(e, lease)),

@@ -9,6 +9,7 @@
 //! under the instance's lease), `placement` ([`PlacementMap`], version = the key's version),
 //! `leader/<election>` (the leader's id, under its lease).
 
+pub mod address;
 mod connection;
 pub mod controller;
 mod etcd;
@@ -22,6 +23,6 @@ pub use connection::{ConnectError, ControlConnection};
 pub use etcd::EtcdRegistry;
 pub use memory::MemoryRegistry;
 pub use plane::{ControlPlane, MemberState, Membership, connect, connect_with};
-pub use registry::{BoxFuture, Changes, Entry, LeaseId, Registry, RegistryError, Result};
+pub use registry::{BoxFuture, Changes, Entry, Fence, LeaseId, Registry, RegistryError, Result};
 pub use registry_security::RegistrySecurity;
 pub use types::{Instance, Kind, LayerPlacement, PLACEMENT_KEY, PlacementMap, instance_key, instances_prefix};

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use crate::registry::{BoxFuture, Changes, Entry, LeaseId, Registry, RegistryError, Result};
+use crate::registry::{BoxFuture, Changes, Entry, Fence, LeaseId, Registry, RegistryError, Result};
 
 #[derive(Debug)]
 struct Stored {
@@ -156,10 +156,16 @@ impl Registry for MemoryRegistry {
         value: Vec<u8>,
         expected: u64,
         lease: Option<LeaseId>,
+        fence: Option<&'a Fence>,
     ) -> BoxFuture<'a, Result<bool>> {
         ready(self.with(|s| {
             s.check_lease(lease)?;
             if s.entries.get(key).map_or(0, |e| e.version) != expected {
+                return Ok(false);
+            }
+            if let Some(f) = fence
+                && s.entries.get(&f.key).and_then(|e| e.lease) != Some(f.lease)
+            {
                 return Ok(false);
             }
             s.write(key, value, lease);

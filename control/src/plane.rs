@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use crate::memory::MemoryRegistry;
-use crate::registry::{Entry, LeaseId, Registry, RegistryError, Result};
+use crate::registry::{Entry, Fence, LeaseId, Registry, RegistryError, Result};
 use crate::registry_security::RegistrySecurity;
 use crate::types::{Instance, Kind, PLACEMENT_KEY, PlacementMap, instances_prefix};
 
@@ -270,10 +270,11 @@ impl ControlPlane {
         }
     }
 
-    /// Writes `map` if the stored version is still `map.version` (0: no map yet). `Ok(false)`:
-    /// someone else changed it first; read it again.
-    pub async fn swap_placement(&self, map: &PlacementMap) -> Result<bool> {
-        let written = self.registry.put_if_version(PLACEMENT_KEY, encode(map), map.version, None).await?;
+    /// Writes `map` if the stored version is still `map.version` (0: no map yet) and, with a
+    /// `fence` (from [`Self::campaign`]), only while its holder still leads. `Ok(false)`: someone
+    /// else changed it first (read it again), or the leadership was lost.
+    pub async fn swap_placement(&self, map: &PlacementMap, fence: Option<&Fence>) -> Result<bool> {
+        let written = self.registry.put_if_version(PLACEMENT_KEY, encode(map), map.version, None, fence).await?;
         if written {
             metrics::gauge!(m::CONTROL_PLACEMENT_VERSION).set((map.version + 1) as f64);
         }
@@ -296,11 +297,13 @@ impl ControlPlane {
         Ok(self.registry.get(&leader_key(election)).await?.map(|e| String::from_utf8_lossy(&e.value).into_owned()))
     }
 
-    /// Campaigns for `election` as `member` for as long as the membership lives: the receiver says
-    /// whether `member` leads now. Leadership is a key held by the member's lease, so it ends when
-    /// the lease does; the others take over as soon as the key is gone.
-    pub fn campaign(&self, election: &str, member: &Membership) -> watch::Receiver<bool> {
-        let (tx, rx) = watch::channel(false);
+    /// Campaigns for `election` as `member` for as long as the membership lives: the receiver holds
+    /// the leadership's [`Fence`] while `member` leads, `None` otherwise. Leadership is a key held by
+    /// the member's lease, so it ends when the lease does; the others take over as soon as the key
+    /// is gone. Writes the leader makes are fenced by it ([`Self::swap_placement`]): a deposed
+    /// leader that has not noticed yet cannot overwrite its successor's decisions.
+    pub fn campaign(&self, election: &str, member: &Membership) -> watch::Receiver<Option<Fence>> {
+        let (tx, rx) = watch::channel(None);
         let registry = self.registry.clone();
         let key = leader_key(election);
         let id = member.id();
@@ -310,7 +313,7 @@ impl ControlPlane {
             let mut changes: Option<crate::registry::Changes> = None;
             loop {
                 if *stopped.borrow() {
-                    tx.send_replace(false);
+                    tx.send_replace(None);
                     return;
                 }
                 if changes.is_none() {
@@ -321,14 +324,15 @@ impl ControlPlane {
                     None => Ok(false),
                     Some(lease) => match registry.get(&key).await {
                         Ok(Some(e)) => Ok(e.lease == Some(lease)),
-                        Ok(None) => registry.put_if_version(&key, id.clone().into_bytes(), 0, Some(lease)).await,
+                        Ok(None) => registry.put_if_version(&key, id.clone().into_bytes(), 0, Some(lease), None).await,
                         Err(e) => Err(e),
                     },
                 };
                 match leading {
                     Ok(now) => {
-                        let before = tx.send_replace(now);
-                        if now != before {
+                        let fence = lease.filter(|_| now).map(|lease| Fence { key: key.clone(), lease });
+                        let before = tx.send_replace(fence.clone());
+                        if fence != before {
                             tracing::info!(%id, election = %key, "{}", if now { "became leader" } else { "no longer leader" });
                         }
                     }

@@ -46,6 +46,15 @@ pub struct Entry {
 /// away): the caller lists again and re-watches.
 pub type Changes = mpsc::Receiver<()>;
 
+/// A condition on another key that a write requires: `key` must exist and be held by `lease`.
+/// Leadership is such a key (held by the leader's lease), so a write fenced by it is refused once
+/// the writer is no longer the leader, even if it has not noticed yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub key: String,
+    pub lease: LeaseId,
+}
+
 /// A control-plane backend. Keys are relative to the cluster's namespace, which the backend adds.
 pub trait Registry: Send + Sync + fmt::Debug {
     /// Grants a lease that expires `ttl` after its last keep-alive.
@@ -56,13 +65,15 @@ pub trait Registry: Send + Sync + fmt::Debug {
     fn revoke(&self, lease: LeaseId) -> BoxFuture<'_, Result<()>>;
     /// Writes `key` (under `lease` when given). Fails when the lease does not exist.
     fn put<'a>(&'a self, key: &'a str, value: Vec<u8>, lease: Option<LeaseId>) -> BoxFuture<'a, Result<()>>;
-    /// Writes `key` only if its version is `expected` (0: the key must be absent); `Ok(false)` if not.
+    /// Writes `key` only if its version is `expected` (0: the key must be absent) and, with a
+    /// `fence`, only while the fence's key is held by its lease, atomically; `Ok(false)` if not.
     fn put_if_version<'a>(
         &'a self,
         key: &'a str,
         value: Vec<u8>,
         expected: u64,
         lease: Option<LeaseId>,
+        fence: Option<&'a Fence>,
     ) -> BoxFuture<'a, Result<bool>>;
     /// Deletes `key` only if it is held by `lease`; `Ok(false)` if not.
     fn delete_if_lease<'a>(&'a self, key: &'a str, lease: LeaseId) -> BoxFuture<'a, Result<bool>>;

@@ -40,10 +40,10 @@ async fn eventually(what: &str, within: Duration, mut check: impl AsyncFnMut() -
 }
 
 async fn compare_and_swap(r: Arc<dyn Registry>) {
-    assert!(r.put_if_version("cas", b"one".to_vec(), 0, None).await.expect("create"));
-    assert!(!r.put_if_version("cas", b"again".to_vec(), 0, None).await.expect("exists"), "create twice");
-    assert!(!r.put_if_version("cas", b"stale".to_vec(), 2, None).await.expect("wrong version"));
-    assert!(r.put_if_version("cas", b"two".to_vec(), 1, None).await.expect("swap"));
+    assert!(r.put_if_version("cas", b"one".to_vec(), 0, None, None).await.expect("create"));
+    assert!(!r.put_if_version("cas", b"again".to_vec(), 0, None, None).await.expect("exists"), "create twice");
+    assert!(!r.put_if_version("cas", b"stale".to_vec(), 2, None, None).await.expect("wrong version"));
+    assert!(r.put_if_version("cas", b"two".to_vec(), 1, None, None).await.expect("swap"));
     let e = r.get("cas").await.expect("get").expect("present");
     assert_eq!((e.value.as_slice(), e.version), (&b"two"[..], 2));
     r.put("cas", b"three".to_vec(), None).await.expect("put");
@@ -163,13 +163,13 @@ async fn placement_is_compare_and_swap(r: Arc<dyn Registry>) {
     assert!(plane.placement().await.expect("read").is_none());
     let mut map = PlacementMap { version: 0, layers: vec![] };
     map.layers.push(epserve_control::LayerPlacement { layer: 1, hosts: vec![vec!["a".into()], vec![]] });
-    assert!(plane.swap_placement(&map).await.expect("create"));
-    assert!(!plane.swap_placement(&map).await.expect("stale"), "a second writer with the same version loses");
+    assert!(plane.swap_placement(&map, None).await.expect("create"));
+    assert!(!plane.swap_placement(&map, None).await.expect("stale"), "a second writer with the same version loses");
     let stored = plane.placement().await.expect("read").expect("present");
     assert_eq!((stored.version, stored.hosts(1, 0)), (1, &["a".to_owned()][..]));
     let mut next = stored.clone();
     next.layers[0].hosts[1].push("b".into());
-    assert!(plane.swap_placement(&next).await.expect("swap"));
+    assert!(plane.swap_placement(&next, None).await.expect("swap"));
     tokio::time::timeout(Duration::from_secs(10), followed.wait_for(|m| m.as_ref().is_some_and(|m| m.version == 2)))
         .await
         .expect("followed")
@@ -182,16 +182,57 @@ async fn one_leader_and_a_successor(r: Arc<dyn Registry>) {
     let c1 = plane.register(Instance::new(Kind::Coordinator, "c1", "x:1"), TTL);
     c1.registered().await;
     let mut l1 = plane.campaign("placement", &c1);
-    tokio::time::timeout(Duration::from_secs(10), l1.wait_for(|l| *l)).await.expect("c1 leads").expect("open");
+    tokio::time::timeout(Duration::from_secs(10), l1.wait_for(Option::is_some)).await.expect("c1 leads").expect("open");
     let c2 = plane.register(Instance::new(Kind::Coordinator, "c2", "x:2"), TTL);
     c2.registered().await;
     let mut l2 = plane.campaign("placement", &c2);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!*l2.borrow_and_update(), "only one leader");
+    assert!(l2.borrow_and_update().is_none(), "only one leader");
     assert_eq!(plane.leader("placement").await.expect("leader").as_deref(), Some("c1"));
     c1.leave().await;
-    tokio::time::timeout(Duration::from_secs(10), l2.wait_for(|l| *l)).await.expect("c2 takes over").expect("open");
+    tokio::time::timeout(Duration::from_secs(10), l2.wait_for(Option::is_some))
+        .await
+        .expect("c2 takes over")
+        .expect("open");
     assert_eq!(plane.leader("placement").await.expect("leader").as_deref(), Some("c2"));
+}
+
+/// A leader that lost its leadership (its lease expired while it was stalled, say) and has not
+/// noticed yet writes with its old fence: refused, while its successor's fenced writes go through.
+async fn deposed_leaders_placement_writes_are_refused(r: Arc<dyn Registry>) {
+    let plane = ControlPlane::new(r);
+    let c1 = plane.register(Instance::new(Kind::Coordinator, "c1", "x:1"), TTL);
+    c1.registered().await;
+    let mut l1 = plane.campaign("placement", &c1);
+    let f1 = tokio::time::timeout(Duration::from_secs(10), l1.wait_for(Option::is_some))
+        .await
+        .expect("c1 leads")
+        .expect("open")
+        .clone()
+        .expect("fence");
+    let map = PlacementMap {
+        version: 0,
+        layers: vec![epserve_control::LayerPlacement { layer: 0, hosts: vec![vec!["w1".into()]] }],
+    };
+    assert!(plane.swap_placement(&map, Some(&f1)).await.expect("write"), "the leader writes");
+    let c2 = plane.register(Instance::new(Kind::Coordinator, "c2", "x:2"), TTL);
+    c2.registered().await;
+    let mut l2 = plane.campaign("placement", &c2);
+    c1.leave().await;
+    let f2 = tokio::time::timeout(Duration::from_secs(10), l2.wait_for(Option::is_some))
+        .await
+        .expect("c2 takes over")
+        .expect("open")
+        .clone()
+        .expect("fence");
+    assert_ne!(f1, f2);
+    let mut stale = plane.placement().await.expect("read").expect("present");
+    stale.layers[0].hosts[0] = vec!["w-from-the-deposed-leader".into()];
+    assert!(!plane.swap_placement(&stale, Some(&f1)).await.expect("write"), "the deposed leader's write is refused");
+    let stored = plane.placement().await.expect("read").expect("present");
+    assert_eq!((stored.version, stored.hosts(0, 0)), (1, &["w1".to_owned()][..]), "unchanged");
+    stale.layers[0].hosts[0] = vec!["w2".into()];
+    assert!(plane.swap_placement(&stale, Some(&f2)).await.expect("write"), "the new leader's write goes through");
 }
 
 macro_rules! contract {
@@ -220,4 +261,5 @@ contract!(
     lost_lease_registers_again,
     placement_is_compare_and_swap,
     one_leader_and_a_successor,
+    deposed_leaders_placement_writes_are_refused,
 );

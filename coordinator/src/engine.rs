@@ -9,7 +9,9 @@
 //! ([`crate::masks`]) and sample among the allowed tokens only.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::{Duration, Instant};
 
@@ -18,7 +20,8 @@ use epserve_imaging::Tiles;
 use epserve_model::{ExpertBackend, LogitsFor, Retry, SequenceStep, TextModel};
 use epserve_proto::metric_names as m;
 use parking_lot::Mutex;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::watch;
 
 use crate::images::{ImageSpec, SequenceImages, Vision};
 use crate::kv_pool::{KvPool, SeqBlocks};
@@ -38,12 +41,29 @@ pub struct EngineConfig {
     /// The checkpoint's end-of-sequence ids, as `epserve_model::generation_config::eos_token_ids`
     /// reads them (the rule `epserve generate` follows too).
     pub eos_token_ids: Vec<u32>,
+    /// Requests accepted and not yet started at most; past it `submit` answers [`SubmitError::Busy`].
+    pub max_waiting: usize,
 }
+
+/// Where a request's events go: bounded. An engine never waits for a reader; a request whose
+/// reader lets [`EVENT_BUFFER`] (or the channel's capacity) events pile up is cancelled.
+pub type EventSender = tokio::sync::mpsc::Sender<Event>;
+
+/// The event channel capacity the gRPC server gives every request: about ten seconds of tokens at
+/// 100 tokens/s, far more than a reader that keeps up ever has queued.
+pub const EVENT_BUFFER: usize = 1024;
 
 impl EngineConfig {
     /// Defaults (512-token steps, 256 running sequences, no overlap), with the checkpoint's EOS ids.
     pub fn new(max_model_len: usize, eos_token_ids: Vec<u32>) -> Self {
-        EngineConfig { max_batch_tokens: 512, max_running: 256, max_model_len, overlap: false, eos_token_ids }
+        EngineConfig {
+            max_batch_tokens: 512,
+            max_running: 256,
+            max_model_len,
+            overlap: false,
+            eos_token_ids,
+            max_waiting: 1024,
+        }
     }
 }
 
@@ -52,7 +72,8 @@ pub struct Request {
     pub id: String,
     pub prompt: Vec<u32>,
     pub sampling: SamplingParams,
-    /// Lower runs first; FCFS among equals. Reserved for batch jobs (which use a higher value).
+    /// Lower runs first; FCFS among equals. 0 is interactive traffic, the most urgent class; batch
+    /// jobs use higher values. Negative values are refused.
     pub priority: i32,
     /// The prompt's images in order: their features fill its `<|patch|>` placeholders exactly.
     pub images: Vec<Tiles>,
@@ -104,11 +125,26 @@ pub enum SubmitError {
     TooLong { prompt: usize, limit: usize },
     #[error("the engine has stopped")]
     Stopped,
+    #[error("the engine died: {0}")]
+    Died(String),
+    #[error("{waiting} requests are waiting already (the limit): try again later or elsewhere")]
+    Busy { waiting: usize },
+}
+
+/// A place in the waiting queue, held from `submit` until the request starts running (or leaves
+/// the queue any other way: its drop frees the place).
+#[derive(Debug)]
+struct QueueSlot(Arc<AtomicUsize>);
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 enum Command {
-    /// A checked request, with the positions of its image placeholders.
-    Submit(Request, Vec<u32>, UnboundedSender<Event>),
+    /// A checked request, with the positions of its image placeholders and its queue place.
+    Submit(Request, Vec<u32>, EventSender, QueueSlot),
     Cancel(String),
     Stop,
 }
@@ -118,15 +154,27 @@ enum Command {
 pub struct EngineHandle {
     commands: Sender<Command>,
     load: Arc<Mutex<Load>>,
+    /// Requests submitted and not yet running.
+    queued: Arc<AtomicUsize>,
+    max_waiting: usize,
+    /// Why the engine thread died (a panic), once it has.
+    died: watch::Receiver<Option<String>>,
     max_model_len: usize,
     vocab: usize,
     images: Option<ImageSpec>,
 }
 
 impl EngineHandle {
-    /// Queues a request; its tokens arrive on `events`. Dropping the receiver cancels it.
-    pub fn submit(&self, request: Request, events: UnboundedSender<Event>) -> Result<(), SubmitError> {
+    /// Queues a request; its tokens arrive on `events`. Dropping the receiver cancels it, and so
+    /// does leaving the channel full.
+    pub fn submit(&self, request: Request, events: EventSender) -> Result<(), SubmitError> {
         request.sampling.validate().map_err(SubmitError::Invalid)?;
+        if request.priority < 0 {
+            return Err(SubmitError::Invalid(format!(
+                "priority {} is negative; 0 is the most urgent class",
+                request.priority
+            )));
+        }
         if request.prompt.is_empty() {
             return Err(SubmitError::Invalid("the prompt is empty".into()));
         }
@@ -138,7 +186,31 @@ impl EngineHandle {
         }
         let positions = ImageSpec::placeholders(self.images.as_ref(), &request.prompt, &request.images)
             .map_err(SubmitError::Invalid)?;
-        self.commands.send(Command::Submit(request, positions, events)).map_err(|_| SubmitError::Stopped)
+        if let Some(why) = self.died() {
+            return Err(SubmitError::Died(why));
+        }
+        let slot = QueueSlot(self.queued.clone());
+        let waiting = self.queued.fetch_add(1, Ordering::AcqRel);
+        if waiting >= self.max_waiting {
+            return Err(SubmitError::Busy { waiting });
+        }
+        self.commands.send(Command::Submit(request, positions, events, slot)).map_err(|_| SubmitError::Stopped)
+    }
+
+    /// Why the engine thread died, if it has (it panicked: nothing it held can be trusted).
+    pub fn died(&self) -> Option<String> {
+        self.died.borrow().clone()
+    }
+
+    /// Resolves when the engine thread has died, with why.
+    pub async fn wait_died(&self) -> String {
+        let mut died = self.died.clone();
+        let why = died.wait_for(Option::is_some).await.map(|why| why.clone().unwrap_or_default());
+        match why {
+            Ok(why) => why,
+            // The thread is gone without a word (its sender dropped): it stopped normally.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     pub fn cancel(&self, id: &str) {
@@ -175,7 +247,9 @@ struct Sequence {
     /// The grammar, at the end of the tokens generated so far (kept across preemption: the
     /// tokens are too). Taken out while a step computes its mask.
     constraint: Option<TokenConstraint>,
-    events: UnboundedSender<Event>,
+    events: EventSender,
+    /// Held until the sequence first runs.
+    queue_slot: Option<QueueSlot>,
     arrival: u64,
     priority: i32,
     submitted: Instant,
@@ -208,9 +282,13 @@ pub fn start<E: ExpertBackend + 'static>(
 ) -> EngineHandle {
     let (tx, rx) = channel();
     let load = Arc::new(Mutex::new(Load { kv_blocks_total: pool.total_blocks(), ..Default::default() }));
+    let (died_tx, died) = watch::channel(None);
     let handle = EngineHandle {
         commands: tx,
         load: load.clone(),
+        queued: Arc::new(AtomicUsize::new(0)),
+        max_waiting: config.max_waiting,
+        died,
         max_model_len: config.max_model_len,
         vocab: model.config().vocab_size,
         images: vision.as_ref().map(|v| v.spec),
@@ -218,22 +296,38 @@ pub fn start<E: ExpertBackend + 'static>(
     std::thread::Builder::new()
         .name("epserve-engine".into())
         .spawn(move || {
-            let mut engine = Engine {
-                model,
-                vision,
-                experts,
-                pool,
-                config,
-                waiting: VecDeque::new(),
-                running: Vec::new(),
-                arrivals: 0,
-                load,
-                steps: 0,
-                preemptions: 0,
-                failures: 0,
-                masks: MaskThreads::new(),
-            };
-            engine.run(rx);
+            // A panic is a bug whose damage is unknown (the KV pool, half-sampled sequences): the
+            // engine does not go on; the coordinator reports it, stops serving and exits, and its
+            // supervisor starts a fresh one. Unwinding drops every request's sender, which ends
+            // their streams.
+            let ran = std::panic::catch_unwind(AssertUnwindSafe(move || {
+                let mut engine = Engine {
+                    model,
+                    vision,
+                    experts,
+                    pool,
+                    config,
+                    waiting: VecDeque::new(),
+                    running: Vec::new(),
+                    arrivals: 0,
+                    load,
+                    steps: 0,
+                    preemptions: 0,
+                    failures: 0,
+                    masks: MaskThreads::new(),
+                };
+                engine.run(rx);
+            }));
+            if let Err(panic) = ran {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_owned());
+                tracing::error!("the engine thread panicked: {why}");
+                metrics::counter!(m::ENGINE_DEATHS_TOTAL).increment(1);
+                died_tx.send_replace(Some(format!("the engine thread panicked: {why}")));
+            }
         })
         .map(|_| ())
         .unwrap_or_else(|e| tracing::error!("cannot start the engine thread: {e}"));
@@ -282,7 +376,7 @@ impl<E: ExpertBackend> Engine<E> {
             let mut next = first;
             while let Some(command) = next.take() {
                 match command {
-                    Command::Submit(request, positions, events) => self.admit(request, positions, events),
+                    Command::Submit(request, positions, events, slot) => self.admit(request, positions, events, slot),
                     Command::Cancel(id) => self.cancel(&id),
                     Command::Stop => return,
                 }
@@ -293,7 +387,7 @@ impl<E: ExpertBackend> Engine<E> {
         }
     }
 
-    fn admit(&mut self, request: Request, positions: Vec<u32>, events: UnboundedSender<Event>) {
+    fn admit(&mut self, request: Request, positions: Vec<u32>, events: EventSender, slot: QueueSlot) {
         let max_len = (request.prompt.len() + request.sampling.max_tokens as usize).min(self.config.max_model_len);
         let needed = self.pool.blocks_for_sequence(max_len);
         if needed > self.pool.total_blocks() {
@@ -302,7 +396,7 @@ impl<E: ExpertBackend> Engine<E> {
                 request.id,
                 self.pool.total_blocks()
             );
-            let _ = events.send(Event::Finished {
+            let _ = events.try_send(Event::Finished {
                 reason: FinishReason::Error,
                 usage: Usage { prompt_tokens: request.prompt.len() as u32, completion_tokens: 0 },
                 message: Some(message),
@@ -324,6 +418,7 @@ impl<E: ExpertBackend> Engine<E> {
             sampler,
             constraint: request.constraint,
             events,
+            queue_slot: Some(slot),
             arrival: self.arrivals,
             priority: request.priority,
             submitted: Instant::now(),
@@ -493,7 +588,8 @@ impl<E: ExpertBackend> Engine<E> {
                         return true;
                     }
                     pool.release(&mut s.blocks);
-                    let _ = s.events.send(Event::Finished { reason, usage: s.usage(), message: Some(message.clone()) });
+                    let _ =
+                        s.events.try_send(Event::Finished { reason, usage: s.usage(), message: Some(message.clone()) });
                     false
                 });
                 return;
@@ -522,7 +618,7 @@ impl<E: ExpertBackend> Engine<E> {
                     Ok(mask) => Some(mask),
                     Err(error) => {
                         let message = format!("constrained decoding: {error}");
-                        let _ = seq.events.send(Event::Finished {
+                        let _ = seq.events.try_send(Event::Finished {
                             reason: FinishReason::Error,
                             usage: seq.usage(),
                             message: Some(message),
@@ -542,7 +638,13 @@ impl<E: ExpertBackend> Engine<E> {
                 Some(t) => metrics::histogram!(m::INTER_TOKEN_LATENCY_SECONDS).record((now - t).as_secs_f64()),
             }
             seq.last_token = Some(now);
-            let _ = seq.events.send(Event::Token(sampled));
+            if let Err(TrySendError::Full(_)) = seq.events.try_send(Event::Token(sampled)) {
+                // The reader has stopped reading: its request is cancelled, its KV freed.
+                tracing::warn!(request = %seq.id, "cancelled: its reader left {} events unread", seq.events.max_capacity());
+                metrics::counter!(m::ENGINE_STALLED_READERS_TOTAL).increment(1);
+                finished.push(seq.arrival);
+                continue;
+            }
             let eos = &self.config.eos_token_ids;
             // A grammar allows an end-of-sequence id only once it is complete: that ends the
             // request even under `ignore_eos`. Any other token moves the grammar on.
@@ -555,8 +657,11 @@ impl<E: ExpertBackend> Engine<E> {
                 Ok(advance) => advance == Advance::Complete,
                 Err(error) => {
                     let message = Some(format!("constrained decoding: {error}"));
-                    let _ =
-                        seq.events.send(Event::Finished { reason: FinishReason::Error, usage: seq.usage(), message });
+                    let _ = seq.events.try_send(Event::Finished {
+                        reason: FinishReason::Error,
+                        usage: seq.usage(),
+                        message,
+                    });
                     finished.push(seq.arrival);
                     continue;
                 }
@@ -571,7 +676,7 @@ impl<E: ExpertBackend> Engine<E> {
                 None
             };
             if let Some(reason) = reason {
-                let _ = seq.events.send(Event::Finished { reason, usage: seq.usage(), message: None });
+                let _ = seq.events.try_send(Event::Finished { reason, usage: seq.usage(), message: None });
                 finished.push(seq.arrival);
             }
         }
@@ -614,7 +719,8 @@ impl<E: ExpertBackend> Engine<E> {
             if !self.pool.reserve(&mut seq.blocks, n) {
                 break;
             }
-            let Some(seq) = self.waiting.pop_front() else { break };
+            let Some(mut seq) = self.waiting.pop_front() else { break };
+            seq.queue_slot = None;
             plan.push((seq.arrival, n));
             budget = budget.saturating_sub(n + self.encoding_cost(&seq, n));
             self.running.push(seq);

@@ -43,16 +43,26 @@ impl TransportError {
             // What the worker's status code says (gRPC's own guidance on retrying codes): an
             // invalid exchange, a worker serving another model or a computation that failed gives
             // the same answer every time.
+            // `FAILED_PRECONDITION` (it does not host an expert it is listed for) and `DATA_LOSS`
+            // (its answer was malformed) are that worker's fault: another host may answer.
             TransportError::Rejected { code, .. } => match code {
                 tonic::Code::Unavailable
                 | tonic::Code::DeadlineExceeded
                 | tonic::Code::ResourceExhausted
-                | tonic::Code::Aborted => Retry::Now,
+                | tonic::Code::Aborted
+                | tonic::Code::FailedPrecondition
+                | tonic::Code::DataLoss => Retry::Now,
                 _ => Retry::Never,
             },
             TransportError::NoHost { .. } => Retry::AfterRecovery,
             TransportError::Placement(_) => Retry::Never,
         }
+    }
+
+    /// Whether the answer showed the worker itself at fault (its record or its computation cannot
+    /// be trusted): the transport stops using it for a while instead of retrying it.
+    pub fn worker_at_fault(&self) -> bool {
+        matches!(self, TransportError::Rejected { code: tonic::Code::FailedPrecondition | tonic::Code::DataLoss, .. })
     }
 
     /// Label value for `epserve_exchange_errors_total`.
@@ -85,7 +95,10 @@ mod tests {
     fn invalid_exchanges_are_never_retried() {
         assert_eq!(rejected(tonic::Code::InvalidArgument).retry(), Retry::Never);
         assert_eq!(rejected(tonic::Code::Internal).retry(), Retry::Never);
-        assert_eq!(rejected(tonic::Code::DataLoss).retry(), Retry::Never);
+        assert_eq!(rejected(tonic::Code::DataLoss).retry(), Retry::Now, "a malformed answer: another host");
+        assert_eq!(rejected(tonic::Code::FailedPrecondition).retry(), Retry::Now, "not hosted there: another host");
+        assert!(rejected(tonic::Code::FailedPrecondition).worker_at_fault());
+        assert!(!rejected(tonic::Code::InvalidArgument).worker_at_fault());
         assert_eq!(TransportError::Placement("another model".into()).retry(), Retry::Never);
         assert_eq!(rejected(tonic::Code::Unavailable).retry(), Retry::Now);
         let lost = TransportError::Unavailable { worker: "w".into(), reason: "reset".into() };

@@ -32,6 +32,8 @@ pub struct EngineSizing {
     pub max_batch_tokens: usize,
     /// Sequences in the running batch at most.
     pub max_running: usize,
+    /// Requests accepted and not yet running at most.
+    pub max_waiting: usize,
     /// Longest sequence (prompt + output); `None`: the model's limit. Capped by both the model's
     /// limit and the KV capacity.
     pub max_model_len: Option<usize>,
@@ -41,7 +43,14 @@ impl EngineSizing {
     /// A KV cache of `kv_capacity` in 16-token blocks, with the engine's default batch limits (512
     /// tokens a step, 256 running sequences) and the model's own length limit.
     pub fn new(kv_capacity: KvCapacity) -> Self {
-        EngineSizing { kv_capacity, kv_block_size: 16, max_batch_tokens: 512, max_running: 256, max_model_len: None }
+        EngineSizing {
+            kv_capacity,
+            kv_block_size: 16,
+            max_batch_tokens: 512,
+            max_running: 256,
+            max_waiting: 1024,
+            max_model_len: None,
+        }
     }
 }
 
@@ -72,6 +81,8 @@ pub enum RunError {
     KvCache(#[source] epserve_model::Error),
     #[error("serving gRPC")]
     Serve(#[from] tonic::transport::Error),
+    #[error("{0}; this coordinator stopped serving and left the cluster (restart it)")]
+    EngineDied(String),
 }
 
 /// A coordinator that is bound, has its engine running and is registered ready; [`Self::serve`]
@@ -105,7 +116,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<ReadyCoordinator, RunErr
         .map_err(|source| RunError::Bind { addr: listen.clone(), source })?;
     let local_addr = listener.local_addr().map_err(|source| RunError::Bind { addr: listen, source })?;
     let membership = match &control {
-        Some(control) => Some(join(control, &local_addr.to_string(), &load)?),
+        Some(control) => Some(join(control, &control.advertised(local_addr), &load)?),
         None => None,
     };
     let loaded = load_model(&load, control.as_ref()).await?;
@@ -138,10 +149,15 @@ impl ReadyCoordinator {
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
         let ReadyCoordinator { listener, engine, grammars, control, tls, .. } = self;
         let served = server::serve_with_tls(Coordinator::new(engine.clone(), grammars), listener, tls, shutdown).await;
+        // Deregistered at once (not a lease TTL later), also when the engine died: routers must
+        // stop sending requests here.
         if let Some((control, membership)) = control {
             control.leave(membership).await;
         }
         engine.stop();
+        if let Some(why) = engine.died() {
+            return Err(RunError::EngineDied(why));
+        }
         tracing::info!("coordinator stopped");
         Ok(served?)
     }
@@ -170,6 +186,7 @@ pub fn start_engine(loaded: LoadedModel, sizing: &EngineSizing, overlap: bool) -
         EngineConfig {
             max_batch_tokens: sizing.max_batch_tokens,
             max_running: sizing.max_running,
+            max_waiting: sizing.max_waiting,
             overlap,
             ..EngineConfig::new(max_model_len, eos_token_ids)
         },

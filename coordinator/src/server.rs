@@ -19,7 +19,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::engine::{EngineHandle, Event, FinishReason, SubmitError};
+use crate::engine::{EVENT_BUFFER, EngineHandle, Event, FinishReason, SubmitError};
 use crate::sampling::SamplingParams;
 
 #[derive(Debug, Clone)]
@@ -140,7 +140,7 @@ impl CoordinatorService for Coordinator {
         let sampling = sampling_from_proto(r.sampling)?;
         let constraint = self.constraint(r.constraint).instrument(span.clone()).await?;
         let _entered = span.enter();
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
         let images = images_from_proto(r.images)?;
         let request = crate::engine::Request {
             id: r.request_id,
@@ -153,17 +153,25 @@ impl CoordinatorService for Coordinator {
         self.engine.submit(request, tx).map_err(|e| match e {
             SubmitError::Invalid(m) => Status::invalid_argument(m),
             e @ SubmitError::TooLong { .. } => Status::invalid_argument(e.to_string()),
-            SubmitError::Stopped => Status::unavailable("the engine has stopped"),
+            e @ (SubmitError::Stopped | SubmitError::Died(_)) => Status::unavailable(e.to_string()),
+            e @ SubmitError::Busy { .. } => {
+                metrics::counter!(m::ENGINE_QUEUE_FULL_TOTAL).increment(1);
+                Status::resource_exhausted(e.to_string())
+            }
         })?;
-        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(|e| Ok(to_event(e)));
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|e| Ok(to_event(e)));
         Ok(Response::new(Box::pin(stream)))
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
-        Ok(Response::new(HealthResponse { serving: true }))
+        Ok(Response::new(HealthResponse { serving: self.engine.died().is_none() }))
     }
 
     async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+        // Routers poll this: a coordinator whose engine died must not look like an idle one.
+        if let Some(why) = self.engine.died() {
+            return Err(Status::unavailable(why));
+        }
         let l = self.engine.load();
         Ok(Response::new(LoadResponse {
             waiting: l.waiting as u32,
@@ -177,7 +185,8 @@ impl CoordinatorService for Coordinator {
     }
 }
 
-/// Serves the coordinator on `listener` until `shutdown` resolves, in plaintext.
+/// Serves the coordinator on `listener` until `shutdown` resolves or the engine dies (then
+/// [`EngineHandle::died`] says why), in plaintext.
 pub async fn serve(
     coordinator: Coordinator,
     listener: tokio::net::TcpListener,
@@ -194,6 +203,13 @@ pub async fn serve_with_tls(
     tls: Option<epserve_tls::ClusterTls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    let engine = coordinator.engine.clone();
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown => {}
+            why = engine.wait_died() => tracing::error!("stopping: {why}"),
+        }
+    };
     let router = tonic::transport::Server::builder().add_service(coordinator.into_service());
     match tls {
         Some(tls) => router.serve_with_incoming_shutdown(epserve_tls::incoming(listener, tls), shutdown).await,

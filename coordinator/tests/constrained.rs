@@ -15,7 +15,7 @@ use epserve_coordinator::kv_pool::{KvCapacity, KvPool};
 use epserve_coordinator::sampling::SamplingParams;
 use epserve_grammar::{GrammarCompiler, GrammarSpec, TokenConstraint, Vocabulary};
 use epserve_testkit::fixtures;
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::mpsc::Receiver;
 
 const SCHEMA: &str = r#"{"type": "object", "properties": {
     "level": {"enum": ["low", "mid", "high"]},
@@ -52,8 +52,8 @@ fn submit(
     prompt: Vec<u32>,
     sampling: SamplingParams,
     constraint: Option<TokenConstraint>,
-) -> UnboundedReceiver<Event> {
-    let (tx, rx) = unbounded_channel();
+) -> Receiver<Event> {
+    let (tx, rx) = tokio::sync::mpsc::channel(epserve_coordinator::engine::EVENT_BUFFER);
     let request = Request { id: id.into(), prompt, sampling, priority: 0, images: Vec::new(), constraint };
     engine.submit(request, tx).expect("submit");
     rx

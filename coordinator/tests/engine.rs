@@ -16,7 +16,7 @@ use epserve_coordinator::sampling::SamplingParams;
 use epserve_model::{
     ExpertBackend, ExpertBatch, ExpertsInFlight, KvCache, LogitsFor, ModelConfig, Retry, SequenceStep, TextModel,
 };
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::mpsc::Receiver;
 
 fn start(capacity_tokens: usize, block_size: usize, max_batch_tokens: usize) -> EngineHandle {
     let (cfg, model, experts) = support::load_tiny();
@@ -46,8 +46,8 @@ fn greedy(max_tokens: u32) -> SamplingParams {
     SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..Default::default() }
 }
 
-fn submit(engine: &EngineHandle, id: usize, prompt: Vec<u32>, sampling: SamplingParams) -> UnboundedReceiver<Event> {
-    let (tx, rx) = unbounded_channel();
+fn submit(engine: &EngineHandle, id: usize, prompt: Vec<u32>, sampling: SamplingParams) -> Receiver<Event> {
+    let (tx, rx) = tokio::sync::mpsc::channel(epserve_coordinator::engine::EVENT_BUFFER);
     engine
         .submit(
             Request { id: format!("r{id}"), prompt, sampling, priority: 0, images: Vec::new(), constraint: None },
@@ -208,7 +208,7 @@ fn long_sequence_keeps_one_chunk_on_chunked_layers_and_matches_the_reference() {
 #[test]
 fn bad_requests_are_refused_with_a_reason() {
     let engine = start(64, 4, 64);
-    let (tx, _rx) = unbounded_channel();
+    let (tx, _rx) = tokio::sync::mpsc::channel(epserve_coordinator::engine::EVENT_BUFFER);
     let err = engine
         .submit(
             Request {
@@ -238,7 +238,7 @@ fn bad_requests_are_refused_with_a_reason() {
         .expect_err("too long");
     assert!(err.to_string().contains("5000") && err.to_string().contains("4096"), "{err}");
     // Fits the context but never the cache: refused with a reason, not left waiting forever.
-    let (tx, rx) = unbounded_channel();
+    let (tx, rx) = tokio::sync::mpsc::channel(epserve_coordinator::engine::EVENT_BUFFER);
     engine
         .submit(
             Request {

@@ -1,6 +1,7 @@
-//! What the engine does with a failed expert exchange, through the grpc transport to a real expert
-//! worker in process: an exchange the worker rejects as invalid is sent once and its request fails
-//! at once with the worker's reason; a transient failure is retried and changes nothing.
+//! What the engine does with a failed expert exchange and with registry records it cannot trust,
+//! through the grpc transport to real expert workers in process: a record is believed only as far
+//! as the worker's own `Status` confirms it; a worker that refuses experts it claims is quarantined
+//! and its rows go to a replica; a transient failure is retried and changes nothing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +17,10 @@ use epserve_coordinator::{ExpertTransport, GrpcConfig, GrpcExperts, TransportErr
 use epserve_expert_worker::ExpertWorker;
 use epserve_model::{
     Checkpoint, ExpertBackend, ExpertBatch, ExpertShard, ExpertsInFlight, ModelConfig, TextModel, WeightStorage,
+};
+use epserve_proto::v1::expert_service_server::{ExpertService, ExpertServiceServer};
+use epserve_proto::v1::{
+    ExchangeRequest, ExchangeResponse, HealthRequest, HealthResponse, StatusRequest, StatusResponse,
 };
 use tokio::sync::watch;
 
@@ -47,47 +52,66 @@ impl ExpertBackend for CountingExperts {
     }
 }
 
-/// A worker hosting `hosted` on a free port, and a coordinator side whose registry record for it
-/// claims `announced` (a stale record when they differ), with an engine on top.
+/// An engine over the grpc transport to `workers` (real expert workers in process, or anything
+/// serving `ExpertService`), each with the registry record the test says (stale or lying ones too).
 struct Setup {
-    worker: Arc<ExpertWorker>,
     submits: Arc<AtomicU32>,
     engine: engine::EngineHandle,
     _members: watch::Sender<Vec<Instance>>,
     _placement: watch::Sender<Option<PlacementMap>>,
-    // Dropped last: it carries the worker's server and the transport's streams.
+    // Dropped last: it carries the workers' servers and the transport's streams.
     _runtime: tokio::runtime::Runtime,
 }
 
-fn setup(hosted: &[u32], announced: &[u32], fail_first: u32) -> Setup {
-    let dir = fixture();
-    let cfg = ModelConfig::from_file(&dir.join("config.json")).expect("config");
-    let ckpt = Checkpoint::open(&dir).expect("checkpoint");
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+fn config() -> ModelConfig {
+    ModelConfig::from_file(&fixture().join("config.json")).expect("config")
+}
 
+/// A real worker hosting `hosted`, not yet served.
+fn worker(hosted: &[u32]) -> Arc<ExpertWorker> {
+    let cfg = config();
+    let ckpt = Checkpoint::open(&fixture()).expect("checkpoint");
     let shard = ExpertShard::load(&cfg, &ckpt, hosted, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut || {})
         .expect("shard");
-    let worker = Arc::new(ExpertWorker::new(shard, cfg.text.clone(), "tiny-llama4".into(), DType::F32));
+    Arc::new(ExpertWorker::new(shard, cfg.text.clone(), "tiny-llama4".into(), DType::F32))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt")
+}
+
+/// Serves `worker` on a free port of `runtime`; its address.
+fn serve_worker(runtime: &tokio::runtime::Runtime, worker: Arc<ExpertWorker>) -> String {
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
-    runtime.spawn(epserve_expert_worker::serve(worker.clone(), listener, std::future::pending()));
+    runtime.spawn(epserve_expert_worker::serve(worker, listener, std::future::pending()));
+    addr
+}
 
-    let record =
-        Instance { incarnation: 1, experts: announced.to_vec(), ..Instance::new(Kind::Worker, addr.clone(), addr) };
-    let (members, members_rx) = watch::channel(vec![record]);
+/// The registry record of the worker at `addr`, claiming `announced`.
+fn record(addr: &str, announced: &[u32]) -> Instance {
+    Instance { incarnation: 1, experts: announced.to_vec(), ..Instance::new(Kind::Worker, addr, addr) }
+}
+
+/// A transport (or why it could not reach every expert) and the senders of what it follows.
+type Followed =
+    (Result<GrpcExperts, TransportError>, watch::Sender<Vec<Instance>>, watch::Sender<Option<PlacementMap>>);
+
+/// The transport following `records`, waiting up to `wait` for every expert to have a host.
+fn transport(runtime: &tokio::runtime::Runtime, records: Vec<Instance>, wait: Duration) -> Followed {
+    let (members, members_rx) = watch::channel(records);
     let (placement, placement_rx) = watch::channel(None);
     let grpc_cfg = GrpcConfig { wire: epserve_proto::wire::WireDtype::F32, ..GrpcConfig::new(Vec::new()) };
-    let grpc = runtime
-        .block_on(GrpcExperts::follow(
-            &grpc_cfg,
-            &cfg.text,
-            DType::F32,
-            members_rx,
-            placement_rx,
-            Duration::from_secs(20),
-        ))
-        .expect("the transport reaches the worker");
+    let grpc =
+        runtime.block_on(GrpcExperts::follow(&grpc_cfg, &config().text, DType::F32, members_rx, placement_rx, wait));
+    (grpc, members, placement)
+}
 
+fn setup_with(runtime: tokio::runtime::Runtime, records: Vec<Instance>, fail_first: u32) -> Setup {
+    let (grpc, members, placement) = transport(&runtime, records, Duration::from_secs(20));
+    let grpc = grpc.expect("the transport reaches the workers");
+    let cfg = config();
+    let ckpt = Checkpoint::open(&fixture()).expect("checkpoint");
     let model =
         TextModel::load(&cfg, &ckpt, DType::F32, WeightStorage::AsStored, &Device::Cpu, &mut |_, _| {}).expect("model");
     let pool = KvPool::new(&cfg.text, KvCapacity::Tokens(1024), 4, DType::F32, &Device::Cpu).expect("pool");
@@ -98,12 +122,21 @@ fn setup(hosted: &[u32], announced: &[u32], fail_first: u32) -> Setup {
         fail_first: AtomicU32::new(fail_first),
     };
     let engine = engine::start(model, None, experts, pool, EngineConfig::new(1024, cfg.text.eos_token_ids.clone()));
-    Setup { worker, submits, engine, _members: members, _placement: placement, _runtime: runtime }
+    Setup { submits, engine, _members: members, _placement: placement, _runtime: runtime }
+}
+
+/// One real worker hosting every expert, with a truthful record.
+fn setup(fail_first: u32) -> (Setup, Arc<ExpertWorker>) {
+    let all: Vec<u32> = (0..16).collect();
+    let runtime = runtime();
+    let w = worker(&all);
+    let addr = serve_worker(&runtime, w.clone());
+    (setup_with(runtime, vec![record(&addr, &all)], fail_first), w)
 }
 
 /// Runs one greedy request to its end: its tokens, finish reason and message.
 fn run(engine: &engine::EngineHandle) -> (Vec<u32>, FinishReason, Option<String>) {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(epserve_coordinator::engine::EVENT_BUFFER);
     let prompt = vec![480, 12, 7, 301, 44, 95, 260, 8, 77];
     let sampling = SamplingParams { temperature: 0.0, max_tokens: 6, ignore_eos: true, ..Default::default() };
     engine
@@ -119,40 +152,148 @@ fn run(engine: &engine::EngineHandle) -> (Vec<u32>, FinishReason, Option<String>
 }
 
 #[test]
-fn an_invalid_exchange_is_sent_once_and_fails_its_request_at_once() {
-    // The registry says the worker serves every expert; it has loaded only expert 0, so it rejects
-    // (INVALID_ARGUMENT) the first exchange that carries rows of another expert. Sending it again
-    // would get the same answer.
+fn a_record_listing_experts_the_worker_does_not_host_is_not_believed() {
+    // The registry says the worker serves every expert; it has loaded only expert 0. Its own
+    // Status is believed, not the record: nothing else is routed there, so with no other host the
+    // transport reports the gap instead of sending exchanges that would be refused.
     let all: Vec<u32> = (0..16).collect();
-    let s = setup(&[0], &all, 0);
-    let (tokens, reason, message) = run(&s.engine);
-    let message = message.unwrap_or_default();
-    assert_eq!(reason, FinishReason::Error, "{message}");
-    assert!(tokens.is_empty(), "{tokens:?}");
-    assert!(message.contains("rejected") && message.contains("is not hosted on this worker"), "{message}");
+    let runtime = runtime();
+    let stale = worker(&[0]);
+    let addr = serve_worker(&runtime, stale.clone());
+    let (grpc, _m, _p) = transport(&runtime, vec![record(&addr, &all)], Duration::from_secs(2));
+    let Err(err) = grpc else { panic!("expected no host for experts 1-15") };
+    assert!(err.to_string().contains("no worker hosts layer 0: experts 1-15"), "{err}");
+    assert_eq!(stale.stats().exchanges_rejected.load(Ordering::Relaxed), 0, "nothing was sent to it");
 
-    let stats = s.worker.stats();
-    assert_eq!(stats.exchanges_rejected.load(Ordering::Relaxed), 1, "the worker saw the invalid exchange once");
-    // Each layer the engine hands over is one exchange with the only worker: after the rejected
-    // one, nothing more was sent (no step retry, no failover).
-    let served = stats.exchanges_served.load(Ordering::Relaxed);
-    assert_eq!(s.submits.load(Ordering::Relaxed) as u64, served + 1, "layers handed to the transport");
+    // Beside a truthful worker hosting everything: every request is served, the stale record is
+    // trimmed to what the worker confirms, and it never refuses an exchange.
+    let (clean, _) = setup(0);
+    let (expected, reason, message) = run(&clean.engine);
+    assert_eq!((reason, expected.len()), (FinishReason::Length, 6), "{message:?}");
+    let runtime = self::runtime();
+    let (full, half) = (worker(&all), worker(&(0..8).collect::<Vec<_>>()));
+    let records =
+        vec![record(&serve_worker(&runtime, full.clone()), &all), record(&serve_worker(&runtime, half.clone()), &all)];
+    let mixed = setup_with(runtime, records, 0);
+    let (tokens, reason, message) = run(&mixed.engine);
+    assert_eq!((reason, &tokens), (FinishReason::Length, &expected), "{message:?}");
+    assert_eq!(half.stats().exchanges_rejected.load(Ordering::Relaxed), 0, "only its confirmed experts reach it");
+    assert!(half.stats().exchanges_served.load(Ordering::Relaxed) > 0, "its confirmed experts are used");
+}
+
+/// An `ExpertService` that claims to host every expert (in `Status`) and refuses every exchange as
+/// not hosted: a worker whose record and status are wrong, or one that lies.
+#[derive(Clone)]
+struct Liar {
+    truth: Arc<ExpertWorker>,
+    exchanges: Arc<AtomicU32>,
+}
+
+#[tonic::async_trait]
+impl ExpertService for Liar {
+    type ExchangeStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ExchangeResponse, tonic::Status>> + Send>>;
+
+    async fn exchange(
+        &self,
+        request: tonic::Request<tonic::Streaming<ExchangeRequest>>,
+    ) -> Result<tonic::Response<Self::ExchangeStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let exchanges = self.exchanges.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(x)) = inbound.message().await {
+                exchanges.fetch_add(1, Ordering::Relaxed);
+                let refusal = ExchangeResponse {
+                    id: x.id,
+                    code: tonic::Code::FailedPrecondition as i32,
+                    message: "expert is not hosted on this worker".into(),
+                    ..Default::default()
+                };
+                if tx.send(Ok(refusal)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn health(&self, _: tonic::Request<HealthRequest>) -> Result<tonic::Response<HealthResponse>, tonic::Status> {
+        Ok(tonic::Response::new(HealthResponse { serving: true }))
+    }
+
+    async fn status(&self, _: tonic::Request<StatusRequest>) -> Result<tonic::Response<StatusResponse>, tonic::Status> {
+        let mut status = self.truth_status();
+        for layer in &mut status.layers {
+            layer.experts = (0..16).collect();
+        }
+        Ok(tonic::Response::new(status))
+    }
+}
+
+impl Liar {
+    fn truth_status(&self) -> StatusResponse {
+        let cfg = config();
+        StatusResponse {
+            layers: cfg
+                .text
+                .moe_layers()
+                .map(|layer| epserve_proto::v1::LayerExperts { layer: layer as u32, experts: self.truth.experts() })
+                .collect(),
+            hidden: cfg.text.hidden_size as u32,
+            num_layers: cfg.text.num_hidden_layers as u32,
+            num_experts: cfg.text.num_local_experts as u32,
+            ..Default::default()
+        }
+    }
+}
+
+#[test]
+fn a_worker_refusing_experts_it_claims_is_quarantined_and_its_rows_fail_over() {
+    let (clean, _) = setup(0);
+    let (expected, _, _) = run(&clean.engine);
+
+    let all: Vec<u32> = (0..16).collect();
+    let runtime = runtime();
+    let honest = worker(&all);
+    let honest_addr = serve_worker(&runtime, honest.clone());
+    let liar = Liar { truth: worker(&[0]), exchanges: Arc::new(AtomicU32::new(0)) };
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+    let liar_addr = listener.local_addr().expect("addr").to_string();
+    let service = ExpertServiceServer::new(liar.clone());
+    runtime.spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let s = setup_with(runtime, vec![record(&honest_addr, &all), record(&liar_addr, &all)], 0);
+    let (tokens, reason, message) = run(&s.engine);
+    assert_eq!(
+        (reason, &tokens),
+        (FinishReason::Length, &expected),
+        "every refused row was served by the replica: {message:?}"
+    );
+    let refused = liar.exchanges.load(Ordering::Relaxed);
+    assert_eq!(refused, 1, "after its first refusal the liar is left alone (quarantined), not retried");
+    assert!(honest.stats().exchanges_served.load(Ordering::Relaxed) > 0);
+    // Still quarantined for the next request too.
+    run(&s.engine);
+    assert_eq!(liar.exchanges.load(Ordering::Relaxed), 1);
 }
 
 #[test]
 fn a_transient_failure_is_retried_and_changes_nothing() {
-    let all: Vec<u32> = (0..16).collect();
-    let clean = setup(&all, &all, 0);
+    let (clean, clean_worker) = setup(0);
     let (expected, reason, message) = run(&clean.engine);
     assert_eq!((reason, expected.len()), (FinishReason::Length, 6), "{message:?}");
 
-    let flaky = setup(&all, &all, 2);
+    let (flaky, flaky_worker) = setup(2);
     let (tokens, reason, message) = run(&flaky.engine);
     assert_eq!(reason, FinishReason::Length, "{message:?}");
     assert_eq!(tokens, expected, "two lost exchanges cost two retries, not tokens");
-    let stats = flaky.worker.stats();
+    let stats = flaky_worker.stats();
     assert_eq!(stats.exchanges_rejected.load(Ordering::Relaxed), 0);
     let served = stats.exchanges_served.load(Ordering::Relaxed);
     assert_eq!(flaky.submits.load(Ordering::Relaxed) as u64, served + 2, "the two failed attempts, then every layer");
-    assert_eq!(served, clean.worker.stats().exchanges_served.load(Ordering::Relaxed));
+    assert_eq!(served, clean_worker.stats().exchanges_served.load(Ordering::Relaxed));
 }

@@ -75,6 +75,7 @@ async fn registers_not_ready_leads_and_is_ready_once_every_expert_has_a_live_hos
         dtype: DType::F32,
         weights: Default::default(),
         control: join(),
+        limits: Default::default(),
     })
     .await
     .expect("worker starts");

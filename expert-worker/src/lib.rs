@@ -12,4 +12,4 @@ mod service;
 
 pub use run::{ReadyWorker, RunError, WorkerConfig, run, start};
 pub use selection::{ExpertSelection, SelectionError};
-pub use service::{ExpertWorker, WorkerStats, serve, serve_with_tls};
+pub use service::{ExchangeLimits, ExpertWorker, WorkerStats, serve, serve_with_tls};

@@ -12,7 +12,7 @@ use epserve_control::{ControlConnection, Instance, Kind, Membership};
 use epserve_model::{Checkpoint, ExpertShard, LoadPolicy, LoadProgress, ModelConfig};
 
 use crate::selection::{ExpertSelection, SelectionError};
-use crate::service::{ExpertWorker, serve_with_tls};
+use crate::service::{ExchangeLimits, ExpertWorker, serve_with_tls};
 
 #[derive(Debug)]
 pub struct WorkerConfig {
@@ -27,6 +27,8 @@ pub struct WorkerConfig {
     pub weights: LoadPolicy,
     /// The control plane to register with; `None`: static wiring.
     pub control: Option<ControlConnection>,
+    /// How much exchange work is taken in at once.
+    pub limits: ExchangeLimits,
 }
 
 /// Why a worker could not start or serve.
@@ -77,7 +79,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
 /// Everything before serving: loads the selected experts, binds, registers and starts following
 /// the placement.
 pub async fn start(config: WorkerConfig) -> Result<ReadyWorker, RunError> {
-    let WorkerConfig { model, listen, selection, dtype, weights, control } = config;
+    let WorkerConfig { model, listen, selection, dtype, weights, control, limits } = config;
     let path = model.join("config.json");
     let model_config = ModelConfig::from_file(&path).map_err(|source| RunError::Config { path, source })?;
     let experts = selection.resolve(model_config.text.num_local_experts)?;
@@ -91,12 +93,14 @@ pub async fn start(config: WorkerConfig) -> Result<ReadyWorker, RunError> {
         .map_err(|source| RunError::Bind { addr: listen.clone(), source })?;
     let local_addr = listener.local_addr().map_err(|source| RunError::Bind { addr: listen, source })?;
     let model_name = model.display().to_string();
-    let worker = Arc::new(ExpertWorker::new(shard, model_config.text.clone(), model_name.clone(), dtype));
+    let worker =
+        Arc::new(ExpertWorker::new(shard, model_config.text.clone(), model_name.clone(), dtype).with_limits(limits));
     let control = control.map(|control| {
+        let addr = control.advertised(local_addr);
         let record = Instance {
             experts: worker.experts(),
             model: model_name,
-            ..Instance::new(Kind::Worker, format!("worker-{local_addr}"), local_addr.to_string())
+            ..Instance::new(Kind::Worker, format!("worker-{addr}"), addr)
         };
         let membership = control.register(record);
         let load = LoadSpec { dir: model, config: model_config, dtype, weights };

@@ -16,7 +16,7 @@ use epserve_proto::v1::{
     ExchangeRequest, ExchangeResponse, HealthRequest, HealthResponse, LayerExperts, StatusRequest, StatusResponse,
 };
 use parking_lot::{RwLock, RwLockReadGuard};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -26,9 +26,32 @@ use tonic::{Code, Request, Response, Status, Streaming};
 pub struct WorkerStats {
     pub rows_served: AtomicU64,
     pub exchanges_served: AtomicU64,
-    /// Exchanges answered `INVALID_ARGUMENT` (malformed, or for experts not hosted here).
+    /// Exchanges refused: `INVALID_ARGUMENT` (malformed) or `FAILED_PRECONDITION` (for experts not
+    /// hosted here: the sender's view of this worker is wrong, another host may serve them).
     pub exchanges_rejected: AtomicU64,
 }
+
+/// How much exchange work a worker takes in at once. Past either limit it stops reading the
+/// stream, so HTTP/2 flow control holds the sender back: a flood of frames queues at the sender,
+/// not in the worker's memory, and other streams keep their turn (the budget is handed out in
+/// arrival order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExchangeLimits {
+    /// Exchanges of one stream computing or waiting to be answered.
+    pub per_stream: usize,
+    /// Request payload bytes in flight over all streams. A frame larger than this runs alone.
+    pub bytes: usize,
+}
+
+impl Default for ExchangeLimits {
+    /// 16 exchanges a stream (a coordinator has one or two in flight per step), 512 MiB of payloads.
+    fn default() -> Self {
+        ExchangeLimits { per_stream: 16, bytes: 512 << 20 }
+    }
+}
+
+/// Budget units: KiB, so that a maximal frame's permits fit in `u32`.
+const BUDGET_UNIT: usize = 1024;
 
 /// A loaded shard and what the worker needs to check exchanges against its model.
 #[derive(Debug)]
@@ -39,12 +62,38 @@ pub struct ExpertWorker {
     model_name: String,
     dtype: DType,
     stats: WorkerStats,
+    limits: ExchangeLimits,
+    /// Payload bytes in flight, in [`BUDGET_UNIT`]s.
+    budget: Arc<Semaphore>,
 }
 
 impl ExpertWorker {
     pub fn new(shard: ExpertShard, text: TextConfig, model_name: String, dtype: DType) -> Self {
         metrics::gauge!(m::WORKER_RESIDENT_EXPERT_BYTES).set(shard.resident_bytes() as f64);
-        ExpertWorker { shard: RwLock::new(shard), text, model_name, dtype, stats: WorkerStats::default() }
+        let limits = ExchangeLimits::default();
+        ExpertWorker {
+            shard: RwLock::new(shard),
+            text,
+            model_name,
+            dtype,
+            stats: WorkerStats::default(),
+            budget: Arc::new(Semaphore::new(limits.bytes.div_ceil(BUDGET_UNIT))),
+            limits,
+        }
+    }
+
+    /// Takes in at most `limits` of exchange work at once.
+    pub fn with_limits(mut self, limits: ExchangeLimits) -> Self {
+        let limits = ExchangeLimits { per_stream: limits.per_stream.max(1), bytes: limits.bytes.max(BUDGET_UNIT) };
+        self.budget = Arc::new(Semaphore::new(limits.bytes.div_ceil(BUDGET_UNIT)));
+        self.limits = limits;
+        self
+    }
+
+    /// The budget permits a request of `bytes` holds (a frame larger than the budget takes all).
+    fn permits(&self, bytes: usize) -> u32 {
+        let units = bytes.div_ceil(BUDGET_UNIT).max(1);
+        units.min(self.limits.bytes.div_ceil(BUDGET_UNIT)) as u32
     }
 
     fn shard(&self) -> RwLockReadGuard<'_, ExpertShard> {
@@ -71,25 +120,37 @@ impl ExpertWorker {
     }
 
     /// Checks what only this worker knows: the layer exists and is MoE, the row width is the model's,
-    /// every expert is hosted here.
-    fn check(&self, x: &Exchange) -> Result<(), String> {
+    /// every expert is hosted here. The code says whose view is wrong: `INVALID_ARGUMENT` for an
+    /// exchange no worker of this model would accept, `FAILED_PRECONDITION` for experts another
+    /// worker may host.
+    fn check(&self, x: &Exchange) -> Result<(), (Code, String)> {
         let layer = x.layer as usize;
+        let invalid = |m: String| Err((Code::InvalidArgument, m));
         match self.text.feed_forward.get(layer) {
             None => {
-                return Err(format!("layer {layer} is out of range (the model has {})", self.text.num_hidden_layers));
+                return invalid(format!(
+                    "layer {layer} is out of range (the model has {})",
+                    self.text.num_hidden_layers
+                ));
             }
-            Some(FeedForwardKind::Dense) => return Err(format!("layer {layer} is dense; it has no experts")),
+            Some(FeedForwardKind::Dense) => return invalid(format!("layer {layer} is dense; it has no experts")),
             Some(FeedForwardKind::Moe) => {}
         }
         if x.hidden != self.text.hidden_size {
-            return Err(format!("rows are {} wide, the model's hidden size is {}", x.hidden, self.text.hidden_size));
+            return invalid(format!(
+                "rows are {} wide, the model's hidden size is {}",
+                x.hidden, self.text.hidden_size
+            ));
         }
         let shard = self.shard();
         if let Some(g) = x.groups.iter().find(|g| !shard.hosts(layer, g.expert)) {
-            return Err(format!(
-                "expert {} of layer {layer} is not hosted on this worker (hosts {:?})",
-                g.expert,
-                shard.experts()
+            return Err((
+                Code::FailedPrecondition,
+                format!(
+                    "expert {} of layer {layer} is not hosted on this worker (hosts {:?})",
+                    g.expert,
+                    shard.experts()
+                ),
             ));
         }
         Ok(())
@@ -111,18 +172,18 @@ impl ExpertWorker {
 
     async fn handle(self: Arc<Self>, request: ExchangeRequest) -> ExchangeResponse {
         let id = request.id;
-        let reject = |message: String| {
+        let reject = |code: Code, message: String| {
             self.stats.exchanges_rejected.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(m::WORKER_EXCHANGES_TOTAL, "result" => "invalid").increment(1);
             tracing::warn!(exchange = id, "rejected: {message}");
-            ExchangeResponse { id, code: Code::InvalidArgument as i32, message, ..Default::default() }
+            ExchangeResponse { id, code: code as i32, message, ..Default::default() }
         };
         let exchange = match Exchange::try_from(request) {
             Ok(x) => x,
-            Err(e) => return reject(e.0),
+            Err(e) => return reject(Code::InvalidArgument, e.0),
         };
-        if let Err(message) = self.check(&exchange) {
-            return reject(message);
+        if let Err((code, message)) = self.check(&exchange) {
+            return reject(code, message);
         }
         let started = Instant::now();
         let worker = self.clone();
@@ -195,19 +256,31 @@ impl ExpertService for Service {
     async fn exchange(&self, request: Request<Streaming<ExchangeRequest>>) -> Result<Response<ExchangeStream>, Status> {
         let peer = request.remote_addr();
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<ExchangeResponse, Status>>(256);
         let worker = self.0.clone();
+        let (tx, rx) = mpsc::channel::<Result<ExchangeResponse, Status>>(worker.limits.per_stream);
+        let slots = Arc::new(Semaphore::new(worker.limits.per_stream));
         tokio::spawn(async move {
             loop {
+                // Not reading while the stream has its limit in flight is the backpressure: the
+                // sender's HTTP/2 window fills and its sends wait. A slot is held until the answer
+                // is queued, so a client that stops reading answers stops being read too.
+                let Ok(slot) = slots.clone().acquire_owned().await else { break };
                 match inbound.message().await {
                     Ok(Some(req)) => {
+                        let Ok(budget) =
+                            worker.budget.clone().acquire_many_owned(worker.permits(req.payload.len())).await
+                        else {
+                            break;
+                        };
                         // Exchanges of a stream are independent: each computes as soon as it arrives
                         // and answers when done, in any order (matched by id).
                         let tx = tx.clone();
                         let worker = worker.clone();
                         tokio::spawn(async move {
                             let response = worker.handle(req).await;
+                            drop(budget);
                             let _ = tx.send(Ok(response)).await;
+                            drop(slot);
                         });
                     }
                     Ok(None) => break,

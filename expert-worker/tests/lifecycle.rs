@@ -47,6 +47,7 @@ async fn worker_loads_and_announces_the_experts_the_placement_assigns_it() {
         dtype: DType::F32,
         weights: Default::default(),
         control: Some(control),
+        limits: Default::default(),
     })
     .await
     .expect("worker starts");
@@ -64,7 +65,7 @@ async fn worker_loads_and_announces_the_experts_the_placement_assigns_it() {
     // The placement assigns experts 2 and 9 of every MoE layer to it (2 is already loaded).
     let hosts = (0..16u32).map(|e| if e == 2 || e == 9 { vec!["w0".to_owned()] } else { Vec::new() }).collect();
     let layers = (0..4).map(|layer| LayerPlacement { layer, hosts: Vec::clone(&hosts) }).collect();
-    assert!(plane.swap_placement(&PlacementMap { version: 0, layers }).await.expect("write placement"));
+    assert!(plane.swap_placement(&PlacementMap { version: 0, layers }, None).await.expect("write placement"));
     workers_once(&plane, "the worker announces expert 9", |w| w.first().is_some_and(|r| r.experts == [0, 1, 2, 3, 9]))
         .await;
 
@@ -92,6 +93,7 @@ async fn static_worker_checks_its_selection_against_the_model() {
         dtype: DType::F32,
         weights: Default::default(),
         control: None,
+        limits: Default::default(),
     };
     let worker =
         epserve_expert_worker::start(config(ExpertSelection::Shard { index: 1, count: 4 })).await.expect("start");

@@ -42,10 +42,10 @@ pub struct GatewayConfig {
     pub control: Option<ControlConnection>,
     /// Limits on image input and URL fetching (used when the checkpoint has a vision tower).
     pub images: ImageConfig,
-    /// Timeouts and limits of the HTTP edge (connections, per-client limits, request fields, CORS).
-    pub edge: EdgeConfig,
     /// Reach the coordinators over mutual TLS with this identity; `None`: plaintext.
     pub tls: Option<epserve_tls::ClusterTls>,
+    /// Timeouts and limits of the HTTP edge (connections, per-client limits, request fields, CORS).
+    pub edge: EdgeConfig,
 }
 
 /// Why a gateway could not start or serve.
@@ -108,8 +108,8 @@ pub async fn start(config: GatewayConfig) -> Result<ReadyGateway, RunError> {
         metrics,
         control,
         images,
-        edge,
         tls,
+        edge,
     } = config;
     if coordinators.is_empty() && control.is_none() {
         return Err(RunError::NoCoordinators);
@@ -145,8 +145,8 @@ pub async fn start(config: GatewayConfig) -> Result<ReadyGateway, RunError> {
         .map_err(|source| RunError::Bind { addr: listen.clone(), source })?;
     let local_addr = listener.local_addr().map_err(|source| RunError::Bind { addr: listen, source })?;
     let control = control.map(|control| {
-        let membership =
-            control.register(Instance::new(Kind::Gateway, format!("gateway-{local_addr}"), local_addr.to_string()));
+        let addr = control.advertised(local_addr);
+        let membership = control.register(Instance::new(Kind::Gateway, format!("gateway-{addr}"), addr));
         (control, membership)
     });
     tracing::info!(model = %name, auth, vision, "gateway serving http://{local_addr}/v1");

@@ -96,6 +96,18 @@ pub const CONTROL_LIVE_WORKERS: &str = "epserve_live_workers";
 pub const CONTROL_REREGISTRATIONS_TOTAL: &str = "epserve_reregistrations_total";
 /// Counter, by `worker`: workers the coordinator stopped sending to (stream lost or lease gone).
 pub const FAILOVERS_TOTAL: &str = "epserve_failovers_total";
+/// Counter, by `worker`: workers left unconnected for a while because their answers showed them at
+/// fault (refusing experts their record lists, malformed answers).
+pub const WORKERS_QUARANTINED_TOTAL: &str = "epserve_workers_quarantined_total";
+/// Counter, by `worker`: registry records that listed experts the worker's own `Status` did not
+/// report (those experts are not routed to it).
+pub const REGISTRY_RECORD_MISMATCHES_TOTAL: &str = "epserve_registry_record_mismatches_total";
+/// Counter: engine threads that panicked (the coordinator then stops serving and exits).
+pub const ENGINE_DEATHS_TOTAL: &str = "epserve_engine_deaths_total";
+/// Counter: requests cancelled because their reader left a full event channel unread.
+pub const ENGINE_STALLED_READERS_TOTAL: &str = "epserve_engine_stalled_readers_total";
+/// Counter: requests refused because the engine's waiting queue was full.
+pub const ENGINE_QUEUE_FULL_TOTAL: &str = "epserve_engine_queue_full_total";
 /// Counter, by `reason`: exchanges sent again to another host of their experts.
 pub const EXCHANGE_RETRIES_TOTAL: &str = "epserve_exchange_retries_total";
 /// Histogram: from losing a worker to the first step that finished without it.

@@ -182,7 +182,11 @@ pub fn up(extra: &[&str]) -> (Up, String) {
 /// Starts `epserve up` on the checkpoint in `model` and waits for its URL.
 pub fn up_model(model: &std::path::Path, extra: &[&str]) -> (Up, String) {
     let port = free_port();
-    let mut args = vec!["up", "--model", model.to_str().expect("utf-8"), "--workers", "2", "--port"];
+    // Two workers unless the test says how many.
+    let workers: &[&str] = if extra.contains(&"--workers") { &[] } else { &["--workers", "2"] };
+    let mut args = vec!["up", "--model", model.to_str().expect("utf-8")];
+    args.extend_from_slice(workers);
+    args.push("--port");
     let port_s = port.to_string();
     args.push(&port_s);
     args.extend_from_slice(extra);
@@ -259,4 +263,42 @@ pub async fn generate_to_length(addr: &str, request: epserve_proto::v1::Generate
         }
     }
     panic!("the stream ended without a finish reason");
+}
+
+impl Up {
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().expect("running").id()
+    }
+}
+
+/// The processes whose parent is `parent`, with their command lines (arguments joined by spaces).
+pub fn children_of(parent: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // `pid (comm) state ppid ...`: comm may hold spaces and parentheses, so split after the last `)`.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            out.push((pid, cmdline.trim().to_owned()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Resident memory of `pid` in MiB (`VmRSS`), if it is alive.
+pub fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// SIGKILLs `pid` (a crash).
+pub fn kill_pid(pid: u32) {
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
 }

@@ -389,6 +389,9 @@ impl ExpertsInFlight for GrpcInFlight<'_> {
                     if e.retry() != Retry::Now {
                         return Err(e.at_layer(self.layer));
                     }
+                    if e.worker_at_fault() {
+                        self.experts.workers.quarantine(&part.link, &e.to_string());
+                    }
                     // Send the same rows again, to other hosts of their experts.
                     self.excluded.insert(part.link.id.clone());
                     metrics::counter!(m::EXCHANGE_RETRIES_TOTAL, "reason" => e.kind()).increment(1);

@@ -28,8 +28,11 @@ pub(super) struct WorkerLink {
     pub id: String,
     pub addr: String,
     incarnation: u64,
-    /// Updated in place when the worker announces experts it loaded.
+    /// What the worker's record lists *and* its `Status` confirms; updated (after asking `Status`
+    /// again) when the worker announces experts it loaded.
     experts: RwLock<Vec<u32>>,
+    /// For asking `Status` again.
+    client: ExpertServiceClient<Channel>,
     pub requests: mpsc::Sender<ExchangeRequest>,
     pub pending: Arc<Mutex<Pending>>,
 }
@@ -100,6 +103,10 @@ impl Routes {
     }
 }
 
+/// How long a worker whose answers showed it at fault (it refused experts it claims to host, or
+/// answered malformed data) is left unconnected; a restart (new incarnation) ends it early.
+const QUARANTINE: Duration = Duration::from_secs(30);
+
 /// A worker lost, until the first step that finished without it.
 #[derive(Debug)]
 struct Loss {
@@ -123,6 +130,8 @@ pub(super) struct WorkerSet {
     pub generation: watch::Sender<u64>,
     changed: Notify,
     losses: Mutex<Vec<Loss>>,
+    /// Worker id → (incarnation, until when): not reconnected before then.
+    quarantined: Mutex<HashMap<String, (u64, Instant)>>,
 }
 
 fn unix_ms() -> u128 {
@@ -140,6 +149,7 @@ impl WorkerSet {
             generation: watch::channel(0).0,
             changed: Notify::new(),
             losses: Mutex::new(Vec::new()),
+            quarantined: Mutex::new(HashMap::new()),
         })
     }
 
@@ -162,6 +172,26 @@ impl WorkerSet {
             self.losses.lock().push(Loss { worker: link.addr.clone(), at: Instant::now(), unix_ms: unix_ms() });
             self.changed.notify_one();
             self.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// Loses `link` and leaves its worker unconnected for [`QUARANTINE`] (or until it restarts): its
+    /// answers showed that its record or its computation cannot be trusted.
+    pub fn quarantine(&self, link: &WorkerLink, reason: &str) {
+        self.quarantined.lock().insert(link.id.clone(), (link.incarnation, Instant::now() + QUARANTINE));
+        metrics::counter!(m::WORKERS_QUARANTINED_TOTAL, "worker" => link.addr.clone()).increment(1);
+        self.lose(link, &format!("{reason} (not used again for {}s)", QUARANTINE.as_secs()));
+    }
+
+    fn is_quarantined(&self, w: &Instance) -> bool {
+        let mut q = self.quarantined.lock();
+        match q.get(&w.id) {
+            Some(&(incarnation, until)) if incarnation == w.incarnation && Instant::now() < until => true,
+            Some(_) => {
+                q.remove(&w.id);
+                false
+            }
+            None => false,
         }
     }
 
@@ -216,8 +246,14 @@ impl WorkerSet {
             if let Some(old) = current.get(&w.id) {
                 if old.dead().is_none() && old.incarnation == w.incarnation && old.addr == w.addr {
                     if old.experts() != w.experts {
-                        tracing::info!(worker = %w.addr, "worker now serves experts {:?}", w.experts);
-                        *old.experts.write() = w.experts.clone();
+                        // Believed only as far as the worker's own `Status` confirms it.
+                        match self.confirmed_experts(old.client.clone(), w).await {
+                            Ok(experts) => {
+                                tracing::info!(worker = %w.addr, "worker now serves experts {experts:?}");
+                                *old.experts.write() = experts;
+                            }
+                            Err(e) => tracing::warn!(worker = %w.addr, "asking for its status again: {e}"),
+                        }
                     }
                     next.insert(w.id.clone(), old.clone());
                     continue;
@@ -225,6 +261,12 @@ impl WorkerSet {
                 if old.incarnation != w.incarnation || old.addr != w.addr {
                     self.lose(old, "it restarted");
                 }
+            }
+            if self.is_quarantined(w) {
+                if let Some(old) = current.get(&w.id) {
+                    next.insert(w.id.clone(), old.clone());
+                }
+                continue;
             }
             // Concurrently: one worker that hangs at connect must not hold up the others.
             let (set, w) = (self.clone(), w.clone());
@@ -286,12 +328,40 @@ impl WorkerSet {
         .await
         .map_err(|_| unavailable("connect timed out".into()))?
         .map_err(|e| unavailable(format!("{e:?}")))?;
-        let mut client = ExpertServiceClient::new(channel)
+        let client = ExpertServiceClient::new(channel)
             .max_decoding_message_size(epserve_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(epserve_proto::MAX_MESSAGE_BYTES);
-        let status = client.status(StatusRequest {}).await.map_err(|e| unavailable(e.to_string()))?.into_inner();
+        let experts = self.confirmed_experts(client.clone(), w).await?;
+        open_stream(client, w, experts, self.clone()).await
+    }
+
+    /// The experts `w`'s record lists that its `Status` confirms it hosts in every MoE layer. A
+    /// record is written by whoever can write to the registry; the worker's own answer is what
+    /// exchanges will meet.
+    async fn confirmed_experts(
+        &self,
+        mut client: ExpertServiceClient<Channel>,
+        w: &Instance,
+    ) -> Result<Vec<u32>, TransportError> {
+        let unavailable = |reason: String| TransportError::Unavailable { worker: w.addr.clone(), reason };
+        let status = tokio::time::timeout(self.connect_timeout, client.status(StatusRequest {}))
+            .await
+            .map_err(|_| unavailable("Status timed out".into()))?
+            .map_err(|e| unavailable(e.to_string()))?
+            .into_inner();
         check_worker_serves(&w.addr, &status, &self.model)?;
-        open_stream(client, w, self.clone()).await
+        let hosted = hosted_in_every_moe_layer(&status, &self.model);
+        let (confirmed, unconfirmed): (Vec<u32>, Vec<u32>) =
+            w.experts.iter().copied().partition(|e| hosted.contains(e));
+        if !unconfirmed.is_empty() {
+            metrics::counter!(m::REGISTRY_RECORD_MISMATCHES_TOTAL, "worker" => w.addr.clone()).increment(1);
+            tracing::warn!(
+                worker = %w.addr,
+                id = %w.id,
+                "its registry record lists experts {unconfirmed:?} that its Status does not report hosting (it hosts {hosted:?}): not routed there"
+            );
+        }
+        Ok(confirmed)
     }
 }
 
@@ -306,6 +376,28 @@ pub(super) fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint
         .initial_connection_window_size(Some(64 << 20))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5)))
+}
+
+/// The experts `status` reports in every MoE layer of `model` (a worker hosts an expert in all of
+/// them or none; anything less is not routable).
+fn hosted_in_every_moe_layer(status: &epserve_proto::v1::StatusResponse, model: &TextConfig) -> Vec<u32> {
+    let mut hosted: Option<Vec<u32>> = None;
+    for layer in model.moe_layers() {
+        let here: Vec<u32> = status
+            .layers
+            .iter()
+            .filter(|l| l.layer as usize == layer)
+            .flat_map(|l| l.experts.iter().copied())
+            .collect();
+        hosted = Some(match hosted {
+            None => here,
+            Some(h) => h.into_iter().filter(|e| here.contains(e)).collect(),
+        });
+    }
+    let mut hosted = hosted.unwrap_or_default();
+    hosted.sort_unstable();
+    hosted.dedup();
+    hosted
 }
 
 /// A worker must serve a model of the same shape (hidden size, layers, experts), or its answers
@@ -334,12 +426,14 @@ pub(super) fn check_worker_serves(
 /// Opens the worker's exchange stream and spawns the task that matches answers to exchanges; when
 /// the stream ends the link is lost (and its waiting exchanges fail over).
 async fn open_stream(
-    mut client: ExpertServiceClient<Channel>,
+    client: ExpertServiceClient<Channel>,
     w: &Instance,
+    experts: Vec<u32>,
     workers: Arc<WorkerSet>,
 ) -> Result<Arc<WorkerLink>, TransportError> {
     let (tx, rx) = mpsc::channel::<ExchangeRequest>(1024);
     let response = client
+        .clone()
         .exchange(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .map_err(|e| TransportError::Unavailable { worker: w.addr.clone(), reason: e.to_string() })?;
@@ -348,7 +442,8 @@ async fn open_stream(
         id: w.id.clone(),
         addr: w.addr.clone(),
         incarnation: w.incarnation,
-        experts: RwLock::new(w.experts.clone()),
+        experts: RwLock::new(experts),
+        client,
         requests: tx,
         pending: Arc::new(Mutex::new(Pending::default())),
     });

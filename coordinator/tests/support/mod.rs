@@ -1,12 +1,14 @@
 //! What the engine tests share: the tiny fixture with every expert in process, prompts, and the
 //! outcome of a request.
 
+#![allow(dead_code)]
+
 use candle_core::{DType, Device};
 use epserve_coordinator::ExpertTransport;
 use epserve_coordinator::engine::{Event, FinishReason};
 use epserve_model::{Checkpoint, ExpertShard, ModelConfig, TextModel, WeightStorage};
 use epserve_testkit::fixtures;
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 
 /// `tiny-llama4`'s config, text model and all 16 experts (local), in f32 with weights as stored.
 pub fn load_tiny() -> (ModelConfig, TextModel, ExpertTransport) {
@@ -36,7 +38,7 @@ pub struct Outcome {
 }
 
 /// Every event of a request until it finishes; an error finish fails the test.
-pub fn collect(mut rx: UnboundedReceiver<Event>) -> Outcome {
+pub fn collect(mut rx: Receiver<Event>) -> Outcome {
     let mut tokens = Vec::new();
     loop {
         match rx.blocking_recv().expect("the engine finishes every request") {
