@@ -174,8 +174,8 @@ fn soak_with_workers_killed_every_20_s_loses_nothing_and_keeps_memory_flat() {
         if started.elapsed() >= Duration::from_secs(secs) {
             break;
         }
-        let workers = workers_of(up_pid);
-        if let Some(&victim) = workers.get(kills % workers.len().max(1)) {
+        // The longest-lived worker (the lowest pid): every worker gets its turn.
+        if let Some(&victim) = workers_of(up_pid).first() {
             kill_pid(victim);
             kills += 1;
             eprintln!("soak: killed worker {victim} at {:?}", started.elapsed());

@@ -3,8 +3,8 @@
 //! by default; with `--registry etcd://...` every component registers there instead. Waits until
 //! the gateway is ready, prints the URL and a curl example, and stops everything on Ctrl-C. A
 //! component that dies is restarted on the same address (so that static wiring still reaches it),
-//! after a back-off that doubles with each recent restart; one that keeps dying (a crash loop)
-//! stops the cluster with its reason.
+//! at once, then after a back-off that doubles with each death in the last minute; only one that
+//! cannot be started again stops the cluster, with its reason.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -86,9 +86,10 @@ fn cache_dir(explicit: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".epserve-cache"))
 }
 
-/// Restarts of one component within [`CRASH_LOOP_WINDOW`] after which `up` gives up.
-const CRASH_LOOP_RESTARTS: usize = 5;
-const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(300);
+/// Failed starts in a row after which `up` gives up on a component (and stops the cluster).
+const FAILED_STARTS: usize = 5;
+/// Deaths within this window make the next restart wait longer (1, 2, 4 … 32 s).
+const BACKOFF_WINDOW: Duration = Duration::from_secs(60);
 
 /// One component: how it was started (to start it again) and when it was restarted.
 struct Component {
@@ -116,27 +117,39 @@ impl ComponentProcesses {
         Ok(addr)
     }
 
-    /// Restarts every component that has exited, after its back-off. An error when one has been
-    /// restarted [`CRASH_LOOP_RESTARTS`] times within [`CRASH_LOOP_WINDOW`] already.
+    /// Restarts every component that has exited: at once after its first death in
+    /// [`BACKOFF_WINDOW`], then after a back-off that doubles with each further one. A component
+    /// that ran is always restarted (a supervisor's job); an error only when one cannot be started
+    /// again [`FAILED_STARTS`] times in a row.
     fn restart_exited(&mut self) -> Result<()> {
         for c in &mut self.children {
             let Ok(Some(status)) = c.child.try_wait() else { continue };
-            c.restarts.retain(|at| at.elapsed() < CRASH_LOOP_WINDOW);
-            if c.restarts.len() >= CRASH_LOOP_RESTARTS {
-                bail!(
-                    "{} exited ({status}) after {} restarts within {} s",
-                    c.name,
-                    c.restarts.len(),
-                    CRASH_LOOP_WINDOW.as_secs()
-                );
+            c.restarts.retain(|at| at.elapsed() < BACKOFF_WINDOW);
+            let mut failed_starts = 0;
+            loop {
+                if !c.restarts.is_empty() {
+                    let backoff = Duration::from_secs(1 << (c.restarts.len() - 1).min(5));
+                    tracing::warn!("{} exited ({status}): restarting it in {} s", c.name, backoff.as_secs());
+                    std::thread::sleep(backoff);
+                } else {
+                    tracing::warn!("{} exited ({status}): restarting it", c.name);
+                }
+                c.restarts.push(Instant::now());
+                match spawn_component(&c.name, &c.args) {
+                    Ok((child, addr)) => {
+                        c.child = child;
+                        tracing::info!("{} restarted on {addr}", c.name);
+                        break;
+                    }
+                    Err(e) => {
+                        failed_starts += 1;
+                        if failed_starts >= FAILED_STARTS {
+                            bail!("{} could not be started again ({failed_starts} tries): {e:#}", c.name);
+                        }
+                        tracing::warn!("{} did not start again: {e:#}", c.name);
+                    }
+                }
             }
-            let backoff = Duration::from_secs(1 << c.restarts.len().min(5));
-            tracing::warn!("{} exited ({status}): restarting it in {} s", c.name, backoff.as_secs());
-            std::thread::sleep(backoff);
-            let (child, addr) = spawn_component(&c.name, &c.args)?;
-            c.child = child;
-            c.restarts.push(Instant::now());
-            tracing::info!("{} restarted on {addr}", c.name);
         }
         Ok(())
     }
