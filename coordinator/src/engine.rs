@@ -23,6 +23,8 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::watch;
 
+use crate::admission::QueueSlot;
+pub use crate::admission::{EVENT_BUFFER, EventSender, SubmitError};
 use crate::images::{ImageSpec, SequenceImages, Vision};
 use crate::kv_pool::{KvPool, SeqBlocks};
 use crate::masks::{MaskJob, MaskThreads};
@@ -44,14 +46,6 @@ pub struct EngineConfig {
     /// Requests accepted and not yet started at most; past it `submit` answers [`SubmitError::Busy`].
     pub max_waiting: usize,
 }
-
-/// Where a request's events go: bounded. An engine never waits for a reader; a request whose
-/// reader lets [`EVENT_BUFFER`] (or the channel's capacity) events pile up is cancelled.
-pub type EventSender = tokio::sync::mpsc::Sender<Event>;
-
-/// The event channel capacity the gRPC server gives every request: about ten seconds of tokens at
-/// 100 tokens/s, far more than a reader that keeps up ever has queued.
-pub const EVENT_BUFFER: usize = 1024;
 
 impl EngineConfig {
     /// Defaults (512-token steps, 256 running sequences, no overlap), with the checkpoint's EOS ids.
@@ -115,31 +109,6 @@ pub struct Load {
     pub steps: u64,
     /// Sequences preempted (and recomputed) since start.
     pub preemptions: u64,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SubmitError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error("prompt is {prompt} tokens; the context limit is {limit}")]
-    TooLong { prompt: usize, limit: usize },
-    #[error("the engine has stopped")]
-    Stopped,
-    #[error("the engine died: {0}")]
-    Died(String),
-    #[error("{waiting} requests are waiting already (the limit): try again later or elsewhere")]
-    Busy { waiting: usize },
-}
-
-/// A place in the waiting queue, held from `submit` until the request starts running (or leaves
-/// the queue any other way: its drop frees the place).
-#[derive(Debug)]
-struct QueueSlot(Arc<AtomicUsize>);
-
-impl Drop for QueueSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 enum Command {

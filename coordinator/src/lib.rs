@@ -9,6 +9,7 @@
 //! Boundaries: no HTTP, no tokenization (the gateway's), no expert weights of its own when the
 //! transport is remote.
 
+mod admission;
 pub mod engine;
 pub mod errors;
 pub mod images;
