@@ -265,20 +265,8 @@ fn scout_sized_exchange_goes_through() {
 /// (HTTP/2 flow control), its memory stays bounded, and another client is served meanwhile.
 #[test]
 fn an_exchange_flood_stays_bounded_and_other_streams_are_served() {
-    let model = tiny_fixture();
-    let worker = support::Process::start(&[
-        "worker",
-        "--model",
-        model.to_str().expect("utf-8"),
-        "--listen",
-        "127.0.0.1:0",
-        "--experts",
-        "0-15",
-        "--max-exchanges-per-stream",
-        "4",
-        "--exchange-memory-mb",
-        "64",
-    ]);
+    let limits = ["--experts", "0-15", "--max-exchanges-per-stream", "4", "--exchange-memory-mb", "64"];
+    let worker = workers(&tiny_fixture(), &[&limits]).remove(0);
     let rss = || support::rss_mib(worker.pid()).expect("the worker is alive");
     let before = rss();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
