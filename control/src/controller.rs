@@ -2,7 +2,7 @@
 //! on at least one live worker.
 //!
 //! [`reconcile`] is the whole policy, as a pure function: hosts that left the registry are dropped,
-//! what live workers report they serve is added, and an expert that *had* hosts and lost them all is
+//! what live workers that the map does not name yet report they serve is added, and an expert that *had* hosts and lost them all is
 //! assigned to the live worker with the fewest assignments (in every layer where it is orphaned),
 //! which loads it from the checkpoint. Experts that never had a host are left alone: that is a
 //! deployment still starting (or an incomplete one), which the coordinators report, not something
@@ -46,9 +46,14 @@ pub fn reconcile(layout: &Layout, current: Option<&PlacementMap>, live: &[Instan
                 .collect(),
         })
         .collect();
-    for w in live {
-        for &e in w.experts.iter().filter(|&&e| e < layout.num_experts) {
-            for l in &mut layers {
+    // What a worker reports is added only while the map does not name it at all (the first map,
+    // a worker that joined or came back): once it is placed, the map is what it serves, and a
+    // rebalanced map may have taken experts off it that it still holds until every coordinator
+    // has stopped using them (see `crate::types::Instance::placement_version`).
+    let placed: BTreeSet<&str> = current.map(PlacementMap::workers).unwrap_or_default();
+    for w in live.iter().filter(|w| !placed.contains(w.id.as_str())) {
+        for l in &mut layers {
+            for e in (0..layout.num_experts).filter(|&e| w.hosts(l.layer, e)) {
                 let hosts = &mut l.hosts[e as usize];
                 if !hosts.contains(&w.id) {
                     hosts.push(w.id.clone());

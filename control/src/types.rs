@@ -1,7 +1,7 @@
 //! What the control plane stores: instance records and the versioned expert placement map (JSON
 //! values, so that `etcdctl get` shows them readably).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +37,15 @@ pub struct Instance {
     /// Workers: the expert ids loaded and served, in every MoE layer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub experts: Vec<u32>,
+    /// Workers: expert ids loaded and served in one MoE layer only (replicas placed by expert load
+    /// balancing), beyond `experts`, by layer.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replicas: BTreeMap<u32, Vec<u32>>,
+    /// Coordinators: the placement version this coordinator routes by, once no exchange uses the
+    /// routes of an older one (workers' replicas that the placement dropped are released only when
+    /// every coordinator reports the version that dropped them). 0: none yet.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub placement_version: u64,
     /// The checkpoint served, for operators.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub model: String,
@@ -54,6 +63,10 @@ fn is_true(b: &bool) -> bool {
     *b
 }
 
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
 impl Instance {
     pub fn new(kind: Kind, id: impl Into<String>, addr: impl Into<String>) -> Self {
         let incarnation = std::time::SystemTime::now()
@@ -67,6 +80,8 @@ impl Instance {
             addr: addr.into(),
             incarnation,
             experts: Vec::new(),
+            replicas: BTreeMap::new(),
+            placement_version: 0,
             model: String::new(),
             ready: true,
         }
@@ -74,6 +89,11 @@ impl Instance {
 
     pub fn key(&self) -> String {
         instance_key(self.kind, &self.id)
+    }
+
+    /// Whether this worker's record says it serves `expert` of MoE layer `layer`.
+    pub fn hosts(&self, layer: u32, expert: u32) -> bool {
+        self.experts.contains(&expert) || self.replicas.get(&layer).is_some_and(|r| r.contains(&expert))
     }
 }
 
@@ -111,6 +131,24 @@ impl PlacementMap {
             .find(|l| l.layer == layer)
             .and_then(|l| l.hosts.get(expert as usize))
             .map_or(&[], Vec::as_slice)
+    }
+
+    /// The `(layer, expert)` pairs assigned to `worker`.
+    pub fn pairs_of(&self, worker: &str) -> BTreeSet<(u32, u32)> {
+        let mut out = BTreeSet::new();
+        for l in &self.layers {
+            for (e, hosts) in l.hosts.iter().enumerate() {
+                if hosts.iter().any(|h| h == worker) {
+                    out.insert((l.layer, e as u32));
+                }
+            }
+        }
+        out
+    }
+
+    /// Every worker id named as a host.
+    pub fn workers(&self) -> BTreeSet<&str> {
+        self.layers.iter().flat_map(|l| l.hosts.iter().flatten().map(String::as_str)).collect()
     }
 
     /// The expert ids assigned to `worker` in any layer.
