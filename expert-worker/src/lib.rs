@@ -4,12 +4,16 @@
 //!
 //! Boundaries: it knows nothing of sequences, KV caches or sampling, and keeps no per-request state.
 //! Compute runs on tokio's blocking pool, never on the IO threads. [`run`](mod@run) is the worker
-//! process's lifecycle: registration and following the placement leader's assignments.
+//! process's lifecycle: registration and following the placement leader's assignments; the
+//! `placement` module loads and releases replicas of single `(layer, expert)` pairs while serving
+//! (`ExpertPlacementService.Place`, for live expert load balancing).
 
+mod placement;
 pub mod run;
 mod selection;
 mod service;
 
+pub use placement::PlaceError;
 pub use run::{ReadyWorker, RunError, WorkerConfig, run, start};
 pub use selection::{ExpertSelection, SelectionError};
-pub use service::{ExchangeLimits, ExpertWorker, WorkerStats, serve, serve_with_tls};
+pub use service::{ExchangeLimits, ExpertLoader, ExpertWorker, WorkerStats, serve, serve_with_tls};

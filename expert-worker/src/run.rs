@@ -12,7 +12,7 @@ use epserve_control::{ControlConnection, Instance, Kind, Membership};
 use epserve_model::{Checkpoint, ExpertShard, LoadPolicy, LoadProgress, ModelConfig};
 
 use crate::selection::{ExpertSelection, SelectionError};
-use crate::service::{ExchangeLimits, ExpertWorker, serve_with_tls};
+use crate::service::{ExchangeLimits, ExpertLoader, ExpertWorker, serve_with_tls};
 
 #[derive(Debug)]
 pub struct WorkerConfig {
@@ -93,18 +93,23 @@ pub async fn start(config: WorkerConfig) -> Result<ReadyWorker, RunError> {
         .map_err(|source| RunError::Bind { addr: listen.clone(), source })?;
     let local_addr = listener.local_addr().map_err(|source| RunError::Bind { addr: listen, source })?;
     let model_name = model.display().to_string();
-    let worker =
-        Arc::new(ExpertWorker::new(shard, model_config.text.clone(), model_name.clone(), dtype).with_limits(limits));
+    let loader = LoadSpec { dir: model, config: model_config.clone(), dtype, weights };
+    let loader = ExpertLoader(Arc::new(move |pairs: &[(usize, u32)]| loader.pairs(pairs)));
+    let worker = Arc::new(
+        ExpertWorker::new(shard, model_config.text.clone(), model_name.clone(), dtype)
+            .with_limits(limits)
+            .with_loader(loader),
+    );
     let control = control.map(|control| {
         let addr = control.advertised(local_addr);
         let record = Instance {
             experts: worker.experts(),
+            replicas: worker.replicas(),
             model: model_name,
             ..Instance::new(Kind::Worker, format!("worker-{addr}"), addr)
         };
         let membership = control.register(record);
-        let load = LoadSpec { dir: model, config: model_config, dtype, weights };
-        follow_assignments(&control, membership.clone(), worker.clone(), load);
+        follow_assignments(&control, membership.clone(), worker.clone());
         (control, membership)
     });
     Ok(ReadyWorker { worker, listener, local_addr, control, tls: None })
@@ -149,6 +154,12 @@ struct LoadSpec {
 }
 
 impl LoadSpec {
+    /// Loads the experts of `pairs` (blocking).
+    fn pairs(&self, pairs: &[(usize, u32)]) -> epserve_model::Result<ExpertShard> {
+        let ckpt = Checkpoint::open(&self.dir)?;
+        ExpertShard::load_pairs(&self.config, &ckpt, pairs, self.dtype, self.weights, &Device::Cpu)
+    }
+
     /// Loads `experts` of every MoE layer (blocking); with `progress`, on the log as it goes.
     fn shard(&self, experts: &[u32], progress: bool) -> epserve_model::Result<ExpertShard> {
         let ckpt = Checkpoint::open(&self.dir)?;
@@ -178,37 +189,34 @@ impl LoadSpec {
     }
 }
 
-/// Loads the experts the placement leader assigns to this worker, then announces them in its record
-/// (coordinators route to a worker only for the experts its record lists).
-fn follow_assignments(
-    control: &ControlConnection,
-    membership: Arc<Membership>,
-    worker: Arc<ExpertWorker>,
-    load: LoadSpec,
-) {
+/// Loads the `(layer, expert)` pairs the placement assigns to this worker and not hosted yet (the
+/// placement leader's orphan assignments), and announces what it hosts in its record whenever that
+/// changes (coordinators route to a worker only for the experts its record lists).
+fn follow_assignments(control: &ControlConnection, membership: Arc<Membership>, worker: Arc<ExpertWorker>) {
     let mut placement = control.watch_placement();
+    let mut hosted = worker.hosted_changes();
     control.spawn(async move {
         loop {
-            let assigned = placement.borrow_and_update().as_ref().map(|map| map.experts_of(&membership.id()));
-            let hosted = worker.experts();
-            let missing: Vec<u32> = assigned.unwrap_or_default().into_iter().filter(|e| !hosted.contains(e)).collect();
-            if !missing.is_empty() {
-                tracing::info!("the placement assigns experts {missing:?} here: loading them");
-                let started = std::time::Instant::now();
-                let (w, load, ids) = (worker.clone(), load.clone(), missing.clone());
-                let loaded = tokio::task::spawn_blocking(move || w.add_experts(load.shard(&ids, false)?)).await;
-                match loaded {
-                    Ok(Ok(())) => {
-                        tracing::info!("loaded experts {missing:?} in {:.2} s", started.elapsed().as_secs_f64());
-                        let experts = worker.experts();
-                        membership.update(|i| i.experts = experts);
-                    }
-                    Ok(Err(e)) => tracing::error!("loading assigned experts {missing:?}: {e}"),
-                    Err(e) => tracing::error!("loading assigned experts {missing:?}: {e}"),
-                }
+            let assigned: Vec<(usize, u32)> = placement
+                .borrow_and_update()
+                .as_ref()
+                .map(|map| map.pairs_of(&membership.id()).into_iter().map(|(l, e)| (l as usize, e)).collect())
+                .unwrap_or_default();
+            if let Err(e) = worker.load_pairs(&assigned).await {
+                tracing::error!("loading the experts the placement assigns here: {e}");
             }
-            if placement.changed().await.is_err() {
-                return;
+            hosted.borrow_and_update();
+            let (experts, replicas) = (worker.experts(), worker.replicas());
+            let record = membership.record();
+            if record.experts != experts || record.replicas != replicas {
+                membership.update(|i| {
+                    i.experts = experts;
+                    i.replicas = replicas;
+                });
+            }
+            tokio::select! {
+                r = placement.changed() => if r.is_err() { return },
+                r = hosted.changed() => if r.is_err() { return },
             }
         }
     });

@@ -1,5 +1,6 @@
 //! `ExpertService` on top of an [`ExpertShard`].
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use epserve_proto::v1::{
     ExchangeRequest, ExchangeResponse, HealthRequest, HealthResponse, LayerExperts, StatusRequest, StatusResponse,
 };
 use parking_lot::{RwLock, RwLockReadGuard};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -53,6 +54,19 @@ impl Default for ExchangeLimits {
 /// Budget units: KiB, so that a maximal frame's permits fit in `u32`.
 const BUDGET_UNIT: usize = 1024;
 
+/// Loads the given `(layer, expert)` pairs from the worker's checkpoint (blocking).
+pub type LoadPairs = dyn Fn(&[(usize, u32)]) -> epserve_model::Result<ExpertShard> + Send + Sync;
+
+/// A shared [`LoadPairs`].
+#[derive(Clone)]
+pub struct ExpertLoader(pub Arc<LoadPairs>);
+
+impl std::fmt::Debug for ExpertLoader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExpertLoader")
+    }
+}
+
 /// A loaded shard and what the worker needs to check exchanges against its model.
 #[derive(Debug)]
 pub struct ExpertWorker {
@@ -65,6 +79,13 @@ pub struct ExpertWorker {
     limits: ExchangeLimits,
     /// Payload bytes in flight, in [`BUDGET_UNIT`]s.
     budget: Arc<Semaphore>,
+    /// Loads more experts from the checkpoint (placement changes); `None`: this worker's experts
+    /// are fixed.
+    pub(crate) loader: Option<ExpertLoader>,
+    /// One placement change (load or release) at a time.
+    pub(crate) placing: tokio::sync::Mutex<()>,
+    /// Bumped whenever the hosted experts change, for whoever announces them (the registry record).
+    hosted: watch::Sender<u64>,
 }
 
 impl ExpertWorker {
@@ -79,7 +100,61 @@ impl ExpertWorker {
             stats: WorkerStats::default(),
             budget: Arc::new(Semaphore::new(limits.bytes.div_ceil(BUDGET_UNIT))),
             limits,
+            loader: None,
+            placing: tokio::sync::Mutex::new(()),
+            hosted: watch::channel(0).0,
         }
+    }
+
+    /// Lets more experts be placed here while serving, loaded with `loader`.
+    pub fn with_loader(mut self, loader: ExpertLoader) -> Self {
+        self.loader = Some(loader);
+        self
+    }
+
+    /// Changes whenever the hosted experts change.
+    pub fn hosted_changes(&self) -> watch::Receiver<u64> {
+        self.hosted.subscribe()
+    }
+
+    /// Experts hosted in one MoE layer only (beyond [`Self::experts`]), by layer.
+    pub fn replicas(&self) -> BTreeMap<u32, Vec<u32>> {
+        let shard = self.shard();
+        let everywhere = shard.experts();
+        let mut out: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for (layer, e) in shard.pairs() {
+            if !everywhere.contains(&e) {
+                out.entry(layer as u32).or_default().push(e);
+            }
+        }
+        out
+    }
+
+    /// Every hosted `(layer, expert)`.
+    pub fn pairs(&self) -> Vec<(usize, u32)> {
+        self.shard().pairs()
+    }
+
+    /// Stops serving the experts of `pairs` (a brief write lock: waits for the computations in
+    /// progress); how many were hosted.
+    pub fn release(&self, pairs: &[(usize, u32)]) -> usize {
+        let mut shard = self.shard.write();
+        let released = pairs.iter().filter(|&&(l, e)| shard.remove(l, e)).count();
+        metrics::gauge!(m::WORKER_RESIDENT_EXPERT_BYTES).set(shard.resident_bytes() as f64);
+        drop(shard);
+        if released > 0 {
+            metrics::counter!(m::WORKER_EXPERTS_RELEASED_TOTAL).increment(released as u64);
+            self.hosted.send_modify(|v| *v += 1);
+        }
+        released
+    }
+
+    pub(crate) fn resident_bytes(&self) -> u64 {
+        self.shard().resident_bytes()
+    }
+
+    pub(crate) fn layer_experts(&self) -> Vec<LayerExperts> {
+        self.status().layers
     }
 
     /// Takes in at most `limits` of exchange work at once.
@@ -116,6 +191,8 @@ impl ExpertWorker {
         shard.absorb(more)?;
         metrics::gauge!(m::WORKER_RESIDENT_EXPERT_BYTES).set(shard.resident_bytes() as f64);
         metrics::counter!(m::WORKER_EXPERTS_LOADED_TOTAL).increment(added as u64);
+        drop(shard);
+        self.hosted.send_modify(|v| *v += 1);
         Ok(())
     }
 
@@ -157,17 +234,25 @@ impl ExpertWorker {
     }
 
     /// Decodes, computes and encodes one exchange; runs on a blocking thread.
-    fn compute(&self, x: &Exchange) -> Result<bytes::Bytes, String> {
+    fn compute(&self, x: &Exchange) -> Result<bytes::Bytes, (Code, String)> {
+        let internal = |e: candle_core::Error| (Code::Internal, e.to_string());
         let mut values = Vec::new();
         x.dtype.decode_into(&x.payload, x.hidden, &mut values);
         let rows = Tensor::from_vec(values, (x.total_rows(), x.hidden), &Device::Cpu)
             .and_then(|t| t.to_dtype(self.dtype))
-            .map_err(|e| e.to_string())?;
+            .map_err(internal)?;
         let groups: Vec<ExpertGroup> =
             x.groups.iter().map(|g| ExpertGroup { expert: g.expert, rows: g.rows }).collect();
-        let out = self.shard().compute(x.layer as usize, &groups, &rows).map_err(|e| e.to_string())?;
+        let shard = self.shard();
+        // Checked again under the guard the computation holds: a release between `check` and here
+        // must read as "not hosted" (another host serves it), not as a failed computation.
+        if let Some(g) = x.groups.iter().find(|g| !shard.hosts(x.layer as usize, g.expert)) {
+            return Err((Code::FailedPrecondition, format!("expert {} of layer {} was released", g.expert, x.layer)));
+        }
+        let out = shard.compute(x.layer as usize, &groups, &rows).map_err(|e| (Code::Internal, e.to_string()))?;
+        drop(shard);
         let out = out.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>());
-        Ok(x.dtype.encode(&out.map_err(|e| e.to_string())?, x.hidden))
+        Ok(x.dtype.encode(&out.map_err(internal)?, x.hidden))
     }
 
     async fn handle(self: Arc<Self>, request: ExchangeRequest) -> ExchangeResponse {
@@ -207,9 +292,10 @@ impl ExpertWorker {
                     compute_micros: elapsed.as_micros() as u64,
                 }
             }
-            Ok(Err(message)) => {
+            Ok(Err((Code::FailedPrecondition, message))) => reject(Code::FailedPrecondition, message),
+            Ok(Err((code, message))) => {
                 tracing::error!(exchange = id, "compute failed: {message}");
-                ExchangeResponse { id, code: Code::Internal as i32, message, ..Default::default() }
+                ExchangeResponse { id, code: code as i32, message, ..Default::default() }
             }
             Err(join) => {
                 tracing::error!(exchange = id, "compute task failed: {join}");
@@ -322,13 +408,15 @@ pub async fn serve_with_tls(
 ) -> Result<(), tonic::transport::Error> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "expert worker serving");
+    let placement = crate::placement::service(worker.clone());
     let service = ExpertServiceServer::new(Service(worker))
         .max_decoding_message_size(epserve_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(epserve_proto::MAX_MESSAGE_BYTES);
     let router = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(64 << 20))
-        .add_service(service);
+        .add_service(service)
+        .add_service(placement);
     match tls {
         // The TLS listener sets TCP_NODELAY on what it accepts.
         Some(tls) => router.serve_with_incoming_shutdown(epserve_tls::incoming(listener, tls), shutdown).await,

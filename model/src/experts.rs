@@ -37,7 +37,10 @@ impl ExpertFfn {
 pub struct ExpertShard {
     /// `layers[l][e]`: expert `e` of layer `l`, when layer `l` is MoE and `e` is hosted here.
     layers: Vec<Vec<Option<ExpertFfn>>>,
+    /// The ids hosted in every MoE layer.
     experts: Vec<u32>,
+    /// The MoE layers' indices.
+    moe_layers: Vec<usize>,
     inter: usize,
     hidden: usize,
     resident_bytes: u64,
@@ -55,16 +58,49 @@ impl ExpertShard {
         dev: &Device,
         progress: &mut dyn FnMut(),
     ) -> Result<Self> {
+        let t = &cfg.text;
+        if let Some(&bad) = experts.iter().find(|&&e| e as usize >= t.num_local_experts) {
+            return Err(Error::Input(format!("expert {bad} does not exist (the model has {})", t.num_local_experts)));
+        }
+        Self::load_where(cfg, src, &|_, e| experts.contains(&e), dtype, policy, dev, progress)
+    }
+
+    /// Loads the experts of the `(layer, expert)` pairs `pairs` (layers that are not MoE and
+    /// experts out of range are an error): the replicas that expert load balancing places on one
+    /// worker differ from layer to layer.
+    pub fn load_pairs(
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        pairs: &[(usize, u32)],
+        dtype: DType,
+        policy: impl Into<LoadPolicy>,
+        dev: &Device,
+    ) -> Result<Self> {
+        let t = &cfg.text;
+        for &(layer, e) in pairs {
+            if t.feed_forward.get(layer) != Some(&FeedForwardKind::Moe) || e as usize >= t.num_local_experts {
+                return Err(Error::Input(format!("layer {layer} has no routed expert {e}")));
+            }
+        }
+        Self::load_where(cfg, src, &|l, e| pairs.contains(&(l, e)), dtype, policy, dev, &mut || {})
+    }
+
+    /// Loads every expert `wanted(layer, expert)` selects in the MoE layers.
+    #[allow(clippy::too_many_arguments)]
+    fn load_where(
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        wanted: &dyn Fn(usize, u32) -> bool,
+        dtype: DType,
+        policy: impl Into<LoadPolicy>,
+        dev: &Device,
+        progress: &mut dyn FnMut(),
+    ) -> Result<Self> {
         let policy: LoadPolicy = policy.into();
         let scheme = policy.scheme_for(MatrixRole::RoutedExpert);
         let quantize = scheme.map(|s| (s, policy.activations));
         let t = &cfg.text;
-        let mut ids = experts.to_vec();
-        ids.sort_unstable();
-        ids.dedup();
-        if let Some(&bad) = ids.iter().find(|&&e| e as usize >= t.num_local_experts) {
-            return Err(Error::Input(format!("expert {bad} does not exist (the model has {})", t.num_local_experts)));
-        }
+        let all: Vec<u32> = (0..t.num_local_experts as u32).collect();
         let prefix = cfg.architecture.decoder_prefix();
         let mut layers = Vec::with_capacity(t.num_hidden_layers);
         let mut resident_bytes = 0u64;
@@ -83,7 +119,7 @@ impl ExpertShard {
                 };
                 let (gu_dtype, down_dtype) = (kept(&gu_key), kept(&down_key));
                 let on = if scheme.is_some() { Device::Cpu } else { dev.clone() };
-                for &e in &ids {
+                for e in all.iter().copied().filter(|&e| wanted(l, e)) {
                     let e = e as usize;
                     let per_expert =
                         |name: &str| format!("{prefix}layers.{l}.feed_forward.experts.{e}.{name}_proj.weight");
@@ -111,7 +147,25 @@ impl ExpertShard {
             }
             layers.push(slots);
         }
-        Ok(ExpertShard { layers, experts: ids, inter: t.intermediate_size, hidden: t.hidden_size, resident_bytes })
+        let mut shard = ExpertShard {
+            layers,
+            experts: Vec::new(),
+            moe_layers: t.moe_layers().collect(),
+            inter: t.intermediate_size,
+            hidden: t.hidden_size,
+            resident_bytes,
+        };
+        shard.experts = shard.in_every_moe_layer();
+        Ok(shard)
+    }
+
+    /// The expert ids hosted in every MoE layer.
+    fn in_every_moe_layer(&self) -> Vec<u32> {
+        if self.moe_layers.is_empty() {
+            return Vec::new();
+        }
+        let num_experts = self.layers.first().map_or(0, Vec::len) as u32;
+        (0..num_experts).filter(|&e| self.moe_layers.iter().all(|&l| self.hosts(l, e))).collect()
     }
 
     /// Takes over the experts of `other` (loaded later from the same checkpoint, e.g. because the
@@ -128,10 +182,27 @@ impl ExpertShard {
                 }
             }
         }
-        self.experts.extend(other.experts);
-        self.experts.sort_unstable();
-        self.experts.dedup();
+        self.experts = self.in_every_moe_layer();
         Ok(())
+    }
+
+    /// Drops the expert of `(layer, expert)`; true if it was hosted. The hosted-everywhere list
+    /// ([`Self::experts`]) loses `expert` too.
+    pub fn remove(&mut self, layer: usize, expert: u32) -> bool {
+        let Some(slot) = self.layers.get_mut(layer).and_then(|l| l.get_mut(expert as usize)) else { return false };
+        let Some(ffn) = slot.take() else { return false };
+        self.resident_bytes -= ffn.bytes();
+        self.experts.retain(|&e| e != expert);
+        true
+    }
+
+    /// Every hosted `(layer, expert)`, in layer then expert order.
+    pub fn pairs(&self) -> Vec<(usize, u32)> {
+        let mut out = Vec::new();
+        for (l, slots) in self.layers.iter().enumerate() {
+            out.extend(slots.iter().enumerate().filter(|(_, s)| s.is_some()).map(|(e, _)| (l, e as u32)));
+        }
+        out
     }
 
     /// The hosted expert ids, ascending.
