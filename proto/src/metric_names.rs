@@ -114,3 +114,13 @@ pub const EXCHANGE_RETRIES_TOTAL: &str = "epserve_exchange_retries_total";
 pub const FAILOVER_RECOVERY_SECONDS: &str = "epserve_failover_recovery_seconds";
 /// Counter: experts a worker loaded because the placement leader assigned them to it.
 pub const WORKER_EXPERTS_LOADED_TOTAL: &str = "epserve_worker_experts_loaded_total";
+/// Counter: steps written to a routing trace (`epserve_eplb::trace::TraceWriter`).
+pub const ROUTING_TRACE_STEPS_TOTAL: &str = "epserve_routing_trace_steps_total";
+/// Counter: steps left out of the routing trace because the writer's buffer was full (each gap is
+/// also a `dropped` record in the trace).
+pub const ROUTING_TRACE_DROPPED_STEPS_TOTAL: &str = "epserve_routing_trace_dropped_steps_total";
+/// Counter, bytes: routing-trace records written.
+pub const ROUTING_TRACE_BYTES_TOTAL: &str = "epserve_routing_trace_bytes_total";
+/// Counter: expert replicas (one expert of one layer) a worker dropped because it was asked to
+/// (`ExpertPlacementService.Place`).
+pub const WORKER_EXPERTS_RELEASED_TOTAL: &str = "epserve_worker_experts_released_total";
