@@ -10,11 +10,11 @@
 //! and (d) every worker is restarted in turn by SIGTERM (each drains first). It is `#[ignore]`d
 //! until the worker's drain on SIGTERM lands (docs/deploy.md, "Status"): run it with `--ignored`.
 
-mod support;
 #[path = "deploy_support/compose.rs"]
 mod compose;
 #[path = "deploy_support/load.rs"]
 mod load;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -202,7 +202,8 @@ fn compose_cluster_serves_like_generate_and_loses_no_request_to_faults() {
 fn check_image(image: &str) {
     let config = docker(&["image", "inspect", "-f", "{{.Config.User}} {{json .Config.Entrypoint}}", image]);
     assert_eq!(config, r#"10001:10001 ["/usr/bin/tini","--","/usr/local/bin/epserve"]"#);
-    let title = docker(&["image", "inspect", "-f", r#"{{index .Config.Labels "org.opencontainers.image.title"}}"#, image]);
+    let title =
+        docker(&["image", "inspect", "-f", r#"{{index .Config.Labels "org.opencontainers.image.title"}}"#, image]);
     assert_eq!(title, "epserve");
     let version = docker(&["run", "--rm", "--read-only", image, "--version"]);
     assert!(version.starts_with("epserve "), "{version}");

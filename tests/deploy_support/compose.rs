@@ -20,7 +20,8 @@ pub fn unavailable() -> Option<String> {
 }
 
 fn compose_command() -> Option<Vec<String>> {
-    let works = |cmd: &[&str]| Command::new(cmd[0]).args(&cmd[1..]).arg("version").output().is_ok_and(|o| o.status.success());
+    let works =
+        |cmd: &[&str]| Command::new(cmd[0]).args(&cmd[1..]).arg("version").output().is_ok_and(|o| o.status.success());
     if works(&["docker-compose"]) {
         Some(vec!["docker-compose".into()])
     } else if works(&["docker", "compose"]) {
@@ -93,7 +94,16 @@ impl Compose {
     /// The worker ids registered in etcd (read with etcdctl in etcd-1, which the tests never stop).
     pub fn registered_workers(&self) -> Vec<String> {
         let etcd = self.container("etcd-1");
-        let keys = docker(&["exec", &etcd, "etcdctl", "--endpoints=http://127.0.0.1:2379", "get", "--prefix", "/epserve/", "--keys-only"]);
+        let keys = docker(&[
+            "exec",
+            &etcd,
+            "etcdctl",
+            "--endpoints=http://127.0.0.1:2379",
+            "get",
+            "--prefix",
+            "/epserve/",
+            "--keys-only",
+        ]);
         let mut ids: Vec<String> =
             keys.lines().filter_map(|k| k.split_once("/instances/worker/").map(|(_, id)| id.to_owned())).collect();
         ids.sort();

@@ -50,7 +50,14 @@ impl Report {
 
     pub fn assert_no_failure(&self, what: &str) {
         assert!(self.ok > 0, "{what}: no request completed");
-        assert_eq!(self.failed, 0, "{what}: {} of {} requests failed: {:?}", self.failed, self.ok + self.failed, self.errors);
+        assert_eq!(
+            self.failed,
+            0,
+            "{what}: {} of {} requests failed: {:?}",
+            self.failed,
+            self.ok + self.failed,
+            self.errors
+        );
     }
 }
 
