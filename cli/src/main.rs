@@ -11,6 +11,7 @@ mod control;
 mod coordinator;
 mod decode_bench;
 mod engine_bench;
+mod eplb;
 mod exchange_bench;
 mod gateway;
 mod gen_model;
@@ -65,6 +66,8 @@ enum Command {
     Quality(quality::QualityArgs),
     /// Issue a development CA and per-component certificates for mutual TLS on the gRPC links.
     Certs(certs::CertsArgs),
+    /// Expert load balancing, offline: routing-trace statistics, placement planning, replay.
+    Eplb(eplb::EplbArgs),
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -123,6 +126,7 @@ fn main() -> std::process::ExitCode {
         Command::VisionBench(args) => vision_bench::run(args),
         Command::Quality(args) => quality::run(args),
         Command::Certs(args) => certs::run(args),
+        Command::Eplb(args) => eplb::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
