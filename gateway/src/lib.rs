@@ -12,6 +12,7 @@
 //!
 //! Boundaries: no model weights, no sampling (the coordinator's), no state beyond requests in flight.
 
+pub mod batch;
 pub mod chat_template;
 pub mod completions;
 pub mod constraints;
