@@ -311,7 +311,7 @@ impl ExpertWorker {
             .moe_layers()
             .map(|layer| LayerExperts {
                 layer: layer as u32,
-                experts: shard.experts().iter().copied().filter(|&e| shard.hosts(layer, e)).collect(),
+                experts: (0..self.text.num_local_experts as u32).filter(|&e| shard.hosts(layer, e)).collect(),
             })
             .collect();
         StatusResponse {
