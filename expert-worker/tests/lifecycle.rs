@@ -2,21 +2,15 @@
 //! experts it was started with, loads and announces the experts the placement assigns to it, serves
 //! them, and leaves on shutdown.
 
-use std::path::PathBuf;
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::DType;
 use epserve_control::{ControlConnection, ControlPlane, Instance, Kind, LayerPlacement, MemoryRegistry, PlacementMap};
-use epserve_expert_worker::{ExpertSelection, WorkerConfig};
+use epserve_expert_worker::ExpertSelection;
 use epserve_proto::v1::StatusRequest;
 use epserve_proto::v1::expert_service_client::ExpertServiceClient;
-use tokio::sync::oneshot;
-
-/// The tiny Llama-4 checkpoint (4 MoE layers of 16 experts).
-fn tiny_checkpoint() -> PathBuf {
-    epserve_testkit::fixtures::dir(epserve_testkit::fixtures::TINY_LLAMA4)
-}
 
 /// The processes' default: a loaded test machine must not lose leases between two renewals.
 const LEASE_TTL: Duration = Duration::from_secs(10);
@@ -40,22 +34,9 @@ async fn workers_once(plane: &ControlPlane, what: &str, done: impl Fn(&[Instance
 async fn worker_loads_and_announces_the_experts_the_placement_assigns_it() {
     let plane = ControlPlane::new(Arc::new(MemoryRegistry::new()));
     let control = ControlConnection::new(plane.clone(), LEASE_TTL, Some("w0".into())).expect("runtime");
-    let worker = epserve_expert_worker::start(WorkerConfig {
-        model: tiny_checkpoint(),
-        listen: "127.0.0.1:0".into(),
-        selection: ExpertSelection::parse_list("0-3").expect("list"),
-        dtype: DType::F32,
-        weights: Default::default(),
-        control: Some(control),
-        limits: Default::default(),
-    })
-    .await
-    .expect("worker starts");
-    let addr = worker.local_addr();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let serving = tokio::spawn(worker.serve(async move {
-        let _ = stopped.await;
-    }));
+    let worker =
+        support::serve(support::config(ExpertSelection::parse_list("0-3").expect("list"), Some(control))).await;
+    let addr = worker.addr;
 
     let registered = workers_once(&plane, "the worker registers", |w| w.len() == 1).await;
     let record = &registered[0];
@@ -77,8 +58,7 @@ async fn worker_loads_and_announces_the_experts_the_placement_assigns_it() {
         assert_eq!(layer.experts, vec![0, 1, 2, 3, 9], "layer {}", layer.layer);
     }
 
-    let _ = stop.send(());
-    tokio::time::timeout(WAIT, serving).await.expect("stops in time").expect("task").expect("serve");
+    worker.stop().await;
     workers_once(&plane, "the worker leaves", <[Instance]>::is_empty).await;
 }
 
@@ -86,15 +66,7 @@ async fn worker_loads_and_announces_the_experts_the_placement_assigns_it() {
 /// model's experts fails start-up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_worker_checks_its_selection_against_the_model() {
-    let config = |selection| WorkerConfig {
-        model: tiny_checkpoint(),
-        listen: "127.0.0.1:0".into(),
-        selection,
-        dtype: DType::F32,
-        weights: Default::default(),
-        control: None,
-        limits: Default::default(),
-    };
+    let config = |selection| support::config(selection, None);
     let worker =
         epserve_expert_worker::start(config(ExpertSelection::Shard { index: 1, count: 4 })).await.expect("start");
     assert_eq!(worker.worker().experts(), vec![4, 5, 6, 7]);

@@ -2,20 +2,13 @@
 //! of single `(layer, expert)` pairs are loaded from the checkpoint and released again, `Status`
 //! follows, and bad requests get a reason.
 
-use std::path::PathBuf;
+mod support;
 
-use candle_core::DType;
-use epserve_expert_worker::{ExpertSelection, WorkerConfig};
+use epserve_expert_worker::ExpertSelection;
 use epserve_proto::v1::expert_placement_service_client::ExpertPlacementServiceClient;
 use epserve_proto::v1::expert_service_client::ExpertServiceClient;
 use epserve_proto::v1::{ExpertPair, PlaceRequest, StatusRequest};
-use tokio::sync::oneshot;
 use tonic::Code;
-
-/// The tiny Llama-4 checkpoint (4 MoE layers of 16 experts).
-fn tiny_checkpoint() -> PathBuf {
-    epserve_testkit::fixtures::dir(epserve_testkit::fixtures::TINY_LLAMA4)
-}
 
 fn pair(layer: u32, expert: u32) -> ExpertPair {
     ExpertPair { layer, expert }
@@ -23,22 +16,8 @@ fn pair(layer: u32, expert: u32) -> ExpertPair {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn place_loads_and_releases_single_replicas_while_serving() {
-    let worker = epserve_expert_worker::start(WorkerConfig {
-        model: tiny_checkpoint(),
-        listen: "127.0.0.1:0".into(),
-        selection: ExpertSelection::parse_list("0-3").expect("list"),
-        dtype: DType::F32,
-        weights: Default::default(),
-        control: None,
-        limits: Default::default(),
-    })
-    .await
-    .expect("worker starts");
-    let addr = worker.local_addr();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let serving = tokio::spawn(worker.serve(async move {
-        let _ = stopped.await;
-    }));
+    let worker = support::serve(support::config(ExpertSelection::parse_list("0-3").expect("list"), None)).await;
+    let addr = worker.addr;
     let mut place = ExpertPlacementServiceClient::connect(format!("http://{addr}")).await.expect("connect");
     let mut status = ExpertServiceClient::connect(format!("http://{addr}")).await.expect("connect");
     let experts_of = |layers: &[epserve_proto::v1::LayerExperts], layer: u32| {
@@ -86,6 +65,5 @@ async fn place_loads_and_releases_single_replicas_while_serving() {
     assert_eq!(after.layers, dropped.layers);
     assert_eq!(after.resident_bytes, dropped.resident_bytes);
 
-    let _ = stop.send(());
-    serving.await.expect("join").expect("serve");
+    worker.stop().await;
 }
