@@ -133,11 +133,9 @@ fn zipf_1_2_acceptance_shape_on_exact_loads() {
     eprintln!("contiguous {contiguous_imbalance:.4} balanced {balanced_imbalance:.4} ({} MiB)", balanced_bytes >> 20);
     let chosen = choose(&points, 0.05).expect("points");
     assert!(chosen.imbalance_aggregate <= balanced_imbalance + 0.05, "{}", chosen.imbalance_aggregate);
-    // Issue 17 aims at ≤ 30 % of the balanced plan's bytes from a contiguous start near 1.5. This
-    // start is far more skewed (2.19: the hottest experts share shards), and the cheapest point within
-    // 0.05 moves 30.1 % here (84 of 279 MiB); the bound below is what this input shows, not the aim.
+    // Issue 17's aim: within 0.05 of balanced for at most 30 % of its bytes (72 of 279 MiB here).
     assert!(
-        chosen.moved_bytes * 3 <= balanced_bytes,
+        chosen.moved_bytes * 10 <= balanced_bytes * 3,
         "cost-aware moved {} of balanced's {balanced_bytes}",
         chosen.moved_bytes
     );
