@@ -7,8 +7,9 @@
 //! The Docker test skips, saying why, where no Docker daemon answers. Under 32 concurrent streams it
 //! checks that no request fails while (a) a worker is killed, (b) a worker is cut off from the
 //! network (its lease expires; it rejoins when reconnected), (c) one etcd member of three is stopped
-//! and (d) every worker is restarted in turn by SIGTERM (each drains first). It is `#[ignore]`d
-//! until the worker's drain on SIGTERM lands (docs/deploy.md, "Status"): run it with `--ignored`.
+//! and (d) every worker is restarted in turn by SIGTERM (each drains first). (d) runs only with
+//! `EPSERVE_DEPLOY_ROLLING_RESTART=1` until the worker's drain on SIGTERM lands (docs/deploy.md,
+//! "Status"): today it fails.
 
 #[path = "deploy_support/compose.rs"]
 mod compose;
@@ -52,7 +53,6 @@ fn kubernetes_manifests_validate_and_every_container_has_probes_resources_and_a_
 }
 
 #[test]
-#[ignore = "(d) fails: a worker does not exit on SIGTERM while coordinators hold exchange streams; needs the drain (docs/deploy.md, Status)"]
 fn compose_cluster_serves_like_generate_and_loses_no_request_to_faults() {
     if let Some(why) = compose::unavailable() {
         eprintln!("skipping the Docker test: {why}");
@@ -174,7 +174,15 @@ fn compose_cluster_serves_like_generate_and_loses_no_request_to_faults() {
     docker(&["start", &cluster.container("etcd-2")]);
 
     // (d) Rolling restart: each worker in turn gets SIGTERM (through tini), drains, exits 0 and comes
-    // back before the next one goes.
+    // back before the next one goes. It fails today: a worker does not exit on SIGTERM while
+    // coordinators hold exchange streams to it, because the drain is not built (docs/deploy.md,
+    // Status), so it runs only when asked for.
+    if std::env::var_os("EPSERVE_DEPLOY_ROLLING_RESTART").is_none() {
+        eprintln!(
+            "(d) rolling restart not run: the worker drain on SIGTERM is not built; EPSERVE_DEPLOY_ROLLING_RESTART=1 runs it"
+        );
+        return;
+    }
     let load = Load::start(&addr, MODEL, STREAMS, 24);
     std::thread::sleep(Duration::from_secs(2));
     let mut drains = Vec::new();
