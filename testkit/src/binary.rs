@@ -32,7 +32,7 @@ pub fn epserve_binary() -> PathBuf {
 }
 
 /// The most recently modified file that the binary is built from: sources, protos, manifests and
-/// embedded assets, outside test-only directories.
+/// embedded assets, outside test-only directories and `tests.rs` modules.
 fn newest_source(root: &Path) -> Option<(SystemTime, PathBuf)> {
     const SKIP: [&str; 8] = ["target", "tests", "testkit", "benches", "bench", "docs", "scripts", "deploy"];
     let mut newest: Option<(SystemTime, PathBuf)> = None;
@@ -49,7 +49,9 @@ fn newest_source(root: &Path) -> Option<(SystemTime, PathBuf)> {
                 }
                 continue;
             }
-            let source = [".rs", ".proto", ".toml", ".jinja", ".txt"].iter().any(|ext| name.ends_with(ext));
+            // `tests.rs` is a `#[cfg(test)]` module by this project's convention: not in the binary.
+            let source = name != "tests.rs"
+                && [".rs", ".proto", ".toml", ".jinja", ".txt"].iter().any(|ext| name.ends_with(ext));
             if let (true, Ok(modified)) = (source, meta.modified())
                 && newest.as_ref().is_none_or(|(t, _)| modified > *t)
             {
