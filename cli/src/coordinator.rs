@@ -45,6 +45,9 @@ pub struct CoordinatorArgs {
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     #[arg(long, env = "EPSERVE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// On SIGTERM/SIGINT: refuse new requests and let the running ones finish for at most this long.
+    #[arg(long, default_value_t = 30, env = "EPSERVE_SHUTDOWN_GRACE_SECONDS")]
+    pub shutdown_grace_seconds: u64,
     #[command(flatten)]
     pub control: JoinArgs,
 }
@@ -60,6 +63,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     let load = args.experts.load_config(&args.model, args.dtype)?;
     // One identity for both ends: serving the gateways and connecting to the workers.
     let server_tls = load.grpc.tls.clone();
+    let grace = std::time::Duration::from_secs(args.shutdown_grace_seconds);
     let config = CoordinatorConfig {
         load,
         listen: args.listen,
@@ -78,7 +82,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         control: args.control.connect()?,
     };
     runtime.block_on(async move {
-        let coordinator = epserve_coordinator::start(config).await?.with_tls(server_tls);
+        let coordinator = epserve_coordinator::start_with_tls(config, server_tls).await?.with_shutdown_grace(grace);
         // The harnesses and `epserve up` read this line to learn the port.
         println!("listening on {}", coordinator.local_addr());
         Ok(coordinator.serve(crate::shutdown_signal()).await?)

@@ -41,6 +41,10 @@ pub struct WorkerArgs {
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     #[arg(long, env = "EPSERVE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// On SIGTERM/SIGINT: leave the registry, then wait at most this long until no coordinator
+    /// routes here (nothing in flight, streams closed or idle for 1 s) before exiting.
+    #[arg(long, default_value_t = 30, env = "EPSERVE_SHUTDOWN_GRACE_SECONDS")]
+    pub shutdown_grace_seconds: u64,
     #[command(flatten)]
     pub control: JoinArgs,
     #[command(flatten)]
@@ -56,6 +60,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         _ => bail!("give --shard I/N or --experts LIST"),
     };
     let metrics_listen = args.metrics_listen;
+    let grace = std::time::Duration::from_secs(args.shutdown_grace_seconds);
     let tls = args.tls.load()?;
     let config = WorkerConfig {
         control: args.control.connect()?,
@@ -71,7 +76,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         if let Some(addr) = &metrics_listen {
             crate::metrics_endpoint::serve(addr).await?;
         }
-        let worker = epserve_expert_worker::start(config).await?.with_tls(tls);
+        let worker = epserve_expert_worker::start_with_tls(config, tls).await?.with_shutdown_grace(grace);
         // The harnesses and `epserve up` read this line to learn the port.
         println!("listening on {}", worker.local_addr());
         Ok(worker.serve(crate::shutdown_signal()).await?)

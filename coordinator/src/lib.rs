@@ -12,6 +12,7 @@
 mod admission;
 pub mod engine;
 pub mod errors;
+pub mod health;
 pub mod images;
 pub mod kv_pool;
 pub mod loading;
@@ -26,5 +27,7 @@ pub mod transport;
 pub use errors::TransportError;
 pub use images::{ImageSpec, Vision};
 pub use loading::{LoadConfig, LoadError, LoadedModel, StandaloneModel, load_model};
-pub use run::{CoordinatorConfig, EngineSizing, ReadyCoordinator, RunError, run, start};
+pub use run::{
+    CoordinatorConfig, DEFAULT_SHUTDOWN_GRACE, EngineSizing, ReadyCoordinator, RunError, run, start, start_with_tls,
+};
 pub use transport::{ExpertTransport, GrpcConfig, GrpcExperts};

@@ -1,6 +1,8 @@
 //! The coordinator's lifecycle: bind, join the control plane (registered not ready, campaigning to
 //! run the placement controller), load the model and reach its experts, size the KV cache, start the
-//! engine, become ready, serve `CoordinatorService` until shutdown, leave.
+//! engine, become ready, serve `CoordinatorService` until shutdown, drain, leave. The standard gRPC
+//! health service answers from the bind on ([`crate::health`]: ready once every expert has a live
+//! host).
 //!
 //! Registration comes before the wait for the workers, so that this coordinator can be elected and
 //! heal the placement that it may itself be waiting on.
@@ -8,12 +10,14 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::Device;
 use epserve_control::controller::{self, Layout};
 use epserve_control::{ControlConnection, Instance, Kind, Membership};
 
 use crate::engine::{self, EngineConfig, EngineHandle};
+use crate::health::{EarlyHealth, Health, follow_readiness};
 use crate::kv_pool::{KvCapacity, KvPool};
 use crate::loading::{LoadConfig, LoadError, LoadedModel, load_model, read_config};
 use crate::server::{self, Coordinator};
@@ -96,7 +100,15 @@ pub struct ReadyCoordinator {
     control: Option<(ControlConnection, Arc<Membership>)>,
     /// Serve over mutual TLS with this identity ([`Self::with_tls`]); `None`: plaintext.
     tls: Option<epserve_tls::ClusterTls>,
+    health: Health,
+    /// Keeps `health`'s readiness up to date while serving.
+    readiness: tokio::task::JoinHandle<()>,
+    /// How long the running requests may take to finish on shutdown ([`Self::with_shutdown_grace`]).
+    grace: Duration,
 }
+
+/// How long a coordinator lets its running requests finish on shutdown by default.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Starts a coordinator and serves it until `shutdown` resolves.
 pub async fn run(
@@ -108,24 +120,54 @@ pub async fn run(
 
 /// Everything before serving: binds, joins the control plane, loads the model and reaches its
 /// experts (with the control plane, waiting for every expert to have a live worker), starts the
-/// engine and marks this coordinator ready.
+/// engine and marks this coordinator ready. In plaintext; [`start_with_tls`] for mutual TLS.
 pub async fn start(config: CoordinatorConfig) -> Result<ReadyCoordinator, RunError> {
+    start_with_tls(config, None).await
+}
+
+/// [`start`], serving over mutual TLS with `tls` from the moment the port is bound (the health
+/// service answers, not ready, while the model loads and the workers are awaited).
+pub async fn start_with_tls(
+    config: CoordinatorConfig,
+    tls: Option<epserve_tls::ClusterTls>,
+) -> Result<ReadyCoordinator, RunError> {
     let CoordinatorConfig { load, listen, sizing, overlap, control } = config;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|source| RunError::Bind { addr: listen.clone(), source })?;
-    let local_addr = listener.local_addr().map_err(|source| RunError::Bind { addr: listen, source })?;
+    let local_addr = listener.local_addr().map_err(|source| RunError::Bind { addr: listen.clone(), source })?;
+    let health = Health::new().await;
+    let (listener, early) =
+        EarlyHealth::start(listener, &health, tls.clone()).map_err(|source| RunError::Bind { addr: listen, source })?;
     let membership = match &control {
         Some(control) => Some(join(control, &control.advertised(local_addr), &load)?),
         None => None,
     };
-    let loaded = load_model(&load, control.as_ref()).await?;
+    let loaded = load_model(&load, control.as_ref()).await;
+    early.stop().await;
+    let loaded = loaded?;
+    let layout = Layout {
+        moe_layers: loaded.config.text.moe_layers().map(|l| l as u32).collect(),
+        num_experts: loaded.config.text.num_local_experts as u32,
+    };
     let grammars = grammar_compiler(&load.dir, loaded.config.text.vocab_size, &loaded.eos_token_ids);
     let engine = start_engine(loaded, &sizing, overlap)?;
+    let workers = control.as_ref().map(|c| c.instances(Kind::Worker));
+    let readiness = follow_readiness(health.clone(), engine.clone(), workers, layout);
     if let Some(m) = &membership {
         m.update(|i| i.ready = true);
     }
-    Ok(ReadyCoordinator { listener, local_addr, engine, grammars, control: control.zip(membership), tls: None })
+    Ok(ReadyCoordinator {
+        listener,
+        local_addr,
+        engine,
+        grammars,
+        control: control.zip(membership),
+        tls,
+        health,
+        readiness,
+        grace: DEFAULT_SHUTDOWN_GRACE,
+    })
 }
 
 impl ReadyCoordinator {
@@ -144,11 +186,20 @@ impl ReadyCoordinator {
         self
     }
 
-    /// Serves `CoordinatorService` until `shutdown` resolves, then leaves the control plane and
-    /// stops the engine.
+    /// Lets the running requests finish for at most `grace` on shutdown.
+    pub fn with_shutdown_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Serves `CoordinatorService` and `grpc.health.v1` until `shutdown` resolves, drains
+    /// ([`server::serve_draining`]), then leaves the control plane and stops the engine.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
-        let ReadyCoordinator { listener, engine, grammars, control, tls, .. } = self;
-        let served = server::serve_with_tls(Coordinator::new(engine.clone(), grammars), listener, tls, shutdown).await;
+        let ReadyCoordinator { listener, engine, grammars, control, tls, health, readiness, grace, .. } = self;
+        let drain = server::Drain { health: &health, membership: control.as_ref().map(|(_, m)| &**m), grace };
+        let coordinator = Coordinator::new(engine.clone(), grammars);
+        let served = server::serve_draining(coordinator, listener, tls, drain, shutdown).await;
+        readiness.abort();
         // Deregistered at once (not a lease TTL later), also when the engine died: routers must
         // stop sending requests here.
         if let Some((control, membership)) = control {

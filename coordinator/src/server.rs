@@ -2,10 +2,15 @@
 //! queue and the KV cache for the gateway's routing. A client that goes away cancels its request
 //! (its blocks are freed at the next step). A request's grammar is compiled here, on the blocking
 //! pool, before the engine sees it: one that does not compile is an `invalid_argument` with the reason.
+//!
+//! On shutdown the coordinator drains ([`serve_draining`]): not ready, new requests refused with
+//! `UNAVAILABLE` (a gateway sends them to another coordinator), the running ones finish within the
+//! grace period.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use epserve_grammar::{GrammarCompiler, GrammarSpec, TokenConstraint};
 
@@ -28,12 +33,23 @@ pub struct Coordinator {
     /// Compiles request grammars against the checkpoint's vocabulary; why not, when the
     /// checkpoint has no readable `tokenizer.json`.
     grammars: Result<Arc<GrammarCompiler>, String>,
+    /// Set when the coordinator drains: new requests and load polls are refused.
+    draining: Arc<AtomicBool>,
 }
 
 impl Coordinator {
     /// `grammars`: as [`crate::run::grammar_compiler`] made it.
     pub fn new(engine: EngineHandle, grammars: Result<Arc<GrammarCompiler>, String>) -> Self {
-        Coordinator { engine, grammars }
+        Coordinator { engine, grammars, draining: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// `UNAVAILABLE` once draining: the gateway then takes this coordinator out and sends the
+    /// request to another one (nothing was streamed yet).
+    fn admitting(&self) -> Result<(), Status> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("this coordinator is shutting down (draining)"));
+        }
+        Ok(())
     }
 
     /// The request's grammar compiled (or taken from the cache), on the blocking pool.
@@ -130,6 +146,7 @@ impl CoordinatorService for Coordinator {
     type GenerateStream = EventStream;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<EventStream>, Status> {
+        self.admitting()?;
         let r = request.into_inner();
         let span = tracing::info_span!(
             "generate",
@@ -164,7 +181,8 @@ impl CoordinatorService for Coordinator {
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
-        Ok(Response::new(HealthResponse { serving: self.engine.died().is_none() }))
+        let draining = self.draining.load(Ordering::Relaxed);
+        Ok(Response::new(HealthResponse { serving: self.engine.died().is_none() && !draining }))
     }
 
     async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
@@ -172,6 +190,7 @@ impl CoordinatorService for Coordinator {
         if let Some(why) = self.engine.died() {
             return Err(Status::unavailable(why));
         }
+        self.admitting()?;
         let l = self.engine.load();
         Ok(Response::new(LoadResponse {
             waiting: l.waiting as u32,
@@ -192,15 +211,88 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    serve_with_tls(coordinator, listener, None, shutdown).await
+    serve_with_tls(coordinator, listener, None, None, shutdown).await
+}
+
+/// How a coordinator drains on shutdown.
+#[derive(Debug)]
+pub struct Drain<'a> {
+    pub health: &'a crate::health::Health,
+    /// The registry record, set not ready at once (gateways following it stop choosing this one).
+    pub membership: Option<&'a epserve_control::Membership>,
+    /// How long the running requests may take to finish.
+    pub grace: Duration,
+}
+
+/// [`serve_with_tls`] with `grpc.health.v1` from `drain.health`; when `shutdown` resolves, drains:
+/// not ready (health, registry record, `Load`), new `Generate` calls refused with `UNAVAILABLE`,
+/// the running requests finish (up to `drain.grace`; those still running then are cut off).
+pub async fn serve_draining(
+    coordinator: Coordinator,
+    listener: tokio::net::TcpListener,
+    tls: Option<epserve_tls::ClusterTls>,
+    drain: Drain<'_>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (engine, draining) = (coordinator.engine.clone(), coordinator.draining.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let health = Some(drain.health.service());
+    let mut server = tokio::spawn(serve_with_tls(coordinator, listener, tls, health, async {
+        let _ = stopped.await;
+    }));
+    tokio::select! {
+        () = shutdown => {}
+        // Stopped by itself: the engine died, or a transport error.
+        result = &mut server => return joined(result),
+    }
+    let started = Instant::now();
+    draining.store(true, Ordering::Relaxed);
+    drain.health.drain().await;
+    if let Some(membership) = drain.membership {
+        membership.update(|i| i.ready = false);
+    }
+    let running = engine.load();
+    tracing::info!(running = running.running, waiting = running.waiting, "draining: the running requests finish");
+    // tonic's graceful shutdown: GOAWAY (no new stream), the open `Generate` streams run to their end.
+    let _ = stop.send(());
+    let served = match tokio::time::timeout(drain.grace, &mut server).await {
+        Ok(result) => {
+            tracing::info!("drained in {:.2} s", started.elapsed().as_secs_f64());
+            joined(result)
+        }
+        Err(_) => {
+            let left = engine.load();
+            tracing::warn!(
+                running = left.running,
+                waiting = left.waiting,
+                "shutdown grace ({:?}) over: cutting off the requests still running",
+                drain.grace
+            );
+            server.abort();
+            Ok(())
+        }
+    };
+    metrics::histogram!(m::DRAIN_SECONDS, "component" => "coordinator").record(started.elapsed().as_secs_f64());
+    served
+}
+
+/// The server task's result; a panic in it is logged (the process then stops as after a drain).
+fn joined(
+    result: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> Result<(), tonic::transport::Error> {
+    result.unwrap_or_else(|e| {
+        tracing::error!("the gRPC server task failed: {e}");
+        Ok(())
+    })
 }
 
 /// [`serve`] over mutual TLS with `tls` (clients must present a certificate from the cluster CA),
-/// in plaintext without.
+/// in plaintext without; with `health`, `grpc.health.v1.Health` on the same port.
 pub async fn serve_with_tls(
     coordinator: Coordinator,
     listener: tokio::net::TcpListener,
     tls: Option<epserve_tls::ClusterTls>,
+    health: Option<tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let engine = coordinator.engine.clone();
@@ -210,7 +302,8 @@ pub async fn serve_with_tls(
             why = engine.wait_died() => tracing::error!("stopping: {why}"),
         }
     };
-    let router = tonic::transport::Server::builder().add_service(coordinator.into_service());
+    let router =
+        tonic::transport::Server::builder().add_service(coordinator.into_service()).add_optional_service(health);
     match tls {
         Some(tls) => router.serve_with_incoming_shutdown(epserve_tls::incoming(listener, tls), shutdown).await,
         None => {

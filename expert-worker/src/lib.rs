@@ -6,14 +6,16 @@
 //! Compute runs on tokio's blocking pool, never on the IO threads. [`run`](mod@run) is the worker
 //! process's lifecycle: registration and following the placement leader's assignments; the
 //! `placement` module loads and releases replicas of single `(layer, expert)` pairs while serving
-//! (`ExpertPlacementService.Place`, for live expert load balancing).
+//! (`ExpertPlacementService.Place`, for live expert load balancing); [`health`] is its readiness for
+//! orchestrators (`grpc.health.v1`) and the drain on shutdown.
 
+pub mod health;
 mod placement;
 pub mod run;
 mod selection;
 mod service;
 
 pub use placement::PlaceError;
-pub use run::{ReadyWorker, RunError, WorkerConfig, run, start};
+pub use run::{DEFAULT_SHUTDOWN_GRACE, ReadyWorker, RunError, WorkerConfig, run, start, start_with_tls};
 pub use selection::{ExpertSelection, SelectionError};
 pub use service::{ExchangeLimits, ExpertLoader, ExpertWorker, WorkerStats, serve, serve_with_tls};

@@ -1,16 +1,20 @@
-//! The expert worker's lifecycle: load the selected experts, bind, register (with the experts it
-//! hosts), follow the placement (loading and announcing the experts the leader assigns here), serve
-//! `ExpertService` until shutdown, leave.
+//! The expert worker's lifecycle: bind (answering `grpc.health.v1` at once: live, not ready), load
+//! the selected experts, register (with the experts it hosts), become ready, follow the placement
+//! (loading and announcing the experts the leader assigns here), serve `ExpertService` until
+//! shutdown, then drain: not ready, leave the registry (coordinators move its rows to replicas), wait
+//! until no coordinator routes here (bounded by the shutdown grace), stop.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use epserve_control::{ControlConnection, Instance, Kind, Membership};
 use epserve_model::{Checkpoint, ExpertShard, LoadPolicy, LoadProgress, ModelConfig};
 
+use crate::health::{EarlyHealth, Health, wait_unrouted};
 use crate::selection::{ExpertSelection, SelectionError};
 use crate::service::{ExchangeLimits, ExpertLoader, ExpertWorker, serve_with_tls};
 
@@ -69,29 +73,52 @@ pub struct ReadyWorker {
     control: Option<(ControlConnection, Arc<Membership>)>,
     /// Serve over mutual TLS with this identity ([`Self::with_tls`]); `None`: plaintext.
     tls: Option<epserve_tls::ClusterTls>,
+    health: Health,
+    /// How long the drain on shutdown may take at most ([`Self::with_shutdown_grace`]).
+    grace: Duration,
 }
+
+/// How long a worker drains at most on shutdown by default: ample for the coordinators to see it
+/// leave the registry (milliseconds) and finish the exchanges they sent it.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// After the drain, how long the server may take to close its connections gracefully.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Starts a worker and serves it until `shutdown` resolves.
 pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
     start(config).await?.serve(shutdown).await
 }
 
-/// Everything before serving: loads the selected experts, binds, registers and starts following
-/// the placement.
+/// Everything before serving: binds, loads the selected experts, registers and starts following
+/// the placement. In plaintext; [`start_with_tls`] for mutual TLS.
 pub async fn start(config: WorkerConfig) -> Result<ReadyWorker, RunError> {
+    start_with_tls(config, None).await
+}
+
+/// [`start`], serving over mutual TLS with `tls` from the moment the port is bound (the health
+/// service answers while the experts load).
+pub async fn start_with_tls(
+    config: WorkerConfig,
+    tls: Option<epserve_tls::ClusterTls>,
+) -> Result<ReadyWorker, RunError> {
     let WorkerConfig { model, listen, selection, dtype, weights, control, limits } = config;
     let path = model.join("config.json");
     let model_config = ModelConfig::from_file(&path).map_err(|source| RunError::Config { path, source })?;
     let experts = selection.resolve(model_config.text.num_local_experts)?;
-    let load = LoadSpec { dir: model.clone(), config: model_config.clone(), dtype, weights };
-    let dir = model.clone();
-    let shard = tokio::task::spawn_blocking(move || load.shard(&experts, true))
-        .await?
-        .map_err(|source| RunError::Load { dir, source })?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|source| RunError::Bind { addr: listen.clone(), source })?;
-    let local_addr = listener.local_addr().map_err(|source| RunError::Bind { addr: listen, source })?;
+    let local_addr = listener.local_addr().map_err(|source| RunError::Bind { addr: listen.clone(), source })?;
+    // Live but not ready while loading: orchestrators tell a slow start from a dead process.
+    let health = Health::new().await;
+    let (listener, early) =
+        EarlyHealth::start(listener, &health, tls.clone()).map_err(|source| RunError::Bind { addr: listen, source })?;
+    let load = LoadSpec { dir: model.clone(), config: model_config.clone(), dtype, weights };
+    let dir = model.clone();
+    let loaded = tokio::task::spawn_blocking(move || load.shard(&experts, true)).await;
+    early.stop().await;
+    let shard = loaded?.map_err(|source| RunError::Load { dir, source })?;
     let model_name = model.display().to_string();
     let loader = LoadSpec { dir: model, config: model_config.clone(), dtype, weights };
     let loader = ExpertLoader(Arc::new(move |pairs: &[(usize, u32)]| loader.pairs(pairs)));
@@ -112,7 +139,8 @@ pub async fn start(config: WorkerConfig) -> Result<ReadyWorker, RunError> {
         follow_assignments(&control, membership.clone(), worker.clone());
         (control, membership)
     });
-    Ok(ReadyWorker { worker, listener, local_addr, control, tls: None })
+    health.set_ready(true).await;
+    Ok(ReadyWorker { worker, listener, local_addr, control, tls, health, grace: DEFAULT_SHUTDOWN_GRACE })
 }
 
 impl ReadyWorker {
@@ -131,17 +159,80 @@ impl ReadyWorker {
         self
     }
 
-    /// Serves `ExpertService` until `shutdown` resolves, then leaves the control plane: the lease is
-    /// revoked, so coordinators stop sending here now, not a TTL later.
+    /// Drains for at most `grace` on shutdown, then stops anyway.
+    pub fn with_shutdown_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Serves `ExpertService` and `grpc.health.v1.Health` until `shutdown` resolves, then drains
+    /// (see [`Self::drain`]) and stops. A drain cut short by the grace is logged, not an error: what
+    /// was still in flight is sent again to replicas by the coordinators.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
-        let ReadyWorker { worker, listener, control, tls, .. } = self;
-        let served = serve_with_tls(worker, listener, tls, shutdown).await;
-        if let Some((control, membership)) = control {
-            control.leave(membership).await;
+        let ReadyWorker { worker, listener, control, tls, health, grace, .. } = self;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let service = Some(health.service());
+        let mut server = tokio::spawn(serve_with_tls(worker.clone(), listener, tls, service, async {
+            let _ = stopped.await;
+        }));
+        tokio::select! {
+            () = shutdown => {}
+            // Ended by itself: a transport error.
+            result = &mut server => {
+                if let Some((control, membership)) = control {
+                    control.leave(membership).await;
+                }
+                return Ok(result??);
+            }
         }
+        let deadline = Instant::now() + grace;
+        let unrouted = drain(&worker, &health, control, deadline).await;
+        let _ = stop.send(());
+        // Graceful: GOAWAY, then the streams still open (idle ones of a coordinator that has not
+        // noticed yet) get a moment to close before the connections are dropped.
+        let close =
+            if unrouted { CLOSE_GRACE.min(deadline.saturating_duration_since(Instant::now())) } else { Duration::ZERO };
+        let served = match tokio::time::timeout(close, &mut server).await {
+            Ok(result) => result?,
+            Err(_) => {
+                server.abort();
+                Ok(())
+            }
+        };
         tracing::info!("expert worker stopped");
         Ok(served?)
     }
+}
+
+/// The worker's half of a rolling restart without a failed request: not ready, out of the registry
+/// (the lease is revoked: the record disappears at once and every coordinator sends what it had in
+/// flight here to replicas and stops routing here), then waits until no coordinator routes here (see
+/// [`wait_unrouted`]) or `deadline`. True if it drained before the deadline.
+async fn drain(
+    worker: &ExpertWorker,
+    health: &Health,
+    control: Option<(ControlConnection, Arc<Membership>)>,
+    deadline: Instant,
+) -> bool {
+    let started = Instant::now();
+    tracing::info!("draining: leaving the registry, then waiting until no coordinator routes here");
+    worker.set_draining();
+    health.set_ready(false).await;
+    if let Some((control, membership)) = control {
+        control.leave(membership).await;
+    }
+    let unrouted = wait_unrouted(worker, deadline).await;
+    let took = started.elapsed();
+    metrics::histogram!(epserve_proto::metric_names::DRAIN_SECONDS, "component" => "worker").record(took.as_secs_f64());
+    if unrouted {
+        tracing::info!("drained in {:.2} s", took.as_secs_f64());
+    } else {
+        tracing::warn!(
+            "shutdown grace ({:.0} s) over with exchanges still arriving: closing the streams still open",
+            took.as_secs_f64()
+        );
+    }
+    unrouted
 }
 
 /// What loading experts from the checkpoint needs.

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -30,6 +30,12 @@ pub struct WorkerStats {
     /// Exchanges refused: `INVALID_ARGUMENT` (malformed) or `FAILED_PRECONDITION` (for experts not
     /// hosted here: the sender's view of this worker is wrong, another host may serve them).
     pub exchanges_rejected: AtomicU64,
+    /// Exchanges received (answered or not yet).
+    pub exchanges_received: AtomicU64,
+    /// Exchanges received and not answered yet.
+    pub exchanges_in_flight: AtomicUsize,
+    /// Exchange streams open: one per coordinator that routes here.
+    pub streams_open: AtomicUsize,
 }
 
 /// How much exchange work a worker takes in at once. Past either limit it stops reading the
@@ -86,6 +92,8 @@ pub struct ExpertWorker {
     pub(crate) placing: tokio::sync::Mutex<()>,
     /// Bumped whenever the hosted experts change, for whoever announces them (the registry record).
     hosted: watch::Sender<u64>,
+    /// Set when the worker starts draining: its own `Health` then answers not serving.
+    draining: AtomicBool,
 }
 
 impl ExpertWorker {
@@ -103,7 +111,13 @@ impl ExpertWorker {
             loader: None,
             placing: tokio::sync::Mutex::new(()),
             hosted: watch::channel(0).0,
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the worker as draining (leaving the cluster): `ExpertService.Health` answers not serving.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// Lets more experts be placed here while serving, loaded with `loader`.
@@ -329,6 +343,39 @@ impl ExpertWorker {
     }
 }
 
+impl crate::health::Traffic for ExpertWorker {
+    fn streams_open(&self) -> usize {
+        self.stats.streams_open.load(Ordering::Relaxed)
+    }
+
+    fn exchanges_in_flight(&self) -> usize {
+        self.stats.exchanges_in_flight.load(Ordering::Relaxed)
+    }
+
+    fn exchanges_received(&self) -> u64 {
+        self.stats.exchanges_received.load(Ordering::Relaxed)
+    }
+}
+
+/// One unit of a [`WorkerStats`] gauge, held while it lasts.
+struct Counted {
+    worker: Arc<ExpertWorker>,
+    gauge: fn(&WorkerStats) -> &AtomicUsize,
+}
+
+impl Counted {
+    fn new(worker: Arc<ExpertWorker>, gauge: fn(&WorkerStats) -> &AtomicUsize) -> Self {
+        gauge(&worker.stats).fetch_add(1, Ordering::Relaxed);
+        Counted { worker, gauge }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        (self.gauge)(&self.worker.stats).fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The tonic service: a shared worker behind `Arc`.
 #[derive(Debug, Clone)]
 struct Service(Arc<ExpertWorker>);
@@ -346,6 +393,8 @@ impl ExpertService for Service {
         let (tx, rx) = mpsc::channel::<Result<ExchangeResponse, Status>>(worker.limits.per_stream);
         let slots = Arc::new(Semaphore::new(worker.limits.per_stream));
         tokio::spawn(async move {
+            // Counted until the coordinator closes its side: the drain waits for that.
+            let _open = Counted::new(worker.clone(), |s| &s.streams_open);
             loop {
                 // Not reading while the stream has its limit in flight is the backpressure: the
                 // sender's HTTP/2 window fills and its sends wait. A slot is held until the answer
@@ -353,6 +402,8 @@ impl ExpertService for Service {
                 let Ok(slot) = slots.clone().acquire_owned().await else { break };
                 match inbound.message().await {
                     Ok(Some(req)) => {
+                        worker.stats.exchanges_received.fetch_add(1, Ordering::Relaxed);
+                        let in_flight = Counted::new(worker.clone(), |s| &s.exchanges_in_flight);
                         let Ok(budget) =
                             worker.budget.clone().acquire_many_owned(worker.permits(req.payload.len())).await
                         else {
@@ -367,6 +418,7 @@ impl ExpertService for Service {
                             drop(budget);
                             let _ = tx.send(Ok(response)).await;
                             drop(slot);
+                            drop(in_flight);
                         });
                     }
                     Ok(None) => break,
@@ -381,7 +433,7 @@ impl ExpertService for Service {
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
-        Ok(Response::new(HealthResponse { serving: true }))
+        Ok(Response::new(HealthResponse { serving: !self.0.draining.load(Ordering::Relaxed) }))
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
@@ -395,15 +447,16 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    serve_with_tls(worker, listener, None, shutdown).await
+    serve_with_tls(worker, listener, None, None, shutdown).await
 }
 
 /// [`serve`] over mutual TLS with `tls` (clients must present a certificate from the cluster CA),
-/// in plaintext without.
+/// in plaintext without; with `health`, the standard `grpc.health.v1.Health` on the same port.
 pub async fn serve_with_tls(
     worker: Arc<ExpertWorker>,
     listener: tokio::net::TcpListener,
     tls: Option<epserve_tls::ClusterTls>,
+    health: Option<tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
@@ -416,7 +469,8 @@ pub async fn serve_with_tls(
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(64 << 20))
         .add_service(service)
-        .add_service(placement);
+        .add_service(placement)
+        .add_optional_service(health);
     match tls {
         // The TLS listener sets TCP_NODELAY on what it accepts.
         Some(tls) => router.serve_with_incoming_shutdown(epserve_tls::incoming(listener, tls), shutdown).await,

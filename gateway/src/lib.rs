@@ -16,6 +16,7 @@ pub mod batch;
 pub mod chat_template;
 pub mod completions;
 pub mod constraints;
+pub mod drain;
 pub mod edge;
 pub mod errors;
 pub mod images;

@@ -86,6 +86,8 @@ pub struct ReadyGateway {
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     control: Option<(ControlConnection, Arc<Membership>)>,
+    /// How long the requests in flight may take to finish on shutdown ([`Self::with_shutdown_grace`]).
+    grace: Duration,
 }
 
 /// Starts a gateway and serves it until `shutdown` resolves.
@@ -150,7 +152,13 @@ pub async fn start(config: GatewayConfig) -> Result<ReadyGateway, RunError> {
         (control, membership)
     });
     tracing::info!(model = %name, auth, vision, "gateway serving http://{local_addr}/v1");
-    Ok(ReadyGateway { state: Arc::new(state), listener, local_addr, control })
+    Ok(ReadyGateway {
+        state: Arc::new(state),
+        listener,
+        local_addr,
+        control,
+        grace: crate::drain::DEFAULT_SHUTDOWN_GRACE,
+    })
 }
 
 impl ReadyGateway {
@@ -158,12 +166,18 @@ impl ReadyGateway {
         self.local_addr
     }
 
-    /// Serves the HTTP API until `shutdown` resolves (requests in flight finish), then leaves the
-    /// control plane.
+    /// Lets the requests in flight finish for at most `grace` on shutdown.
+    pub fn with_shutdown_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Serves the HTTP API until `shutdown` resolves, drains ([`crate::drain`]: requests in flight
+    /// finish within the grace period), then leaves the control plane.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
-        let ReadyGateway { state, listener, control, .. } = self;
+        let ReadyGateway { state, listener, control, grace, .. } = self;
         let limits = state.edge.connections.clone();
-        crate::edge::connections::serve(listener, router(state), &limits, shutdown).await;
+        crate::drain::serve(listener, router(state), &limits, grace, shutdown).await;
         if let Some((control, membership)) = control {
             control.leave(membership).await;
         }

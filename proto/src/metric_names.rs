@@ -124,3 +124,6 @@ pub const ROUTING_TRACE_BYTES_TOTAL: &str = "epserve_routing_trace_bytes_total";
 /// Counter: expert replicas (one expert of one layer) a worker dropped because it was asked to
 /// (`ExpertPlacementService.Place`).
 pub const WORKER_EXPERTS_RELEASED_TOTAL: &str = "epserve_worker_experts_released_total";
+/// Histogram, seconds, label `component` (`gateway`, `coordinator`, `worker`): how long a process
+/// drained on shutdown (SIGTERM), from the signal to the end of its drain.
+pub const DRAIN_SECONDS: &str = "epserve_drain_seconds";
