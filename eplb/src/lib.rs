@@ -2,9 +2,9 @@
 //! ([`trace`]), the per-expert token loads it sums to ([`LoadMatrix`]), placement planners that
 //! replicate hot experts and pack them onto workers ([`plan`]: `balanced`, after DeepSeek's EPLB, and
 //! `cost_aware`, which starts from the current placement and trades balance for bytes moved), and a
-//! replay that scores placements against a trace ([`replay`]). The coordinator is meant to use only
-//! [`trace::TraceWriter`] and [`split_rows`]; nothing here serves requests, talks to the network or
-//! touches the registry.
+//! replay that scores placements against a trace ([`replay`]). Serving processes use only
+//! [`trace::Recorder`] (through the CLI's `--record-routing`) and [`split_rows`]; nothing here serves
+//! requests, talks to the network or touches the registry.
 //!
 //! Placements are `epserve_control::PlacementMap`, the live placement map's own type, so that a plan
 //! written here is what `epserve eplb apply` publishes.

@@ -15,6 +15,7 @@
 //! (`part`), so that any part can be read alone and a reader given `PATH` reads them all in order.
 
 mod reader;
+mod recorder;
 mod writer;
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,7 @@ use crate::error::TraceError;
 use crate::load::StepLoads;
 
 pub use reader::{Record, StepRecord, TraceReader, part_path};
+pub use recorder::Recorder;
 pub use writer::{StepBuilder, TraceWriter, WriterOptions, WriterStats};
 
 pub const MAGIC: &[u8; 8] = b"EPRTRACE";
