@@ -7,9 +7,8 @@
 //! The Docker test skips, saying why, where no Docker daemon answers. Under 32 concurrent streams it
 //! checks that no request fails while (a) a worker is killed, (b) a worker is cut off from the
 //! network (its lease expires; it rejoins when reconnected), (c) one etcd member of three is stopped
-//! and (d) every worker is restarted in turn by SIGTERM (each drains first). (d) runs only with
-//! `EPSERVE_DEPLOY_ROLLING_RESTART=1` until the worker's drain on SIGTERM lands (docs/deploy.md,
-//! "Status"): today it fails.
+//! and (d) every worker is restarted in turn by SIGTERM (`docker stop`, through tini): each drains —
+//! leaves the registry, waits until no coordinator routes to it — and exits 0 before it comes back.
 
 #[path = "deploy_support/compose.rs"]
 mod compose;
@@ -82,6 +81,7 @@ fn compose_cluster_serves_like_generate_and_loses_no_request_to_faults() {
             ("EPSERVE_EXCHANGE_TIMEOUT_MS", "2000".into()),
             ("EPSERVE_KV_CAPACITY_TOKENS", "8192".into()),
             ("EPSERVE_LOG", "info".into()),
+            ("EPSERVE_HEALTHCHECK_INTERVAL", "1s".into()),
         ],
     );
     let started = Instant::now();
@@ -90,6 +90,10 @@ fn compose_cluster_serves_like_generate_and_loses_no_request_to_faults() {
     eprintln!("compose cluster serving {:.1} s after `up -d`", started.elapsed().as_secs_f64());
     for w in ["worker-1", "worker-2", "worker-3", "worker-4"] {
         cluster.wait_registered(w, true, Duration::from_secs(30));
+    }
+    // Every epserve container's health check (gRPC health; the gateway's /ready) passes.
+    for service in ["worker-1", "worker-2", "worker-3", "worker-4", "coordinator-1", "coordinator-2", "gateway"] {
+        cluster.wait_healthy(service, Duration::from_secs(60));
     }
 
     // Same greedy text through three containers' network hops as in one process.
@@ -174,15 +178,7 @@ fn compose_cluster_serves_like_generate_and_loses_no_request_to_faults() {
     docker(&["start", &cluster.container("etcd-2")]);
 
     // (d) Rolling restart: each worker in turn gets SIGTERM (through tini), drains, exits 0 and comes
-    // back before the next one goes. It fails today: a worker does not exit on SIGTERM while
-    // coordinators hold exchange streams to it, because the drain is not built (docs/deploy.md,
-    // Status), so it runs only when asked for.
-    if std::env::var_os("EPSERVE_DEPLOY_ROLLING_RESTART").is_none() {
-        eprintln!(
-            "(d) rolling restart not run: the worker drain on SIGTERM is not built; EPSERVE_DEPLOY_ROLLING_RESTART=1 runs it"
-        );
-        return;
-    }
+    // back (healthy: its experts loaded, registered) before the next one goes.
     let load = Load::start(&addr, MODEL, STREAMS, 24);
     std::thread::sleep(Duration::from_secs(2));
     let mut drains = Vec::new();
@@ -190,11 +186,14 @@ fn compose_cluster_serves_like_generate_and_loses_no_request_to_faults() {
         let id = cluster.container(w);
         let stopping = Instant::now();
         docker(&["stop", "-t", "40", &id]);
-        drains.push(stopping.elapsed().as_secs_f64());
+        let drained = stopping.elapsed();
+        drains.push(drained.as_secs_f64());
         assert_eq!(docker(&["inspect", "-f", "{{.State.ExitCode}}", &id]), "0", "{w} exited cleanly after draining");
+        assert!(drained < Duration::from_secs(30), "{w} drained within its grace period: {drained:?}");
         docker(&["start", &id]);
         cluster.wait_registered(w, true, Duration::from_secs(60));
-        // Its experts loaded and the coordinators connected before the next worker goes.
+        cluster.wait_healthy(w, Duration::from_secs(60));
+        // The coordinators connected to it before the next worker goes.
         std::thread::sleep(Duration::from_secs(2));
     }
     let report = load.finish();

@@ -80,6 +80,7 @@ def check_workload(doc):
         cname = f"{name} container {c['name']}"
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             check(probe in c, f"{cname}: has a {probe}")
+        check_probes(doc, c, cname)
         res = c.get("resources", {})
         check({"cpu", "memory"} <= set(res.get("requests", {})), f"{cname}: cpu and memory requests")
         check("memory" in res.get("limits", {}), f"{cname}: a memory limit")
@@ -92,6 +93,38 @@ def check_workload(doc):
             if mount["mountPath"].startswith("/models"):
                 claim = volumes.get(mount["name"], {}).get("persistentVolumeClaim", {})
                 check(mount.get("readOnly") is True and claim.get("readOnly") is True, f"{cname}: model mounted read-only")
+
+
+# The probes each epserve component must have: gRPC health (grpc.health.v1) on the gRPC port for
+# coordinators and workers — the overall status ("") is readiness, "liveness" stays SERVING through a
+# load or a drain — and HTTP /health and /ready for the gateway.
+GRPC_PORTS = {"epserve-worker": 50061, "epserve-coordinator": 50051}
+# Loading a 200 GB checkpoint at ~100 MB/s takes about 35 minutes: the startup probe must allow more.
+MIN_STARTUP_SECONDS = 45 * 60
+# The components' default EPSERVE_SHUTDOWN_GRACE_SECONDS; the pod's termination grace must exceed it.
+SHUTDOWN_GRACE_SECONDS = 30
+
+
+def check_probes(doc, c, cname):
+    name = doc["metadata"]["name"]
+    probes = {k: c.get(k, {}) for k in ("startupProbe", "livenessProbe", "readinessProbe")}
+    if name in GRPC_PORTS:
+        port = GRPC_PORTS[name]
+        for kind, probe in probes.items():
+            want = "liveness" if kind == "livenessProbe" else None
+            grpc = probe.get("grpc", {})
+            check(grpc.get("port") == port and grpc.get("service") == want, f"{cname}: {kind} is gRPC health on {port} (service {want or 'overall'})")
+    elif name == "epserve-gateway":
+        paths = {k: p.get("httpGet", {}).get("path") for k, p in probes.items()}
+        check(paths == {"startupProbe": "/health", "livenessProbe": "/health", "readinessProbe": "/ready"}, f"{cname}: /health for liveness, /ready for readiness")
+    else:
+        return
+    startup = probes["startupProbe"]
+    allowed = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+    if name == "epserve-worker":
+        check(allowed >= MIN_STARTUP_SECONDS, f"{cname}: the startup probe allows a 200 GB load ({allowed} s)")
+    grace = doc["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    check(grace > SHUTDOWN_GRACE_SECONDS, f"{cname}: termination grace {grace} s exceeds the drain's {SHUTDOWN_GRACE_SECONDS} s")
 
 
 def check_cluster(docs, label):
@@ -139,8 +172,9 @@ def check_cluster(docs, label):
         check(d["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "epserve", f"{label}: {d['kind']}/{d['metadata']['name']} is labelled part of epserve")
 
 def negative_control(docs):
-    """The checks must catch what they look for: a worker without a readiness probe, resources or a
-    read-only root file system fails four checks (resources are two)."""
+    """The checks must catch what they look for: a worker without a readiness probe (two checks),
+    resources (two) or a read-only root file system, and with a TCP liveness probe in place of gRPC
+    health, fails six checks."""
     global failures
     kept = failures
     failures = []
@@ -149,11 +183,12 @@ def negative_control(docs):
     for key in ("readinessProbe", "resources"):
         del container[key]
     container["securityContext"]["readOnlyRootFilesystem"] = False
-    print("negative control (four FAIL lines expected):")
+    container["livenessProbe"] = {"tcpSocket": {"port": 50061}}
+    print("negative control (six FAIL lines expected):")
     check_workload(worker)
     caught = len(failures)
     failures = kept
-    check(caught >= 4, f"negative control: a broken worker fails {caught} checks")
+    check(caught >= 6, f"negative control: a broken worker fails {caught} checks")
 
 
 def main():

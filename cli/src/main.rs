@@ -19,6 +19,7 @@ mod generate;
 mod load;
 mod logits;
 mod metrics_endpoint;
+mod probe;
 mod prompt;
 mod quality;
 mod stats;
@@ -68,6 +69,8 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Expert load balancing, offline: routing-trace statistics, placement planning, replay.
     Eplb(eplb::EplbArgs),
+    /// Health check for container engines without gRPC probes: exits 0 when healthy.
+    Probe(probe::ProbeArgs),
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -127,6 +130,7 @@ fn main() -> std::process::ExitCode {
         Command::Quality(args) => quality::run(args),
         Command::Certs(args) => certs::run(args),
         Command::Eplb(args) => eplb::run(args),
+        Command::Probe(args) => probe::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -124,6 +124,21 @@ impl Compose {
         started.elapsed()
     }
 
+    /// Waits up to `limit` for `service`'s container to report `healthy` (its compose
+    /// `healthcheck`: `epserve probe`, i.e. gRPC health or the gateway's `/ready`); how long it took.
+    pub fn wait_healthy(&self, service: &str, limit: Duration) -> Duration {
+        let started = Instant::now();
+        let id = self.container(service);
+        loop {
+            let health = docker(&["inspect", "-f", "{{if .State.Health}}{{.State.Health.Status}}{{end}}", &id]);
+            if health == "healthy" {
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < limit, "{service} not healthy within {limit:?} (health: {health:?})");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     pub fn logs(&self, tail: usize) -> String {
         let out = self.run(&["logs", "--no-color", "--tail", &tail.to_string()]);
         String::from_utf8_lossy(&out.stdout).into_owned()
