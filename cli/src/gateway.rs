@@ -46,6 +46,9 @@ pub struct GatewayArgs {
     /// The identity coordinator links are made with.
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
+    /// The Files and Batches API's data directory and limits.
+    #[command(flatten)]
+    pub batch: crate::batch::BatchArgs,
     /// On SIGTERM/SIGINT: stop accepting, answer new requests 503, and let the requests in flight
     /// (streams included) finish for at most this long.
     #[arg(long, default_value_t = 30, env = "EPSERVE_SHUTDOWN_GRACE_SECONDS")]
@@ -233,6 +236,7 @@ pub fn run(args: GatewayArgs) -> Result<()> {
     }
     let images = args.images.config()?;
     let edge = args.edge.config()?;
+    let batch = args.batch.config()?;
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
     let tls = args.tls.load()?;
     let control = args.control.connect()?;
@@ -256,7 +260,7 @@ pub fn run(args: GatewayArgs) -> Result<()> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().thread_name("epserve-io").enable_all().build()?;
     runtime.block_on(async move {
-        let gateway = epserve_gateway::start(config).await?.with_shutdown_grace(grace);
+        let gateway = epserve_gateway::start(config).await?.with_batches(batch)?.with_shutdown_grace(grace);
         // The harnesses and `epserve up` read this line to learn the port.
         println!("listening on {}", gateway.local_addr());
         Ok(gateway.serve(crate::shutdown_signal()).await?)

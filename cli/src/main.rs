@@ -5,6 +5,7 @@
 //! results. The measuring commands (`bench`, `engine-bench`, `exchange-bench`, `decode-bench`,
 //! `vision-bench`) are clients, and live here.
 
+mod batch;
 mod bench;
 mod certs;
 mod control;
@@ -43,6 +44,8 @@ enum Command {
     Up(up::UpArgs),
     /// Serve the OpenAI-compatible HTTP API in front of coordinators.
     Gateway(gateway::GatewayArgs),
+    /// Submit a JSONL file of requests to a gateway's Batch API (and follow it with --wait).
+    Batch(batch::BatchCommand),
     /// Print JSON logits for given token ids.
     Logits(logits::LogitsArgs),
     /// Generate from a prompt, offline, in one process.
@@ -117,6 +120,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Up(args) => up::run(args),
         Command::Gateway(args) => gateway::run(args),
+        Command::Batch(args) => batch::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Generate(args) => generate::run(args),
         Command::GenModel(args) => gen_model::run(args),

@@ -49,6 +49,9 @@ pub struct UpArgs {
     pub images: crate::gateway::ImageArgs,
     #[command(flatten)]
     pub edge: crate::gateway::EdgeArgs,
+    /// Passed on to the gateway: the Batch API's data directory and limits.
+    #[command(flatten)]
+    pub batch: crate::batch::BatchArgs,
     /// Passed on to every worker and coordinator.
     #[command(flatten)]
     pub quant: crate::load::QuantArgs,
@@ -308,6 +311,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     }
     a.extend(args.images.to_flags());
     a.extend(args.edge.to_flags());
+    a.extend(args.batch.to_flags()?);
     a.extend(tls_flags("gateway"));
     let gateway = processes.start("gateway".into(), &a)?;
 

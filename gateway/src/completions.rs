@@ -53,6 +53,9 @@ pub struct Prepared {
     pub request_id: String,
     /// The grammar the output follows (already compiled once here: it is valid).
     pub constraint: Option<pb::Constraint>,
+    /// The engines' scheduling class: 0 for interactive requests, [`crate::batch::BATCH_PRIORITY`]
+    /// for batch lines.
+    pub priority: i32,
 }
 
 /// The OpenAI-style id of a response (`chatcmpl-…`, `cmpl-…`).
@@ -194,7 +197,7 @@ pub async fn run(state: Arc<AppState>, p: Prepared, permit: OwnedSemaphorePermit
             ignore_eos: s.ignore_eos,
             logprobs: s.logprobs,
         }),
-        priority: 0,
+        priority: p.priority,
         images: p.images.clone(),
         constraint: p.constraint.clone(),
     };

@@ -134,6 +134,11 @@ impl CoordinatorPool {
         });
     }
 
+    /// Healthy coordinators now (the batch runner sizes its lines in flight by it).
+    pub fn healthy_count(&self) -> usize {
+        self.backends().iter().filter(|b| b.healthy.load(Ordering::Relaxed)).count()
+    }
+
     pub fn any_healthy(&self) -> bool {
         self.backends().iter().any(|b| b.healthy.load(Ordering::Relaxed))
     }

@@ -77,6 +77,12 @@ pub enum RunError {
     Serve(#[source] std::io::Error),
     #[error("--cors-origin {0:?} is not a valid origin (scheme://host[:port], or *)")]
     CorsOrigin(String),
+    #[error("opening the batch data directory {}", dir.display())]
+    Batch {
+        dir: PathBuf,
+        #[source]
+        source: crate::batch::OpenError,
+    },
 }
 
 /// A gateway that is bound and registered; [`Self::serve`] answers HTTP requests.
@@ -88,6 +94,9 @@ pub struct ReadyGateway {
     control: Option<(ControlConnection, Arc<Membership>)>,
     /// How long the requests in flight may take to finish on shutdown ([`Self::with_shutdown_grace`]).
     grace: Duration,
+    /// Whether this gateway runs the batches ([`Self::with_batches`]): always without a control
+    /// plane, while it leads the `batch-runner` election with one.
+    batch_runner: Option<watch::Receiver<bool>>,
 }
 
 /// Starts a gateway and serves it until `shutdown` resolves.
@@ -157,6 +166,7 @@ pub async fn start(config: GatewayConfig) -> Result<ReadyGateway, RunError> {
         listener,
         local_addr,
         control,
+        batch_runner: None,
         grace: crate::drain::DEFAULT_SHUTDOWN_GRACE,
     })
 }
@@ -164,6 +174,24 @@ pub async fn start(config: GatewayConfig) -> Result<ReadyGateway, RunError> {
 impl ReadyGateway {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Serves the Files and Batches API from `config.data_dir` and runs the batches there: always
+    /// without a control plane; with one, while this gateway leads the `batch-runner` election (the
+    /// other gateways mounting the same directory serve the API only).
+    pub fn with_batches(mut self, config: crate::batch::BatchConfig) -> Result<Self, RunError> {
+        let dir = config.data_dir.clone();
+        let batches = crate::batch::Batches::open(config).map_err(|source| RunError::Batch { dir, source })?;
+        // Nothing else holds the state before serving starts.
+        match Arc::get_mut(&mut self.state) {
+            Some(state) => state.batches = Some(batches),
+            None => tracing::error!("the gateway's state is shared already: the Batch API stays off"),
+        }
+        self.batch_runner = Some(match &self.control {
+            Some((control, membership)) => batch_runner_election(control, membership),
+            None => watch::channel(true).1,
+        });
+        Ok(self)
     }
 
     /// Lets the requests in flight finish for at most `grace` on shutdown.
@@ -175,14 +203,53 @@ impl ReadyGateway {
     /// Serves the HTTP API until `shutdown` resolves, drains ([`crate::drain`]: requests in flight
     /// finish within the grace period), then leaves the control plane.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
-        let ReadyGateway { state, listener, control, grace, .. } = self;
+        let ReadyGateway { state, listener, control, batch_runner, grace, .. } = self;
         let limits = state.edge.connections.clone();
+        // Aborted, its jobs and lines with it, when serving ends: unfinished lines run again at the
+        // next start (the journal keeps the finished ones).
+        let _runner = match (&state.batches, batch_runner) {
+            (Some(batches), Some(leading)) => {
+                Some(AbortOnDrop(tokio::spawn(crate::batch::runner::run(state.clone(), batches.clone(), leading))))
+            }
+            _ => None,
+        };
         crate::drain::serve(listener, router(state), &limits, grace, shutdown).await;
         if let Some((control, membership)) = control {
             control.leave(membership).await;
         }
         tracing::info!("gateway stopped");
         Ok(())
+    }
+}
+
+/// The control-plane election whose leader runs the batches.
+pub const BATCH_RUNNER_ELECTION: &str = "batch-runner";
+
+/// True while this gateway leads the [`BATCH_RUNNER_ELECTION`] (the coordinators' controller
+/// election, reused: a lease-bound leader key in the registry).
+fn batch_runner_election(control: &ControlConnection, membership: &Membership) -> watch::Receiver<bool> {
+    let mut fence = control.campaign(BATCH_RUNNER_ELECTION, membership);
+    let (tx, rx) = watch::channel(false);
+    control.spawn(async move {
+        loop {
+            let leading = fence.borrow_and_update().is_some();
+            if tx.send_replace(leading) != leading {
+                tracing::info!(leading, "batch-runner election");
+            }
+            if fence.changed().await.is_err() {
+                tx.send_replace(false);
+                return;
+            }
+        }
+    });
+    rx
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -57,6 +57,8 @@ pub struct AppState {
     /// Tokenizing and templating jobs on the blocking pool at once (one per core): a burst of large
     /// prompts queues here instead of taking every blocking thread.
     pub text_jobs: Arc<Semaphore>,
+    /// The Files and Batches API's data directory; `None`: those routes answer 503.
+    pub batches: Option<Arc<crate::batch::Batches>>,
 }
 
 impl AppState {
@@ -79,6 +81,7 @@ impl AppState {
             edge: EdgeConfig::default(),
             clients: KeyLimiter::new(Default::default()),
             text_jobs: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))),
+            batches: None,
         }
     }
 
@@ -123,7 +126,7 @@ impl AppState {
     }
 
     /// A request must name the model this gateway serves (OpenAI answers 404 for any other).
-    fn require_served_model(&self, model: &str) -> Result<(), ApiError> {
+    pub(crate) fn require_served_model(&self, model: &str) -> Result<(), ApiError> {
         if model == self.model_name { Ok(()) } else { Err(ApiError::model_not_found(model, &self.model_name)) }
     }
 }
@@ -143,6 +146,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
         .merge(completions)
         .route("/v1/models", get(models))
+        .merge(batch_routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let cors = crate::edge::cors(&state.edge.cors_origins);
     let router = Router::new()
@@ -159,6 +163,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         Some(cors) => router.layer(cors),
         None => router,
     }
+}
+
+/// The Files and Batches API ([`crate::batch`]), authenticated like the completion routes.
+fn batch_routes() -> Router<Arc<AppState>> {
+    use crate::batch::{batches_api, files_api};
+    Router::new()
+        .route("/v1/files", post(files_api::upload).get(files_api::list))
+        .route("/v1/files/{id}", get(files_api::retrieve).delete(files_api::delete))
+        .route("/v1/files/{id}/content", get(files_api::content))
+        .route("/v1/batches", post(batches_api::create).get(batches_api::list))
+        .route("/v1/batches/{id}", get(batches_api::retrieve))
+        .route("/v1/batches/{id}/cancel", post(batches_api::cancel))
 }
 
 /// The id that follows a request through the gateway's and the coordinator's logs: the client's
@@ -186,7 +202,14 @@ fn request_id(request: &Request) -> String {
 async fn observe(mut request: Request, next: Next) -> Response {
     const ROUTES: [&str; 6] =
         ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics"];
-    let route: &'static str = ROUTES.iter().find(|r| **r == request.uri().path()).copied().unwrap_or("other");
+    let path = request.uri().path();
+    let route: &'static str = match ROUTES.iter().find(|r| **r == path) {
+        Some(route) => route,
+        // Ids in the path are not label values: one label per API.
+        None if path.starts_with("/v1/files") => "/v1/files",
+        None if path.starts_with("/v1/batches") => "/v1/batches",
+        None => "other",
+    };
     let id = request_id(&request);
     request.extensions_mut().insert(RequestId(id.clone()));
     let span = tracing::info_span!("http", method = %request.method(), route, request_id = %id);
@@ -285,7 +308,7 @@ fn same_secret(a: &str, b: &str) -> bool {
 /// Reads a body declared JSON (`application/json`, any parameters) of at most `--max-body-bytes`,
 /// arriving within `--body-timeout-ms`, and deserialises it (axum's `Json` extractor would answer a wrong type in plain text, not in
 /// OpenAI's error JSON).
-async fn read_request<T: serde::de::DeserializeOwned>(
+pub(crate) async fn read_request<T: serde::de::DeserializeOwned>(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
@@ -310,35 +333,46 @@ async fn chat(
     body: Body,
 ) -> Response {
     let prepared = async {
-        let mut r = ValidatedChat::try_from(read_request::<ChatCompletionRequest>(&state, &headers, body).await?)?;
-        state.require_served_model(&r.model)?;
-        state.edge.requests.check_chat(&r)?;
-        // Cheap checks first: image parts and the template, then the images' I/O and decoding.
-        let requested = state.images.take_parts(&mut r.messages)?;
-        let (messages, tools) = (std::mem::take(&mut r.messages), r.options.structured.tools.take());
-        let (chat, messages, tools) = state
-            .off_runtime(move |state| {
-                let definitions = tools.as_ref().map(|t| t.definitions.as_slice());
-                (state.text.encode_chat_with_tools(&messages, definitions), messages, tools)
-            })
-            .await?;
-        (r.messages, r.options.structured.tools) = (messages, tools);
-        let chat = chat.map_err(|e| ApiError::invalid_param("messages", format!("{e:#}")))?;
-        let constraint = constraints::constraint(state.grammars.as_ref(), &r.options.structured).await?;
-        let loaded = state.images.load(requested).await?;
-        let (prompt, images) = state.images.expand(&chat.ids, &chat.image_placeholders, loaded, &r.messages)?;
-        Ok::<_, ApiError>(Prepared {
-            api: CompletionApi::Chat,
-            model: r.model,
-            prompt,
-            images,
-            options: r.options,
-            prompt_param: "messages",
-            request_id: id.0,
-            constraint,
-        })
+        let r = ValidatedChat::try_from(read_request::<ChatCompletionRequest>(&state, &headers, body).await?)?;
+        prepare_chat(&state, id.0, r).await
     };
     dispatch(state.clone(), prepared.await).await
+}
+
+/// A chat request as the endpoint checks and tokenizes it: the one path of direct requests and
+/// batch lines ([`crate::batch`]), so that both are refused and answered alike.
+pub(crate) async fn prepare_chat(
+    state: &Arc<AppState>,
+    request_id: String,
+    mut r: ValidatedChat,
+) -> Result<Prepared, ApiError> {
+    state.require_served_model(&r.model)?;
+    state.edge.requests.check_chat(&r)?;
+    // Cheap checks first: image parts and the template, then the images' I/O and decoding.
+    let requested = state.images.take_parts(&mut r.messages)?;
+    let (messages, tools) = (std::mem::take(&mut r.messages), r.options.structured.tools.take());
+    let (chat, messages, tools) = state
+        .off_runtime(move |state| {
+            let definitions = tools.as_ref().map(|t| t.definitions.as_slice());
+            (state.text.encode_chat_with_tools(&messages, definitions), messages, tools)
+        })
+        .await?;
+    (r.messages, r.options.structured.tools) = (messages, tools);
+    let chat = chat.map_err(|e| ApiError::invalid_param("messages", format!("{e:#}")))?;
+    let constraint = constraints::constraint(state.grammars.as_ref(), &r.options.structured).await?;
+    let loaded = state.images.load(requested).await?;
+    let (prompt, images) = state.images.expand(&chat.ids, &chat.image_placeholders, loaded, &r.messages)?;
+    Ok(Prepared {
+        api: CompletionApi::Chat,
+        model: r.model,
+        prompt,
+        images,
+        options: r.options,
+        prompt_param: "messages",
+        request_id,
+        constraint,
+        priority: 0,
+    })
 }
 
 async fn completion(
@@ -349,28 +383,38 @@ async fn completion(
 ) -> Response {
     let prepared = async {
         let r = ValidatedCompletion::try_from(read_request::<CompletionRequest>(&state, &headers, body).await?)?;
-        state.require_served_model(&r.model)?;
-        state.edge.requests.check_completion(&r)?;
-        let constraint = constraints::constraint(state.grammars.as_ref(), &r.options.structured).await?;
-        let prompt = match r.prompt {
-            CompletionPrompt::Text(t) => state
-                .off_runtime(move |state| state.text.encode_prompt(&t))
-                .await?
-                .map_err(|e| ApiError::invalid_param("prompt", format!("{e:#}")))?,
-            CompletionPrompt::Tokens(ids) => ids,
-        };
-        Ok::<_, ApiError>(Prepared {
-            api: CompletionApi::Text,
-            model: r.model,
-            prompt,
-            images: Vec::new(),
-            options: r.options,
-            prompt_param: "prompt",
-            request_id: id.0,
-            constraint,
-        })
+        prepare_completion(&state, id.0, r).await
     };
     dispatch(state.clone(), prepared.await).await
+}
+
+/// A text completion request as the endpoint checks and tokenizes it (see [`prepare_chat`]).
+pub(crate) async fn prepare_completion(
+    state: &Arc<AppState>,
+    request_id: String,
+    r: ValidatedCompletion,
+) -> Result<Prepared, ApiError> {
+    state.require_served_model(&r.model)?;
+    state.edge.requests.check_completion(&r)?;
+    let constraint = constraints::constraint(state.grammars.as_ref(), &r.options.structured).await?;
+    let prompt = match r.prompt {
+        CompletionPrompt::Text(t) => state
+            .off_runtime(move |state| state.text.encode_prompt(&t))
+            .await?
+            .map_err(|e| ApiError::invalid_param("prompt", format!("{e:#}")))?,
+        CompletionPrompt::Tokens(ids) => ids,
+    };
+    Ok(Prepared {
+        api: CompletionApi::Text,
+        model: r.model,
+        prompt,
+        images: Vec::new(),
+        options: r.options,
+        prompt_param: "prompt",
+        request_id,
+        constraint,
+        priority: 0,
+    })
 }
 
 async fn dispatch(state: Arc<AppState>, prepared: Result<Prepared, ApiError>) -> Response {

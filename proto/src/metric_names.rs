@@ -127,3 +127,11 @@ pub const WORKER_EXPERTS_RELEASED_TOTAL: &str = "epserve_worker_experts_released
 /// Histogram, seconds, label `component` (`gateway`, `coordinator`, `worker`): how long a process
 /// drained on shutdown (SIGTERM), from the signal to the end of its drain.
 pub const DRAIN_SECONDS: &str = "epserve_drain_seconds";
+/// Gauge: batch jobs the gateway's batch runner is driving (issue 18).
+pub const BATCH_JOBS_ACTIVE: &str = "epserve_batch_jobs_active";
+/// Gauge: batch lines in flight on the coordinators, all jobs together.
+pub const BATCH_LINES_IN_FLIGHT: &str = "epserve_batch_lines_in_flight";
+/// Counter, label `outcome` (`completed`, `failed`): batch lines finished and journaled.
+pub const BATCH_LINES_TOTAL: &str = "epserve_batch_lines_total";
+/// Counter: batch lines sent again because the cluster could not take them then (429, 503, 500).
+pub const BATCH_LINE_RETRIES_TOTAL: &str = "epserve_batch_line_retries_total";

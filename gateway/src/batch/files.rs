@@ -35,6 +35,14 @@ pub struct FileObject {
     pub created_at: u64,
     pub filename: String,
     pub purpose: String,
+    /// Deprecated by OpenAI but still in its schema: always `processed` here (a file is stored
+    /// whole or not at all).
+    #[serde(default = "processed")]
+    pub status: String,
+}
+
+fn processed() -> String {
+    "processed".into()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,13 +84,24 @@ impl FileStore {
 
     /// Stores `content` as a new file and returns its description.
     pub fn create(&self, filename: &str, purpose: &str, content: &[u8]) -> Result<FileObject, StoreError> {
+        self.write(&new_id("file"), filename, purpose, content)
+    }
+
+    /// Stores `content` under `id` (one [`new_id`] made), replacing a file of that id: the batch
+    /// runner picks its output files' ids first and records them, so that writing them again after
+    /// a crash makes the same files, not new ones.
+    pub fn write(&self, id: &str, filename: &str, purpose: &str, content: &[u8]) -> Result<FileObject, StoreError> {
+        if !valid_id(id) {
+            return Err(StoreError::NotFound(id.into()));
+        }
         let file = FileObject {
-            id: new_id("file"),
+            id: id.into(),
             object: "file".into(),
             bytes: content.len() as u64,
             created_at: unix_now(),
             filename: filename.into(),
             purpose: purpose.into(),
+            status: processed(),
         };
         let data = self.data_path(&file.id);
         write_atomic(&data, content).map_err(io_at(&data))?;

@@ -97,6 +97,16 @@ struct Envelope {
 
 /// Reads and checks a whole input file for a batch on `endpoint`: every line, or every error.
 pub fn parse_input(content: &[u8], endpoint: Endpoint) -> Result<Vec<BatchLine>, Vec<LineError>> {
+    parse_input_with(content, endpoint, &|_| Ok(()))
+}
+
+/// [`parse_input`], each valid body also passed to `check` (the gateway's own checks of a request:
+/// the served model, its request limits), whose refusal is the line's error.
+pub fn parse_input_with(
+    content: &[u8],
+    endpoint: Endpoint,
+    check: &(dyn Fn(&LineRequest) -> Result<(), ApiError> + Sync),
+) -> Result<Vec<BatchLine>, Vec<LineError>> {
     if content.len() > MAX_INPUT_BYTES {
         return Err(vec![LineError::file(
             "file_too_large",
@@ -115,7 +125,7 @@ pub fn parse_input(content: &[u8], endpoint: Endpoint) -> Result<Vec<BatchLine>,
             continue;
         }
         requests += 1;
-        match parse_line(raw, number, endpoint, &mut seen) {
+        match parse_line(raw, number, endpoint, &mut seen, check) {
             Ok(line) => lines.push(line),
             Err(error) if errors.len() < MAX_REPORTED_ERRORS => errors.push(error),
             Err(_) => more_errors += 1,
@@ -141,6 +151,7 @@ fn parse_line(
     number: usize,
     endpoint: Endpoint,
     seen: &mut HashSet<String>,
+    check: &(dyn Fn(&LineRequest) -> Result<(), ApiError> + Sync),
 ) -> Result<BatchLine, LineError> {
     let envelope: Envelope = serde_json::from_slice(raw).map_err(|e| {
         LineError::line(number, "invalid_json_line", None, format!("Line {number} is not a valid request object: {e}."))
@@ -166,7 +177,7 @@ fn parse_line(
     }
     let body = envelope.body.ok_or_else(|| missing(number, "body"))?;
     let body = serde_json::to_vec(&body).expect("a JSON value serialises");
-    let request = validate_body(&body, endpoint).map_err(|e| {
+    let request = validate_body(&body, endpoint).and_then(|r| check(&r).map(|()| r)).map_err(|e| {
         let param = e.param.map(|p| format!("body.{p}"));
         LineError::line(number, "invalid_request", param, format!("Line {number}: {}", e.message))
     })?;
@@ -268,6 +279,21 @@ mod tests {
         let direct = validate_body(br#"{"model":"m"}"#, Endpoint::ChatCompletions).expect_err("refused");
         assert_eq!(errors[0].message, format!("Line 1: {}", direct.message));
         assert_eq!(errors[0].param.as_deref(), Some("body.messages"));
+    }
+
+    #[test]
+    fn the_gateways_own_checks_name_their_lines_among_the_others() {
+        let file = [chat_line("a", ""), "{".to_owned(), chat_line("b", "").replace(r#""model":"m""#, r#""model":"x""#)]
+            .join("\n");
+        let served = |r: &LineRequest| match r {
+            LineRequest::Chat(c) if c.model != "m" => Err(ApiError::model_not_found(&c.model, "m")),
+            _ => Ok(()),
+        };
+        let errors = parse_input_with(file.as_bytes(), Endpoint::ChatCompletions, &served).expect_err("refused");
+        let got: Vec<_> = errors.iter().map(|e| (e.line, e.param.as_deref())).collect();
+        assert_eq!(got, [(Some(2), None), (Some(3), Some("body.model"))]);
+        assert!(errors[1].message.starts_with("Line 3: The model `x`"), "{}", errors[1].message);
+        assert!(parse_input_with(chat_line("a", "").as_bytes(), Endpoint::ChatCompletions, &served).is_ok());
     }
 
     #[test]

@@ -198,7 +198,8 @@ impl JobStore {
         let mut jobs = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(io_err)? {
             let name = entry.map_err(io_err)?.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_suffix(".json") {
+            // `.tmp-*` names are writes in progress (or left by a crash): not jobs.
+            if let Some(id) = name.strip_suffix(".json").filter(|_| !name.starts_with('.')) {
                 jobs.push(self.get(id)?);
             }
         }
@@ -223,6 +224,37 @@ impl JobStore {
 
     fn path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.json"))
+    }
+
+    /// Marks the job for cancellation: a file `<id>.cancel` holding the time it was asked, written
+    /// by whichever gateway got the request, so that only the runner ever writes the job itself.
+    /// Returns when the cancel was first asked (asking again changes nothing).
+    pub fn request_cancel(&self, id: &str) -> Result<u64, JobStoreError> {
+        if let Some(at) = self.cancel_requested(id) {
+            return Ok(at);
+        }
+        let at = unix_now();
+        let path = self.cancel_path(id);
+        write_atomic(&path, at.to_string().as_bytes()).map_err(|source| JobStoreError::Io { path, source })?;
+        Ok(at)
+    }
+
+    /// When a cancel of the job was asked, if it was.
+    pub fn cancel_requested(&self, id: &str) -> Option<u64> {
+        if !valid_id(id) {
+            return None;
+        }
+        let text = fs::read_to_string(self.cancel_path(id)).ok()?;
+        Some(text.trim().parse().unwrap_or_else(|_| unix_now()))
+    }
+
+    /// The journal of the job's finished lines ([`super::journal`]).
+    pub fn journal_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.lines.jsonl"))
+    }
+
+    fn cancel_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.cancel"))
     }
 }
 
