@@ -1,11 +1,11 @@
 //! `epserve gen-model`: a random-weight Llama-4 checkpoint in hub layout, for demos, tests and
 //! benchmarks (written by `epserve-synthetic`): multimodal with the preset's vision tower, or text
-//! only with `--no-vision`.
+//! only with `--no-vision`; `--router-skew zipf:S` makes its routers prefer some experts.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
-use epserve_synthetic::{CheckpointOptions, Preset, StoredDtype};
+use epserve_synthetic::{CheckpointOptions, Preset, RouterSkew, StoredDtype};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StoredDtypeArg {
@@ -67,6 +67,19 @@ pub struct GenModelArgs {
     /// preprocessor_config.json) with the same text weights as the multimodal one.
     #[arg(long)]
     pub no_vision: bool,
+    /// Bias each MoE layer's router so that expert popularity follows Zipf(S), under a per-layer
+    /// permutation drawn from SEED (default 0): `zipf:S[,SEED]`, or `none` for the random routers
+    /// (docs/load-balancing.md, "Skewed test models").
+    #[arg(long, default_value = "none", value_parser = parse_router_skew)]
+    pub router_skew: Skew,
+}
+
+/// `--router-skew` as parsed (clap needs a type of its own for an optional value with a default).
+#[derive(Debug, Clone, Copy)]
+pub struct Skew(pub Option<RouterSkew>);
+
+fn parse_router_skew(text: &str) -> Result<Skew, String> {
+    RouterSkew::parse(text).map(Skew).map_err(|e| e.to_string())
 }
 
 pub fn run(args: GenModelArgs) -> Result<()> {
@@ -75,6 +88,7 @@ pub fn run(args: GenModelArgs) -> Result<()> {
         vision: !args.no_vision,
         force: args.force,
         shard_mib: args.shard_mib,
+        router_skew: args.router_skew.0,
     };
     epserve_synthetic::write_checkpoint(args.preset.into(), args.seed, &args.out, &options)?;
     println!("{}", args.out.display());

@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::preset::{NAMED_SPECIAL_TOKENS, Preset, special_id, text_tensor_specs, vision_tensor_specs};
+use crate::skew::{self, RouterSkew, SKEW_FILE};
 use crate::tokenizer;
 use crate::weights::RandomWeights;
 
@@ -31,7 +32,7 @@ pub enum StoredDtype {
 }
 
 /// How [`write_checkpoint`] writes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointOptions {
     pub dtype: StoredDtype,
     /// `Llama4ForConditionalGeneration` with the preset's vision tower and `preprocessor_config.json`
@@ -41,11 +42,14 @@ pub struct CheckpointOptions {
     pub force: bool,
     /// Split the weights into shards of about this many MiB, with `model.safetensors.index.json`.
     pub shard_mib: Option<usize>,
+    /// Bias every MoE layer's router towards this popularity (and write `router_skew.json`);
+    /// `None` leaves the random routers as they are.
+    pub router_skew: Option<RouterSkew>,
 }
 
 impl Default for CheckpointOptions {
     fn default() -> Self {
-        CheckpointOptions { dtype: StoredDtype::Bf16, vision: true, force: false, shard_mib: None }
+        CheckpointOptions { dtype: StoredDtype::Bf16, vision: true, force: false, shard_mib: None, router_skew: None }
     }
 }
 
@@ -77,7 +81,7 @@ pub fn write_checkpoint(preset: Preset, seed: u64, out: &Path, options: &Checkpo
     };
     // The text tensors first, then the vision tower's: each is drawn from its own stream (seeded by
     // its key), so the order changes no number; it keeps the text tensors' shard layout as it was.
-    let tensors = text_tensor_specs(&config)
+    let mut tensors = text_tensor_specs(&config)
         .into_iter()
         .chain(vision_tensor_specs(&config))
         .map(|(key, shape)| {
@@ -88,12 +92,21 @@ pub fn write_checkpoint(preset: Preset, seed: u64, out: &Path, options: &Checkpo
             Ok((key, t))
         })
         .collect::<Result<Vec<_>>>()?;
+    if let Some(router_skew) = options.router_skew {
+        skew::carve_bias_dim(&config, &mut tensors)?;
+        skew::calibrate(&config, router_skew, &mut tensors, &tokenizer, out)?;
+    }
     // Remove what an earlier, differently sharded run left behind.
     for entry in std::fs::read_dir(out).map_err(Error::io(out))? {
         let path = entry.map_err(Error::io(out))?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        // Also an image processor config (written again below when this checkpoint has a vision tower).
-        if name.ends_with(".safetensors") || name == "model.safetensors.index.json" || name == PREPROCESSOR_CONFIG {
+        // Also an image processor config and a router skew record (written again when they apply).
+        let stale_skew = name == SKEW_FILE && options.router_skew.is_none();
+        if name.ends_with(".safetensors")
+            || name == "model.safetensors.index.json"
+            || name == PREPROCESSOR_CONFIG
+            || stale_skew
+        {
             std::fs::remove_file(&path).map_err(Error::io(&path))?;
         }
     }

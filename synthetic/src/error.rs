@@ -16,6 +16,10 @@ pub enum Error {
     #[error("writing {}: {source}", path.display())]
     Json { path: PathBuf, source: serde_json::Error },
 
+    /// A `--router-skew` that cannot be parsed or reached.
+    #[error("{0}")]
+    Skew(String),
+
     #[error(transparent)]
     Model(#[from] epserve_model::Error),
 

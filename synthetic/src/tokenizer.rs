@@ -165,6 +165,38 @@ pub fn build(vocab_size: usize, max_merges: usize) -> SyntheticTokenizer {
     SyntheticTokenizer { json, first_special }
 }
 
+/// The embedded English text as this tokenizer encodes it (byte-level BPE: each pre-token's merges
+/// applied in the order they were learned), for traffic that looks like text to the model.
+pub(crate) fn corpus_ids(tokenizer: &SyntheticTokenizer) -> Vec<u32> {
+    let chars = byte_to_char();
+    let model = &tokenizer.json["model"];
+    let vocab: HashMap<&str, u32> = model["vocab"]
+        .as_object()
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.as_str(), u32::try_from(v.as_u64()?).ok()?))).collect())
+        .unwrap_or_default();
+    let ranks: HashMap<(&str, &str), usize> = model["merges"]
+        .as_array()
+        .map(|m| m.iter().enumerate().filter_map(|(i, p)| Some(((p[0].as_str()?, p[1].as_str()?), i))).collect())
+        .unwrap_or_default();
+    let mut ids = Vec::new();
+    for piece in pre_tokens(CORPUS) {
+        let mut symbols: Vec<String> = piece.bytes().map(|b| chars[b as usize].to_string()).collect();
+        loop {
+            let best = symbols
+                .windows(2)
+                .enumerate()
+                .filter_map(|(i, w)| ranks.get(&(w[0].as_str(), w[1].as_str())).map(|&r| (r, i)))
+                .min();
+            let Some((_, i)) = best else { break };
+            let merged = format!("{}{}", symbols[i], symbols[i + 1]);
+            symbols[i] = merged;
+            symbols.remove(i + 1);
+        }
+        ids.extend(symbols.iter().filter_map(|s| vocab.get(s.as_str()).copied()));
+    }
+    ids
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,5 +215,15 @@ mod tests {
         assert_eq!(tok.decode(enc.get_ids(), true).expect("decode"), text);
         let tiny = build(512, 224);
         assert_eq!(tiny.first_special, 480, "tiny lays out ids like the fixture");
+    }
+
+    #[test]
+    fn corpus_ids_are_what_the_tokenizer_encodes() {
+        for (vocab, merges) in [(4096, 1500), (512, 224)] {
+            let t = build(vocab, merges);
+            let tok = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&t.json).expect("json")).expect("loads");
+            let expected = tok.encode(CORPUS, false).expect("encode").get_ids().to_vec();
+            assert_eq!(corpus_ids(&t), expected);
+        }
     }
 }
