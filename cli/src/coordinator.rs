@@ -50,6 +50,8 @@ pub struct CoordinatorArgs {
     pub shutdown_grace_seconds: u64,
     #[command(flatten)]
     pub control: JoinArgs,
+    #[command(flatten)]
+    pub routing: crate::eplb::RecordRoutingArgs,
 }
 
 pub fn run(args: CoordinatorArgs) -> Result<()> {
@@ -61,6 +63,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         runtime.block_on(crate::metrics_endpoint::serve(addr))?;
     }
     let load = args.experts.load_config(&args.model, args.dtype)?;
+    let recording = args.routing.start(&args.model)?;
     // One identity for both ends: serving the gateways and connecting to the workers.
     let server_tls = load.grpc.tls.clone();
     let grace = std::time::Duration::from_secs(args.shutdown_grace_seconds);
@@ -81,10 +84,14 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         overlap: args.experts.overlap,
         control: args.control.connect()?,
     };
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let coordinator = epserve_coordinator::start_with_tls(config, server_tls).await?.with_shutdown_grace(grace);
         // The harnesses and `epserve up` read this line to learn the port.
         println!("listening on {}", coordinator.local_addr());
         Ok(coordinator.serve(crate::shutdown_signal()).await?)
-    })
+    });
+    if let Some(recording) = recording {
+        recording.stop()?;
+    }
+    served
 }

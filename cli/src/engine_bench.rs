@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::stats::percentile_ms;
 
+use crate::eplb::RecordRoutingArgs;
 use crate::load::{ComputeDtype, ExpertArgs};
 
 #[derive(Debug, clap::Args)]
@@ -38,6 +39,8 @@ pub struct EngineBenchArgs {
     pub dtype: ComputeDtype,
     #[command(flatten)]
     pub experts: ExpertArgs,
+    #[command(flatten)]
+    pub routing: RecordRoutingArgs,
 }
 
 pub fn run(args: EngineBenchArgs) -> Result<()> {
@@ -53,6 +56,7 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
         ..EngineSizing::new(KvCapacity::Tokens(args.kv_capacity_tokens))
     };
     let engine = start_engine(loaded, &sizing, args.experts.overlap)?;
+    let recording = args.routing.start(&args.model)?;
     let mut results = Vec::new();
     for &c in &args.concurrency {
         let started = Instant::now();
@@ -128,6 +132,9 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
         results.push(row);
     }
     engine.stop();
+    if let Some(recording) = recording {
+        recording.stop()?;
+    }
     println!("{}", serde_json::to_string_pretty(&results)?);
     Ok(())
 }

@@ -3,13 +3,16 @@
 //! The library behind them is `epserve-eplb`; docs/load-balancing.md has the model and the formats.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use epserve_control::PlacementMap;
+use epserve_coordinator::transport::RoutingSink;
 use epserve_eplb::plan::{self, ParetoPoint};
 use epserve_eplb::replay::{CostModel, PlacementReport, Resolved, StepReplay};
-use epserve_eplb::trace::{Record, TraceHeader, TraceReader};
+use epserve_eplb::trace::{Record, Recorder, TraceHeader, TraceReader, WriterOptions, WriterStats, config_hash};
 use epserve_eplb::{LoadMatrix, StepLoads};
+use epserve_model::{Checkpoint, ExpertGroup, ModelConfig, WeightSource};
 use serde::Serialize;
 
 #[derive(Debug, clap::Args)]
@@ -109,6 +112,104 @@ pub fn run(args: EplbArgs) -> Result<()> {
 }
 
 /// Every step of `path`, handed to `each`; returns the header and the number of dropped steps.
+/// `--record-routing PATH` of `coordinator`, `generate` and `engine-bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RecordRoutingArgs {
+    /// Record every step's routing (the experts each MoE layer sent each token to) to this file,
+    /// in the routing-trace format `epserve eplb` reads (docs/load-balancing.md, "Trace format");
+    /// it continues in PATH.1, PATH.2, … past 256 MiB. Steps are dropped, never waited for, when
+    /// the disk falls behind.
+    #[arg(long, env = "EPSERVE_RECORD_ROUTING")]
+    pub record_routing: Option<PathBuf>,
+}
+
+impl RecordRoutingArgs {
+    /// Starts recording for the checkpoint in `model`, when asked to.
+    pub fn start(&self, model: &Path) -> Result<Option<Recording>> {
+        let Some(path) = &self.record_routing else { return Ok(None) };
+        let config = ModelConfig::from_file(&model.join("config.json"))?;
+        let t = &config.text;
+        if t.num_experts_per_tok != 1 {
+            bail!(
+                "--record-routing: the model routes top-{}; coordinators see rows grouped by expert, so only \
+                 top-1 routing (Llama 4's) is recorded",
+                t.num_experts_per_tok
+            );
+        }
+        let config_bytes = std::fs::read(model.join("config.json")).context("reading config.json")?;
+        let header = TraceHeader {
+            model: model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            config_hash: config_hash(&config_bytes),
+            layers: t.moe_layers().map(|l| l as u32).collect(),
+            num_experts: t.num_local_experts as u32,
+            top_k: 1,
+            expert_bytes: stored_expert_bytes(model, &config),
+            start_unix_ms: 0,
+            part: 0,
+        };
+        let recorder = Recorder::create(path, header, WriterOptions::default())
+            .with_context(|| format!("--record-routing {}", path.display()))?;
+        let sink = Arc::new(TraceSink(recorder));
+        epserve_coordinator::transport::record_routing(sink.clone());
+        tracing::info!("recording the routing of every step to {}", path.display());
+        Ok(Some(Recording { sink }))
+    }
+}
+
+/// A routing trace being recorded by this process.
+#[derive(Debug)]
+pub struct Recording {
+    sink: Arc<TraceSink>,
+}
+
+impl Recording {
+    /// Stops recording, writes what is buffered and closes the trace.
+    pub fn stop(self) -> Result<WriterStats> {
+        epserve_coordinator::transport::stop_recording();
+        // Steps borrow the sink under the transport's lock, never keep it: this is the last one.
+        let Ok(TraceSink(recorder)) = Arc::try_unwrap(self.sink) else {
+            bail!("the routing trace is still in use");
+        };
+        let stats = recorder.finish()?;
+        tracing::info!(
+            "routing trace: {} steps, {} dropped, {} bytes in {} part(s)",
+            stats.steps,
+            stats.dropped_steps,
+            stats.bytes,
+            stats.parts
+        );
+        Ok(stats)
+    }
+}
+
+/// The trace writer as the coordinator's routing sink.
+#[derive(Debug)]
+struct TraceSink(Recorder);
+
+impl RoutingSink for TraceSink {
+    fn record_groups(&self, layer: usize, groups: &[ExpertGroup]) {
+        self.0.record_groups(layer, groups.iter().map(|g| (g.expert, g.rows)));
+    }
+
+    fn end_step(&self) {
+        self.0.end_step();
+    }
+}
+
+/// Bytes of one expert of one layer as the checkpoint stores it (`gate_up` and `down`), or 0 when
+/// the checkpoint cannot say.
+fn stored_expert_bytes(dir: &Path, config: &ModelConfig) -> u64 {
+    let Some(layer) = config.text.moe_layers().next() else { return 0 };
+    let Ok(ckpt) = Checkpoint::open(dir) else { return 0 };
+    let p = format!("{}layers.{layer}.feed_forward.experts.", config.architecture.decoder_prefix());
+    let per_expert = |name: &str| -> Option<u64> {
+        let key = format!("{p}{name}");
+        let elements: usize = ckpt.shape(&key)?.iter().skip(1).product();
+        Some(elements as u64 * ckpt.stored_dtype(&key)?.size_in_bytes() as u64)
+    };
+    per_expert("gate_up_proj").zip(per_expert("down_proj")).map_or(0, |(a, b)| a + b)
+}
+
 fn read_trace(path: &Path, mut each: impl FnMut(&TraceHeader, StepLoads)) -> Result<(TraceHeader, u64)> {
     let mut reader = TraceReader::open(path).with_context(|| format!("reading trace {}", path.display()))?;
     let header = reader.header().clone();

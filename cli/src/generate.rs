@@ -9,6 +9,7 @@ use epserve_model::generation_config::eos_token_ids;
 use epserve_model::{ImageRows, LogitsFor, SequenceStep};
 use serde_json::json;
 
+use crate::eplb::RecordRoutingArgs;
 use crate::load::{ComputeDtype, ExpertArgs};
 use crate::prompt::{PromptArgs, load_tokenizer};
 
@@ -39,6 +40,8 @@ pub struct GenerateArgs {
     pub dtype: ComputeDtype,
     #[command(flatten)]
     pub experts: ExpertArgs,
+    #[command(flatten)]
+    pub routing: RecordRoutingArgs,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -55,6 +58,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let prompt = built.ids.clone();
 
     let standalone = args.experts.standalone(&args.model, args.dtype)?;
+    let recording = args.routing.start(&args.model)?;
     // The server's sampler and stop rule, with the server's EOS ids: same seed, same tokens.
     let eos = eos_token_ids(&args.model, &standalone.config.text)?;
     let params = SamplingParams {
@@ -81,6 +85,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         };
         let step = SequenceStep::new(&next, &mut cache).with_images(rows);
         let logits = standalone.step(&mut [step], LogitsFor::Last)?;
+        epserve_coordinator::transport::end_recorded_step();
         let row = logits.squeeze(0)?.to_vec1::<f32>()?;
         let token = sampler.sample(&row).token;
         first_token_at.get_or_insert_with(|| started.elapsed());
@@ -93,6 +98,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         next = vec![token];
     }
     let elapsed = started.elapsed();
+    if let Some(recording) = recording {
+        recording.stop()?;
+    }
     if let Some(ttft) = first_token_at {
         let decode = elapsed.saturating_sub(ttft).as_secs_f64();
         tracing::info!(

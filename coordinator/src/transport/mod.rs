@@ -3,14 +3,18 @@
 //! - `local`: an in-process [`ExpertShard`] holding every expert, no copies — the single-node fast
 //!   path and the baseline every distributed figure is compared with;
 //! - `grpc`: expert workers over one bidirectional stream each ([`GrpcExperts`]).
+//!
+//! Either tells its steps' routing to a [`RoutingSink`] when one is installed ([`record_routing`]).
 
 mod grpc;
 mod links;
+mod recording;
 
 use epserve_model::{ExpertBackend, ExpertBatch, ExpertShard, ExpertsInFlight};
 use epserve_proto::metric_names as m;
 
 pub use grpc::{GrpcConfig, GrpcExperts};
+pub use recording::{RoutingSink, end_recorded_step, record_routing, stop_recording};
 
 #[derive(Debug)]
 pub enum ExpertTransport {
@@ -35,6 +39,7 @@ impl ExpertBackend for ExpertTransport {
             metrics::counter!(m::EXPERT_ROWS_TOTAL, "layer" => batch.layer.to_string(), "expert" => g.expert.to_string())
                 .increment(u64::from(g.rows));
         }
+        recording::with_sink(|s| s.record_groups(batch.layer, &batch.groups));
         match self {
             ExpertTransport::Local(shard) => shard.submit(batch),
             ExpertTransport::Grpc(grpc) => grpc.submit(batch),
@@ -45,5 +50,6 @@ impl ExpertBackend for ExpertTransport {
         if let ExpertTransport::Grpc(grpc) = self {
             grpc.step_finished();
         }
+        recording::with_sink(|s| s.end_step());
     }
 }
