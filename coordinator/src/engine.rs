@@ -482,7 +482,10 @@ impl<E: ExpertBackend> Engine<E> {
         for seq in &mut self.running {
             let samples = plan.iter().any(|&(id, n)| id == seq.arrival && n == seq.pending());
             if samples && let Some(constraint) = seq.constraint.take() {
-                jobs.push(MaskJob { sequence: seq.arrival, constraint, mask: None });
+                let budget = (seq.sampler.params().max_tokens as usize)
+                    .saturating_sub(seq.generated())
+                    .min(self.config.max_model_len.saturating_sub(seq.tokens.len()));
+                jobs.push(MaskJob { sequence: seq.arrival, constraint, budget, mask: None });
             }
         }
         jobs
@@ -638,7 +641,11 @@ impl<E: ExpertBackend> Engine<E> {
                     continue;
                 }
             };
-            let reason = if complete || seq.sampler.stops_at(token, eos) {
+            // A document closed because the budget ran short is a shortened answer.
+            let shortened = seq.constraint.as_ref().is_some_and(|c| c.closed_for_budget());
+            let reason = if complete && shortened {
+                Some(FinishReason::Length)
+            } else if complete || seq.sampler.stops_at(token, eos) {
                 Some(FinishReason::Stop)
             } else if seq.generated() >= seq.sampler.params().max_tokens as usize
                 || seq.tokens.len() >= self.config.max_model_len

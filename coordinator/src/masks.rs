@@ -21,6 +21,9 @@ pub struct MaskJob {
     /// The sequence's arrival id.
     pub sequence: u64,
     pub constraint: TokenConstraint,
+    /// Tokens the sequence may still write, the one sampled this step included: a JSON document
+    /// that would not fit is closed (`TokenConstraint::mask_within`).
+    pub budget: usize,
     pub mask: Option<Result<TokenMask, GrammarError>>,
 }
 
@@ -113,7 +116,7 @@ impl MaskThreads {
 fn compute(mut jobs: Vec<MaskJob>) -> Vec<MaskJob> {
     for job in &mut jobs {
         let started = Instant::now();
-        job.mask = Some(job.constraint.mask());
+        job.mask = Some(job.constraint.mask_within(job.budget));
         metrics::histogram!(m::GRAMMAR_MASK_SECONDS).record(started.elapsed().as_secs_f64());
     }
     jobs

@@ -56,14 +56,14 @@ impl GrammarCompiler {
     /// CPU work): call it off the async IO threads.
     pub fn compile(&self, spec: &GrammarSpec) -> Result<TokenConstraint, GrammarError> {
         if let Some(compiled) = self.cache.lock().compiled.get(spec) {
-            return Ok(TokenConstraint::new(compiled.deep_clone(), spec.kind));
+            return Ok(TokenConstraint::new(compiled.deep_clone(), spec.kind, self.vocabulary.env().clone()));
         }
         let grammar = spec.to_llguidance()?;
         let matcher = Matcher::new(self.factory.create_parser(grammar));
         if let Some(error) = matcher.get_error() {
             return Err(GrammarError::Invalid(error));
         }
-        let constraint = TokenConstraint::new(matcher.deep_clone(), spec.kind);
+        let constraint = TokenConstraint::new(matcher.deep_clone(), spec.kind, self.vocabulary.env().clone());
         let mut cache = self.cache.lock();
         if !cache.compiled.contains_key(spec) {
             if cache.order.len() >= CACHE_CAPACITY

@@ -10,6 +10,7 @@
 //!
 //! Boundaries: no sampling (the coordinator applies the mask), no HTTP, no model code.
 
+mod closing;
 pub mod compiler;
 pub mod constraint;
 pub mod errors;
@@ -17,7 +18,7 @@ pub mod spec;
 pub mod vocabulary;
 
 pub use compiler::GrammarCompiler;
-pub use constraint::{Advance, TokenConstraint, TokenMask};
+pub use constraint::{Advance, CLOSING_WINDOW, TokenConstraint, TokenMask};
 pub use errors::GrammarError;
 pub use spec::{GrammarKind, GrammarSpec, json_schema_for_lark};
 pub use vocabulary::Vocabulary;
