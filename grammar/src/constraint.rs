@@ -14,6 +14,8 @@ pub const CLOSING_WINDOW: usize = 64;
 /// Tokens kept in hand when closing starts: one free token can open a string and a container at once,
 /// lengthening the shortest close by a few tokens.
 const CLOSING_SLACK: usize = 8;
+/// Candidate endings checked against the grammar per token, shortest first.
+const CLOSING_CHECKS: usize = 6;
 
 /// The grammar state of one request. Moved to a mask thread and back every step, so it is `Send`;
 /// the parser state (over 1.5 KB) and the rest are boxed so that moving it is moving two pointers.
@@ -140,7 +142,13 @@ impl TokenConstraint {
         if !near {
             return Ok(mask);
         }
-        match candidates.into_iter().find(|tokens| mask.is_allowed(tokens[0]) && self.accepts_after(tokens)) {
+        // The shortest few only: the fillers of one length differ in what the grammar accepts, and
+        // each check costs a parse of the candidate.
+        let path = candidates
+            .into_iter()
+            .take(CLOSING_CHECKS)
+            .find(|tokens| mask.is_allowed(tokens[0]) && self.accepts_after(tokens));
+        match path {
             Some(path) if self.state.closing || path.len() + CLOSING_SLACK >= budget => {
                 self.state.closing = true;
                 Ok(mask.only(path[0]))
@@ -155,11 +163,11 @@ impl TokenConstraint {
         self.state.closing
     }
 
-    /// Whether the grammar accepts after `tokens` (tried on a copy of the parser).
-    fn accepts_after(&self, tokens: &[TokenId]) -> bool {
-        let mut probe = self.matcher.deep_clone();
-        matches!(probe.try_consume_tokens(tokens), Ok(n) if n == tokens.len())
-            && (probe.is_stopped() || probe.is_accepting().unwrap_or(false))
+    /// Whether the grammar accepts after `tokens`: the parser validates them followed by an
+    /// end-of-sequence id (allowed only in an accepting state) without moving, and without a copy.
+    fn accepts_after(&mut self, tokens: &[TokenId]) -> bool {
+        let probe: Vec<TokenId> = tokens.iter().copied().chain([self.state.env.tok_trie().eos_token()]).collect();
+        matches!(self.matcher.validate_tokens(&probe), Ok(n) if n == probe.len())
     }
 
     /// Follows a sampled token that the last mask allowed (not an end-of-sequence id: the request
