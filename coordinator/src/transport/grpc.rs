@@ -1,7 +1,9 @@
 //! The `grpc` transport: one `ExpertService.Exchange` stream per worker, many exchanges in flight on
-//! each, matched by id. An MoE layer's rows are split by the worker hosting their expert (replicas
-//! share the load: the host is picked by layer and expert among the live ones), all workers'
-//! requests leave before any answer is awaited, and the combine waits for every answer.
+//! each, matched by id. An MoE layer's rows are split by the worker hosting their expert (a
+//! replicated expert's rows are split over its live hosts in the placement's order by
+//! [`epserve_eplb::split_rows`], the rule the replay models), all workers' requests leave before
+//! any answer is awaited, and the combine waits for every answer. Every dispatch reads the routes
+//! afresh, so a new placement is followed from the next MoE layer sent after it was published.
 //!
 //! Failover: an exchange whose worker dies (stream reset) or misses the deadline is sent again to
 //! another live host of its experts, within the same step; the worker is taken out until it
@@ -15,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use epserve_control::{Instance, Kind, PlacementMap};
+use epserve_control::{Instance, PlacementMap};
 use epserve_model::{ExpertBatch, ExpertsInFlight, Retry, TextConfig};
 use epserve_proto::exchange::{Exchange, RowGroup};
 use epserve_proto::metric_names as m;
@@ -25,7 +27,7 @@ use epserve_proto::wire::WireDtype;
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
 
-use super::links::{Reply, WorkerLink, WorkerSet, check_worker_serves, endpoint};
+use super::links::{Reply, WorkerLink, WorkerSet, check_worker_serves, endpoint, record_from_layers};
 use crate::errors::TransportError;
 
 #[derive(Debug, Clone)]
@@ -92,14 +94,7 @@ impl GrpcExperts {
                 .map_err(|e| unavailable(e.to_string()))?
                 .into_inner();
             check_worker_serves(addr, &status, model)?;
-            let mut experts: Vec<u32> = status.layers.iter().flat_map(|l| l.experts.iter().copied()).collect();
-            experts.sort_unstable();
-            experts.dedup();
-            records.push(Instance {
-                incarnation: 0,
-                experts,
-                ..Instance::new(Kind::Worker, addr.clone(), addr.clone())
-            });
+            records.push(record_from_layers(addr, &status.layers, model));
         }
         let workers = WorkerSet::new(model, cfg.connect_timeout, cfg.tls.clone());
         workers.sync(&records, None).await;
@@ -198,22 +193,23 @@ impl GrpcExperts {
         Ok(Box::new(in_flight))
     }
 
-    /// A live host of `(layer, expert)` not in `excluded`, waiting up to `host_wait` for one.
-    fn pick(
+    /// The live hosts of `(layer, expert)` not in `excluded`, in the placement's order, waiting up
+    /// to `host_wait` for one.
+    fn hosts(
         &self,
         layer: usize,
         expert: u32,
         excluded: &HashSet<String>,
         last_failure: Option<&TransportError>,
-    ) -> Result<Arc<WorkerLink>, TransportError> {
+    ) -> Result<Vec<Arc<WorkerLink>>, TransportError> {
         let started = Instant::now();
         let mut generation = self.workers.generation.subscribe();
         loop {
             let routes = self.workers.routes();
-            let live: Vec<&Arc<WorkerLink>> =
-                routes.live(layer, expert).into_iter().filter(|l| !excluded.contains(&l.id)).collect();
+            let live: Vec<Arc<WorkerLink>> =
+                routes.live(layer, expert).into_iter().filter(|l| !excluded.contains(&l.id)).cloned().collect();
             if !live.is_empty() {
-                return Ok(live[(layer + expert as usize) % live.len()].clone());
+                return Ok(live);
             }
             let waited = started.elapsed();
             if waited >= self.host_wait {
@@ -264,15 +260,37 @@ struct GrpcInFlight<'a> {
 }
 
 impl GrpcInFlight<'_> {
-    /// Sends `groups` to their hosts, one exchange per worker.
+    /// Sends `groups` to their hosts, one exchange per worker. The rows of an expert with several
+    /// live hosts are split over them as evenly as integers allow, in the placement's host order
+    /// ([`epserve_eplb::split_rows`]), so that replicas share its load; each share after the first
+    /// becomes a group of its own (the combine puts every group's rows back where they came from).
     fn dispatch(&mut self, groups: &[usize], last_failure: Option<&TransportError>) -> Result<(), TransportError> {
         let x = self.experts;
         let mut by_worker: Vec<(Arc<WorkerLink>, Vec<usize>)> = Vec::new();
         for &g in groups {
-            let link = x.pick(self.layer, self.groups[g].expert, &self.excluded, last_failure)?;
-            match by_worker.iter_mut().find(|(l, _)| Arc::ptr_eq(l, &link)) {
-                Some((_, gs)) => gs.push(g),
-                None => by_worker.push((link, vec![g])),
+            let (expert, rows) = (self.groups[g].expert, self.groups[g].rows.clone());
+            let hosts = x.hosts(self.layer, expert, &self.excluded, last_failure)?;
+            let shares = epserve_eplb::split_rows(rows.len() as u32, hosts.len());
+            let mut start = rows.start;
+            let mut first = true;
+            for (link, n) in hosts.into_iter().zip(shares) {
+                if n == 0 {
+                    continue;
+                }
+                let share = start..start + n as usize;
+                start = share.end;
+                let index = if first {
+                    first = false;
+                    self.groups[g].rows = share;
+                    g
+                } else {
+                    self.groups.push(Group { expert, rows: share });
+                    self.groups.len() - 1
+                };
+                match by_worker.iter_mut().find(|(l, _)| Arc::ptr_eq(l, &link)) {
+                    Some((_, gs)) => gs.push(index),
+                    None => by_worker.push((link, vec![index])),
+                }
             }
         }
         for (link, gs) in by_worker {

@@ -5,11 +5,11 @@
 //! expired, or it stopped) is dead too; one that is listed but not connected is retried every
 //! second, so a worker that comes back is used again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use epserve_control::{Instance, PlacementMap};
+use epserve_control::{Instance, Kind, PlacementMap};
 use epserve_model::TextConfig;
 use epserve_proto::metric_names as m;
 use epserve_proto::v1::expert_service_client::ExpertServiceClient;
@@ -24,29 +24,38 @@ pub(super) type Reply = Result<ExchangeResponse, TransportError>;
 
 /// One worker's stream: the sender side of its requests and the exchanges awaiting an answer.
 #[derive(Debug)]
-pub(super) struct WorkerLink {
+pub(crate) struct WorkerLink {
     pub id: String,
     pub addr: String,
     incarnation: u64,
-    /// What the worker's record lists *and* its `Status` confirms; updated (after asking `Status`
-    /// again) when the worker announces experts it loaded.
-    experts: RwLock<Vec<u32>>,
+    /// The `(layer, expert)` pairs the worker's record lists *and* its `Status` confirms; updated
+    /// (after asking `Status` again) when the worker announces experts it loaded or released.
+    hosted: RwLock<BTreeSet<(u32, u32)>>,
+    /// The record's announcement `hosted` was confirmed from.
+    announced: RwLock<Announced>,
     /// For asking `Status` again.
     client: ExpertServiceClient<Channel>,
     pub requests: mpsc::Sender<ExchangeRequest>,
     pub pending: Arc<Mutex<Pending>>,
 }
 
+/// What a worker's record says it hosts: in every MoE layer, and per layer beyond that.
+type Announced = (Vec<u32>, BTreeMap<u32, Vec<u32>>);
+
+fn announced(w: &Instance) -> Announced {
+    (w.experts.clone(), w.replicas.clone())
+}
+
 #[derive(Debug, Default)]
-pub(super) struct Pending {
+pub(crate) struct Pending {
     pub waiting: HashMap<u64, oneshot::Sender<Reply>>,
     /// Set when the link died: why, so that later exchanges fail at once with the reason.
     pub dead: Option<String>,
 }
 
 impl WorkerLink {
-    fn experts(&self) -> Vec<u32> {
-        self.experts.read().clone()
+    fn hosts(&self, layer: u32, expert: u32) -> bool {
+        self.hosted.read().contains(&(layer, expert))
     }
 
     pub fn dead(&self) -> Option<String> {
@@ -67,20 +76,23 @@ impl WorkerLink {
     }
 }
 
-/// `hosts[layer][expert]`: the links serving it, preferred first (dense layers: empty).
+/// `hosts[layer][expert]`: the links the placement names for it, in its order (without a
+/// placement: every link that hosts it, by worker id; dense layers: empty). A replicated expert's
+/// rows are split over its live hosts. `fallback[layer][expert]`: other links that host it, used
+/// only while none of the placed hosts is alive (a worker lost before the placement leader
+/// reassigned its experts, or a replica this coordinator has not seen announced yet).
 #[derive(Debug, Default)]
-pub(super) struct Routes {
+pub(crate) struct Routes {
     pub hosts: Vec<Vec<Vec<Arc<WorkerLink>>>>,
+    pub fallback: Vec<Vec<Vec<Arc<WorkerLink>>>>,
 }
 
 impl Routes {
-    /// The live hosts of `(layer, expert)`.
+    /// The live hosts of `(layer, expert)`: the placed ones, or the fallback ones when none of
+    /// those is alive.
     pub fn live(&self, layer: usize, expert: u32) -> Vec<&Arc<WorkerLink>> {
-        self.hosts
-            .get(layer)
-            .and_then(|l| l.get(expert as usize))
-            .map(|hosts| hosts.iter().filter(|h| h.dead().is_none()).collect())
-            .unwrap_or_default()
+        let placed = alive(&self.hosts, layer, expert);
+        if placed.is_empty() { alive(&self.fallback, layer, expert) } else { placed }
     }
 
     /// Why each host of `(layer, expert)` is dead, for errors.
@@ -91,6 +103,7 @@ impl Routes {
             .map(|hosts| {
                 hosts
                     .iter()
+                    .chain(self.fallback.get(layer).and_then(|l| l.get(expert as usize)).into_iter().flatten())
                     .filter_map(|h| h.dead().map(|reason| format!("expert worker {} is unavailable: {reason}", h.addr)))
                     .collect()
             })
@@ -101,6 +114,15 @@ impl Routes {
     pub fn check_complete(&self, cfg: &TextConfig) -> Result<(), TransportError> {
         crate::placement::check_complete(cfg, |layer, e| !self.live(layer, e).is_empty())
     }
+}
+
+/// The live links of `table[layer][expert]`.
+fn alive(table: &[Vec<Vec<Arc<WorkerLink>>>], layer: usize, expert: u32) -> Vec<&Arc<WorkerLink>> {
+    table
+        .get(layer)
+        .and_then(|l| l.get(expert as usize))
+        .map(|hosts| hosts.iter().filter(|h| h.dead().is_none()).collect())
+        .unwrap_or_default()
 }
 
 /// How long a worker whose answers showed it at fault (it refused experts it claims to host, or
@@ -119,7 +141,7 @@ struct Loss {
 /// yet recovered from. Shared between the transport (engine thread) and the membership task (IO
 /// runtime).
 #[derive(Debug)]
-pub(super) struct WorkerSet {
+pub(crate) struct WorkerSet {
     model: TextConfig,
     connect_timeout: Duration,
     /// The identity worker links are made with (mutual TLS); `None`: plaintext.
@@ -245,12 +267,18 @@ impl WorkerSet {
         for w in want {
             if let Some(old) = current.get(&w.id) {
                 if old.dead().is_none() && old.incarnation == w.incarnation && old.addr == w.addr {
-                    if old.experts() != w.experts {
+                    if *old.announced.read() != announced(w) {
                         // Believed only as far as the worker's own `Status` confirms it.
-                        match self.confirmed_experts(old.client.clone(), w).await {
-                            Ok(experts) => {
-                                tracing::info!(worker = %w.addr, "worker now serves experts {experts:?}");
-                                *old.experts.write() = experts;
+                        match self.confirmed_pairs(old.client.clone(), w).await {
+                            Ok(pairs) => {
+                                tracing::info!(
+                                    worker = %w.addr,
+                                    "worker now serves experts {:?} in every MoE layer and {} single-layer replicas",
+                                    w.experts,
+                                    w.replicas.values().map(Vec::len).sum::<usize>()
+                                );
+                                *old.hosted.write() = pairs;
+                                *old.announced.write() = announced(w);
                             }
                             Err(e) => tracing::warn!(worker = %w.addr, "asking for its status again: {e}"),
                         }
@@ -279,7 +307,13 @@ impl WorkerSet {
             let Ok((w, result)) = joined else { continue };
             match result {
                 Ok(link) => {
-                    tracing::info!(worker = %w.addr, id = %w.id, "connected; serves experts {:?}", w.experts);
+                    tracing::info!(
+                        worker = %w.addr,
+                        id = %w.id,
+                        "connected; serves experts {:?} and single-layer replicas {:?}",
+                        w.experts,
+                        w.replicas
+                    );
                     next.insert(w.id.clone(), link);
                 }
                 Err(e) => {
@@ -302,21 +336,35 @@ impl WorkerSet {
         let mut ids: Vec<&String> = links.keys().collect();
         ids.sort();
         let mut hosts = vec![vec![Vec::new(); cfg.num_local_experts]; cfg.num_hidden_layers];
+        let mut fallback = hosts.clone();
         for layer in cfg.moe_layers() {
             for e in 0..cfg.num_local_experts as u32 {
-                let slot: &mut Vec<Arc<WorkerLink>> = &mut hosts[layer][e as usize];
+                let placed: &mut Vec<Arc<WorkerLink>> = &mut hosts[layer][e as usize];
                 let preferred = placement.map(|p| p.hosts(layer as u32, e)).unwrap_or_default();
-                for id in preferred.iter().chain(ids.iter().copied()) {
+                for id in preferred {
                     if let Some(link) = links.get(id)
-                        && link.experts().contains(&e)
-                        && !slot.iter().any(|l| l.id == link.id)
+                        && link.hosts(layer as u32, e)
+                        && !placed.iter().any(|l| l.id == link.id)
                     {
-                        slot.push(link.clone());
+                        placed.push(link.clone());
                     }
+                }
+                // Without a placement every link that hosts the expert is a host; with one, the
+                // others are only a fallback.
+                let others: Vec<Arc<WorkerLink>> = ids
+                    .iter()
+                    .filter_map(|id| links.get(*id))
+                    .filter(|l| l.hosts(layer as u32, e) && !placed.iter().any(|p| p.id == l.id))
+                    .cloned()
+                    .collect();
+                if placement.is_some() {
+                    fallback[layer][e as usize] = others;
+                } else {
+                    placed.extend(others);
                 }
             }
         }
-        Routes { hosts }
+        Routes { hosts, fallback }
     }
 
     async fn connect(self: &Arc<Self>, w: &Instance) -> Result<Arc<WorkerLink>, TransportError> {
@@ -331,18 +379,18 @@ impl WorkerSet {
         let client = ExpertServiceClient::new(channel)
             .max_decoding_message_size(epserve_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(epserve_proto::MAX_MESSAGE_BYTES);
-        let experts = self.confirmed_experts(client.clone(), w).await?;
-        open_stream(client, w, experts, self.clone()).await
+        let pairs = self.confirmed_pairs(client.clone(), w).await?;
+        open_stream(client, w, pairs, self.clone()).await
     }
 
-    /// The experts `w`'s record lists that its `Status` confirms it hosts in every MoE layer. A
-    /// record is written by whoever can write to the registry; the worker's own answer is what
-    /// exchanges will meet.
-    async fn confirmed_experts(
+    /// The `(layer, expert)` pairs `w`'s record lists that its `Status` confirms it hosts. A record
+    /// is written by whoever can write to the registry; the worker's own answer is what exchanges
+    /// will meet.
+    async fn confirmed_pairs(
         &self,
         mut client: ExpertServiceClient<Channel>,
         w: &Instance,
-    ) -> Result<Vec<u32>, TransportError> {
+    ) -> Result<BTreeSet<(u32, u32)>, TransportError> {
         let unavailable = |reason: String| TransportError::Unavailable { worker: w.addr.clone(), reason };
         let status = tokio::time::timeout(self.connect_timeout, client.status(StatusRequest {}))
             .await
@@ -350,15 +398,24 @@ impl WorkerSet {
             .map_err(|e| unavailable(e.to_string()))?
             .into_inner();
         check_worker_serves(&w.addr, &status, &self.model)?;
-        let hosted = hosted_in_every_moe_layer(&status, &self.model);
-        let (confirmed, unconfirmed): (Vec<u32>, Vec<u32>) =
-            w.experts.iter().copied().partition(|e| hosted.contains(e));
+        let hosted = pairs_of_layers(&status.layers, &self.model);
+        let mut confirmed = BTreeSet::new();
+        let mut unconfirmed = Vec::new();
+        for layer in self.model.moe_layers().map(|l| l as u32) {
+            for e in (0..self.model.num_local_experts as u32).filter(|&e| w.hosts(layer, e)) {
+                if hosted.contains(&(layer, e)) {
+                    confirmed.insert((layer, e));
+                } else {
+                    unconfirmed.push((layer, e));
+                }
+            }
+        }
         if !unconfirmed.is_empty() {
             metrics::counter!(m::REGISTRY_RECORD_MISMATCHES_TOTAL, "worker" => w.addr.clone()).increment(1);
             tracing::warn!(
                 worker = %w.addr,
                 id = %w.id,
-                "its registry record lists experts {unconfirmed:?} that its Status does not report hosting (it hosts {hosted:?}): not routed there"
+                "its registry record lists (layer, expert) pairs {unconfirmed:?} that its Status does not report hosting: not routed there"
             );
         }
         Ok(confirmed)
@@ -378,26 +435,33 @@ pub(super) fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint
         .keep_alive_timeout(Duration::from_secs(5)))
 }
 
-/// The experts `status` reports in every MoE layer of `model` (a worker hosts an expert in all of
-/// them or none; anything less is not routable).
-fn hosted_in_every_moe_layer(status: &epserve_proto::v1::StatusResponse, model: &TextConfig) -> Vec<u32> {
-    let mut hosted: Option<Vec<u32>> = None;
-    for layer in model.moe_layers() {
-        let here: Vec<u32> = status
-            .layers
-            .iter()
-            .filter(|l| l.layer as usize == layer)
-            .flat_map(|l| l.experts.iter().copied())
-            .collect();
-        hosted = Some(match hosted {
-            None => here,
-            Some(h) => h.into_iter().filter(|e| here.contains(e)).collect(),
-        });
+/// The `(layer, expert)` pairs of `model`'s MoE layers that `layers` (a `Status` or `Place` answer)
+/// reports hosted.
+fn pairs_of_layers(layers: &[epserve_proto::v1::LayerExperts], model: &TextConfig) -> BTreeSet<(u32, u32)> {
+    layers
+        .iter()
+        .filter(|l| model.moe_layers().any(|m| m == l.layer as usize))
+        .flat_map(|l| l.experts.iter().filter(|&&e| (e as usize) < model.num_local_experts).map(|&e| (l.layer, e)))
+        .collect()
+}
+
+/// The record a statically wired worker would have, from what it reports hosting (`Status` or a
+/// `Place` answer): the experts it hosts in every MoE layer, and the others per layer.
+pub(crate) fn record_from_layers(
+    addr: &str,
+    layers: &[epserve_proto::v1::LayerExperts],
+    model: &TextConfig,
+) -> Instance {
+    let pairs = pairs_of_layers(layers, model);
+    let moe: Vec<u32> = model.moe_layers().map(|l| l as u32).collect();
+    let experts: Vec<u32> = (0..model.num_local_experts as u32)
+        .filter(|&e| !moe.is_empty() && moe.iter().all(|&l| pairs.contains(&(l, e))))
+        .collect();
+    let mut replicas: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for &(l, e) in pairs.iter().filter(|(_, e)| !experts.contains(e)) {
+        replicas.entry(l).or_default().push(e);
     }
-    let mut hosted = hosted.unwrap_or_default();
-    hosted.sort_unstable();
-    hosted.dedup();
-    hosted
+    Instance { incarnation: 0, experts, replicas, ..Instance::new(Kind::Worker, addr, addr) }
 }
 
 /// A worker must serve a model of the same shape (hidden size, layers, experts), or its answers
@@ -428,7 +492,7 @@ pub(super) fn check_worker_serves(
 async fn open_stream(
     client: ExpertServiceClient<Channel>,
     w: &Instance,
-    experts: Vec<u32>,
+    hosted: BTreeSet<(u32, u32)>,
     workers: Arc<WorkerSet>,
 ) -> Result<Arc<WorkerLink>, TransportError> {
     let (tx, rx) = mpsc::channel::<ExchangeRequest>(1024);
@@ -442,7 +506,8 @@ async fn open_stream(
         id: w.id.clone(),
         addr: w.addr.clone(),
         incarnation: w.incarnation,
-        experts: RwLock::new(experts),
+        hosted: RwLock::new(hosted),
+        announced: RwLock::new(announced(w)),
         client,
         requests: tx,
         pending: Arc::new(Mutex::new(Pending::default())),
