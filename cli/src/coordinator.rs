@@ -59,8 +59,9 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         bail!("--kv-block-size, --max-batch-tokens, --max-running and --max-waiting must be positive");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().thread_name("epserve-io").enable_all().build()?;
+    let expert_load = crate::metrics_endpoint::ExpertLoadSlot::default();
     if let Some(addr) = &args.metrics_listen {
-        runtime.block_on(crate::metrics_endpoint::serve(addr))?;
+        runtime.block_on(crate::metrics_endpoint::serve_with(addr, Some(expert_load.clone())))?;
     }
     let load = args.experts.load_config(&args.model, args.dtype)?;
     let recording = args.routing.start(&args.model)?;
@@ -86,6 +87,9 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     };
     let served = runtime.block_on(async move {
         let coordinator = epserve_coordinator::start_with_tls(config, server_tls).await?.with_shutdown_grace(grace);
+        if let Some(balancer) = coordinator.balancer() {
+            let _ = expert_load.set(balancer.clone());
+        }
         // The harnesses and `epserve up` read this line to learn the port.
         println!("listening on {}", coordinator.local_addr());
         Ok(coordinator.serve(crate::shutdown_signal()).await?)

@@ -1,6 +1,7 @@
-//! `epserve eplb`: expert load balancing, offline. `trace-stats` summarises a routing trace, `plan`
+//! `epserve eplb`: expert load balancing. Offline: `trace-stats` summarises a routing trace, `plan`
 //! chooses a placement from one (balanced or cost-aware), `replay` scores placements against one.
-//! The library behind them is `epserve-eplb`; docs/load-balancing.md has the model and the formats.
+//! Live ([`crate::eplb_live`]): `status` shows the coordinators' load telemetry. The library behind
+//! the offline half is `epserve-eplb`; docs/load-balancing.md has the model and the formats.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,6 +31,9 @@ pub enum EplbCommand {
     /// Score placements against a trace: aggregate and per-step worker-load imbalance, modelled
     /// step time, bytes moved from the first placement.
     Replay(ReplayArgs),
+    /// The running cluster's expert load (coordinators' telemetry): per MoE layer, the worker-load
+    /// imbalance and the hottest experts with their hosts.
+    Status(crate::eplb_live::StatusArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,6 +112,7 @@ pub fn run(args: EplbArgs) -> Result<()> {
         EplbCommand::TraceStats(a) => trace_stats(a),
         EplbCommand::Plan(a) => plan_cmd(a),
         EplbCommand::Replay(a) => replay_cmd(a),
+        EplbCommand::Status(a) => crate::eplb_live::run_status(a),
     }
 }
 

@@ -13,6 +13,7 @@ mod coordinator;
 mod decode_bench;
 mod engine_bench;
 mod eplb;
+mod eplb_live;
 mod exchange_bench;
 mod gateway;
 mod gen_model;

@@ -326,6 +326,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         coordinators.len()
     );
     println!("  OpenAI API: http://{gateway}/v1");
+    println!("  coordinators (gRPC, `epserve eplb status --coordinator ADDR`): {}", coordinators.join(", "));
     match &certs {
         Some((_, certs)) => println!("  gRPC links: mutual TLS under this cluster's own CA ({})", certs.ca().display()),
         None => println!("  gRPC links: PLAINTEXT (--insecure-plaintext): anyone who can reach a port can call it"),

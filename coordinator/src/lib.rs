@@ -10,15 +10,18 @@
 //! transport is remote.
 
 mod admission;
+pub mod balancing_service;
 pub mod engine;
 pub mod errors;
 pub mod health;
 pub mod images;
 pub mod kv_pool;
+pub mod load_telemetry;
 pub mod loading;
 mod masks;
 pub mod overlap;
 pub mod placement;
+pub mod rebalance;
 pub mod run;
 pub mod sampling;
 pub mod server;

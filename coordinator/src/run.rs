@@ -20,6 +20,7 @@ use crate::engine::{self, EngineConfig, EngineHandle};
 use crate::health::{EarlyHealth, Health, follow_readiness};
 use crate::kv_pool::{KvCapacity, KvPool};
 use crate::loading::{LoadConfig, LoadError, LoadedModel, load_model, read_config};
+use crate::rebalance::LoadBalancer;
 use crate::server::{self, Coordinator};
 use epserve_grammar::{GrammarCompiler, Vocabulary};
 
@@ -105,6 +106,8 @@ pub struct ReadyCoordinator {
     readiness: tokio::task::JoinHandle<()>,
     /// How long the running requests may take to finish on shutdown ([`Self::with_shutdown_grace`]).
     grace: Duration,
+    /// Expert load telemetry and balancing over the workers (`None` with in-process experts).
+    balancer: Option<Arc<LoadBalancer>>,
 }
 
 /// How long a coordinator lets its running requests finish on shutdown by default.
@@ -151,6 +154,7 @@ pub async fn start_with_tls(
         num_experts: loaded.config.text.num_local_experts as u32,
     };
     let grammars = grammar_compiler(&load.dir, loaded.config.text.vocab_size, &loaded.eos_token_ids);
+    let balancer = loaded.experts.load_balancer();
     let engine = start_engine(loaded, &sizing, overlap)?;
     let workers = control.as_ref().map(|c| c.instances(Kind::Worker));
     let readiness = follow_readiness(health.clone(), engine.clone(), workers, layout);
@@ -167,6 +171,7 @@ pub async fn start_with_tls(
         health,
         readiness,
         grace: DEFAULT_SHUTDOWN_GRACE,
+        balancer,
     })
 }
 
@@ -177,6 +182,11 @@ impl ReadyCoordinator {
 
     pub fn engine(&self) -> &EngineHandle {
         &self.engine
+    }
+
+    /// Expert load telemetry and balancing (`None` with in-process experts).
+    pub fn balancer(&self) -> Option<&Arc<LoadBalancer>> {
+        self.balancer.as_ref()
     }
 
     /// Serves over mutual TLS with `tls` (every client must present a certificate from its CA);
@@ -195,9 +205,10 @@ impl ReadyCoordinator {
     /// Serves `CoordinatorService` and `grpc.health.v1` until `shutdown` resolves, drains
     /// ([`server::serve_draining`]), then leaves the control plane and stops the engine.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
-        let ReadyCoordinator { listener, engine, grammars, control, tls, health, readiness, grace, .. } = self;
+        let ReadyCoordinator { listener, engine, grammars, control, tls, health, readiness, grace, balancer, .. } =
+            self;
         let drain = server::Drain { health: &health, membership: control.as_ref().map(|(_, m)| &**m), grace };
-        let coordinator = Coordinator::new(engine.clone(), grammars);
+        let coordinator = Coordinator::new(engine.clone(), grammars).with_balancing(balancer);
         let served = server::serve_draining(coordinator, listener, tls, drain, shutdown).await;
         readiness.abort();
         // Deregistered at once (not a lease TTL later), also when the engine died: routers must

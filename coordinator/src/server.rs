@@ -35,12 +35,20 @@ pub struct Coordinator {
     grammars: Result<Arc<GrammarCompiler>, String>,
     /// Set when the coordinator drains: new requests and load polls are refused.
     draining: Arc<AtomicBool>,
+    /// Served as `LoadBalancingService` on the same port, when the experts are on workers.
+    balancing: Option<Arc<crate::rebalance::LoadBalancer>>,
 }
 
 impl Coordinator {
     /// `grammars`: as [`crate::run::grammar_compiler`] made it.
     pub fn new(engine: EngineHandle, grammars: Result<Arc<GrammarCompiler>, String>) -> Self {
-        Coordinator { engine, grammars, draining: Arc::new(AtomicBool::new(false)) }
+        Coordinator { engine, grammars, draining: Arc::new(AtomicBool::new(false)), balancing: None }
+    }
+
+    /// Serves `balancer`'s `LoadBalancingService` beside this one.
+    pub fn with_balancing(mut self, balancer: Option<Arc<crate::rebalance::LoadBalancer>>) -> Self {
+        self.balancing = balancer;
+        self
     }
 
     /// `UNAVAILABLE` once draining: the gateway then takes this coordinator out and sends the
@@ -302,8 +310,11 @@ pub async fn serve_with_tls(
             why = engine.wait_died() => tracing::error!("stopping: {why}"),
         }
     };
-    let router =
-        tonic::transport::Server::builder().add_service(coordinator.into_service()).add_optional_service(health);
+    let balancing = coordinator.balancing.clone().map(|b| crate::balancing_service::Balancing(b).into_service());
+    let router = tonic::transport::Server::builder()
+        .add_service(coordinator.into_service())
+        .add_optional_service(health)
+        .add_optional_service(balancing);
     match tls {
         Some(tls) => router.serve_with_incoming_shutdown(epserve_tls::incoming(listener, tls), shutdown).await,
         None => {

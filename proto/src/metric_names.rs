@@ -135,3 +135,10 @@ pub const BATCH_LINES_IN_FLIGHT: &str = "epserve_batch_lines_in_flight";
 pub const BATCH_LINES_TOTAL: &str = "epserve_batch_lines_total";
 /// Counter: batch lines sent again because the cluster could not take them then (429, 503, 500).
 pub const BATCH_LINE_RETRIES_TOTAL: &str = "epserve_batch_line_retries_total";
+/// Gauge, labels `layer`, `expert`, `window` (`10s`, `60s`, `600s`): tokens a coordinator routed to
+/// the expert in the last window.
+pub const EXPERT_LOAD: &str = "epserve_expert_load";
+/// Gauge, labels `layer` (an MoE layer, or `all`: Σ max / Σ mean over the layers), `window` (`10s`,
+/// `60s`, `600s`): max over mean of the tokens a coordinator sent to each worker for the layer in the
+/// window, counted since the placement it routes by last changed (1 is perfect balance).
+pub const WORKER_LOAD_IMBALANCE: &str = "epserve_worker_load_imbalance";

@@ -153,6 +153,10 @@ impl GrpcExperts {
         }
     }
 
+    pub(crate) fn worker_set(&self) -> &Arc<WorkerSet> {
+        &self.workers
+    }
+
     /// Addresses of the connected workers.
     pub fn workers(&self) -> Vec<String> {
         self.workers.addresses()
@@ -179,6 +183,7 @@ impl GrpcExperts {
             groups.push(Group { expert: g.expert, rows: offset..offset + n });
             offset += n;
         }
+        self.workers.telemetry.record_experts(batch.layer, batch.groups.iter().map(|g| (g.expert, g.rows)));
         let mut in_flight = GrpcInFlight {
             experts: self,
             layer: batch.layer,
@@ -311,6 +316,7 @@ impl GrpcInFlight<'_> {
             values.extend_from_slice(&self.rows[r.start * hidden..r.end * hidden]);
             wire_groups.push(RowGroup { expert: self.groups[g].expert, rows: r.len() as u32 });
         }
+        x.workers.telemetry.record_worker(self.layer, &link.key, values.len() / hidden.max(1));
         let payload = x.wire.encode(&values, hidden);
         metrics::counter!(m::EXCHANGE_SENT_BYTES_TOTAL, "worker" => link.addr.clone()).increment(payload.len() as u64);
         let request = Exchange {

@@ -27,6 +27,8 @@ pub(super) type Reply = Result<ExchangeResponse, TransportError>;
 pub(crate) struct WorkerLink {
     pub id: String,
     pub addr: String,
+    /// The id as the load telemetry counts it.
+    pub key: Arc<str>,
     incarnation: u64,
     /// The `(layer, expert)` pairs the worker's record lists *and* its `Status` confirms; updated
     /// (after asking `Status` again) when the worker announces experts it loaded or released.
@@ -85,6 +87,8 @@ impl WorkerLink {
 pub(crate) struct Routes {
     pub hosts: Vec<Vec<Vec<Arc<WorkerLink>>>>,
     pub fallback: Vec<Vec<Vec<Arc<WorkerLink>>>>,
+    /// The placement version these routes follow (0: none).
+    pub version: u64,
 }
 
 impl Routes {
@@ -93,6 +97,14 @@ impl Routes {
     pub fn live(&self, layer: usize, expert: u32) -> Vec<&Arc<WorkerLink>> {
         let placed = alive(&self.hosts, layer, expert);
         if placed.is_empty() { alive(&self.fallback, layer, expert) } else { placed }
+    }
+
+    /// Worker ids of the placed hosts of every expert of `layer`, for status reports.
+    pub fn host_ids(&self, layer: usize) -> Vec<Vec<String>> {
+        self.hosts
+            .get(layer)
+            .map(|experts| experts.iter().map(|hosts| hosts.iter().map(|h| h.id.clone()).collect()).collect())
+            .unwrap_or_default()
     }
 
     /// Why each host of `(layer, expert)` is dead, for errors.
@@ -154,6 +166,8 @@ pub(crate) struct WorkerSet {
     losses: Mutex<Vec<Loss>>,
     /// Worker id → (incarnation, until when): not reconnected before then.
     quarantined: Mutex<HashMap<String, (u64, Instant)>>,
+    /// Tokens routed per expert and sent per worker, over sliding windows.
+    pub telemetry: Arc<crate::load_telemetry::LoadTelemetry>,
 }
 
 fn unix_ms() -> u128 {
@@ -172,6 +186,7 @@ impl WorkerSet {
             changed: Notify::new(),
             losses: Mutex::new(Vec::new()),
             quarantined: Mutex::new(HashMap::new()),
+            telemetry: crate::load_telemetry::LoadTelemetry::new(model),
         })
     }
 
@@ -326,8 +341,11 @@ impl WorkerSet {
             }
         }
         let routes = Arc::new(self.build_routes(&next, placement));
+        let version = routes.version;
+        self.telemetry.set_workers(next.values().map(|l| l.key.clone()).collect());
         *self.links.lock() = next;
         *self.routes.write() = routes;
+        self.telemetry.placement_changed(version);
         self.generation.send_modify(|g| *g += 1);
     }
 
@@ -364,7 +382,7 @@ impl WorkerSet {
                 }
             }
         }
-        Routes { hosts, fallback }
+        Routes { hosts, fallback, version: placement.map_or(0, |p| p.version) }
     }
 
     async fn connect(self: &Arc<Self>, w: &Instance) -> Result<Arc<WorkerLink>, TransportError> {
@@ -504,6 +522,7 @@ async fn open_stream(
     let mut inbound = response.into_inner();
     let link = Arc::new(WorkerLink {
         id: w.id.clone(),
+        key: w.id.as_str().into(),
         addr: w.addr.clone(),
         incarnation: w.incarnation,
         hosted: RwLock::new(hosted),

@@ -7,7 +7,7 @@
 //! Either tells its steps' routing to a [`RoutingSink`] when one is installed ([`record_routing`]).
 
 mod grpc;
-mod links;
+pub(crate) mod links;
 mod recording;
 
 use epserve_model::{ExpertBackend, ExpertBatch, ExpertShard, ExpertsInFlight};
@@ -27,6 +27,15 @@ impl ExpertTransport {
         match self {
             ExpertTransport::Local(_) => "local",
             ExpertTransport::Grpc(_) => "grpc",
+        }
+    }
+
+    /// The load balancer over this transport's workers (`None` in process: one "worker" holds
+    /// every expert, there is nothing to balance). Must be called inside a runtime.
+    pub fn load_balancer(&self) -> Option<std::sync::Arc<crate::rebalance::LoadBalancer>> {
+        match self {
+            ExpertTransport::Local(_) => None,
+            ExpertTransport::Grpc(grpc) => Some(crate::rebalance::LoadBalancer::new(grpc.worker_set().clone())),
         }
     }
 }
