@@ -52,6 +52,8 @@ pub struct CoordinatorArgs {
     pub control: JoinArgs,
     #[command(flatten)]
     pub routing: crate::eplb::RecordRoutingArgs,
+    #[command(flatten)]
+    pub eplb: crate::eplb_live::EplbArgs,
 }
 
 pub fn run(args: CoordinatorArgs) -> Result<()> {
@@ -63,6 +65,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     if let Some(addr) = &args.metrics_listen {
         runtime.block_on(crate::metrics_endpoint::serve_with(addr, Some(expert_load.clone())))?;
     }
+    let auto = args.eplb.auto()?;
     let load = args.experts.load_config(&args.model, args.dtype)?;
     let recording = args.routing.start(&args.model)?;
     // One identity for both ends: serving the gateways and connecting to the workers.
@@ -86,7 +89,10 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         control: args.control.connect()?,
     };
     let served = runtime.block_on(async move {
-        let coordinator = epserve_coordinator::start_with_tls(config, server_tls).await?.with_shutdown_grace(grace);
+        let coordinator = epserve_coordinator::start_with_tls(config, server_tls)
+            .await?
+            .with_shutdown_grace(grace)
+            .with_auto_rebalancing(auto);
         if let Some(balancer) = coordinator.balancer() {
             let _ = expert_load.set(balancer.clone());
         }

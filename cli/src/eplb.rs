@@ -1,6 +1,7 @@
 //! `epserve eplb`: expert load balancing. Offline: `trace-stats` summarises a routing trace, `plan`
 //! chooses a placement from one (balanced or cost-aware), `replay` scores placements against one.
-//! Live ([`crate::eplb_live`]): `status` shows the coordinators' load telemetry. The library behind
+//! Live ([`crate::eplb_live`]): `status` shows the coordinators' load telemetry, `apply` changes the
+//! running cluster's placement. The library behind
 //! the offline half is `epserve-eplb`; docs/load-balancing.md has the model and the formats.
 
 use std::path::{Path, PathBuf};
@@ -34,6 +35,9 @@ pub enum EplbCommand {
     /// The running cluster's expert load (coordinators' telemetry): per MoE layer, the worker-load
     /// imbalance and the hottest experts with their hosts.
     Status(crate::eplb_live::StatusArgs),
+    /// Apply a placement file to the running cluster: the placement leader has the workers load
+    /// the new replicas, flips the placement, then releases the replicas no longer placed.
+    Apply(crate::eplb_live::ApplyArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -113,6 +117,7 @@ pub fn run(args: EplbArgs) -> Result<()> {
         EplbCommand::Plan(a) => plan_cmd(a),
         EplbCommand::Replay(a) => replay_cmd(a),
         EplbCommand::Status(a) => crate::eplb_live::run_status(a),
+        EplbCommand::Apply(a) => crate::eplb_live::run_apply(a),
     }
 }
 

@@ -59,6 +59,9 @@ pub struct UpArgs {
     // static addresses; the three flags are passed on to each.
     #[command(flatten)]
     pub control: ControlArgs,
+    /// Automatic expert load balancing on the coordinators (passed on to each).
+    #[command(flatten)]
+    pub eplb: crate::eplb_live::EplbArgs,
     /// Run the gRPC links in plaintext instead of mutual TLS with a CA of this cluster's own
     /// (for debugging only: anyone who can reach a port can then call it; docs/security.md).
     #[arg(long, env = "EPSERVE_UP_INSECURE_PLAINTEXT")]
@@ -261,6 +264,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     }
     // The gateway would refuse them too, after the workers and coordinators have loaded.
     args.images.config()?;
+    args.eplb.auto()?;
     let model = match &args.model {
         Some(m) => m.clone(),
         None => demo_model(&cache_dir(args.cache_dir.clone()))?,
@@ -292,6 +296,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         let mut a: Vec<String> =
             ["coordinator", "--model", &model_arg, "--listen", "127.0.0.1:0"].map(String::from).to_vec();
         a.extend(["--kv-capacity-tokens".into(), args.kv_capacity_tokens.to_string()]);
+        a.extend(args.eplb.to_flags());
         if registry.is_empty() && !workers.is_empty() {
             a.extend(["--workers".into(), workers.join(",")]);
         }

@@ -106,12 +106,32 @@ impl WindowLoad {
     }
 }
 
+/// The last live placement change a coordinator made.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RebalanceRecord {
+    pub version: u64,
+    /// `apply` or `auto`.
+    pub trigger: String,
+    pub unix_ms: u64,
+    /// Aggregate worker-load imbalance measured before the change (automatic rebalancing; 0 when
+    /// applied by hand).
+    pub measured_before: f64,
+    /// Predicted for the new placement by the replay's model on the expert loads planned from (0
+    /// when applied by hand).
+    pub predicted: f64,
+    pub loaded: u32,
+    pub released: u32,
+    pub seconds: f64,
+}
+
 /// The status report: every window, and the placement routed by.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoadReport {
     pub placement_version: u64,
     pub placement_changed_unix_ms: u64,
     pub windows: Vec<WindowLoad>,
+    #[serde(default)]
+    pub last_rebalance: Option<RebalanceRecord>,
 }
 
 /// Max over mean of `loads` (1 when they sum to 0 or are empty).
@@ -276,7 +296,12 @@ impl LoadTelemetry {
             let inner = self.inner.lock();
             (inner.placement_version, inner.placement_changed_unix_ms)
         };
-        LoadReport { placement_version, placement_changed_unix_ms, windows: WINDOWS.map(|s| self.window(s)).to_vec() }
+        LoadReport {
+            placement_version,
+            placement_changed_unix_ms,
+            windows: WINDOWS.map(|s| self.window(s)).to_vec(),
+            last_rebalance: None,
+        }
     }
 
     /// Sets the gauges from the current windows.
@@ -313,6 +338,16 @@ impl LoadTelemetry {
 impl From<LoadReport> for pb::ExpertLoadResponse {
     fn from(r: LoadReport) -> Self {
         pb::ExpertLoadResponse {
+            last_rebalance: r.last_rebalance.map(|l| pb::Rebalance {
+                version: l.version,
+                trigger: l.trigger,
+                unix_ms: l.unix_ms,
+                measured_before: l.measured_before,
+                predicted: l.predicted,
+                loaded: l.loaded,
+                released: l.released,
+                seconds: l.seconds,
+            }),
             placement_version: r.placement_version,
             placement_changed_unix_ms: r.placement_changed_unix_ms,
             windows: r
@@ -343,6 +378,16 @@ impl From<pb::ExpertLoadResponse> for LoadReport {
     /// As received (a client's view): mismatched worker lists are cut to the shorter.
     fn from(r: pb::ExpertLoadResponse) -> Self {
         LoadReport {
+            last_rebalance: r.last_rebalance.map(|l| RebalanceRecord {
+                version: l.version,
+                trigger: l.trigger,
+                unix_ms: l.unix_ms,
+                measured_before: l.measured_before,
+                predicted: l.predicted,
+                loaded: l.loaded,
+                released: l.released,
+                seconds: l.seconds,
+            }),
             placement_version: r.placement_version,
             placement_changed_unix_ms: r.placement_changed_unix_ms,
             windows: r
@@ -413,7 +458,17 @@ mod tests {
         t.set_workers(vec!["a".into()]);
         t.record_experts(layer, [(1, 4)]);
         t.record_worker(layer, &"a".into(), 4);
-        let report = t.report();
+        let mut report = t.report();
+        report.last_rebalance = Some(RebalanceRecord {
+            version: 3,
+            trigger: "auto".into(),
+            unix_ms: 1,
+            measured_before: 1.9,
+            predicted: 1.1,
+            loaded: 4,
+            released: 2,
+            seconds: 0.5,
+        });
         let back = LoadReport::from(pb::ExpertLoadResponse::from(report.clone()));
         assert_eq!(back, report);
     }

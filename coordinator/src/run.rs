@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use candle_core::Device;
 use epserve_control::controller::{self, Layout};
-use epserve_control::{ControlConnection, Instance, Kind, Membership};
+use epserve_control::{ControlConnection, Fence, Instance, Kind, Membership};
+use tokio::sync::watch;
 
 use crate::engine::{self, EngineConfig, EngineHandle};
 use crate::health::{EarlyHealth, Health, follow_readiness};
@@ -142,9 +143,12 @@ pub async fn start_with_tls(
     let health = Health::new().await;
     let (listener, early) =
         EarlyHealth::start(listener, &health, tls.clone()).map_err(|source| RunError::Bind { addr: listen, source })?;
-    let membership = match &control {
-        Some(control) => Some(join(control, &control.advertised(local_addr), &load)?),
-        None => None,
+    let (membership, leading) = match &control {
+        Some(control) => {
+            let (membership, leading) = join(control, &control.advertised(local_addr), &load)?;
+            (Some(membership), Some(leading))
+        }
+        None => (None, None),
     };
     let loaded = load_model(&load, control.as_ref()).await;
     early.stop().await;
@@ -154,7 +158,15 @@ pub async fn start_with_tls(
         num_experts: loaded.config.text.num_local_experts as u32,
     };
     let grammars = grammar_compiler(&load.dir, loaded.config.text.vocab_size, &loaded.eos_token_ids);
-    let balancer = loaded.experts.load_balancer();
+    let leadership = control.as_ref().zip(leading).map(|(c, leading)| crate::rebalance::Leadership {
+        plane: c.plane().clone(),
+        leading,
+        election: PLACEMENT_ELECTION.to_owned(),
+    });
+    let balancer = loaded.experts.load_balancer(leadership);
+    if let (Some(control), Some(m), Some(b)) = (&control, &membership, &balancer) {
+        control.spawn(crate::rebalance::report_acks(b.acked(), m.clone()));
+    }
     let engine = start_engine(loaded, &sizing, overlap)?;
     let workers = control.as_ref().map(|c| c.instances(Kind::Worker));
     let readiness = follow_readiness(health.clone(), engine.clone(), workers, layout);
@@ -187,6 +199,22 @@ impl ReadyCoordinator {
     /// Expert load telemetry and balancing (`None` with in-process experts).
     pub fn balancer(&self) -> Option<&Arc<LoadBalancer>> {
         self.balancer.as_ref()
+    }
+
+    /// Rebalances automatically as `auto` says (`None`: only when asked, `epserve eplb apply`); the
+    /// balancer acts only while this coordinator leads the placement election (or is statically
+    /// wired). Must be called inside the serving runtime.
+    pub fn with_auto_rebalancing(self, auto: Option<crate::rebalance::AutoConfig>) -> Self {
+        if let (Some(auto), Some(b)) = (auto, &self.balancer) {
+            tracing::info!(
+                "automatic rebalancing: every {:?}, above aggregate imbalance {} (hysteresis {})",
+                auto.interval,
+                auto.threshold,
+                auto.hysteresis
+            );
+            tokio::spawn(b.clone().run_auto(auto));
+        }
+        self
     }
 
     /// Serves over mutual TLS with `tls` (every client must present a certificate from its CA);
@@ -270,8 +298,13 @@ pub fn grammar_compiler(
 }
 
 /// Registers the coordinator (not ready), and campaigns to be the one that runs the placement
-/// controller, which then runs on the control runtime for as long as the connection lives.
-fn join(control: &ControlConnection, addr: &str, load: &LoadConfig) -> Result<Arc<Membership>, LoadError> {
+/// controller, which then runs on the control runtime for as long as the connection lives. Returns
+/// the membership and the leadership (the load balancer changes the placement only while leading).
+fn join(
+    control: &ControlConnection,
+    addr: &str,
+    load: &LoadConfig,
+) -> Result<(Arc<Membership>, watch::Receiver<Option<Fence>>), LoadError> {
     let config = read_config(&load.dir)?;
     let record = Instance {
         model: load.dir.display().to_string(),
@@ -285,6 +318,6 @@ fn join(control: &ControlConnection, addr: &str, load: &LoadConfig) -> Result<Ar
         num_experts: config.text.num_local_experts as u32,
     };
     let (workers, placement) = (control.instances(Kind::Worker), control.watch_placement());
-    control.spawn(controller::run(control.plane().clone(), layout, leading, workers, placement));
-    Ok(membership)
+    control.spawn(controller::run(control.plane().clone(), layout, leading.clone(), workers, placement));
+    Ok((membership, leading))
 }

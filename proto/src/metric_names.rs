@@ -142,3 +142,8 @@ pub const EXPERT_LOAD: &str = "epserve_expert_load";
 /// `60s`, `600s`): max over mean of the tokens a coordinator sent to each worker for the layer in the
 /// window, counted since the placement it routes by last changed (1 is perfect balance).
 pub const WORKER_LOAD_IMBALANCE: &str = "epserve_worker_load_imbalance";
+/// Counter, labels `trigger` (`apply`, `auto`), `result` (`applied`, `failed`): live placement
+/// changes the placement leader carried out.
+pub const EPLB_REBALANCES_TOTAL: &str = "epserve_eplb_rebalances_total";
+/// Histogram, seconds: one live placement change, from the first load to the last release.
+pub const EPLB_REBALANCE_SECONDS: &str = "epserve_eplb_rebalance_seconds";

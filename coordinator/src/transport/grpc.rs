@@ -27,7 +27,7 @@ use epserve_proto::wire::WireDtype;
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
 
-use super::links::{Reply, WorkerLink, WorkerSet, check_worker_serves, endpoint, record_from_layers};
+use super::links::{Reply, Routes, WorkerLink, WorkerSet, check_worker_serves, endpoint, record_from_layers};
 use crate::errors::TransportError;
 
 #[derive(Debug, Clone)]
@@ -57,8 +57,11 @@ impl GrpcConfig {
     }
 }
 
-/// The senders of a fixed membership (static `--workers`), kept alive for the follower task.
-type FixedMembers = (watch::Sender<Vec<Instance>>, watch::Sender<Option<PlacementMap>>);
+/// The senders of a fixed membership (static `--workers`), kept alive for the follower task. The
+/// placement starts as `None` (every worker that hosts an expert is its host); the load balancer
+/// publishes its placements here, as the registry would, and the workers' hosted experts after it
+/// changed them.
+pub(crate) type FixedMembers = (watch::Sender<Vec<Instance>>, watch::Sender<Option<PlacementMap>>);
 
 #[derive(Debug)]
 pub struct GrpcExperts {
@@ -71,7 +74,7 @@ pub struct GrpcExperts {
     next_id: AtomicU64,
     runtime: Handle,
     /// With static workers: the fixed membership, kept alive for the follower.
-    _fixed: Option<FixedMembers>,
+    fixed: Option<Arc<FixedMembers>>,
 }
 
 impl GrpcExperts {
@@ -102,7 +105,7 @@ impl GrpcExperts {
         let (members, members_rx) = watch::channel(records);
         let (placement, placement_rx) = watch::channel(None);
         tokio::spawn(workers.clone().follow(members_rx, placement_rx));
-        Ok(Self::with(workers, cfg, model, dtype, Some((members, placement))))
+        Ok(Self::with(workers, cfg, model, dtype, Some(Arc::new((members, placement)))))
     }
 
     /// Workers found through the control plane: follows `members` (and `placement`'s preference
@@ -138,7 +141,7 @@ impl GrpcExperts {
         cfg: &GrpcConfig,
         model: &TextConfig,
         dtype: DType,
-        fixed: Option<FixedMembers>,
+        fixed: Option<Arc<FixedMembers>>,
     ) -> Self {
         GrpcExperts {
             workers,
@@ -149,12 +152,16 @@ impl GrpcExperts {
             host_wait: cfg.host_wait,
             next_id: AtomicU64::new(1),
             runtime: Handle::current(),
-            _fixed: fixed,
+            fixed,
         }
     }
 
     pub(crate) fn worker_set(&self) -> &Arc<WorkerSet> {
         &self.workers
+    }
+
+    pub(crate) fn fixed(&self) -> Option<&Arc<FixedMembers>> {
+        self.fixed.as_ref()
     }
 
     /// Addresses of the connected workers.
@@ -192,6 +199,7 @@ impl GrpcExperts {
             groups,
             parts: VecDeque::new(),
             excluded: HashSet::new(),
+            routes_used: Vec::new(),
         };
         let all: Vec<usize> = (0..in_flight.groups.len()).collect();
         in_flight.dispatch(&all, None).map_err(|e| e.at_layer(batch.layer))?;
@@ -199,14 +207,15 @@ impl GrpcExperts {
     }
 
     /// The live hosts of `(layer, expert)` not in `excluded`, in the placement's order, waiting up
-    /// to `host_wait` for one.
+    /// to `host_wait` for one; and the routes they come from (held by the exchange until it is
+    /// answered: that tells the placement leader when no exchange uses an older placement).
     fn hosts(
         &self,
         layer: usize,
         expert: u32,
         excluded: &HashSet<String>,
         last_failure: Option<&TransportError>,
-    ) -> Result<Vec<Arc<WorkerLink>>, TransportError> {
+    ) -> Result<(Vec<Arc<WorkerLink>>, Arc<Routes>), TransportError> {
         let started = Instant::now();
         let mut generation = self.workers.generation.subscribe();
         loop {
@@ -214,7 +223,7 @@ impl GrpcExperts {
             let live: Vec<Arc<WorkerLink>> =
                 routes.live(layer, expert).into_iter().filter(|l| !excluded.contains(&l.id)).cloned().collect();
             if !live.is_empty() {
-                return Ok(live);
+                return Ok((live, routes));
             }
             let waited = started.elapsed();
             if waited >= self.host_wait {
@@ -262,6 +271,8 @@ struct GrpcInFlight<'a> {
     parts: VecDeque<Part>,
     /// Workers that failed this exchange: not tried again for it.
     excluded: HashSet<String>,
+    /// The routes the parts were sent by, held until the exchange is done.
+    routes_used: Vec<Arc<Routes>>,
 }
 
 impl GrpcInFlight<'_> {
@@ -274,7 +285,10 @@ impl GrpcInFlight<'_> {
         let mut by_worker: Vec<(Arc<WorkerLink>, Vec<usize>)> = Vec::new();
         for &g in groups {
             let (expert, rows) = (self.groups[g].expert, self.groups[g].rows.clone());
-            let hosts = x.hosts(self.layer, expert, &self.excluded, last_failure)?;
+            let (hosts, routes) = x.hosts(self.layer, expert, &self.excluded, last_failure)?;
+            if !self.routes_used.iter().any(|r| Arc::ptr_eq(r, &routes)) {
+                self.routes_used.push(routes);
+            }
             let shares = epserve_eplb::split_rows(rows.len() as u32, hosts.len());
             let mut start = rows.start;
             let mut first = true;

@@ -6,7 +6,7 @@
 //! second, so a worker that comes back is used again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use epserve_control::{Instance, Kind, PlacementMap};
@@ -37,6 +37,8 @@ pub(crate) struct WorkerLink {
     announced: RwLock<Announced>,
     /// For asking `Status` again.
     client: ExpertServiceClient<Channel>,
+    /// For the placement leader's `ExpertPlacementService` calls.
+    pub channel: Channel,
     pub requests: mpsc::Sender<ExchangeRequest>,
     pub pending: Arc<Mutex<Pending>>,
 }
@@ -58,6 +60,11 @@ pub(crate) struct Pending {
 impl WorkerLink {
     fn hosts(&self, layer: u32, expert: u32) -> bool {
         self.hosted.read().contains(&(layer, expert))
+    }
+
+    /// The confirmed `(layer, expert)` pairs.
+    pub fn hosted(&self) -> BTreeSet<(u32, u32)> {
+        self.hosted.read().clone()
     }
 
     pub fn dead(&self) -> Option<String> {
@@ -137,6 +144,10 @@ fn alive(table: &[Vec<Vec<Arc<WorkerLink>>>], layer: usize, expert: u32) -> Vec<
         .unwrap_or_default()
 }
 
+/// How often a coordinator checks whether exchanges sent by an older placement's routes are still
+/// in flight.
+const ACK_EVERY: Duration = Duration::from_millis(20);
+
 /// How long a worker whose answers showed it at fault (it refused experts it claims to host, or
 /// answered malformed data) is left unconnected; a restart (new incarnation) ends it early.
 const QUARANTINE: Duration = Duration::from_secs(30);
@@ -168,6 +179,13 @@ pub(crate) struct WorkerSet {
     quarantined: Mutex<HashMap<String, (u64, Instant)>>,
     /// Tokens routed per expert and sent per worker, over sliding windows.
     pub telemetry: Arc<crate::load_telemetry::LoadTelemetry>,
+    /// Routes replaced but perhaps still held by exchanges in flight (each holds the routes it was
+    /// sent by until it is answered).
+    retired: Mutex<Vec<Weak<Routes>>>,
+    /// The placement version such that no exchange in flight was sent by the routes of an older one:
+    /// what this coordinator reports to the placement leader, which releases the replicas a new
+    /// placement dropped only once every coordinator reports it.
+    pub acked: watch::Sender<u64>,
 }
 
 fn unix_ms() -> u128 {
@@ -187,7 +205,39 @@ impl WorkerSet {
             losses: Mutex::new(Vec::new()),
             quarantined: Mutex::new(HashMap::new()),
             telemetry: crate::load_telemetry::LoadTelemetry::new(model),
+            retired: Mutex::new(Vec::new()),
+            acked: watch::channel(0).0,
         })
+    }
+
+    /// Publishes in [`Self::acked`] the oldest placement version an exchange in flight may still be
+    /// using (the current one when none uses an older one).
+    fn ack_unused(&self) {
+        let current = self.routes().version;
+        let mut retired = self.retired.lock();
+        let mut oldest = current;
+        retired.retain(|r| match r.upgrade() {
+            Some(routes) => {
+                oldest = oldest.min(routes.version);
+                true
+            }
+            None => false,
+        });
+        drop(retired);
+        self.acked.send_if_modified(|acked| {
+            let changed = *acked != oldest;
+            *acked = oldest;
+            changed
+        });
+    }
+
+    pub fn model(&self) -> &TextConfig {
+        &self.model
+    }
+
+    /// The linked workers by id.
+    pub fn links(&self) -> HashMap<String, Arc<WorkerLink>> {
+        self.links.lock().clone()
     }
 
     pub fn routes(&self) -> Arc<Routes> {
@@ -256,6 +306,14 @@ impl WorkerSet {
         mut members: watch::Receiver<Vec<Instance>>,
         mut placement: watch::Receiver<Option<PlacementMap>>,
     ) {
+        let acking = Arc::downgrade(&self);
+        tokio::spawn(async move {
+            while let Some(set) = acking.upgrade() {
+                set.ack_unused();
+                drop(set);
+                tokio::time::sleep(ACK_EVERY).await;
+            }
+        });
         loop {
             let want = members.borrow_and_update().clone();
             let map = placement.borrow_and_update().clone();
@@ -344,7 +402,11 @@ impl WorkerSet {
         let version = routes.version;
         self.telemetry.set_workers(next.values().map(|l| l.key.clone()).collect());
         *self.links.lock() = next;
-        *self.routes.write() = routes;
+        let old = std::mem::replace(&mut *self.routes.write(), routes);
+        if old.version < version {
+            self.retired.lock().push(Arc::downgrade(&old));
+        }
+        drop(old);
         self.telemetry.placement_changed(version);
         self.generation.send_modify(|g| *g += 1);
     }
@@ -394,11 +456,11 @@ impl WorkerSet {
         .await
         .map_err(|_| unavailable("connect timed out".into()))?
         .map_err(|e| unavailable(format!("{e:?}")))?;
-        let client = ExpertServiceClient::new(channel)
+        let client = ExpertServiceClient::new(channel.clone())
             .max_decoding_message_size(epserve_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(epserve_proto::MAX_MESSAGE_BYTES);
         let pairs = self.confirmed_pairs(client.clone(), w).await?;
-        open_stream(client, w, pairs, self.clone()).await
+        open_stream(client, channel, w, pairs, self.clone()).await
     }
 
     /// The `(layer, expert)` pairs `w`'s record lists that its `Status` confirms it hosts. A record
@@ -509,6 +571,7 @@ pub(super) fn check_worker_serves(
 /// the stream ends the link is lost (and its waiting exchanges fail over).
 async fn open_stream(
     client: ExpertServiceClient<Channel>,
+    channel: Channel,
     w: &Instance,
     hosted: BTreeSet<(u32, u32)>,
     workers: Arc<WorkerSet>,
@@ -528,6 +591,7 @@ async fn open_stream(
         hosted: RwLock::new(hosted),
         announced: RwLock::new(announced(w)),
         client,
+        channel,
         requests: tx,
         pending: Arc::new(Mutex::new(Pending::default())),
     });

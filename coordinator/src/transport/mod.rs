@@ -13,6 +13,7 @@ mod recording;
 use epserve_model::{ExpertBackend, ExpertBatch, ExpertShard, ExpertsInFlight};
 use epserve_proto::metric_names as m;
 
+pub(crate) use grpc::FixedMembers;
 pub use grpc::{GrpcConfig, GrpcExperts};
 pub use recording::{RoutingSink, end_recorded_step, record_routing, stop_recording};
 
@@ -31,11 +32,19 @@ impl ExpertTransport {
     }
 
     /// The load balancer over this transport's workers (`None` in process: one "worker" holds
-    /// every expert, there is nothing to balance). Must be called inside a runtime.
-    pub fn load_balancer(&self) -> Option<std::sync::Arc<crate::rebalance::LoadBalancer>> {
+    /// every expert, there is nothing to balance). `leadership`: the registry and this
+    /// coordinator's placement election; without it (static wiring) the balancer changes this
+    /// coordinator's own map. Must be called inside a runtime.
+    pub fn load_balancer(
+        &self,
+        leadership: Option<crate::rebalance::Leadership>,
+    ) -> Option<std::sync::Arc<crate::rebalance::LoadBalancer>> {
         match self {
             ExpertTransport::Local(_) => None,
-            ExpertTransport::Grpc(grpc) => Some(crate::rebalance::LoadBalancer::new(grpc.worker_set().clone())),
+            ExpertTransport::Grpc(grpc) => {
+                let fixed = if leadership.is_some() { None } else { grpc.fixed().cloned() };
+                Some(crate::rebalance::LoadBalancer::new(grpc.worker_set().clone(), fixed, leadership))
+            }
         }
     }
 }
