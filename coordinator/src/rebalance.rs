@@ -297,12 +297,21 @@ impl LoadBalancer {
         }
         let loaded: usize = loads.values().map(Vec::len).sum();
         let staged = self.stage(&loads).await?;
+        let staged_ms = started.elapsed().as_millis();
         self.announce_static(&staged);
         self.confirm(plan).await?;
+        let confirmed_ms = started.elapsed().as_millis();
         // Phase 2: flip.
         let version = self.flip(plan).await?;
+        let flipped_ms = started.elapsed().as_millis();
         // Phase 3: drain.
         let drained = self.drain(version).await;
+        tracing::info!(
+            version,
+            "placement change: staged in {staged_ms} ms, confirmed at {confirmed_ms} ms, flipped at {flipped_ms} ms, \
+             drained at {} ms",
+            started.elapsed().as_millis()
+        );
         // Phase 4: release.
         let (released, release_skipped) = match drained {
             Ok(()) => {
@@ -321,8 +330,8 @@ impl LoadBalancer {
     /// Loads the new replicas one `(layer, expert)` pair per `Place` call, one call at a time: a
     /// load reads and converts weights on the worker's CPU, which the steps in flight share, so the
     /// work is spread out rather than done by every worker at once (on a 2-core host, 29 `mini`
-    /// replicas loaded at once slowed one step to 2.5× the median). Returns each worker's hosted
-    /// layers after its last call.
+    /// replicas loaded at once slowed one step to 2.5× the median), with a pause as long as each
+    /// call between calls. Returns each worker's hosted layers after its last call.
     async fn stage(
         &self,
         loads: &BTreeMap<String, Vec<(u32, u32)>>,
@@ -331,7 +340,10 @@ impl LoadBalancer {
         for (id, pairs) in loads {
             for &pair in pairs {
                 let one = BTreeMap::from([(id.clone(), vec![pair])]);
+                let started = Instant::now();
                 out.append(&mut self.place_all(&one, true).await?);
+                // As long again before the next: at most half of a core's time goes to loading.
+                tokio::time::sleep(started.elapsed()).await;
             }
         }
         Ok(out)
@@ -508,13 +520,28 @@ impl LoadBalancer {
         }
         let experts = self.telemetry().num_experts();
         let slots = auto.slots_per_worker.unwrap_or_else(|| (experts * 5).div_ceil(4 * workers.len()));
-        let bytes = self.expert_bytes;
-        let points =
-            epserve_eplb::plan::cost_aware(loads, &workers, slots, &current, &|_, _| bytes, auto.max_move_bytes)
-                .map_err(|e| RebalanceError::Failed(format!("planning: {e}")))?;
-        let chosen = epserve_eplb::plan::choose(&points, auto.hysteresis / 2.0)
-            .ok_or_else(|| RebalanceError::Failed("the planner found no placement".into()))?;
-        Ok((chosen.placement.clone(), chosen.imbalance_aggregate))
+        let (bytes, budget, tolerance, loads) =
+            (self.expert_bytes, auto.max_move_bytes, auto.hysteresis / 2.0, loads.clone());
+        // The planner is CPU work (hundreds of milliseconds for `mini` on the 2-core host): on a
+        // thread of its own at the lowest priority, so that the steps it shares the cores with do
+        // not wait for it (on the normal runtime, the step beside it took 5× the median).
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("eplb-planner".into())
+            .spawn(move || {
+                // Linux: a thread's own nice value. Not fatal if refused: it then plans at normal priority.
+                let _ = rustix::process::setpriority_process(None, 19);
+                let planned = epserve_eplb::plan::cost_aware(&loads, &workers, slots, &current, &|_, _| bytes, budget)
+                    .map_err(|e| RebalanceError::Failed(format!("planning: {e}")))
+                    .and_then(|points| {
+                        epserve_eplb::plan::choose(&points, tolerance)
+                            .map(|p| (p.placement.clone(), p.imbalance_aggregate))
+                            .ok_or_else(|| RebalanceError::Failed("the planner found no placement".into()))
+                    });
+                let _ = tx.send(planned);
+            })
+            .map_err(|e| RebalanceError::Failed(format!("starting the planner thread: {e}")))?;
+        rx.await.map_err(|_| RebalanceError::Failed("the planner thread died".into()))?
     }
 
     /// Automatic rebalancing: every `auto.interval`, while this coordinator may change the
@@ -543,7 +570,10 @@ impl LoadBalancer {
             if !armed || measured <= auto.threshold {
                 continue;
             }
-            match self.plan(&loads, &auto).await {
+            let planning = Instant::now();
+            let planned = self.plan(&loads, &auto).await;
+            tracing::info!("planned in {} ms", planning.elapsed().as_millis());
+            match planned {
                 Ok((plan, predicted)) if predicted <= measured - auto.hysteresis => {
                     tracing::info!(
                         "worker-load imbalance {measured:.3} over the last {:.0} s is above {}: applying a plan predicted at {predicted:.3}",
