@@ -266,6 +266,11 @@ pub async fn generate_to_length(addr: &str, request: epserve_proto::v1::Generate
 }
 
 impl Up {
+    /// Owns an `epserve up` started by the caller.
+    pub fn from_child(child: std::process::Child) -> Up {
+        Up(Some(child))
+    }
+
     pub fn pid(&self) -> u32 {
         self.0.as_ref().expect("running").id()
     }
