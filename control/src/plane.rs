@@ -200,9 +200,14 @@ impl ControlPlane {
                 tracing::info!(%id, lease = format!("{lease:x}"), "registered");
                 state_tx.send_replace(MemberState { lease: Some(lease), re_registrations });
                 let mut dirty = false;
+                // A deadline, not a sleep restarted every pass: record updates arriving more often
+                // than `renew` (a coordinator reporting placement versions during a rolling
+                // restart) must not put the renewal off until the lease expires.
+                let mut next_renewal = tokio::time::Instant::now() + renew;
                 loop {
                     tokio::select! {
-                        _ = tokio::time::sleep(renew) => {
+                        _ = tokio::time::sleep_until(next_renewal) => {
+                            next_renewal = tokio::time::Instant::now() + renew;
                             match registry.keep_alive(lease).await {
                                 Ok(true) => {}
                                 Ok(false) => {
