@@ -33,27 +33,45 @@ pub struct EtcdTls {
     pub ca: PathBuf,
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Three distinct free loopback ports (client, peer, metrics): all bound at once, then let go.
+fn free_ports() -> std::io::Result<[u16; 3]> {
+    let listeners = [TcpListener::bind("127.0.0.1:0")?, TcpListener::bind("127.0.0.1:0")?, TcpListener::bind("127.0.0.1:0")?];
+    let mut ports = [0; 3];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 impl EtcdServer {
     /// Starts etcd in a fresh directory under `parent` and waits until it answers (10 s at most).
     pub fn start(parent: &Path) -> std::io::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("epserve-etcd-").tempdir_in(parent)?;
-        let mut server = EtcdServer { child: None, dir, client_port: free_port()?, peer_port: free_port()?, tls: None };
-        server.spawn()?;
-        Ok(server)
+        Self::start_on_free_ports(parent, None)
     }
 
     /// [`Self::start`] with TLS on the client port and client-certificate authentication
     /// (`--client-cert-auth --trusted-ca-file --cert-file --key-file`).
     pub fn start_tls(parent: &Path, tls: EtcdTls) -> std::io::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("epserve-etcd-").tempdir_in(parent)?;
-        let tls = Some((tls, free_port()?));
-        let mut server = EtcdServer { child: None, dir, client_port: free_port()?, peer_port: free_port()?, tls };
-        server.spawn()?;
-        Ok(server)
+        Self::start_on_free_ports(parent, Some(tls))
+    }
+
+    /// Ports are found free by binding port 0 and letting go, so another process (tests run in
+    /// parallel) may take one before etcd binds it: then etcd exits with "address already in use"
+    /// and this tries again on other ports, a few times.
+    fn start_on_free_ports(parent: &Path, tls: Option<EtcdTls>) -> std::io::Result<Self> {
+        const ATTEMPTS: usize = 5;
+        let mut attempt = 1;
+        loop {
+            let dir = tempfile::Builder::new().prefix("epserve-etcd-").tempdir_in(parent)?;
+            let [client_port, peer_port, metrics_port] = free_ports()?;
+            let tls = tls.as_ref().map(|files| (files.clone(), metrics_port));
+            let mut server = EtcdServer { child: None, dir, client_port, peer_port, tls };
+            match server.spawn() {
+                Ok(()) => return Ok(server),
+                Err(e) if attempt < ATTEMPTS && e.to_string().contains("address already in use") => attempt += 1,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// `127.0.0.1:PORT`, the client endpoint.
