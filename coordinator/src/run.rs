@@ -140,7 +140,7 @@ pub async fn start_with_tls(
         .await
         .map_err(|source| RunError::Bind { addr: listen.clone(), source })?;
     let local_addr = listener.local_addr().map_err(|source| RunError::Bind { addr: listen.clone(), source })?;
-    let health = Health::new().await;
+    let health = Health::new(crate::health::COORDINATOR_SERVICE).await;
     let (listener, early) =
         EarlyHealth::start(listener, &health, tls.clone()).map_err(|source| RunError::Bind { addr: listen, source })?;
     let (membership, leading) = match &control {

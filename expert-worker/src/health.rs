@@ -7,98 +7,10 @@
 //! `SERVING` for as long as the process answers at all, so that a slow start or a drain is never
 //! taken for a hung process.
 
-use std::net::TcpListener as StdListener;
 use std::time::{Duration, Instant};
 
-use epserve_proto::v1::expert_service_server::SERVICE_NAME as EXPERT_SERVICE;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tonic_health::ServingStatus;
-use tonic_health::pb::health_server::HealthServer;
-use tonic_health::server::{HealthReporter, HealthService};
-
-/// The health service name liveness probes ask for: `SERVING` while the process answers, drain and
-/// load included (the overall status `""` is readiness).
-pub const LIVENESS_SERVICE: &str = "liveness";
-
-/// The worker's health statuses.
-#[derive(Debug, Clone)]
-pub struct Health {
-    reporter: HealthReporter,
-}
-
-impl Health {
-    /// Live, not ready.
-    pub async fn new() -> Self {
-        let reporter = HealthReporter::new();
-        reporter.set_service_status(LIVENESS_SERVICE, ServingStatus::Serving).await;
-        let health = Health { reporter };
-        health.set_ready(false).await;
-        health
-    }
-
-    /// Sets readiness: the overall status and `ExpertService`'s.
-    pub async fn set_ready(&self, ready: bool) {
-        let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
-        self.reporter.set_service_status("", status).await;
-        self.reporter.set_service_status(EXPERT_SERVICE, status).await;
-    }
-
-    /// The gRPC service answering from these statuses.
-    pub fn service(&self) -> HealthServer<HealthService> {
-        HealthServer::new(HealthService::from_health_reporter(self.reporter.clone()))
-    }
-}
-
-/// The health service alone, served on a second descriptor of the worker's listening socket while
-/// the experts load; [`Self::stop`] hands the socket over to the full server.
-#[derive(Debug)]
-pub(crate) struct EarlyHealth {
-    stop: oneshot::Sender<()>,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
-}
-
-/// How long the early server may take to finish the probes it is answering when it is stopped.
-const EARLY_STOP: Duration = Duration::from_secs(2);
-
-impl EarlyHealth {
-    /// Serves `health` on a duplicate of `listener`'s socket (both accept from the same queue; the
-    /// duplicate is closed when this stops). `Err`: the socket could not be duplicated.
-    pub fn start(
-        listener: TcpListener,
-        health: &Health,
-        tls: Option<epserve_tls::ClusterTls>,
-    ) -> std::io::Result<(TcpListener, Self)> {
-        let std: StdListener = listener.into_std()?;
-        let early = TcpListener::from_std(std.try_clone()?)?;
-        let listener = TcpListener::from_std(std)?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let router = tonic::transport::Server::builder().add_service(health.service());
-        let shutdown = async {
-            let _ = stopped.await;
-        };
-        let server = tokio::spawn(async move {
-            match tls {
-                Some(tls) => router.serve_with_incoming_shutdown(epserve_tls::incoming(early, tls), shutdown).await,
-                None => {
-                    let incoming = tonic::transport::server::TcpIncoming::from(early).with_nodelay(Some(true));
-                    router.serve_with_incoming_shutdown(incoming, shutdown).await
-                }
-            }
-        });
-        Ok((listener, EarlyHealth { stop, server }))
-    }
-
-    /// Stops accepting on the duplicate and lets the probes being answered finish (briefly).
-    pub async fn stop(self) {
-        let EarlyHealth { stop, mut server } = self;
-        let _ = stop.send(());
-        if tokio::time::timeout(EARLY_STOP, &mut server).await.is_err() {
-            server.abort();
-        }
-    }
-}
+pub use epserve_health::{EarlyHealth, Health, LIVENESS_SERVICE};
+pub use epserve_proto::v1::expert_service_server::SERVICE_NAME as EXPERT_SERVICE;
 
 /// What the drain watches: the worker's exchange streams and exchanges.
 pub(crate) trait Traffic {
@@ -181,24 +93,5 @@ mod tests {
         let started = Instant::now();
         assert!(!wait_unrouted(&fake, Instant::now() + Duration::from_millis(300)).await);
         assert!(started.elapsed() >= Duration::from_millis(300));
-    }
-
-    #[tokio::test]
-    async fn health_starts_live_and_not_ready() {
-        use tonic_health::pb::health_server::Health as _;
-        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus as Pb};
-        let health = Health::new().await;
-        let service = HealthService::from_health_reporter(health.reporter.clone());
-        let service = &service;
-        let ask = |name: &str| {
-            let request = tonic::Request::new(HealthCheckRequest { service: name.to_owned() });
-            async move { service.check(request).await.expect("check").into_inner().status }
-        };
-        assert_eq!(ask(LIVENESS_SERVICE).await, Pb::Serving as i32);
-        assert_eq!(ask("").await, Pb::NotServing as i32);
-        assert_eq!(ask(EXPERT_SERVICE).await, Pb::NotServing as i32);
-        health.set_ready(true).await;
-        assert_eq!(ask("").await, Pb::Serving as i32);
-        assert_eq!(ask(EXPERT_SERVICE).await, Pb::Serving as i32);
     }
 }

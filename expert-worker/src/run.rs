@@ -111,7 +111,7 @@ pub async fn start_with_tls(
         .map_err(|source| RunError::Bind { addr: listen.clone(), source })?;
     let local_addr = listener.local_addr().map_err(|source| RunError::Bind { addr: listen.clone(), source })?;
     // Live but not ready while loading: orchestrators tell a slow start from a dead process.
-    let health = Health::new().await;
+    let health = Health::new(crate::health::EXPERT_SERVICE).await;
     let (listener, early) =
         EarlyHealth::start(listener, &health, tls.clone()).map_err(|source| RunError::Bind { addr: listen, source })?;
     let load = LoadSpec { dir: model.clone(), config: model_config.clone(), dtype, weights };

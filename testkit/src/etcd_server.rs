@@ -35,7 +35,8 @@ pub struct EtcdTls {
 
 /// Three distinct free loopback ports (client, peer, metrics): all bound at once, then let go.
 fn free_ports() -> std::io::Result<[u16; 3]> {
-    let listeners = [TcpListener::bind("127.0.0.1:0")?, TcpListener::bind("127.0.0.1:0")?, TcpListener::bind("127.0.0.1:0")?];
+    let listeners =
+        [TcpListener::bind("127.0.0.1:0")?, TcpListener::bind("127.0.0.1:0")?, TcpListener::bind("127.0.0.1:0")?];
     let mut ports = [0; 3];
     for (port, listener) in ports.iter_mut().zip(&listeners) {
         *port = listener.local_addr()?.port();
