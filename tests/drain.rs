@@ -59,6 +59,7 @@ fn spawn(args: &[&str]) -> Child {
     Command::new(support::epserve())
         .args(args)
         .env("EPSERVE_LOG", "warn")
+        .env("EPSERVE_DATA_DIR", support::private_data_dir())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -47,16 +47,43 @@ impl BatchArgs {
         })
     }
 
-    /// The same settings for a child `epserve gateway` (the data directory resolved here).
-    pub fn to_flags(&self) -> Result<Vec<String>> {
-        Ok(vec![
-            "--data-dir".into(),
-            self.data_dir()?.display().to_string(),
+    /// The same settings for a child `epserve gateway` (which resolves the default data directory
+    /// itself, from the same environment, and treats it as the default).
+    pub fn to_flags(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        if let Some(dir) = &self.data_dir {
+            flags.extend(["--data-dir".into(), dir.display().to_string()]);
+        }
+        flags.extend([
             "--batch-max-file-bytes".into(),
             self.batch_max_file_bytes.to_string(),
             "--batch-lines-per-coordinator".into(),
             self.batch_lines_per_coordinator.to_string(),
-        ])
+        ]);
+        flags
+    }
+
+    /// Whether the gateway should serve the Batch API from `config`'s directory: always when the
+    /// directory was given (`--data-dir`, `EPSERVE_DATA_DIR`: failing to use it is an error at
+    /// start); with the default directory, only if it can be created and written, else the gateway
+    /// serves without the Batch API (its endpoints answer 503 saying so) and warns, so that a
+    /// read-only host without a volume still serves completions.
+    pub fn usable(&self, config: &BatchConfig) -> bool {
+        if self.data_dir.is_some() {
+            return true;
+        }
+        let probe = std::fs::create_dir_all(&config.data_dir).and_then(|()| tempfile::tempfile_in(&config.data_dir));
+        match probe {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(
+                    dir = %config.data_dir.display(),
+                    error = %e,
+                    "the default data directory cannot be written: serving without the Batch API (give --data-dir)"
+                );
+                false
+            }
+        }
     }
 }
 

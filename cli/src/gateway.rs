@@ -237,6 +237,7 @@ pub fn run(args: GatewayArgs) -> Result<()> {
     let images = args.images.config()?;
     let edge = args.edge.config()?;
     let batch = args.batch.config()?;
+    let batch = args.batch.usable(&batch).then_some(batch);
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
     let tls = args.tls.load()?;
     let control = args.control.connect()?;
@@ -260,7 +261,10 @@ pub fn run(args: GatewayArgs) -> Result<()> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().thread_name("epserve-io").enable_all().build()?;
     runtime.block_on(async move {
-        let gateway = epserve_gateway::start(config).await?.with_batches(batch)?.with_shutdown_grace(grace);
+        let mut gateway = epserve_gateway::start(config).await?.with_shutdown_grace(grace);
+        if let Some(batch) = batch {
+            gateway = gateway.with_batches(batch)?;
+        }
         // The harnesses and `epserve up` read this line to learn the port.
         println!("listening on {}", gateway.local_addr());
         Ok(gateway.serve(crate::shutdown_signal()).await?)

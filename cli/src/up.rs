@@ -316,7 +316,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     }
     a.extend(args.images.to_flags());
     a.extend(args.edge.to_flags());
-    a.extend(args.batch.to_flags()?);
+    a.extend(args.batch.to_flags());
     a.extend(tls_flags("gateway"));
     let gateway = processes.start("gateway".into(), &a)?;
 

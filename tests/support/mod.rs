@@ -19,6 +19,20 @@ pub fn epserve() -> PathBuf {
     epserve_testkit::epserve_binary()
 }
 
+/// A data directory of its own for each process a test starts (passed as `EPSERVE_DATA_DIR`): a
+/// gateway keeps the Batch API's files and jobs there, and tests must neither share one (a job left by
+/// one test would be resumed by another's gateway) nor write into the user's. Under the build's
+/// temporary directory (`cargo clean` removes it).
+pub fn private_data_dir() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("data").join(format!("{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create a private data directory");
+    dir
+}
+
 pub fn tiny_fixture() -> PathBuf {
     epserve_testkit::fixtures::dir(epserve_testkit::fixtures::TINY_LLAMA4)
 }
@@ -44,6 +58,7 @@ impl Process {
         let mut child = Command::new(epserve())
             .args(args)
             .env("EPSERVE_LOG", "warn")
+            .env("EPSERVE_DATA_DIR", private_data_dir())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -193,6 +208,7 @@ pub fn up_model(model: &std::path::Path, extra: &[&str]) -> (Up, String) {
     let mut child = Command::new(epserve())
         .args(&args)
         .env("EPSERVE_LOG", "warn")
+        .env("EPSERVE_DATA_DIR", private_data_dir())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("epserve up");
