@@ -196,6 +196,12 @@ pub fn up(extra: &[&str]) -> (Up, String) {
 
 /// Starts `epserve up` on the checkpoint in `model` and waits for its URL.
 pub fn up_model(model: &std::path::Path, extra: &[&str]) -> (Up, String) {
+    up_model_env(model, extra, &[])
+}
+
+/// [`up_model`] with environment variables for `up` and the processes it starts (settings `up` has
+/// no flag for, such as `EPSERVE_WIRE_DTYPE` of its coordinators).
+pub fn up_model_env(model: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> (Up, String) {
     let port = free_port();
     // Two workers unless the test says how many.
     let workers: &[&str] = if extra.contains(&"--workers") { &[] } else { &["--workers", "2"] };
@@ -209,6 +215,7 @@ pub fn up_model(model: &std::path::Path, extra: &[&str]) -> (Up, String) {
         .args(&args)
         .env("EPSERVE_LOG", "warn")
         .env("EPSERVE_DATA_DIR", private_data_dir())
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("epserve up");
