@@ -27,7 +27,18 @@ fn openai_python_client_runs_batches() {
     // such a difference can flip the rounding of an exchanged activation (2^-8 relative), which
     // moved a logprob by 3.3e-3 on an AVX-512 AMD host. The check is about the batch path giving
     // the direct path's answer, so it compares them where only f32 rounding separates them.
-    let flags = ["--api-key", "sk-test", "--data-dir", data_dir, "--batch-max-file-bytes", "2000000"];
+    // Eight lines in flight: a batch then runs in waves, so that the script sees its request_counts
+    // move (with 64 in flight, a 100-line batch of the tiny model can finish between two polls).
+    let flags = [
+        "--api-key",
+        "sk-test",
+        "--data-dir",
+        data_dir,
+        "--batch-max-file-bytes",
+        "2000000",
+        "--batch-lines-per-coordinator",
+        "8",
+    ];
     let (child, addr) = support::up_model_env(&support::tiny_fixture(), &flags, &[("EPSERVE_WIRE_DTYPE", "f32")]);
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/openai_batch.py");
     let out = Command::new(python())

@@ -127,7 +127,7 @@ for batch, lines, direct in [
             done = b
             break
         assert time.time() < deadline, b
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert done.status == "completed", done
     assert done.request_counts.total == N and done.request_counts.completed == N, done.request_counts
     assert done.request_counts.failed == 0 and done.error_file_id is None, done
