@@ -26,7 +26,8 @@ use epserve_control::{ControlPlane, Fence, Instance, Kind, LayerPlacement, Place
 use epserve_eplb::LoadMatrix;
 use epserve_proto::metric_names as m;
 use epserve_proto::v1::expert_placement_service_client::ExpertPlacementServiceClient;
-use epserve_proto::v1::{ExpertPair, PlaceRequest};
+use epserve_proto::v1::expert_service_client::ExpertServiceClient;
+use epserve_proto::v1::{ExpertPair, PlaceRequest, StatusRequest};
 use tokio::sync::watch;
 
 use crate::load_telemetry::{LoadReport, LoadTelemetry, RebalanceRecord, WINDOWS};
@@ -41,6 +42,8 @@ const PUBLISH_EVERY: Duration = Duration::from_secs(2);
 const STAGE_TIMEOUT: Duration = Duration::from_secs(300);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a worker may take to answer `Status` (the size of its replicas) before planning.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a placement could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -105,8 +108,6 @@ pub struct LoadBalancer {
     fixed: Option<Arc<FixedMembers>>,
     leadership: Option<Leadership>,
     busy: tokio::sync::Mutex<()>,
-    /// Bytes of one replica as the checkpoint stores it (bf16): what loading one costs.
-    expert_bytes: u64,
     last: parking_lot::Mutex<Option<RebalanceRecord>>,
 }
 
@@ -116,15 +117,12 @@ impl LoadBalancer {
         fixed: Option<Arc<FixedMembers>>,
         leadership: Option<Leadership>,
     ) -> Arc<Self> {
-        let cfg = workers.model();
-        let expert_bytes = 3 * cfg.hidden_size as u64 * cfg.intermediate_size as u64 * 2;
         tokio::spawn(workers.telemetry.clone().publish_every(PUBLISH_EVERY));
         Arc::new(LoadBalancer {
             workers,
             fixed,
             leadership,
             busy: tokio::sync::Mutex::new(()),
-            expert_bytes,
             last: parking_lot::Mutex::new(None),
         })
     }
@@ -508,6 +506,42 @@ impl LoadBalancer {
         (window, loads)
     }
 
+    /// Bytes of one expert replica as the workers hold it, what each replica a change loads costs:
+    /// every live worker's `Status` says how many expert bytes it holds (`resident_bytes`: the
+    /// checkpoint's dtype, or the quantized matrices with their scales under `--quantize`) for how
+    /// many `(layer, expert)` pairs; the largest quotient over workers is taken (workers of one
+    /// cluster normally agree; if one holds wider weights, a move to it costs that much).
+    pub async fn replica_bytes(&self) -> Result<u64, RebalanceError> {
+        let mut calls = tokio::task::JoinSet::new();
+        for link in self.workers.links().into_values().filter(|l| l.dead().is_none()) {
+            let (channel, addr) = (link.channel.clone(), link.addr.clone());
+            calls.spawn(async move {
+                let mut client = ExpertServiceClient::new(channel);
+                (addr, tokio::time::timeout(STATUS_TIMEOUT, client.status(StatusRequest {})).await)
+            });
+        }
+        let mut largest: Option<u64> = None;
+        let mut failures = Vec::new();
+        while let Some(joined) = calls.join_next().await {
+            match joined {
+                Ok((addr, Ok(Ok(status)))) => {
+                    let status = status.into_inner();
+                    if let Some(bytes) = bytes_per_pair(status.resident_bytes, &status.layers) {
+                        largest = Some(largest.map_or(bytes, |b| b.max(bytes)));
+                    } else {
+                        tracing::debug!("worker {addr} hosts no expert: no replica size from it");
+                    }
+                }
+                Ok((addr, Ok(Err(status)))) => failures.push(format!("worker {addr}: {}", status.message())),
+                Ok((addr, Err(_))) => failures.push(format!("worker {addr}: no status in {STATUS_TIMEOUT:?}")),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        largest.ok_or_else(|| {
+            RebalanceError::Failed(format!("no live worker reported the size of its experts ({})", failures.join("; ")))
+        })
+    }
+
     /// A plan for the current loads: the cost-aware planner's cheapest point within `hysteresis`
     /// of its best, under the byte budget; with its predicted aggregate imbalance.
     pub async fn plan(&self, loads: &LoadMatrix, auto: &AutoConfig) -> Result<(PlacementMap, f64), RebalanceError> {
@@ -520,8 +554,8 @@ impl LoadBalancer {
         }
         let experts = self.telemetry().num_experts();
         let slots = auto.slots_per_worker.unwrap_or_else(|| (experts * 5).div_ceil(4 * workers.len()));
-        let (bytes, budget, tolerance, loads) =
-            (self.expert_bytes, auto.max_move_bytes, auto.hysteresis / 2.0, loads.clone());
+        let bytes = self.replica_bytes().await?;
+        let (budget, tolerance, loads) = (auto.max_move_bytes, auto.hysteresis / 2.0, loads.clone());
         // The planner is CPU work (hundreds of milliseconds for `mini` on the 2-core host): on a
         // thread of its own at the lowest priority, so that the steps it shares the cores with do
         // not wait for it (on the normal runtime, the step beside it took 5× the median).
@@ -593,6 +627,13 @@ impl LoadBalancer {
             }
         }
     }
+}
+
+/// Expert bytes per hosted `(layer, expert)` pair of a worker's `Status` (`None`: it hosts none).
+/// Every pair of one worker is held the same way, so the quotient is one replica's size.
+fn bytes_per_pair(resident_bytes: u64, layers: &[epserve_proto::v1::LayerExperts]) -> Option<u64> {
+    let pairs: u64 = layers.iter().map(|l| l.experts.len() as u64).sum();
+    (pairs > 0 && resident_bytes > 0).then(|| resident_bytes.div_ceil(pairs))
 }
 
 fn to_proto(pairs: &[(u32, u32)]) -> Vec<ExpertPair> {
