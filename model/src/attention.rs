@@ -298,14 +298,17 @@ impl<'a> Rows<'a> {
 }
 
 /// Softmax attention of the query heads `q` (`[group, d]`) over one KV head's `keys` and `values`
-/// (`n` rows of `d` each), into `out` (`[group, d]`); compiled for AVX-512 when the CPU has it.
+/// (`n` rows of `d` each), into `out` (`[group, d]`); compiled for AVX-512 or AVX2 when the
+/// kernels run on those ([`crate::kernels::isa`]). The code fixes the order of every sum, so each
+/// compilation gives the same values.
 fn attend_dispatch(q: &[f32], keys: Rows<'_>, values: Rows<'_>, d: usize, scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            return unsafe { attend_avx512(q, keys, values, d, scale, out) };
-        }
+    match crate::kernels::isa() {
+        // SAFETY: the CPU has AVX-512F (`isa` picks only what it has).
+        crate::kernels::Isa::Avx512 => return unsafe { attend_avx512(q, keys, values, d, scale, out) },
+        // SAFETY: the CPU has AVX2 (as above).
+        crate::kernels::Isa::Avx2 => return unsafe { attend_avx2(q, keys, values, d, scale, out) },
+        crate::kernels::Isa::Portable => {}
     }
     attend(q, keys, values, d, scale, out);
 }
@@ -314,6 +317,13 @@ fn attend_dispatch(q: &[f32], keys: Rows<'_>, values: Rows<'_>, d: usize, scale:
 #[target_feature(enable = "avx512f")]
 unsafe fn attend_avx512(q: &[f32], keys: Rows<'_>, values: Rows<'_>, d: usize, scale: f32, out: &mut [f32]) {
     // The same code, compiled with 16-wide vectors.
+    attend(q, keys, values, d, scale, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_avx2(q: &[f32], keys: Rows<'_>, values: Rows<'_>, d: usize, scale: f32, out: &mut [f32]) {
+    // The same code, compiled with 8-wide vectors.
     attend(q, keys, values, d, scale, out);
 }
 

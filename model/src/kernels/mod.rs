@@ -5,23 +5,32 @@
 //! bandwidth the weight streams at (docs/benchmarks.md); here each weight row is read once from
 //! memory and multiplied against every input row while it is in cache.
 //!
-//! Two forms: the dot-product form (vectors along `k`, up to 8 rows: [`dot512`] on AVX-512, else
-//! [`dot`], AVX2 or portable) and the outer-product form ([`outer`]: vectors along the rows, 9 to
-//! 64 rows, AVX-512). Several products can run as one parallel region
+//! Two forms, each for the instruction sets [`isa`] picks from: the dot-product form (vectors along
+//! `k`, up to 8 rows: [`dot512`] on AVX-512, [`dot256`] on AVX2, else the portable [`dot`]) and the
+//! outer-product form (vectors along the rows, 9 to 64 rows: [`outer`] on AVX-512, [`outer256`] on
+//! AVX2). Several products can run as one parallel region
 //! ([`products`]): a decode step makes hundreds of them, and waking the thread pool for each costs
 //! more than a small product.
 
 mod dot;
 #[cfg(target_arch = "x86_64")]
+mod dot256;
+#[cfg(target_arch = "x86_64")]
 mod dot512;
 #[cfg(target_arch = "x86_64")]
+mod int8_avx2;
+mod isa;
+#[cfg(target_arch = "x86_64")]
 mod outer;
+#[cfg(target_arch = "x86_64")]
+mod outer256;
 pub mod source;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 
 use rayon::prelude::*;
 
+pub use isa::{Isa, isa};
 pub use source::{CodeKind, QuantView, ScalesRef};
 use source::{Dense, Fp8Source, Int4Source, Int8Source};
 
@@ -38,6 +47,14 @@ pub trait Weight: Copy + Send + Sync {
     /// with it; this is inlined into them).
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+
+    /// 16 consecutive weights from `p`, widened, as two 8-wide vectors.
+    ///
+    /// # Safety
+    /// 16 elements must be readable from `p`, and the CPU must have AVX2 (callers are compiled with
+    /// it; this is inlined into them).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16_avx2(p: *const Self) -> [std::arch::x86_64::__m256; 2];
 }
 
 impl Weight for f32 {
@@ -51,6 +68,14 @@ impl Weight for f32 {
     unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
         // SAFETY: the caller guarantees 16 readable elements and AVX-512F.
         unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_avx2(p: *const f32) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 16 readable elements and AVX2.
+        unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))] }
     }
 }
 
@@ -68,6 +93,18 @@ impl Weight for half::bf16 {
         unsafe {
             let halves = _mm256_loadu_si256(p.cast());
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)))
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_avx2(p: *const half::bf16) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 16 readable elements (32 bytes) and AVX2.
+        unsafe {
+            let halves = _mm256_loadu_si256(p.cast());
+            let widen = |h: __m128i| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+            [widen(_mm256_castsi256_si128(halves)), widen(_mm256_extracti128_si256::<1>(halves))]
         }
     }
 }
@@ -161,6 +198,8 @@ pub fn products(batch: Vec<Product<'_>>) {
                 Staged::Transposed(xt) => Input::Transposed(xt),
                 #[cfg(target_arch = "x86_64")]
                 Staged::Int8(xq) => Input::Int8(xq),
+                #[cfg(target_arch = "x86_64")]
+                Staged::Int8Avx2(xq) => Input::Int8Avx2(xq),
             };
             tasks.push((x, m, w, k, yt));
         }
@@ -168,6 +207,8 @@ pub fn products(batch: Vec<Product<'_>>) {
     tasks.into_par_iter().for_each(|(x, m, w, k, yt)| match (x, w) {
         #[cfg(target_arch = "x86_64")]
         (Input::Int8(xq), Weights::Quant(q)) => vnni::features_of(xq, q, yt),
+        #[cfg(target_arch = "x86_64")]
+        (Input::Int8Avx2(xq), Weights::Quant(q)) => int8_avx2::features_of(xq, q, yt),
         (x, Weights::F32(w)) => task(x, m, Dense { w, k }, yt),
         (x, Weights::Bf16(w)) => task(x, m, Dense { w, k }, yt),
         (x, Weights::Quant(q)) => match q.kind() {
@@ -179,16 +220,20 @@ pub fn products(batch: Vec<Product<'_>>) {
 }
 
 fn task<S: source::MatrixSource>(x: Input<'_>, m: usize, w: S, yt: &mut [f32]) {
-    match x {
+    match (x, isa()) {
         #[cfg(target_arch = "x86_64")]
-        Input::Rows(x) if outer::available() => dot512::features_of(x, m, w, yt),
-        Input::Rows(x) => dot::features(x, m, w, yt),
+        (Input::Rows(x), Isa::Avx512) => dot512::features_of(x, m, w, yt),
         #[cfg(target_arch = "x86_64")]
-        Input::Transposed(xt) => outer::features_of(xt, m, w, yt),
+        (Input::Rows(x), Isa::Avx2) => dot256::features_of(x, m, w, yt),
+        (Input::Rows(x), _) => dot::features(x, m, w, yt),
+        #[cfg(target_arch = "x86_64")]
+        (Input::Transposed(xt), Isa::Avx512) => outer::features_of(xt, m, w, yt),
+        #[cfg(target_arch = "x86_64")]
+        (Input::Transposed(xt), _) => outer256::features_of(xt, m, w, yt),
         #[cfg(not(target_arch = "x86_64"))]
-        Input::Transposed(_) => unreachable!("no outer form on this architecture"),
+        (Input::Transposed(_), _) => unreachable!("no outer form on this architecture"),
         #[cfg(target_arch = "x86_64")]
-        Input::Int8(_) => unreachable!("int8 rows are staged for quantized weights only"),
+        (Input::Int8(_) | Input::Int8Avx2(_), _) => unreachable!("int8 rows are staged for quantized weights only"),
     }
 }
 
@@ -198,9 +243,12 @@ enum Staged {
     Rows,
     /// For the outer form ([`transposed_for_outer`]).
     Transposed(Vec<f32>),
-    /// Quantized, for the int8-activation mode.
+    /// Quantized, for the int8-activation mode (AVX512-VNNI).
     #[cfg(target_arch = "x86_64")]
     Int8(vnni::Int8Rows),
+    /// Quantized, for the int8-activation mode (AVX2).
+    #[cfg(target_arch = "x86_64")]
+    Int8Avx2(int8_avx2::Int8Rows),
 }
 
 impl Staged {
@@ -210,6 +258,12 @@ impl Staged {
             && vnni::takes(q, p.m)
         {
             return Staged::Int8(vnni::Int8Rows::quantize(p.x, p.m, p.k, q.kind()));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Weights::Quant(q) = &p.w
+            && int8_avx2::takes(q, p.m)
+        {
+            return Staged::Int8Avx2(int8_avx2::Int8Rows::quantize(p.x, p.m, p.k));
         }
         match transposed_for_outer(p.x, p.m, p.k) {
             Some(xt) => Staged::Transposed(xt),
@@ -224,21 +278,31 @@ enum Input<'a> {
     Rows(&'a [f32]),
     /// `[k, padded m]`, for the outer form.
     Transposed(&'a [f32]),
-    /// Quantized to int8, for the int8-activation mode.
+    /// Quantized to int8, for the int8-activation mode (AVX512-VNNI).
     #[cfg(target_arch = "x86_64")]
     Int8(&'a vnni::Int8Rows),
+    /// Quantized to int8, for the int8-activation mode (AVX2).
+    #[cfg(target_arch = "x86_64")]
+    Int8Avx2(&'a int8_avx2::Int8Rows),
 }
 
 /// `x` laid out for the outer form when that form takes `m` rows on this CPU, else `None`.
 fn transposed_for_outer(x: &[f32], m: usize, k: usize) -> Option<Vec<f32>> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if m > dot::MAX_ROWS && m <= outer::MAX_ROWS && outer::available() {
-            return Some(outer::transpose_rows(x, m, k));
+    let lanes = isa().outer_lanes()?;
+    (m > dot::MAX_ROWS && m <= max_rows()).then(|| transpose_padded(x, m, k, lanes))
+}
+
+/// `x` (`[m, k]`) transposed to `[k, padded]`, rows padded with zeros to a whole number of
+/// `lanes`-wide vectors: the outer forms' layout.
+fn transpose_padded(x: &[f32], m: usize, k: usize, lanes: usize) -> Vec<f32> {
+    let padded = m.div_ceil(lanes) * lanes;
+    let mut xt = vec![0f32; k * padded];
+    for r in 0..m {
+        for (i, v) in x[r * k..(r + 1) * k].iter().enumerate() {
+            xt[i * padded + r] = *v;
         }
     }
-    let _ = (x, m, k);
-    None
+    xt
 }
 
 /// One product (see [`Product`]); `n` is the number of output features.
@@ -247,16 +311,16 @@ pub fn rows_times_weight_t(x: &[f32], m: usize, w: Weights<'_>, n: usize, k: usi
     products(vec![Product { x, m, w, k, yt }]);
 }
 
-/// The most rows [`products`] should be given on this CPU: 64 with AVX-512, else 8. Beyond that a
-/// product is compute-bound and candle's packed gemm does better.
+/// The most rows [`products`] should be given on this CPU: 64 with AVX-512 or AVX2 (the outer
+/// forms), else 8. Beyond that a product is compute-bound and candle's packed gemm does better.
 pub fn max_rows() -> usize {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if outer::available() {
-            return outer::MAX_ROWS;
-        }
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => outer::MAX_ROWS,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => outer256::MAX_ROWS,
+        _ => dot::MAX_ROWS,
     }
-    dot::MAX_ROWS
 }
 
 /// Runs `f` on a thread of rayon's global pool (at once when already on one). A decode step starts
@@ -692,3 +756,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod forms_tests;

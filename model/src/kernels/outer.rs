@@ -9,26 +9,14 @@ use super::source::MatrixSource;
 
 /// Rows of `x` up to which a block of `x` stays in L2 (64 rows of 4,096 floats: 1 MiB).
 pub const MAX_ROWS: usize = 64;
-const LANES: usize = 16;
+pub const LANES: usize = 16;
 
 pub fn available() -> bool {
     std::is_x86_feature_detected!("avx512f")
 }
 
-/// `x` (`[m, k]`) transposed to `[k, 16·V]`, rows padded with zeros to whole vectors.
-pub fn transpose_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
-    let padded = m.div_ceil(LANES) * LANES;
-    let mut xt = vec![0f32; k * padded];
-    for r in 0..m {
-        for (i, v) in x[r * k..(r + 1) * k].iter().enumerate() {
-            xt[i * padded + r] = *v;
-        }
-    }
-    xt
-}
-
 /// `yt[o][r]` for every feature `o` of `w` (`[n, k]`) and row `r` of `x`, given as
-/// [`transpose_rows`] left it.
+/// [`super::transpose_padded`]`(x, m, k, LANES)` left it.
 pub fn features_of<S: MatrixSource>(xt: &[f32], m: usize, w: S, yt: &mut [f32]) {
     assert!(available(), "the outer-product form needs AVX-512");
     // SAFETY: the CPU has AVX-512F (asserted above); every slice bound is asserted inside.

@@ -53,6 +53,30 @@ pub trait MatrixSource: Copy + Send + Sync {
         unsafe { self.load16(first + rel, i) }
     }
 
+    /// Elements `i..i + 16` of row `first + rel`, as two 8-wide vectors, after
+    /// [`MatrixSource::prepare`]: the AVX2 forms' load.
+    ///
+    /// # Safety
+    /// As for [`MatrixSource::load16_prepared`], except that the CPU needs AVX2 and FMA (not
+    /// AVX-512).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16_avx2(&self, first: usize, rel: usize, i: usize, prepared: &[f32]) -> [__m256; 2];
+
+    /// Elements `i..i + 32` of row `first + rel`, as four 8-wide vectors, after
+    /// [`MatrixSource::prepare`]. Sources whose codes are cheaper to unpack 32 at a time (int4)
+    /// override it.
+    ///
+    /// # Safety
+    /// As for [`MatrixSource::load16_avx2`], with `i + 32 ≤ k`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load32_avx2(&self, first: usize, rel: usize, i: usize, prepared: &[f32]) -> [__m256; 4] {
+        // SAFETY: as the caller guarantees.
+        let ([a, b], [c, d]) =
+            unsafe { (self.load16_avx2(first, rel, i, prepared), self.load16_avx2(first, rel, i + 16, prepared)) };
+        [a, b, c, d]
+    }
+
     /// Elements `i..i + 32` of row `first + rel`, as two vectors, after [`MatrixSource::prepare`].
     /// Sources whose codes are cheaper to unpack 32 at a time (int4) override it.
     ///
@@ -95,6 +119,14 @@ impl<W: Weight> MatrixSource for Dense<'_, W> {
         debug_assert!((row * self.k + i + 16) <= self.w.len());
         // SAFETY: as the caller guarantees, the 16 elements are inside row `row`.
         unsafe { W::load16(self.w.as_ptr().add(row * self.k + i)) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_avx2(&self, first: usize, rel: usize, i: usize, _: &[f32]) -> [__m256; 2] {
+        debug_assert!(((first + rel) * self.k + i + 16) <= self.w.len());
+        // SAFETY: as the caller guarantees, the 16 elements are inside the row.
+        unsafe { W::load16_avx2(self.w.as_ptr().add((first + rel) * self.k + i)) }
     }
 }
 
@@ -297,7 +329,7 @@ pub fn f16_to_f32(v: f16) -> f32 {
 const FP8_REBIAS: f32 = f32::from_bits((127 + 120) << 23);
 
 macro_rules! quant_source {
-    ($name:ident, $kind:expr, $load:ident, { $($extra:item)* }) => {
+    ($name:ident, $kind:expr, $load:ident, $load_avx2:ident, { $($extra:item)* }) => {
         /// A [`QuantView`] of one code kind, so that the kernels are compiled for it.
         #[derive(Debug, Clone, Copy)]
         pub struct $name<'a>(pub QuantView<'a>);
@@ -346,13 +378,45 @@ macro_rules! quant_source {
                 unsafe { $load(v.codes.as_ptr().add(at), _mm512_set1_ps(*prepared.get_unchecked(s))) }
             }
 
+            #[cfg(target_arch = "x86_64")]
+            #[inline(always)]
+            unsafe fn load16_avx2(&self, first: usize, rel: usize, i: usize, prepared: &[f32]) -> [__m256; 2] {
+                let v = &self.0;
+                let row = first + rel;
+                let at = row * v.row_bytes + if $kind == CodeKind::Int4 { i / 2 } else { i };
+                let s = rel * v.groups + (i >> v.group_shift);
+                debug_assert!(s < prepared.len());
+                debug_assert!(at + if $kind == CodeKind::Int4 { 8 } else { 16 } <= v.codes.len());
+                // SAFETY: as the caller guarantees; `s` indexes the prepared scales of row `row`.
+                unsafe { $load_avx2(v.codes.as_ptr().add(at), _mm256_set1_ps(*prepared.get_unchecked(s))) }
+            }
+
             $($extra)*
         }
     };
 }
 
-quant_source!(Int8Source, CodeKind::Int8, load_int8, {});
-quant_source!(Int4Source, CodeKind::Int4, load_int4, {
+quant_source!(Int8Source, CodeKind::Int8, load_int8, load_int8_avx2, {});
+quant_source!(Int4Source, CodeKind::Int4, load_int4, load_int4_avx2, {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load32_avx2(&self, first: usize, rel: usize, i: usize, prepared: &[f32]) -> [__m256; 4] {
+        let v = &self.0;
+        let row = first + rel;
+        let (s0, s1) = (rel * v.groups + (i >> v.group_shift), rel * v.groups + ((i + 16) >> v.group_shift));
+        debug_assert!(s1 < prepared.len() && row * v.row_bytes + i / 2 + 16 <= v.codes.len());
+        // SAFETY: as the caller guarantees (i + 32 ≤ k: 16 bytes of the row at i / 2); the indices
+        // are the prepared scales of row `row`.
+        unsafe {
+            let p = v.codes.as_ptr().add(row * v.row_bytes + i / 2);
+            load_int4_32_avx2(
+                p,
+                _mm256_set1_ps(*prepared.get_unchecked(s0)),
+                _mm256_set1_ps(*prepared.get_unchecked(s1)),
+            )
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load32_prepared(&self, first: usize, rel: usize, i: usize, prepared: &[f32]) -> (__m512, __m512) {
@@ -368,7 +432,7 @@ quant_source!(Int4Source, CodeKind::Int4, load_int4, {
         }
     }
 });
-quant_source!(Fp8Source, CodeKind::Fp8E4m3, load_fp8, {});
+quant_source!(Fp8Source, CodeKind::Fp8E4m3, load_fp8, load_fp8_avx2, {});
 
 /// 16 signed bytes at `p`, times `scale` (16 copies).
 #[cfg(target_arch = "x86_64")]
@@ -426,5 +490,74 @@ unsafe fn load_fp8(p: *const u8, scale: __m512) -> __m512 {
         let value = _mm512_mul_ps(_mm512_castsi512_ps(magnitude), _mm512_set1_ps(FP8_REBIAS));
         let signed = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign));
         _mm512_mul_ps(signed, scale)
+    }
+}
+
+/// 16 signed bytes at `p`, times `scale` (8 copies), as two 8-wide vectors.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_int8_avx2(p: *const u8, scale: __m256) -> [__m256; 2] {
+    // SAFETY: 16 bytes are readable at `p`; AVX2 (the caller).
+    unsafe {
+        let bytes = _mm_loadu_si128(p.cast());
+        let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+        let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(bytes)));
+        [_mm256_mul_ps(lo, scale), _mm256_mul_ps(hi, scale)]
+    }
+}
+
+/// 8 bytes at `p` holding 16 nibbles (low nibble first), each `(code − 8) · scale`, as two 8-wide
+/// vectors (see [`load_int4`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_int4_avx2(p: *const u8, scale: __m256) -> [__m256; 2] {
+    // SAFETY: 8 bytes are readable at `p`; AVX2 (the caller).
+    unsafe {
+        let b = _mm_cvtepu8_epi16(_mm_loadl_epi64(p.cast()));
+        let nibbles = _mm_and_si128(_mm_or_si128(b, _mm_slli_epi16::<4>(b)), _mm_set1_epi16(0x0F0F));
+        let values = _mm_sub_epi8(nibbles, _mm_set1_epi8(8));
+        let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(values));
+        let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(values)));
+        [_mm256_mul_ps(lo, scale), _mm256_mul_ps(hi, scale)]
+    }
+}
+
+/// 16 bytes at `p` holding 32 nibbles (low nibble first), each `(code − 8)` times `s0` (the first
+/// 16) or `s1` (the last 16), as four 8-wide vectors: one load and one unpacking for all.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_int4_32_avx2(p: *const u8, s0: __m256, s1: __m256) -> [__m256; 4] {
+    // SAFETY: 16 bytes are readable at `p`; AVX2 (the caller).
+    unsafe {
+        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.cast()));
+        let nibbles = _mm256_and_si256(_mm256_or_si256(b, _mm256_slli_epi16::<4>(b)), _mm256_set1_epi16(0x0F0F));
+        let values = _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8));
+        let (first, second) = (_mm256_castsi256_si128(values), _mm256_extracti128_si256::<1>(values));
+        let widen = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+        [
+            _mm256_mul_ps(widen(first), s0),
+            _mm256_mul_ps(widen(_mm_srli_si128::<8>(first)), s0),
+            _mm256_mul_ps(widen(second), s1),
+            _mm256_mul_ps(widen(_mm_srli_si128::<8>(second)), s1),
+        ]
+    }
+}
+
+/// 16 FP8 E4M3 bytes at `p`, times `scale` (see [`fp8_e4m3`]), as two 8-wide vectors.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_fp8_avx2(p: *const u8, scale: __m256) -> [__m256; 2] {
+    // SAFETY: 16 bytes are readable at `p`; AVX2 (the caller).
+    unsafe {
+        let bytes = _mm_loadu_si128(p.cast());
+        let widen = |b: __m128i| {
+            let b = _mm256_cvtepu8_epi32(b);
+            let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(b, _mm256_set1_epi32(0x80)));
+            let magnitude = _mm256_slli_epi32::<20>(_mm256_and_si256(b, _mm256_set1_epi32(0x7F)));
+            let value = _mm256_mul_ps(_mm256_castsi256_ps(magnitude), _mm256_set1_ps(FP8_REBIAS));
+            let signed = _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(value), sign));
+            _mm256_mul_ps(signed, scale)
+        };
+        [widen(bytes), widen(_mm_srli_si128::<8>(bytes))]
     }
 }

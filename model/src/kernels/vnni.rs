@@ -38,6 +38,7 @@ pub fn takes(w: &QuantView<'_>, m: usize) -> bool {
         && (1..=super::dot::MAX_ROWS).contains(&m)
         && w.k().is_multiple_of(STEP)
         && w.group_shift() >= BLOCK.trailing_zeros()
+        && super::isa() == super::Isa::Avx512
         && available()
 }
 

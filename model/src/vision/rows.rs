@@ -1,14 +1,14 @@
 //! Row-wise f32 kernels of the vision tower: bias + exact GELU, softmax, LayerNorm, the 2-D RoPE
-//! rotation, bf16 widening. Each is written once as plain loops and compiled twice: for AVX-512
-//! (chosen at run time when the CPU has it, so that the loops vectorize 16 wide; the workspace
-//! builds for baseline x86-64, whose SSE2 gives these loops 4 lanes instead of 16) and as the
-//! crate is built. Callers split the work into parallel tasks; each call here is one task.
+//! rotation, bf16 widening. Each is written once as plain loops and compiled three times: for
+//! AVX-512 and for AVX2 (chosen at run time as the kernels are, [`crate::kernels::isa`], so that
+//! the loops vectorize 16 or 8 wide; the workspace builds for baseline x86-64, whose SSE2 gives
+//! these loops 4 lanes) and as the crate is built. Callers split the work into parallel tasks; each call here is one task.
 
 use half::bf16;
 
 use super::Geometry;
 
-/// Defines `fn $name` over one `#[inline(always)]` body compiled both for AVX-512 and as built.
+/// Defines `fn $name` over one `#[inline(always)]` body compiled for AVX-512, for AVX2 and as built.
 macro_rules! with_avx512 {
     ($(#[$meta:meta])* pub(super) fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])*
@@ -21,9 +21,17 @@ macro_rules! with_avx512 {
                 fn wide($($arg: $ty),*) {
                     body($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512F, the only feature `wide` is compiled with.
-                    return unsafe { wide($($arg),*) };
+                #[target_feature(enable = "avx2")]
+                fn wide8($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                match crate::kernels::isa() {
+                    // SAFETY: the CPU has AVX-512F, the only feature `wide` is compiled with
+                    // (`isa` picks only what the CPU has).
+                    crate::kernels::Isa::Avx512 => return unsafe { wide($($arg),*) },
+                    // SAFETY: the CPU has AVX2, the only feature `wide8` is compiled with.
+                    crate::kernels::Isa::Avx2 => return unsafe { wide8($($arg),*) },
+                    crate::kernels::Isa::Portable => {}
                 }
             }
             body($($arg),*)
