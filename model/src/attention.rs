@@ -136,8 +136,8 @@ impl Attention {
         }
         let chunk = if deviates!(self.deviation, NoChunkMask) { None } else { self.chunk };
 
-        if spans.iter().all(|s| s.len == 1) && q_all.dtype() == DType::F32 && x.device().is_cpu() {
-            let out = self.decode(&q_all, &k_all, &v_all, spans, caches, chunk)?;
+        if q_all.dtype() == DType::F32 && x.device().is_cpu() {
+            let out = self.attend_rows(&q_all, &k_all, &v_all, spans, caches, chunk)?;
             return self.o_proj.forward(&out);
         }
 
@@ -183,11 +183,14 @@ impl Attention {
 }
 
 impl Attention {
-    /// A pure decode step (one new token per sequence), f32 on the CPU: the cache appends stay
-    /// sequential, the attention of each sequence is a few dot products over its keys, computed in
-    /// plain Rust and in parallel across sequences instead of ~10 candle ops per sequence. A single
-    /// query sees every key it is given (`from` is its chunk's start), so there is no mask.
-    fn decode<'c, 'd>(
+    /// Every query row of a step (decode tokens and prompt chunks alike), f32 on the CPU, in plain
+    /// Rust: each sequence's keys and values are stored, then read where the cache keeps them (the
+    /// paged pool's slots; no gather of the context into new tensors, no transposes, no mask
+    /// tensor). One parallel task per (query row, KV head): the `group` query heads of that row
+    /// read the KV head's keys of the row's window once — the positions from its chunk's start
+    /// (chunked layers) or from 0, up to its own, which is the causal mask — and write their
+    /// `group · d` outputs, which are contiguous.
+    fn attend_rows<'c, 'd>(
         &self,
         q_all: &Tensor,
         k_all: &Tensor,
@@ -198,59 +201,82 @@ impl Attention {
     ) -> Result<Tensor> {
         use rayon::prelude::*;
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
-        let n = spans.len();
-        let mut kv = Vec::with_capacity(n);
-        for (span, cache) in spans.iter().zip(caches.iter_mut()) {
-            let k = k_all.narrow(0, span.start, 1)?.reshape((nkv, 1, d))?;
-            let v = v_all.narrow(0, span.start, 1)?.reshape((nkv, 1, d))?;
+        let rows = q_all.dim(0)?;
+        let mut kv = Vec::with_capacity(spans.len());
+        let mut span_of = vec![0usize; rows];
+        for (i, (span, cache)) in spans.iter().zip(caches.iter_mut()).enumerate() {
+            let t = span.len;
+            // [T, kv heads, 1, d] → [kv heads, T, d], as the cache takes them.
+            let heads = |m: &Tensor| -> Result<Tensor> {
+                let m = m.narrow(0, span.start, t)?;
+                Ok(if t == 1 {
+                    m.reshape((nkv, 1, d))?
+                } else {
+                    m.reshape((t, nkv, d))?.transpose(0, 1)?.contiguous()?
+                })
+            };
+            let (k, v) = (heads(k_all)?, heads(v_all)?);
+            // Keys from the first query's chunk start (older keys are hidden from every query).
             let from = chunk.map_or(0, |c| span.pos / c * c);
-            kv.push(match cache.append_in_place(self.layer, &k, &v, from)? {
+            let context = match cache.append_in_place(self.layer, &k, &v, from)? {
                 Some(slots) => Context::InPlace(slots),
                 None => {
                     let (k, v) = cache.append(self.layer, &k, &v, from)?;
                     Context::Gathered(k, v)
                 }
-            });
+            };
+            kv.push((context, from));
+            span_of.get_mut(span.start..span.start + t).ok_or_else(|| bad_layout("a span outside the step"))?.fill(i);
         }
         let q = q_all.flatten_all()?.to_vec1::<f32>()?;
         let group = nh / nkv;
         let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0f32; n * nh * d];
-        // One task per (sequence, KV head): its `group` query heads read that head's keys and values
-        // once, and write their `group · d` outputs, which are contiguous.
+        let mut out = vec![0f32; rows * nh * d];
         out.par_chunks_mut(group * d).enumerate().try_for_each(|(task, heads_out)| {
-            let (i, kvh) = (task / nkv, task % nkv);
-            let q = &q[(spans[i].start * nh + kvh * group) * d..(spans[i].start * nh + (kvh + 1) * group) * d];
-            let done = match &kv[i] {
+            let (r, kvh) = (task / nkv, task % nkv);
+            let span = &spans[span_of[r]];
+            let (context, from) = &kv[span_of[r]];
+            // Keys `lo..=hi` (relative to `from`) are this row's: its chunk's start to itself.
+            let pos = span.pos + (r - span.start);
+            let (lo, hi) = (chunk.map_or(0, |c| pos / c * c) - from, pos - from);
+            let q = &q[(r * nh + kvh * group) * d..(r * nh + (kvh + 1) * group) * d];
+            let done = match context {
                 Context::Gathered(keys, values) => with_rows(keys, d, |keys, k_head| {
                     with_rows(values, d, |values, v_head| {
-                        let keys_n = keys_len(keys, k_head, nkv, d);
-                        let keys = Rows::Packed(&keys[kvh * k_head..kvh * k_head + keys_n * d]);
-                        let values = Rows::Packed(&values[kvh * v_head..kvh * v_head + keys_n * d]);
-                        attend_dispatch(q, keys, values, d, scale, heads_out);
+                        if hi >= keys_len(keys, k_head, nkv, d) {
+                            return None;
+                        }
+                        let window = |head: usize| kvh * head + lo * d..kvh * head + (hi + 1) * d;
+                        let k = Rows::Packed(keys.get(window(k_head))?);
+                        let v = Rows::Packed(values.get(window(v_head))?);
+                        attend_dispatch(q, k, v, d, scale, heads_out);
+                        Some(())
                     })
                 })
+                .flatten()
                 .flatten(),
                 Context::InPlace(kv) => {
                     let (k, v) = (crate::kernels::CpuView::new(&kv.k), crate::kernels::CpuView::new(&kv.v));
-                    match (k.as_ref().and_then(|k| k.f32()), v.as_ref().and_then(|v| v.f32())) {
-                        (Some(k), Some(v)) if k.len() == v.len() => {
-                            let at = |data| Rows::Slots { data, slots: &kv.slots, heads: nkv, head: kvh };
-                            at(k).fits(kv.slots.len(), d).then(|| attend_dispatch(q, at(k), at(v), d, scale, heads_out))
+                    match (k.as_ref().and_then(|k| k.f32()), v.as_ref().and_then(|v| v.f32()), kv.slots.get(lo..=hi)) {
+                        (Some(k), Some(v), Some(slots)) if k.len() == v.len() => {
+                            let at = |data| Rows::Slots { data, slots, heads: nkv, head: kvh };
+                            at(k).fits(slots.len(), d).then(|| attend_dispatch(q, at(k), at(v), d, scale, heads_out))
                         }
                         _ => None,
                     }
                 }
             };
-            done.ok_or_else(|| {
-                crate::error::Error::Input("decode attention: the cache returned an unexpected layout".into())
-            })
+            done.ok_or_else(|| bad_layout("the cache returned an unexpected layout"))
         })?;
-        Ok(Tensor::from_vec(out, (n, nh * d), q_all.device())?)
+        Ok(Tensor::from_vec(out, (rows, nh * d), q_all.device())?)
     }
 }
 
-/// A sequence's keys and values for one layer of a decode step.
+fn bad_layout(what: &str) -> crate::error::Error {
+    crate::error::Error::Input(format!("attention: {what}"))
+}
+
+/// A sequence's keys and values for one layer of a step.
 enum Context {
     /// Gathered into `[kv_heads, n, head_dim]` tensors.
     Gathered(Tensor, Tensor),
