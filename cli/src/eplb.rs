@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use epserve_control::PlacementMap;
 use epserve_coordinator::transport::RoutingSink;
 use epserve_eplb::plan::{self, ParetoPoint};
+use epserve_eplb::plot::PlottedPlacement;
 use epserve_eplb::replay::{CostModel, PlacementReport, Resolved, StepReplay};
 use epserve_eplb::trace::{Record, Recorder, TraceHeader, TraceReader, WriterOptions, WriterStats, config_hash};
 use epserve_eplb::{LoadMatrix, StepLoads};
@@ -75,8 +76,9 @@ pub struct PlanArgs {
     /// Cost-aware: never move more than this many bytes of expert weights.
     #[arg(long)]
     pub max_move_bytes: Option<u64>,
-    /// Cost-aware: the cheapest point within this much aggregate imbalance of the best point is
-    /// written.
+    /// Cost-aware: the cheapest point within this much aggregate imbalance of the balanced plan's
+    /// is written (of the best point reached, when `--max-move-bytes` keeps it from the balanced
+    /// plan's balance).
     #[arg(long, default_value_t = 0.05)]
     pub tolerance: f64,
     /// Bytes of one expert replica; default: the trace header's `expert_bytes`.
@@ -107,6 +109,10 @@ pub struct ReplayArgs {
     pub row_us: f64,
     #[arg(long)]
     pub expert_bytes: Option<u64>,
+    /// Also write charts into this directory, as PNG and SVG: per-layer expert-load heatmap,
+    /// per-step imbalance over time per placement, worker-load histograms per placement.
+    #[arg(long, env = "EPSERVE_EPLB_PLOT")]
+    pub plot: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }
@@ -376,8 +382,13 @@ fn plan_cmd(args: PlanArgs) -> Result<()> {
         Algorithm::CostAware => {
             let points: Vec<ParetoPoint> =
                 plan::cost_aware(&loads, &workers, args.slots_per_worker, &current, &per_expert, args.max_move_bytes)?;
-            let chosen =
-                plan::choose(&points, args.tolerance).context("the planner found no placement")?.placement.clone();
+            // Within the tolerance of what the balanced plan reaches (issue 17's yardstick).
+            let reference =
+                epserve_eplb::replay::imbalance(&loads, &plan::balanced(&loads, &workers, args.slots_per_worker)?)?;
+            let chosen = plan::choose(&points, Some(reference), args.tolerance)
+                .context("the planner found no placement")?
+                .placement
+                .clone();
             ("cost-aware", chosen, points.iter().map(|p| (p.moved_bytes, p.imbalance_aggregate)).collect())
         }
     };
@@ -441,6 +452,17 @@ fn replay_cmd(args: ReplayArgs) -> Result<()> {
             PlacementReport::new(path.display().to_string(), &loads, r, moved)
         })
         .collect();
+    if let Some(dir) = &args.plot {
+        let plotted: Vec<PlottedPlacement<'_>> = replays
+            .iter()
+            .zip(&args.placements)
+            .map(|(replay, path)| PlottedPlacement { name: placement_label(path), replay })
+            .collect();
+        let written = epserve_eplb::plot::write_plots(dir, &loads, &plotted, args.min_step_tokens)
+            .with_context(|| format!("--plot {}", dir.display()))?;
+        // On stderr: `--json` keeps stdout machine-readable.
+        eprintln!("wrote {} charts into {}", written.len(), dir.display());
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
         return Ok(());
@@ -463,4 +485,9 @@ fn replay_cmd(args: ReplayArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A placement's name in charts: its file name without the extension (`balanced.json` → `balanced`).
+fn placement_label(path: &Path) -> &str {
+    path.file_stem().and_then(|s| s.to_str()).unwrap_or("placement")
 }

@@ -568,7 +568,7 @@ impl LoadBalancer {
                 let planned = epserve_eplb::plan::cost_aware(&loads, &workers, slots, &current, &|_, _| bytes, budget)
                     .map_err(|e| RebalanceError::Failed(format!("planning: {e}")))
                     .and_then(|points| {
-                        epserve_eplb::plan::choose(&points, tolerance)
+                        epserve_eplb::plan::choose(&points, None, tolerance)
                             .map(|p| (p.placement.clone(), p.imbalance_aggregate))
                             .ok_or_else(|| RebalanceError::Failed("the planner found no placement".into()))
                     });

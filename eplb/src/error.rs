@@ -1,4 +1,4 @@
-//! Errors of the planners, the replay and the trace format. None is retryable: each names bad input
+//! Errors of the planners, the replay, the trace format and the plots. None is retryable: each names bad input
 //! (a placement, a trace file, an argument) or a file-system failure.
 
 use std::path::PathBuf;
@@ -52,4 +52,18 @@ pub enum TraceError {
     Header(String),
     #[error("{0}")]
     Mismatch(String),
+}
+
+/// Charts cannot be drawn or written (`plot` feature).
+#[cfg(feature = "plot")]
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("the bundled chart font could not be loaded")]
+    Font,
+    #[error("drawing a chart: {0}")]
+    Draw(String),
+    #[error("{}: encoding the chart: {reason}", path.display())]
+    Encode { path: PathBuf, reason: String },
 }

@@ -2,7 +2,8 @@
 //! ([`trace`]), the per-expert token loads it sums to ([`LoadMatrix`]), placement planners that
 //! replicate hot experts and pack them onto workers ([`plan`]: `balanced`, after DeepSeek's EPLB, and
 //! `cost_aware`, which starts from the current placement and trades balance for bytes moved), and a
-//! replay that scores placements against a trace ([`replay`]). Serving processes use only
+//! replay that scores placements against a trace ([`replay`]), and, with the `plot` feature, charts
+//! of a replay ([`plot`]: PNG and SVG with `plotters`). Serving processes use only
 //! [`trace::Recorder`] (through the CLI's `--record-routing`) and [`split_rows`]; nothing here serves
 //! requests, talks to the network or touches the registry.
 //!
@@ -19,10 +20,14 @@
 mod error;
 mod load;
 pub mod plan;
+#[cfg(feature = "plot")]
+pub mod plot;
 pub mod replay;
 mod split;
 pub mod trace;
 
+#[cfg(feature = "plot")]
+pub use error::PlotError;
 pub use error::{PlanError, ReplayError, TraceError};
 pub use load::{LoadMatrix, StepLoads};
 pub use split::split_rows;

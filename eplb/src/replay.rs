@@ -108,7 +108,8 @@ impl Default for CostModel {
 }
 
 /// Bins of the worker-load histogram: load ÷ mean load of its (step, layer), 0 to 3 in 0.1 steps,
-/// the last bin holding everything above.
+/// the last bin holding everything above. Only steps of at least `min_step_tokens` tokens are
+/// counted, as in the per-step imbalance figures.
 pub const HISTOGRAM_BINS: usize = 31;
 pub const HISTOGRAM_BIN_WIDTH: f64 = 0.1;
 
@@ -123,7 +124,8 @@ pub struct StepReplay {
     pub imbalance: Vec<(u32, f64)>,
     /// Modelled step time of every step with tokens, microseconds.
     pub step_time_us: Vec<f64>,
-    /// Counts of (step, layer, worker) loads by load ÷ the (step, layer) mean.
+    /// Counts of (step, layer, worker) loads by load ÷ the (step, layer) mean, over steps of at
+    /// least `min_step_tokens` tokens.
     pub histogram: [u64; HISTOGRAM_BINS],
 }
 
@@ -150,13 +152,14 @@ impl StepReplay {
         }
         self.resolved.step_rows(step, &mut self.rows);
         let (mut max_sum, mut mean_sum, mut time) = (0.0, 0.0, 0.0);
+        let counted = step.tokens >= self.min_step_tokens;
         for w in &self.rows {
             let max = f64::from(w.iter().copied().max().unwrap_or(0));
             let mean = f64::from(w.iter().sum::<u32>()) / w.len().max(1) as f64;
             max_sum += max;
             mean_sum += mean;
             time += self.cost.layer_us + self.cost.row_us * max;
-            if mean > 0.0 {
+            if counted && mean > 0.0 {
                 for &r in w {
                     let bin = ((f64::from(r) / mean) / HISTOGRAM_BIN_WIDTH) as usize;
                     self.histogram[bin.min(HISTOGRAM_BINS - 1)] += 1;
