@@ -57,11 +57,7 @@ impl Form {
     }
 }
 
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    use rand_xoshiro::rand_core::{Rng, SeedableRng};
-    let mut rng = rand_xoshiro::SplitMix64::seed_from_u64(seed);
-    (0..n).map(|_| (rng.next_u64() % 2000) as f32 / 1000.0 - 1.0).collect()
-}
+use super::test_values as values;
 
 /// `yt[o][r]` in f64 over `w` given element by element.
 fn reference(x: &[f32], m: usize, w: impl Fn(usize, usize) -> f32, n: usize, k: usize) -> Vec<f32> {

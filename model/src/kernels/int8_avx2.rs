@@ -212,11 +212,7 @@ mod tests {
     use super::*;
     use crate::quant::{QuantMatrix, QuantScheme};
 
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        use rand_xoshiro::rand_core::{Rng, SeedableRng};
-        let mut rng = rand_xoshiro::SplitMix64::seed_from_u64(seed);
-        (0..n).map(|_| (rng.next_u64() % 2000) as f32 / 1000.0 - 1.0).collect()
-    }
+    use super::super::test_values as values;
 
     /// The same integer arithmetic, in scalars and f64: `Σ_blocks sw · sx · Σ w_code · q`.
     fn reference(x: &Int8Rows, w: &QuantView<'_>) -> Vec<f32> {

@@ -597,11 +597,7 @@ mod tests {
         yt
     }
 
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        use rand_xoshiro::rand_core::{Rng, SeedableRng};
-        let mut rng = rand_xoshiro::SplitMix64::seed_from_u64(seed);
-        (0..n).map(|_| (rng.next_u64() % 2000) as f32 / 1000.0 - 1.0).collect()
-    }
+    use super::test_values as values;
 
     #[test]
     fn matches_a_plain_dot_product_for_every_row_count_and_ragged_sizes() {
@@ -759,3 +755,11 @@ mod tests {
 
 #[cfg(test)]
 mod forms_tests;
+
+/// `n` values in [-1, 1) from `seed`, the kernels' tests' inputs.
+#[cfg(test)]
+fn test_values(n: usize, seed: u64) -> Vec<f32> {
+    use rand_xoshiro::rand_core::{Rng, SeedableRng};
+    let mut rng = rand_xoshiro::SplitMix64::seed_from_u64(seed);
+    (0..n).map(|_| (rng.next_u64() % 2000) as f32 / 1000.0 - 1.0).collect()
+}
