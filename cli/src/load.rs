@@ -1,12 +1,12 @@
 //! The flags of every command that loads a model: the compute dtype, how weights are kept, and
 //! where the routed experts run (`--workers`, the exchange settings).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
 use candle_core::DType;
-use epserve_coordinator::{GrpcConfig, LoadConfig, StandaloneModel};
+use epserve_coordinator::{GrpcConfig, LoadConfig, ShmConfig, StandaloneModel, WorkerTransport};
 use epserve_model::{Activations, LoadPolicy, QuantScheme, QuantScope, Quantize, WeightStorage};
 use epserve_proto::wire::WireDtype;
 
@@ -107,6 +107,33 @@ impl From<WireArg> for WireDtype {
     }
 }
 
+/// How a coordinator reaches its workers (docs/operations.md, "Expert transport").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportArg {
+    /// Shared memory with every worker that accepts the handshake (same host), gRPC with the others.
+    Auto,
+    /// Shared memory with every worker; start-up fails naming a worker that cannot use it.
+    Shm,
+    /// gRPC only, shared memory never tried.
+    Grpc,
+}
+
+impl From<TransportArg> for WorkerTransport {
+    fn from(t: TransportArg) -> Self {
+        match t {
+            TransportArg::Auto => WorkerTransport::Auto,
+            TransportArg::Shm => WorkerTransport::Shm,
+            TransportArg::Grpc => WorkerTransport::Grpc,
+        }
+    }
+}
+
+impl std::fmt::Display for TransportArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(WorkerTransport::from(*self).as_str())
+    }
+}
+
 /// Where the routed experts run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExpertArgs {
@@ -117,6 +144,14 @@ pub struct ExpertArgs {
     /// Dtype of the activations exchanged with the workers.
     #[arg(long, value_enum, default_value = "bf16", env = "EPSERVE_WIRE_DTYPE")]
     pub wire_dtype: WireArg,
+    /// How exchanges reach the workers: `auto` uses shared-memory rings with every worker on this
+    /// host that accepts the handshake and gRPC with the others, `shm` requires shared memory with
+    /// every worker (start-up fails naming one that cannot), `grpc` never tries shared memory.
+    #[arg(long, value_enum, default_value = "auto", env = "EPSERVE_TRANSPORT")]
+    pub transport: TransportArg,
+    /// The directory (a tmpfs) where shared-memory segments are created; workers must use the same.
+    #[arg(long, default_value = "/dev/shm", env = "EPSERVE_SHM_DIR")]
+    pub shm_dir: PathBuf,
     /// Deadline of every exchange with a worker, in milliseconds.
     #[arg(long, default_value_t = 10_000, env = "EPSERVE_EXCHANGE_TIMEOUT_MS")]
     pub exchange_timeout_ms: u64,
@@ -155,6 +190,7 @@ impl ExpertArgs {
                 exchange_timeout: Duration::from_millis(self.exchange_timeout_ms),
                 host_wait: Duration::from_millis(self.host_wait_ms),
                 tls: self.tls.load()?,
+                shm: ShmConfig { transport: self.transport.into(), dir: self.shm_dir.clone(), ..ShmConfig::default() },
                 ..GrpcConfig::new(self.workers.clone())
             },
             startup_wait: Duration::from_millis(self.startup_wait_ms),

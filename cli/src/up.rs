@@ -55,6 +55,13 @@ pub struct UpArgs {
     /// Passed on to every worker and coordinator.
     #[command(flatten)]
     pub quant: crate::load::QuantArgs,
+    /// How the coordinators reach the workers (all on this machine): `auto` and `shm` use
+    /// shared-memory rings (`shm` fails at start where it cannot), `grpc` never does.
+    #[arg(long, value_enum, default_value = "auto", env = "EPSERVE_TRANSPORT")]
+    pub transport: crate::load::TransportArg,
+    /// Where the shared-memory segments are created (passed on to workers and coordinators).
+    #[arg(long, default_value = "/dev/shm", env = "EPSERVE_SHM_DIR")]
+    pub shm_dir: PathBuf,
     // With `--registry`, every component registers in the control plane instead of being wired with
     // static addresses; the three flags are passed on to each.
     #[command(flatten)]
@@ -281,12 +288,15 @@ pub fn run(args: UpArgs) -> Result<()> {
         None => Vec::new(),
     };
     let num_experts = epserve_coordinator::loading::read_config(&model)?.text.num_local_experts;
+    let shm_dir = args.shm_dir.to_str().context("--shm-dir is not UTF-8")?.to_owned();
+    let transport = ["--transport".to_owned(), args.transport.to_string(), "--shm-dir".to_owned(), shm_dir];
     let mut workers = Vec::new();
     for i in 0..args.workers {
         let mut a: Vec<String> =
             ["worker", "--model", &model_arg, "--listen", "127.0.0.1:0", "--experts"].map(String::from).to_vec();
         a.push(worker_experts(i, args.workers, args.replicas, num_experts)?);
         a.extend(args.quant.to_flags());
+        a.extend(transport.iter().cloned());
         a.extend(registry.iter().cloned());
         a.extend(tls_flags("worker"));
         workers.push(processes.start(format!("worker {i}"), &a)?);
@@ -301,6 +311,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             a.extend(["--workers".into(), workers.join(",")]);
         }
         a.extend(args.quant.to_flags());
+        a.extend(transport.iter().cloned());
         a.extend(registry.iter().cloned());
         a.extend(tls_flags("coordinator"));
         coordinators.push(processes.start(format!("coordinator {i}"), &a)?);

@@ -45,6 +45,15 @@ pub struct WorkerArgs {
     /// routes here (nothing in flight, streams closed or idle for 1 s) before exiting.
     #[arg(long, default_value_t = 30, env = "EPSERVE_SHUTDOWN_GRACE_SECONDS")]
     pub shutdown_grace_seconds: u64,
+    /// Whether coordinators on this host may move their exchanges onto shared memory: `auto` and
+    /// `shm` accept their handshake, `grpc` refuses it (every exchange then goes over gRPC). The
+    /// coordinator's own `--transport` decides whether it asks.
+    #[arg(long, value_enum, default_value = "auto", env = "EPSERVE_TRANSPORT")]
+    pub transport: crate::load::TransportArg,
+    /// The directory coordinators create their shared-memory segments in (a tmpfs); it must be
+    /// the same path as the coordinators'.
+    #[arg(long, default_value = "/dev/shm", env = "EPSERVE_SHM_DIR")]
+    pub shm_dir: PathBuf,
     #[command(flatten)]
     pub control: JoinArgs,
     #[command(flatten)]
@@ -70,6 +79,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         dtype: args.dtype.into(),
         weights: args.quant.policy(args.weight_storage.into()),
         limits: ExchangeLimits { per_stream: args.max_exchanges_per_stream, bytes: args.exchange_memory_mb << 20 },
+        shm_dir: (args.transport != crate::load::TransportArg::Grpc).then_some(args.shm_dir),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().thread_name("epserve-io").enable_all().build()?;
     runtime.block_on(async move {

@@ -33,4 +33,4 @@ pub use loading::{LoadConfig, LoadError, LoadedModel, StandaloneModel, load_mode
 pub use run::{
     CoordinatorConfig, DEFAULT_SHUTDOWN_GRACE, EngineSizing, ReadyCoordinator, RunError, run, start, start_with_tls,
 };
-pub use transport::{ExpertTransport, GrpcConfig, GrpcExperts};
+pub use transport::{ExpertTransport, GrpcConfig, GrpcExperts, LinkMedium, ShmConfig, WorkerTransport};

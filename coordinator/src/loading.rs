@@ -126,7 +126,14 @@ pub async fn load_model(config: &LoadConfig, control: Option<&ControlConnection>
                 }
                 _ => GrpcExperts::connect(&config.grpc, &model_config.text, config.dtype).await?,
             };
-            tracing::info!("experts through workers {:?}, {} wire", grpc.workers(), config.grpc.wire);
+            let links: Vec<String> =
+                grpc.link_transports().iter().map(|(addr, medium)| format!("{addr} over {medium}")).collect();
+            tracing::info!(
+                "experts through workers [{}], {} wire, --transport {}",
+                links.join(", "),
+                config.grpc.wire,
+                config.grpc.shm.transport.as_str()
+            );
             ExpertTransport::Grpc(grpc)
         }
     };

@@ -76,6 +76,7 @@ async fn registers_not_ready_leads_and_is_ready_once_every_expert_has_a_live_hos
         weights: Default::default(),
         control: join(),
         limits: Default::default(),
+        shm_dir: None,
     })
     .await
     .expect("worker starts");

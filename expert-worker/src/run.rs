@@ -33,6 +33,9 @@ pub struct WorkerConfig {
     pub control: Option<ControlConnection>,
     /// How much exchange work is taken in at once.
     pub limits: ExchangeLimits,
+    /// Where coordinators on this host create their shared-memory segments (`/dev/shm` by
+    /// default); `None`: the worker refuses shared memory and every exchange goes over gRPC.
+    pub shm_dir: Option<PathBuf>,
 }
 
 /// Why a worker could not start or serve.
@@ -102,7 +105,7 @@ pub async fn start_with_tls(
     config: WorkerConfig,
     tls: Option<epserve_tls::ClusterTls>,
 ) -> Result<ReadyWorker, RunError> {
-    let WorkerConfig { model, listen, selection, dtype, weights, control, limits } = config;
+    let WorkerConfig { model, listen, selection, dtype, weights, control, limits, shm_dir } = config;
     let path = model.join("config.json");
     let model_config = ModelConfig::from_file(&path).map_err(|source| RunError::Config { path, source })?;
     let experts = selection.resolve(model_config.text.num_local_experts)?;
@@ -125,6 +128,7 @@ pub async fn start_with_tls(
     let worker = Arc::new(
         ExpertWorker::new(shard, model_config.text.clone(), model_name.clone(), dtype)
             .with_limits(limits)
+            .with_shm_dir(shm_dir)
             .with_loader(loader),
     );
     let control = control.map(|control| {

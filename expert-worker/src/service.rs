@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -94,6 +95,9 @@ pub struct ExpertWorker {
     hosted: watch::Sender<u64>,
     /// Set when the worker starts draining: its own `Health` then answers not serving.
     draining: AtomicBool,
+    /// Where coordinators on this host put their shared-memory segments; `None`: every
+    /// shared-memory handshake is refused and exchanges go over gRPC.
+    shm_dir: Option<PathBuf>,
 }
 
 impl ExpertWorker {
@@ -112,12 +116,19 @@ impl ExpertWorker {
             placing: tokio::sync::Mutex::new(()),
             hosted: watch::channel(0).0,
             draining: AtomicBool::new(false),
+            shm_dir: Some(epserve_shm::default_dir()),
         }
     }
 
     /// Marks the worker as draining (leaving the cluster): `ExpertService.Health` answers not serving.
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Accepts shared-memory segments from `dir` (`None`: refuses every shared-memory handshake).
+    pub fn with_shm_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.shm_dir = dir;
+        self
     }
 
     /// Lets more experts be placed here while serving, loaded with `loader`.
@@ -180,9 +191,14 @@ impl ExpertWorker {
     }
 
     /// The budget permits a request of `bytes` holds (a frame larger than the budget takes all).
-    fn permits(&self, bytes: usize) -> u32 {
+    pub(crate) fn permits(&self, bytes: usize) -> u32 {
         let units = bytes.div_ceil(BUDGET_UNIT).max(1);
         units.min(self.limits.bytes.div_ceil(BUDGET_UNIT)) as u32
+    }
+
+    /// The payload budget shared by every stream, in [`BUDGET_UNIT`]s.
+    pub(crate) fn budget(&self) -> Arc<Semaphore> {
+        self.budget.clone()
     }
 
     fn shard(&self) -> RwLockReadGuard<'_, ExpertShard> {
@@ -269,7 +285,7 @@ impl ExpertWorker {
         Ok(x.dtype.encode(&out.map_err(internal)?, x.hidden))
     }
 
-    async fn handle(self: Arc<Self>, request: ExchangeRequest) -> ExchangeResponse {
+    pub(crate) async fn handle(self: Arc<Self>, request: ExchangeRequest) -> ExchangeResponse {
         let id = request.id;
         let reject = |code: Code, message: String| {
             self.stats.exchanges_rejected.fetch_add(1, Ordering::Relaxed);
@@ -358,13 +374,13 @@ impl crate::health::Traffic for ExpertWorker {
 }
 
 /// One unit of a [`WorkerStats`] gauge, held while it lasts.
-struct Counted {
+pub(crate) struct Counted {
     worker: Arc<ExpertWorker>,
     gauge: fn(&WorkerStats) -> &AtomicUsize,
 }
 
 impl Counted {
-    fn new(worker: Arc<ExpertWorker>, gauge: fn(&WorkerStats) -> &AtomicUsize) -> Self {
+    pub(crate) fn new(worker: Arc<ExpertWorker>, gauge: fn(&WorkerStats) -> &AtomicUsize) -> Self {
         gauge(&worker.stats).fetch_add(1, Ordering::Relaxed);
         Counted { worker, gauge }
     }
@@ -388,10 +404,27 @@ impl ExpertService for Service {
 
     async fn exchange(&self, request: Request<Streaming<ExchangeRequest>>) -> Result<Response<ExchangeStream>, Status> {
         let peer = request.remote_addr();
-        let mut inbound = request.into_inner();
         let worker = self.0.clone();
         let (tx, rx) = mpsc::channel::<Result<ExchangeResponse, Status>>(worker.limits.per_stream);
         let slots = Arc::new(Semaphore::new(worker.limits.per_stream));
+        // The shared-memory handshake (crate::shm_link): an offer in the request metadata is
+        // answered in the response headers; an accepted segment carries this stream's exchanges
+        // from now on, and the stream itself only says that both ends are alive.
+        let offer = crate::shm_link::offered(request.metadata());
+        let mut accepted = offer.map(|offer| crate::shm_link::attach(worker.shm_dir.as_deref(), offer));
+        if let Some(Ok(segment)) = &accepted
+            && let Err(e) = crate::shm_link::serve(worker.clone(), segment.clone(), slots.clone(), tx.clone())
+        {
+            segment.close();
+            accepted = Some(Err(format!("no thread for the rings: {e}")));
+        }
+        match &accepted {
+            Some(Ok(segment)) => tracing::info!(?peer, segment = %segment.name(), "exchange stream over shared memory"),
+            Some(Err(reason)) => tracing::info!(?peer, "exchange stream over gRPC: shared memory refused: {reason}"),
+            None => tracing::debug!(?peer, "exchange stream over gRPC"),
+        }
+        let segment = accepted.as_ref().and_then(|a| a.as_ref().ok()).cloned();
+        let mut inbound = request.into_inner();
         tokio::spawn(async move {
             // Counted until the coordinator closes its side: the drain waits for that.
             let _open = Counted::new(worker.clone(), |s| &s.streams_open);
@@ -428,8 +461,17 @@ impl ExpertService for Service {
                     }
                 }
             }
+            // The coordinator went away (or closed its side): stop serving its rings; the
+            // threads drop the mapping as they end.
+            if let Some(segment) = segment {
+                segment.close();
+            }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let mut response = Response::new(Box::pin(ReceiverStream::new(rx)) as ExchangeStream);
+        if let Some(result) = &accepted {
+            crate::shm_link::answer(response.metadata_mut(), result);
+        }
+        Ok(response)
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {

@@ -26,3 +26,19 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 pub fn server_uri(addr: &str) -> String {
     if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") }
 }
+
+/// The shared-memory handshake, carried in the metadata of the `ExpertService.Exchange` stream
+/// (docs/architecture.md, "Shared-memory transport"): the coordinator names a segment it created
+/// and its nonce; the worker answers in the response headers whether it mapped it.
+pub mod shm_handshake {
+    /// Request: the segment's file name (no directory: the worker looks in its own shm directory).
+    pub const SEGMENT: &str = "epserve-shm-segment";
+    /// Request: the segment's nonce, 32 hex digits.
+    pub const NONCE: &str = "epserve-shm-nonce";
+    /// Response: [`ACCEPTED`] or [`REFUSED`]; absent from workers that do not know the handshake.
+    pub const ANSWER: &str = "epserve-shm";
+    /// Response, with [`REFUSED`]: why, in printable ASCII.
+    pub const REASON: &str = "epserve-shm-reason";
+    pub const ACCEPTED: &str = "accepted";
+    pub const REFUSED: &str = "refused";
+}

@@ -9,6 +9,12 @@ pub const EXCHANGE_SENT_BYTES_TOTAL: &str = "epserve_exchange_sent_bytes_total";
 pub const EXCHANGE_RECEIVED_BYTES_TOTAL: &str = "epserve_exchange_received_bytes_total";
 /// Counter, labels `worker`, `kind` (`deadline`, `unavailable`, `rejected`, `no_host`): failed exchanges.
 pub const EXCHANGE_ERRORS_TOTAL: &str = "epserve_exchange_errors_total";
+/// Gauge, labels `worker`, `transport` (`shm` | `grpc`): 1 for the medium the coordinator's current
+/// link to the worker carries exchanges over, 0 for the other.
+pub const WORKER_LINK_TRANSPORT: &str = "epserve_worker_link_transport";
+/// Counter, label `direction` (`request` on coordinators, `response` on workers): exchange messages
+/// larger than the shared-memory ring, sent over the link's gRPC stream instead.
+pub const SHM_OVERSIZE_MESSAGES_TOTAL: &str = "epserve_shm_oversize_messages_total";
 /// Counter, labels `layer`, `expert`: routed token rows per expert (the load-balancing signal).
 pub const EXPERT_ROWS_TOTAL: &str = "epserve_expert_rows_total";
 

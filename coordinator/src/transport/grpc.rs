@@ -28,6 +28,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
 
 use super::links::{Reply, Routes, WorkerLink, WorkerSet, check_worker_serves, endpoint, record_from_layers};
+use super::shm::{LinkMedium, ShmConfig, WorkerTransport};
 use crate::errors::TransportError;
 
 #[derive(Debug, Clone)]
@@ -42,6 +43,8 @@ pub struct GrpcConfig {
     pub host_wait: Duration,
     /// Connect to the workers over mutual TLS with this identity; `None`: plaintext.
     pub tls: Option<epserve_tls::ClusterTls>,
+    /// Whether (and how) exchanges with workers on this host go over shared memory.
+    pub shm: ShmConfig,
 }
 
 impl GrpcConfig {
@@ -53,6 +56,7 @@ impl GrpcConfig {
             connect_timeout: Duration::from_secs(5),
             host_wait: Duration::ZERO,
             tls: None,
+            shm: ShmConfig::default(),
         }
     }
 }
@@ -99,8 +103,18 @@ impl GrpcExperts {
             check_worker_serves(addr, &status, model)?;
             records.push(record_from_layers(addr, &status.layers, model));
         }
-        let workers = WorkerSet::new(model, cfg.connect_timeout, cfg.tls.clone());
+        let workers = WorkerSet::new(model, cfg.connect_timeout, cfg.tls.clone(), cfg.shm.clone());
         workers.sync(&records, None).await;
+        if cfg.shm.transport == WorkerTransport::Shm {
+            // Refused at start, naming the worker, rather than running without it.
+            let links = workers.links();
+            for addr in &cfg.workers {
+                if !links.values().any(|l| &l.addr == addr && l.medium == LinkMedium::Shm) {
+                    let reason = workers.connect_error(addr).unwrap_or_else(|| "not connected".to_owned());
+                    return Err(TransportError::Unavailable { worker: addr.clone(), reason });
+                }
+            }
+        }
         workers.routes().check_complete(model)?;
         let (members, members_rx) = watch::channel(records);
         let (placement, placement_rx) = watch::channel(None);
@@ -119,7 +133,7 @@ impl GrpcExperts {
         placement: watch::Receiver<Option<PlacementMap>>,
         startup_wait: Duration,
     ) -> Result<Self, TransportError> {
-        let workers = WorkerSet::new(model, cfg.connect_timeout, cfg.tls.clone());
+        let workers = WorkerSet::new(model, cfg.connect_timeout, cfg.tls.clone(), cfg.shm.clone());
         let mut generation = workers.generation.subscribe();
         tokio::spawn(workers.clone().follow(members, placement));
         let deadline = tokio::time::Instant::now() + startup_wait;
@@ -167,6 +181,14 @@ impl GrpcExperts {
     /// Addresses of the connected workers.
     pub fn workers(&self) -> Vec<String> {
         self.workers.addresses()
+    }
+
+    /// Every linked worker's address and what its exchanges travel over, sorted by address.
+    pub fn link_transports(&self) -> Vec<(String, LinkMedium)> {
+        let mut links: Vec<(String, LinkMedium)> =
+            self.workers.links().values().map(|l| (l.addr.clone(), l.medium)).collect();
+        links.sort_by(|a, b| a.0.cmp(&b.0));
+        links
     }
 
     /// After a step succeeded: reports recoveries from lost workers.
@@ -360,8 +382,8 @@ impl GrpcInFlight<'_> {
                 let _ = tx.send(Err(TransportError::Unavailable { worker: link.addr.clone(), reason }));
             }
             None => {
-                if link.requests.blocking_send(request).is_err() {
-                    x.workers.lose(&link, "its exchange stream is closed");
+                if let Err(reason) = link.send(request, Instant::now() + x.timeout) {
+                    x.workers.lose(&link, &reason);
                 }
             }
         }

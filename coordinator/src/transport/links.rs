@@ -3,7 +3,9 @@
 //! membership list — fixed (`--workers`) or followed in the registry. A link whose stream ends is
 //! dead at once (a killed process resets its connection); a worker that leaves the list (lease
 //! expired, or it stopped) is dead too; one that is listed but not connected is retried every
-//! second, so a worker that comes back is used again.
+//! second, so a worker that comes back is used again. A link to a worker on this host carries its
+//! exchanges over shared-memory rings when the worker accepts the handshake (`super::shm`); its
+//! stream then only carries liveness.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Weak};
@@ -18,6 +20,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tonic::transport::{Channel, Endpoint};
 
+use super::shm::{self, LinkMedium, ShmConfig, ShmRequests, WorkerTransport};
 use crate::errors::TransportError;
 
 pub(super) type Reply = Result<ExchangeResponse, TransportError>;
@@ -41,6 +44,9 @@ pub(crate) struct WorkerLink {
     pub channel: Channel,
     pub requests: mpsc::Sender<ExchangeRequest>,
     pub pending: Arc<Mutex<Pending>>,
+    /// What the exchanges travel over: the request ring when the worker accepted shared memory.
+    pub medium: LinkMedium,
+    shm: Option<ShmRequests>,
 }
 
 /// What a worker's record says it hosts: in every MoE layer, and per layer beyond that.
@@ -81,7 +87,28 @@ impl WorkerLink {
         for (_, tx) in p.waiting.drain() {
             let _ = tx.send(Err(TransportError::Unavailable { worker: self.addr.clone(), reason: reason.to_owned() }));
         }
+        drop(p);
+        // Stops the worker serving the rings and wakes a sender waiting for room in them.
+        if let Some(shm) = &self.shm {
+            shm.close();
+        }
         true
+    }
+
+    /// Sends `request` over the link's medium (waiting until `deadline` for room in a full
+    /// request ring); a request larger than the ring goes over the gRPC stream. `Err`: why the
+    /// link cannot carry it (the caller loses the link).
+    pub fn send(&self, request: ExchangeRequest, deadline: Instant) -> Result<(), String> {
+        if let Some(shm) = &self.shm {
+            match shm.send(&request, deadline) {
+                Ok(()) => return Ok(()),
+                Err(epserve_shm::ShmError::TooLarge { .. }) => {
+                    metrics::counter!(m::SHM_OVERSIZE_MESSAGES_TOTAL, "direction" => "request").increment(1);
+                }
+                Err(e) => return Err(format!("shared-memory requests: {e}")),
+            }
+        }
+        self.requests.blocking_send(request).map_err(|_| "its exchange stream is closed".to_owned())
     }
 }
 
@@ -169,6 +196,9 @@ pub(crate) struct WorkerSet {
     connect_timeout: Duration,
     /// The identity worker links are made with (mutual TLS); `None`: plaintext.
     tls: Option<epserve_tls::ClusterTls>,
+    shm: ShmConfig,
+    /// Worker address → why its last connection attempt failed, for start-up errors.
+    connect_errors: Mutex<HashMap<String, String>>,
     links: Mutex<HashMap<String, Arc<WorkerLink>>>,
     routes: RwLock<Arc<Routes>>,
     /// Bumped whenever the routes change; waiting for a host listens to it.
@@ -193,11 +223,18 @@ fn unix_ms() -> u128 {
 }
 
 impl WorkerSet {
-    pub fn new(model: &TextConfig, connect_timeout: Duration, tls: Option<epserve_tls::ClusterTls>) -> Arc<Self> {
+    pub fn new(
+        model: &TextConfig,
+        connect_timeout: Duration,
+        tls: Option<epserve_tls::ClusterTls>,
+        shm: ShmConfig,
+    ) -> Arc<Self> {
         Arc::new(WorkerSet {
             model: model.clone(),
             connect_timeout,
             tls,
+            shm,
+            connect_errors: Mutex::new(HashMap::new()),
             links: Mutex::new(HashMap::new()),
             routes: RwLock::new(Arc::new(Routes::default())),
             generation: watch::channel(0).0,
@@ -242,6 +279,15 @@ impl WorkerSet {
 
     pub fn routes(&self) -> Arc<Routes> {
         self.routes.read().clone()
+    }
+
+    pub fn shm_config(&self) -> &ShmConfig {
+        &self.shm
+    }
+
+    /// Why the last attempt to connect to the worker at `addr` failed, if it did.
+    pub fn connect_error(&self, addr: &str) -> Option<String> {
+        self.connect_errors.lock().get(addr).cloned()
     }
 
     /// Addresses of the linked workers, sorted.
@@ -383,14 +429,18 @@ impl WorkerSet {
                     tracing::info!(
                         worker = %w.addr,
                         id = %w.id,
-                        "connected; serves experts {:?} and single-layer replicas {:?}",
+                        transport = %link.medium,
+                        "connected over {}; serves experts {:?} and single-layer replicas {:?}",
+                        link.medium,
                         w.experts,
                         w.replicas
                     );
+                    self.connect_errors.lock().remove(&w.addr);
                     next.insert(w.id.clone(), link);
                 }
                 Err(e) => {
                     tracing::debug!(worker = %w.addr, "not connected yet: {e}");
+                    self.connect_errors.lock().insert(w.addr.clone(), e.to_string());
                     // Still listed: keep the dead link so that errors can say what happened to it.
                     if let Some(old) = current.get(&w.id) {
                         next.insert(w.id.clone(), old.clone());
@@ -576,12 +626,48 @@ async fn open_stream(
     hosted: BTreeSet<(u32, u32)>,
     workers: Arc<WorkerSet>,
 ) -> Result<Arc<WorkerLink>, TransportError> {
+    let unavailable = |reason: String| TransportError::Unavailable { worker: w.addr.clone(), reason };
     let (tx, rx) = mpsc::channel::<ExchangeRequest>(1024);
-    let response = client
-        .clone()
-        .exchange(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|e| TransportError::Unavailable { worker: w.addr.clone(), reason: e.to_string() })?;
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let config = workers.shm_config();
+    let offered = match shm::offer(config, &mut request) {
+        Ok(offered) => offered,
+        Err(e) if config.transport == WorkerTransport::Shm => {
+            return Err(unavailable(format!("--transport shm: no shared-memory segment: {e}")));
+        }
+        Err(e) => {
+            tracing::warn!(worker = %w.addr, "exchanges over gRPC: no shared-memory segment: {e}");
+            None
+        }
+    };
+    let response = client.clone().exchange(request).await.map_err(|e| unavailable(e.to_string()))?;
+    let (medium, shm_ends) = match offered {
+        None => (LinkMedium::Grpc, None),
+        Some(segment) => {
+            // Both sides hold the mapping now (or never will): the name has served its purpose.
+            if let Err(e) = segment.unlink() {
+                tracing::warn!(worker = %w.addr, "removing the shared-memory file: {e}");
+            }
+            match shm::accepted(response.metadata()) {
+                Ok(()) => (LinkMedium::Shm, Some(segment.ends(epserve_shm::Role::Creator))),
+                Err(why) if config.transport == WorkerTransport::Shm => {
+                    return Err(unavailable(format!("--transport shm: shared memory not accepted: {why}")));
+                }
+                Err(why) => {
+                    tracing::info!(worker = %w.addr, "exchanges over gRPC: shared memory not accepted: {why}");
+                    (LinkMedium::Grpc, None)
+                }
+            }
+        }
+    };
+    let (requests_ring, responses_ring) = match shm_ends {
+        Some((producer, consumer)) => (Some(ShmRequests::new(producer)), Some(consumer)),
+        None => (None, None),
+    };
+    for each in [LinkMedium::Shm, LinkMedium::Grpc] {
+        metrics::gauge!(m::WORKER_LINK_TRANSPORT, "worker" => w.addr.clone(), "transport" => each.as_str())
+            .set(if each == medium { 1.0 } else { 0.0 });
+    }
     let mut inbound = response.into_inner();
     let link = Arc::new(WorkerLink {
         id: w.id.clone(),
@@ -594,7 +680,13 @@ async fn open_stream(
         channel,
         requests: tx,
         pending: Arc::new(Mutex::new(Pending::default())),
+        medium,
+        shm: requests_ring,
     });
+    if let Some(responses) = responses_ring {
+        shm::spawn_reader(responses, link.pending.clone(), Arc::downgrade(&link), workers.clone())
+            .map_err(|e| unavailable(format!("no thread for the shared-memory answers: {e}")))?;
+    }
     // Weak: once the link is dropped (worker gone), its request sender goes and the stream closes.
     let reader = Arc::downgrade(&link);
     let pending = link.pending.clone();

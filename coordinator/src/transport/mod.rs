@@ -2,13 +2,18 @@
 //!
 //! - `local`: an in-process [`ExpertShard`] holding every expert, no copies — the single-node fast
 //!   path and the baseline every distributed figure is compared with;
-//! - `grpc`: expert workers over one bidirectional stream each ([`GrpcExperts`]).
+//! - `grpc`: expert workers over one bidirectional stream each ([`GrpcExperts`]); a worker on this
+//!   host that accepts the handshake gets its exchanges over shared-memory rings instead, the
+//!   stream carrying only liveness (`shm`; chosen per link with [`WorkerTransport`]).
+//!
+//! The ladder, fastest first: in process → shared memory → gRPC.
 //!
 //! Either tells its steps' routing to a [`RoutingSink`] when one is installed ([`record_routing`]).
 
 mod grpc;
 pub(crate) mod links;
 mod recording;
+mod shm;
 
 use epserve_model::{ExpertBackend, ExpertBatch, ExpertShard, ExpertsInFlight};
 use epserve_proto::metric_names as m;
@@ -16,6 +21,7 @@ use epserve_proto::metric_names as m;
 pub(crate) use grpc::FixedMembers;
 pub use grpc::{GrpcConfig, GrpcExperts};
 pub use recording::{RoutingSink, end_recorded_step, record_routing, stop_recording};
+pub use shm::{LinkMedium, ShmConfig, WorkerTransport};
 
 #[derive(Debug)]
 pub enum ExpertTransport {

@@ -27,6 +27,8 @@ pub fn config(selection: ExpertSelection, control: Option<ControlConnection>) ->
         weights: Default::default(),
         control,
         limits: Default::default(),
+        // gRPC only: these tests are about the service; the shared-memory link has its own.
+        shm_dir: None,
     }
 }
 
