@@ -684,7 +684,7 @@ async fn open_stream(
         shm: requests_ring,
     });
     if let Some(responses) = responses_ring {
-        shm::spawn_reader(responses, link.pending.clone(), Arc::downgrade(&link), workers.clone())
+        shm::spawn_reader(responses, link.pending.clone(), Arc::downgrade(&link), Arc::downgrade(&workers))
             .map_err(|e| unavailable(format!("no thread for the shared-memory answers: {e}")))?;
     }
     // Weak: once the link is dropped (worker gone), its request sender goes and the stream closes.

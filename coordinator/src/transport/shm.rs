@@ -166,7 +166,7 @@ pub(super) fn spawn_reader(
     mut responses: Consumer,
     pending: Arc<Mutex<Pending>>,
     link: Weak<WorkerLink>,
-    workers: Arc<WorkerSet>,
+    workers: Weak<WorkerSet>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new().name("epserve-shm-answers".into()).spawn(move || {
         let mut buf = Vec::new();
@@ -188,7 +188,7 @@ pub(super) fn spawn_reader(
         };
         responses.segment().close();
         // A no-op when the link is already lost (that is usually why the ring was closed).
-        if let Some(link) = link.upgrade() {
+        if let (Some(link), Some(workers)) = (link.upgrade(), workers.upgrade()) {
             workers.lose(&link, &reason);
         }
     })?;
