@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use candle_core::{DType, Device};
-use epserve_coordinator::{ExpertTransport, GrpcConfig, GrpcExperts};
+use epserve_coordinator::{ExpertTransport, GrpcConfig, GrpcExperts, ShmConfig, WorkerTransport};
 use epserve_model::{
     Checkpoint, ExpertBackend, ExpertShard, LoadPolicy, LogitsFor, ModelConfig, SequenceStep, TextModel, WeightStorage,
 };
@@ -47,10 +47,24 @@ impl Coordinator {
         Self::shard(&self.config, policy)
     }
 
+    /// The workers over gRPC only (shared memory never offered).
     pub fn grpc(&self, workers: &[Process], wire: WireDtype, timeout: Duration) -> Result<GrpcExperts, String> {
+        let shm = ShmConfig { transport: WorkerTransport::Grpc, ..ShmConfig::default() };
+        self.connect(workers, wire, timeout, shm)
+    }
+
+    /// The workers over the worker links with `shm` as their shared-memory settings.
+    pub fn connect(
+        &self,
+        workers: &[Process],
+        wire: WireDtype,
+        timeout: Duration,
+        shm: ShmConfig,
+    ) -> Result<GrpcExperts, String> {
         let cfg = GrpcConfig {
             wire,
             exchange_timeout: timeout,
+            shm,
             ..GrpcConfig::new(workers.iter().map(|w| w.addr.clone()).collect())
         };
         self.runtime.block_on(GrpcExperts::connect(&cfg, &self.config.text, DType::F32)).map_err(|e| e.to_string())
