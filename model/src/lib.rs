@@ -22,6 +22,7 @@ pub mod rope;
 pub mod text_model;
 pub mod vision;
 
+mod attend;
 mod attention;
 mod deviation;
 mod layers;

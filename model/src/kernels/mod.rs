@@ -24,6 +24,7 @@ mod isa;
 mod outer;
 #[cfg(target_arch = "x86_64")]
 mod outer256;
+mod peak;
 pub mod source;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
@@ -31,6 +32,7 @@ mod vnni;
 use rayon::prelude::*;
 
 pub use isa::{Isa, isa};
+pub use peak::peak_multiply_adds_per_s;
 pub use source::{CodeKind, QuantView, ScalesRef};
 use source::{Dense, Fp8Source, Int4Source, Int8Source};
 
@@ -758,7 +760,7 @@ mod forms_tests;
 
 /// `n` values in [-1, 1) from `seed`, the kernels' tests' inputs.
 #[cfg(test)]
-fn test_values(n: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
     use rand_xoshiro::rand_core::{Rng, SeedableRng};
     let mut rng = rand_xoshiro::SplitMix64::seed_from_u64(seed);
     (0..n).map(|_| (rng.next_u64() % 2000) as f32 / 1000.0 - 1.0).collect()
