@@ -28,6 +28,8 @@ mod deviation;
 mod layers;
 
 #[cfg(test)]
+mod bf16_mode_tests;
+#[cfg(test)]
 mod parity_tests;
 
 pub use checkpoint::{Checkpoint, WeightSource};

@@ -12,6 +12,8 @@
 //! ([`products`]): a decode step makes hundreds of them, and waking the thread pool for each costs
 //! more than a small product.
 
+#[cfg(target_arch = "x86_64")]
+mod bf16dot;
 mod dot;
 #[cfg(target_arch = "x86_64")]
 mod dot256;
@@ -116,6 +118,9 @@ impl Weight for half::bf16 {
 pub enum Weights<'a> {
     F32(&'a [f32]),
     Bf16(&'a [half::bf16]),
+    /// bf16 weights multiplied with the rows rounded to bf16 (`--activations bf16`): `vdpbf16ps`
+    /// where the CPU has AVX512-BF16, else exactly as [`Weights::Bf16`].
+    Bf16Products(&'a [half::bf16]),
     Quant(QuantView<'a>),
 }
 
@@ -124,7 +129,7 @@ impl<'a> Weights<'a> {
     pub fn len(&self) -> usize {
         match self {
             Weights::F32(w) => w.len(),
-            Weights::Bf16(w) => w.len(),
+            Weights::Bf16(w) | Weights::Bf16Products(w) => w.len(),
             Weights::Quant(q) => q.n() * q.k(),
         }
     }
@@ -139,6 +144,7 @@ impl<'a> Weights<'a> {
         match *self {
             Weights::F32(w) => Weights::F32(&w[range]),
             Weights::Bf16(w) => Weights::Bf16(&w[range]),
+            Weights::Bf16Products(w) => Weights::Bf16Products(&w[range]),
             Weights::Quant(q) => Weights::Quant(q.rows(first, count)),
         }
     }
@@ -191,7 +197,7 @@ pub fn products(batch: Vec<Product<'_>>) {
             continue;
         }
         let (m, k) = (p.m, p.k);
-        let per_task = task_features(p.yt.len() / m, matches!(staged, Staged::Transposed(_)));
+        let per_task = task_features(p.yt.len() / m, staged.outer());
         for (i, yt) in p.yt.chunks_mut(per_task * m).enumerate() {
             let first = i * per_task;
             let w = p.w.rows(first, yt.len() / m, k);
@@ -202,6 +208,8 @@ pub fn products(batch: Vec<Product<'_>>) {
                 Staged::Int8(xq) => Input::Int8(xq),
                 #[cfg(target_arch = "x86_64")]
                 Staged::Int8Avx2(xq) => Input::Int8Avx2(xq),
+                #[cfg(target_arch = "x86_64")]
+                Staged::Bf16(xb) => Input::Bf16(xb),
             };
             tasks.push((x, m, w, k, yt));
         }
@@ -211,8 +219,10 @@ pub fn products(batch: Vec<Product<'_>>) {
         (Input::Int8(xq), Weights::Quant(q)) => vnni::features_of(xq, q, yt),
         #[cfg(target_arch = "x86_64")]
         (Input::Int8Avx2(xq), Weights::Quant(q)) => int8_avx2::features_of(xq, q, yt),
+        #[cfg(target_arch = "x86_64")]
+        (Input::Bf16(xb), Weights::Bf16Products(w)) => bf16dot::features_of(xb, w, yt),
         (x, Weights::F32(w)) => task(x, m, Dense { w, k }, yt),
-        (x, Weights::Bf16(w)) => task(x, m, Dense { w, k }, yt),
+        (x, Weights::Bf16(w) | Weights::Bf16Products(w)) => task(x, m, Dense { w, k }, yt),
         (x, Weights::Quant(q)) => match q.kind() {
             CodeKind::Int8 => task(x, m, Int8Source(q), yt),
             CodeKind::Int4 => task(x, m, Int4Source(q), yt),
@@ -236,6 +246,8 @@ fn task<S: source::MatrixSource>(x: Input<'_>, m: usize, w: S, yt: &mut [f32]) {
         (Input::Transposed(_), _) => unreachable!("no outer form on this architecture"),
         #[cfg(target_arch = "x86_64")]
         (Input::Int8(_) | Input::Int8Avx2(_), _) => unreachable!("int8 rows are staged for quantized weights only"),
+        #[cfg(target_arch = "x86_64")]
+        (Input::Bf16(_), _) => unreachable!("bf16 rows are staged for bf16-product weights only"),
     }
 }
 
@@ -251,10 +263,30 @@ enum Staged {
     /// Quantized, for the int8-activation mode (AVX2).
     #[cfg(target_arch = "x86_64")]
     Int8Avx2(int8_avx2::Int8Rows),
+    /// Rounded to bf16, for the bf16 mode (AVX512-BF16).
+    #[cfg(target_arch = "x86_64")]
+    Bf16(bf16dot::Bf16Rows),
 }
 
 impl Staged {
+    /// Whether the product runs an outer form (compute-bound: larger tasks).
+    fn outer(&self) -> bool {
+        match self {
+            Staged::Transposed(_) => true,
+            #[cfg(target_arch = "x86_64")]
+            Staged::Bf16(xb) => xb.outer(),
+            _ => false,
+        }
+    }
+
     fn new(p: &Product<'_>) -> Staged {
+        #[cfg(target_arch = "x86_64")]
+        if let Weights::Bf16Products(_) = &p.w
+            && bf16dot::available()
+            && p.m <= max_rows()
+        {
+            return Staged::Bf16(bf16dot::Bf16Rows::stage(p.x, p.m, p.k));
+        }
         #[cfg(target_arch = "x86_64")]
         if let Weights::Quant(q) = &p.w
             && vnni::takes(q, p.m)
@@ -286,6 +318,9 @@ enum Input<'a> {
     /// Quantized to int8, for the int8-activation mode (AVX2).
     #[cfg(target_arch = "x86_64")]
     Int8Avx2(&'a int8_avx2::Int8Rows),
+    /// Rounded to bf16, for the bf16 mode (AVX512-BF16).
+    #[cfg(target_arch = "x86_64")]
+    Bf16(&'a bf16dot::Bf16Rows),
 }
 
 /// `x` laid out for the outer form when that form takes `m` rows on this CPU, else `None`.
@@ -323,6 +358,15 @@ pub fn max_rows() -> usize {
         Isa::Avx2 => outer256::MAX_ROWS,
         _ => dot::MAX_ROWS,
     }
+}
+
+/// Whether `--activations bf16` multiplies with `vdpbf16ps` on this CPU (AVX-512 kernels chosen
+/// and AVX512-BF16 present); where not, its products are the exact f32 ones.
+pub fn bf16_products() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return bf16dot::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Runs `f` on a thread of rayon's global pool (at once when already on one). A decode step starts
@@ -374,7 +418,7 @@ impl<'t> CpuView<'t> {
     pub fn f32(&self) -> Option<&[f32]> {
         match self.weights() {
             Weights::F32(v) => Some(v),
-            Weights::Bf16(_) | Weights::Quant(_) => None,
+            Weights::Bf16(_) | Weights::Bf16Products(_) | Weights::Quant(_) => None,
         }
     }
 }
