@@ -1,9 +1,9 @@
-//! The bf16 mode (`--activations bf16`: rows rounded to bf16, `vdpbf16ps` on CPUs with
-//! AVX512-BF16) against the transformers goldens of both fixtures: logits within
-//! [`BF16_TOLERANCE`] at every position (prefill, through the outer form in blocks of 64 rows), and
-//! the golden's greedy tokens decoded one at a time with the KV cache (the dot form) for as long as
-//! each step's top-1 margin exceeds twice the tolerance (below that a flip is within the mode's
-//! error, and the continuation may part from the golden's).
+//! The bf16 mode (`--activations bf16`: one-row products rounded to bf16 and multiplied with
+//! `vdpbf16ps` on CPUs with AVX512-BF16) against the transformers goldens of both fixtures: logits
+//! within [`BF16_TOLERANCE`] at every position of a prompt fed one token at a time (every product
+//! one row: all of them in the mode), and the golden's greedy tokens decoded with the KV cache for
+//! as long as each step's top-1 margin exceeds twice the tolerance (below that a flip is within the
+//! mode's error, and the continuation may part from the golden's).
 
 use std::path::Path;
 
@@ -31,7 +31,7 @@ fn assert_bf16_mode_close(dir: &Path) {
     let m = load_policy(&cfg, &ckpt, policy);
     for case in golden_in(dir).cases {
         let t = case.input_ids.len();
-        let (logits, _) = m.full(&case.input_ids);
+        let (logits, _) = m.incremental(&case.input_ids, &[1]);
         let diff = max_abs_diff(&logits, &case.logits);
         eprintln!("{}: bf16 mode T={t}: max |Δlogit| {diff}", dir.display());
         assert!(diff < BF16_TOLERANCE, "T={t}: max |Δlogit| = {diff}");

@@ -123,7 +123,7 @@ impl Loaded {
     }
 
     /// Feeds `tokens` in pieces of the given sizes through one cache.
-    fn incremental(&self, tokens: &[u32], pieces: &[usize]) -> (Vec<Vec<f32>>, RoutingTrace) {
+    pub(crate) fn incremental(&self, tokens: &[u32], pieces: &[usize]) -> (Vec<Vec<f32>>, RoutingTrace) {
         let mut cache = self.model.new_cache();
         let mut trace = RoutingTrace::default();
         let mut out = Vec::new();

@@ -246,9 +246,9 @@ pub enum Activations {
     /// (AVX512-VNNI) for products of 1 to 8 rows; larger products, other weights and CPUs without
     /// the instructions stay f32 (docs/model.md, "Int8 activations").
     Int8,
-    /// Rounded to bf16 once per product and multiplied with bf16 weights by AVX512-BF16's
-    /// `vdpbf16ps` (f32 sums), for products of up to 64 rows and in blocks of 64 beyond; other
-    /// weights and CPUs without the instruction stay f32 (docs/model.md, "bf16 mode").
+    /// Rounded to bf16 and multiplied with bf16 weights by AVX512-BF16's `vdpbf16ps` (f32 sums),
+    /// for products of one row (where the instruction wins on the CPUs measured); other products,
+    /// other weights and CPUs without the instruction stay f32 (docs/model.md, "bf16 mode").
     Bf16,
 }
 
