@@ -47,6 +47,8 @@
 #   COMPARE_EPSERVE_QUANTIZE []   int8 or int4: every epserve command gets `--quantize X
 #                                 --quantize-scope SCOPE` (weights quantized at load); empty: as stored
 #   COMPARE_EPSERVE_QUANTIZE_SCOPE [all]  that SCOPE (all: every matrix but the router)
+#   COMPARE_EPSERVE_ACTIVATIONS []  bf16 or int8: every epserve command gets `--activations X` too
+#                                 (bf16: the bf16 mode, `vdpbf16ps` on AVX512-BF16); empty: f32
 #   LLAMA_CPP_PYTHON_VERSION [0.3.36], TORCH_VERSION [2.15.0], TRANSFORMERS_VERSION [5.23.0]
 source "$(dirname "$0")/common.sh"
 
@@ -83,17 +85,24 @@ case "$GGUF_TYPE" in
 esac
 # The flags every epserve command gets; the environment's own EPSERVE_QUANTIZE* would otherwise apply
 # to them unannounced.
+# COMPARE_EPSERVE_ACTIVATIONS (bf16 or int8): every epserve command gets `--activations X` too.
+EA="${COMPARE_EPSERVE_ACTIVATIONS:-}"
 case "$EQ" in
   "") EQ_ARGS=() ;;
   int8|int4) EQ_ARGS=(--quantize "$EQ" --quantize-scope "$EQ_SCOPE") ;;
   *) echo "COMPARE_EPSERVE_QUANTIZE must be empty, int8 or int4 (got $EQ)" >&2; exit 1 ;;
 esac
-unset EPSERVE_QUANTIZE EPSERVE_QUANTIZE_SCOPE
+case "$EA" in
+  "") ;;
+  bf16|int8) EQ_ARGS+=(--activations "$EA") ;;
+  *) echo "COMPARE_EPSERVE_ACTIVATIONS must be empty, bf16 or int8 (got $EA)" >&2; exit 1 ;;
+esac
+unset EPSERVE_QUANTIZE EPSERVE_QUANTIZE_SCOPE EPSERVE_ACTIVATIONS
 # " --quantize X --quantize-scope S" for the commands lists, or nothing.
 EQ_FLAGS="${EQ_ARGS[*]:+ ${EQ_ARGS[*]}}"
 # The report names each system's weights when either side is quantized (otherwise as before).
 QUANT_REPORT=""
-if [ -n "$EQ" ] || [[ "$GGUF_TYPE" != f32 && "$GGUF_TYPE" != bf16 && "$GGUF_TYPE" != f16 ]]; then QUANT_REPORT=1; fi
+if [ -n "$EQ" ] || [ -n "$EA" ] || [[ "$GGUF_TYPE" != f32 && "$GGUF_TYPE" != bf16 && "$GGUF_TYPE" != f16 ]]; then QUANT_REPORT=1; fi
 
 mkdir -p "$CACHE/logs" "$CACHE/gguf" "$CACHE/results"
 RUN="$CACHE/results/$(date -u +%Y%m%dT%H%M%SZ)"
@@ -610,7 +619,7 @@ fi
 versions="epserve $(git -C "$root" rev-parse --short HEAD 2>/dev/null)$(git -C "$root" diff --quiet 2>/dev/null || echo '+dirty')"
 [ -x "$LCP_VENV/bin/python" ] && versions+=", llama-cpp-python $("$LCP_VENV/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null || echo '?')"
 [ -x "$HF_VENV/bin/python" ] && versions+=", $("$HF_VENV/bin/python" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")' 2>/dev/null || echo 'torch ?')"
-GGUF_TYPE="$GGUF_TYPE" QUANT_REPORT="$QUANT_REPORT" EQ="$EQ" EQ_SCOPE="$EQ_SCOPE" "$PY" - "$RUN" "$SYSTEMS" "$machine_line" "$versions" "$model" "$OUT_LEN" "$PROMPT_LEN" "$C1_REQ" "$CONC" "$CONC_REQ" \
+GGUF_TYPE="$GGUF_TYPE" QUANT_REPORT="$QUANT_REPORT" EQ="$EQ" EQ_SCOPE="$EQ_SCOPE" EA="$EA" "$PY" - "$RUN" "$SYSTEMS" "$machine_line" "$versions" "$model" "$OUT_LEN" "$PROMPT_LEN" "$C1_REQ" "$CONC" "$CONC_REQ" \
   "$TTFT_LEN" "$TTFT_REQ" "$TTFT_OUT" "$WARMUP" "$THREADS" <<'PY' | tee "$RUN/report.md"
 import json, os, sys
 (run, systems, machine, versions, model, out_len, prompt_len, c1_req, conc, conc_req, ttft_len, ttft_req, ttft_out,
@@ -672,6 +681,9 @@ label = {
 quant_report = bool(os.environ.get("QUANT_REPORT"))
 gguf_type, eq, eq_scope = os.environ["GGUF_TYPE"], os.environ.get("EQ", ""), os.environ.get("EQ_SCOPE", "")
 ep_weights = f"{eq} {eq_scope}" if eq else "bf16 as stored"
+ea = os.environ.get("EA", "")
+if ea:
+    ep_weights += f", {ea} activations"
 if quant_report:
     label["epserve"] = f"epserve in process (`engine-bench`, {ep_weights})"
     label["up"] = f"`epserve up` (gateway + coordinator + 4 gRPC expert workers, {ep_weights})"
@@ -683,13 +695,14 @@ else:
     print(f"## epserve vs llama.cpp vs transformers on `{os.path.basename(model)}`\n")
 print(f"{machine}; {threads} threads for every system; {versions}\n")
 quant_vars = f" COMPARE_GGUF_TYPE={gguf_type} COMPARE_EPSERVE_QUANTIZE={eq} COMPARE_EPSERVE_QUANTIZE_SCOPE={eq_scope}" if quant_report else ""
+quant_vars += f" COMPARE_EPSERVE_ACTIVATIONS={ea}" if ea else ""
 print(f"Command: `bench/compare.sh` (COMPARE_OUTPUT_LEN={out_len} COMPARE_PROMPT_LEN={prompt_len} COMPARE_C1_REQUESTS={c1_req} "
       f"COMPARE_CONCURRENCY={conc} COMPARE_C32_REQUESTS={conc_req} COMPARE_TTFT_PROMPT_LEN={ttft_len} COMPARE_TTFT_REQUESTS={ttft_req} "
       f"COMPARE_TTFT_OUTPUT_LEN={ttft_out} COMPARE_WARMUP={warmup}{quant_vars})\n")
 if quant_report:
     ep_desc = (f"`--quantize {eq} --quantize-scope {eq_scope}`, quantized at load ({'8' if eq == 'int8' else '4'}-bit symmetric, "
                "an f16 scale per 32 weights; router, norms and embeddings as stored)") if eq else \
-              "the checkpoint's bf16 matrices as stored (f32 compute)"
+              "the checkpoint's bf16 matrices as stored (" + ("rows rounded to bf16, `vdpbf16ps`" if ea == "bf16" else "f32 compute") + ")"
     types = text(f"{run}/gguf.types")
     print(f"Weights: epserve {ep_desc}; llama.cpp GGUF {gguf_type}" + (f" ({types})" if types else "")
           + "; transformers the checkpoint in f32.\n")

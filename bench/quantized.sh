@@ -4,7 +4,8 @@
 # (every matrix but the router) and the default `routed,shared`, and scope `all` with int8
 # activations (`--activations int8`) — each row with its tokens/s (the median of QUANT_ROUNDS runs,
 # the configurations alternating round by round so that a slow spell of a shared host hits them all), the
-# bytes a step reads and the fraction of the memory-bandwidth bound it reaches. Prints a markdown
+# bytes a step reads and the fraction of the memory-bandwidth bound and of the arithmetic bound (the
+# step's multiply-adds over the measured peak) it reaches, and which bound is lower. Prints a markdown
 # table for docs/benchmarks.md, then the raw JSON.
 #
 #   bench/quantized.sh            # QUANT_BATCHES=1,32,64 QUANT_STEPS=32 QUANT_PROMPT_LEN=32 QUANT_ROUNDS=3
@@ -49,11 +50,13 @@ for n in names:
     # The median run of each batch size (by tokens/s), all its fields with it.
     runs[n] = {b: sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2] for b, rs in runs[n].items()}
     bw = [r["memory_read_gb_per_s"] for rows in per_round for r in rows if "memory_read_gb_per_s" in r]
+    peak = [r["peak_multiply_adds_g_per_s"] for rows in per_round for r in rows if "peak_multiply_adds_g_per_s" in r]
     if bw:
-        print(f"{n}: memory read bandwidth probe {statistics.median(bw):.1f} GB/s (median of {len(bw)})")
+        print(f"{n}: memory read bandwidth probe {statistics.median(bw):.1f} GB/s (median of {len(bw)})", end="")
+        print(f"; peak f32 multiply-adds {statistics.median(peak):.1f} G/s" if peak else "")
 print()
-print("| weights | batch | tok/s | × bf16 | MB read / step | fraction of the bandwidth bound |")
-print("| --- | ---: | ---: | ---: | ---: | ---: |")
+print("| weights | batch | tok/s | × bf16 | MB read / step | fraction of the bandwidth bound | fraction of the arithmetic bound | lower bound |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
 for n in names:
     for b, r in sorted(runs[n].items()):
         base = runs["bf16"].get(b, {}).get("tokens_per_s")
@@ -61,7 +64,9 @@ for n in names:
         mb = r.get("weight_bytes_per_step", 0) / 1e6
         frac = r.get("fraction_of_bound")
         frac = f"{frac:.2f}" if frac is not None else "n/a"
-        print(f"| {n} | {b} | {r['tokens_per_s']:.1f} | {ratio} | {mb:.1f} | {frac} |")
+        arith = r.get("fraction_of_arithmetic_bound")
+        arith = f"{arith:.2f}" if arith is not None else "n/a"
+        print(f"| {n} | {b} | {r['tokens_per_s']:.1f} | {ratio} | {mb:.1f} | {frac} | {arith} | {r.get('lower_bound', 'n/a')} |")
 print()
 for n in names:
     print(n, json.dumps(list(runs[n].values())))

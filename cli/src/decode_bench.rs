@@ -7,7 +7,9 @@
 //! model, plus one copy of each expert that any row of the step was routed to, per layer) and, with
 //! `--probe-bandwidth`, measures the machine's read bandwidth, so that each batch size can be put
 //! against its memory bound in the same run: a decode step cannot be faster than its bytes over the
-//! bandwidth.
+//! bandwidth. The same flag measures the machine's peak f32 multiply-add rate in the kernels'
+//! instruction set and gives each row its arithmetic bound too (the step's matrix multiply-adds
+//! over that peak), and says which of the two bounds is the lower one.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -37,8 +39,9 @@ pub struct DecodeBenchArgs {
     pub both_overlap: bool,
     #[arg(long, value_enum, default_value = "f32", env = "EPSERVE_DTYPE")]
     pub dtype: ComputeDtype,
-    /// Measure the machine's memory read bandwidth first (summing 1 GiB on every thread of the
-    /// pool) and report each batch size against its memory bound.
+    /// Measure the machine's memory read bandwidth (summing 1 GiB on every thread of the pool) and
+    /// its peak f32 multiply-add rate first, and report each batch size against its memory and
+    /// arithmetic bounds.
     #[arg(long)]
     pub probe_bandwidth: bool,
     #[command(flatten)]
@@ -55,6 +58,11 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
     if let Some(b) = bandwidth {
         tracing::info!("memory read bandwidth: {:.1} GB/s", b / 1e9);
     }
+    let peak = args.probe_bandwidth.then(epserve_model::kernels::peak_multiply_adds_per_s);
+    if let Some(p) = peak {
+        tracing::info!("peak f32 multiply-adds: {:.1} G/s ({:?})", p / 1e9, epserve_model::kernels::isa());
+    }
+    let multiply_adds_per_token = standalone.config.text.multiply_adds_per_token() as f64;
     let expert_bytes = match &standalone.experts {
         ExpertTransport::Local(shard) => shard.expert_bytes(),
         ExpertTransport::Grpc(_) => None,
@@ -125,11 +133,23 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
                     row["fraction_of_bound"] = json!(achieved / bandwidth);
                 }
             }
+            if let Some(peak) = peak {
+                let bound = peak / multiply_adds_per_token;
+                row["multiply_adds_per_token"] = json!(multiply_adds_per_token);
+                row["arithmetic_bound_tokens_per_s"] = json!(bound);
+                row["fraction_of_arithmetic_bound"] = json!(tokens_per_s / bound);
+                if let Some(memory) = row["bound_tokens_per_s"].as_f64() {
+                    row["lower_bound"] = json!(if memory <= bound { "memory" } else { "arithmetic" });
+                }
+            }
             results.push(row);
         }
     }
     if let Some(b) = bandwidth {
         results.push(json!({ "memory_read_gb_per_s": b / 1e9 }));
+    }
+    if let Some(p) = peak {
+        results.push(json!({ "peak_multiply_adds_g_per_s": p / 1e9, "isa": format!("{:?}", epserve_model::kernels::isa()).to_lowercase() }));
     }
     println!("{}", serde_json::to_string_pretty(&results)?);
     Ok(())

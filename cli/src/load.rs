@@ -56,10 +56,11 @@ pub struct QuantArgs {
     /// vision tower are never quantized.
     #[arg(long, default_value = "routed,shared", value_parser = clap::value_parser!(QuantScope), env = "EPSERVE_QUANTIZE_SCOPE")]
     pub quantize_scope: QuantScope,
-    /// What rows are multiplied as against int8 and int4 weights (on-the-fly or pre-quantized):
-    /// `f32` computes exactly what the dequantised weights give; `int8` quantizes them per 32
-    /// values and uses integer dot products (AVX512-VNNI) for products of up to 8 rows, faster and
-    /// less exact (its error: docs/model.md, "Int8 activations").
+    /// What rows are multiplied as: `f32` computes exactly what the (dequantised) weights give;
+    /// `int8`, against int8 and int4 weights, quantizes them per 32 values and uses integer dot
+    /// products (AVX512-VNNI or AVX2) for products of up to 8 rows; `bf16`, against bf16 weights,
+    /// rounds them to bf16 and uses `vdpbf16ps` (AVX512-BF16). Both are faster and less exact
+    /// (their error: docs/model.md, "Int8 activations", "bf16 mode").
     #[arg(long, default_value = "f32", value_parser = clap::value_parser!(Activations), env = "EPSERVE_ACTIVATIONS")]
     pub activations: Activations,
 }

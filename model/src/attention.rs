@@ -9,6 +9,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::attend::{Query, Rows, TILE_ROWS, attend_tile};
 use crate::checkpoint::WeightSource;
 use crate::config::{AttentionKind, TextConfig};
 #[cfg(any(test, feature = "testing"))]
@@ -186,10 +187,10 @@ impl Attention {
     /// Every query row of a step (decode tokens and prompt chunks alike), f32 on the CPU, in plain
     /// Rust: each sequence's keys and values are stored, then read where the cache keeps them (the
     /// paged pool's slots; no gather of the context into new tensors, no transposes, no mask
-    /// tensor). One parallel task per (query row, KV head): the `group` query heads of that row
-    /// read the KV head's keys of the row's window once — the positions from its chunk's start
-    /// (chunked layers) or from 0, up to its own, which is the causal mask — and write their
-    /// `group · d` outputs, which are contiguous.
+    /// tensor). One parallel task per (tile of up to `TILE_ROWS` rows of one sequence, KV head):
+    /// the `group` query heads of those rows go through the KV head's keys block by block with an
+    /// online softmax ([`crate::attend`]), each row over its own window — the positions from its
+    /// chunk's start (chunked layers) or from 0, up to its own, which is the causal mask.
     fn attend_rows<'c, 'd>(
         &self,
         q_all: &Tensor,
@@ -203,9 +204,11 @@ impl Attention {
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
         let rows = q_all.dim(0)?;
         let mut kv = Vec::with_capacity(spans.len());
-        let mut span_of = vec![0usize; rows];
-        for (i, (span, cache)) in spans.iter().zip(caches.iter_mut()).enumerate() {
+        for (span, cache) in spans.iter().zip(caches.iter_mut()) {
             let t = span.len;
+            if span.start + t > rows {
+                return Err(bad_layout("a span outside the step"));
+            }
             // [T, kv heads, 1, d] → [kv heads, T, d], as the cache takes them.
             let heads = |m: &Tensor| -> Result<Tensor> {
                 let m = m.narrow(0, span.start, t)?;
@@ -226,48 +229,64 @@ impl Attention {
                 }
             };
             kv.push((context, from));
-            span_of.get_mut(span.start..span.start + t).ok_or_else(|| bad_layout("a span outside the step"))?.fill(i);
         }
         let q = q_all.flatten_all()?.to_vec1::<f32>()?;
         let group = nh / nkv;
         let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0f32; rows * nh * d];
-        out.par_chunks_mut(group * d).enumerate().try_for_each(|(task, heads_out)| {
-            let (r, kvh) = (task / nkv, task % nkv);
-            let span = &spans[span_of[r]];
-            let (context, from) = &kv[span_of[r]];
-            // Keys `lo..=hi` (relative to `from`) are this row's: its chunk's start to itself.
-            let pos = span.pos + (r - span.start);
-            let (lo, hi) = (chunk.map_or(0, |c| pos / c * c) - from, pos - from);
-            let q = &q[(r * nh + kvh * group) * d..(r * nh + (kvh + 1) * group) * d];
-            let done = match context {
-                Context::Gathered(keys, values) => with_rows(keys, d, |keys, k_head| {
-                    with_rows(values, d, |values, v_head| {
-                        if hi >= keys_len(keys, k_head, nkv, d) {
-                            return None;
-                        }
-                        let window = |head: usize| kvh * head + lo * d..kvh * head + (hi + 1) * d;
-                        let k = Rows::Packed(keys.get(window(k_head))?);
-                        let v = Rows::Packed(values.get(window(v_head))?);
-                        attend_dispatch(q, k, v, d, scale, heads_out);
-                        Some(())
+        // Tasks: (sequence, first row, end row, KV head), tiles of up to TILE_ROWS rows of one
+        // sequence; a decode row is a tile of its own.
+        let mut tasks = Vec::new();
+        for (i, span) in spans.iter().enumerate() {
+            for r0 in (span.start..span.start + span.len).step_by(TILE_ROWS) {
+                let r1 = (r0 + TILE_ROWS).min(span.start + span.len);
+                tasks.extend((0..nkv).map(|kvh| (i, r0, r1, kvh)));
+            }
+        }
+        let tiles = tasks
+            .par_iter()
+            .map(|&(i, r0, r1, kvh)| -> Result<Vec<f32>> {
+                let (span, (context, from)) = (&spans[i], &kv[i]);
+                // Keys `lo..=hi` (relative to `from`) are row r's: its chunk's start to itself.
+                let queries: Vec<Query<'_>> = (r0..r1)
+                    .map(|r| {
+                        let pos = span.pos + (r - span.start);
+                        let q = &q[(r * nh + kvh * group) * d..(r * nh + (kvh + 1) * group) * d];
+                        Query { q, lo: chunk.map_or(0, |c| pos / c * c) - from, hi: pos - from }
                     })
-                })
-                .flatten()
-                .flatten(),
-                Context::InPlace(kv) => {
-                    let (k, v) = (crate::kernels::CpuView::new(&kv.k), crate::kernels::CpuView::new(&kv.v));
-                    match (k.as_ref().and_then(|k| k.f32()), v.as_ref().and_then(|v| v.f32()), kv.slots.get(lo..=hi)) {
-                        (Some(k), Some(v), Some(slots)) if k.len() == v.len() => {
-                            let at = |data| Rows::Slots { data, slots, heads: nkv, head: kvh };
-                            at(k).fits(slots.len(), d).then(|| attend_dispatch(q, at(k), at(v), d, scale, heads_out))
+                    .collect();
+                let n = queries.last().map_or(0, |q| q.hi + 1);
+                let mut out = vec![0f32; (r1 - r0) * group * d];
+                let done = match context {
+                    Context::Gathered(keys, values) => with_rows(keys, d, |keys, k_head| {
+                        with_rows(values, d, |values, v_head| {
+                            let k = Rows::Packed(keys.get(kvh * k_head..kvh * k_head + n * d)?);
+                            let v = Rows::Packed(values.get(kvh * v_head..kvh * v_head + n * d)?);
+                            (n <= keys_len(keys, k_head, nkv, d) && n <= keys_len(values, v_head, nkv, d))
+                                .then(|| attend_tile(&queries, k, v, *from, d, scale, &mut out))
+                        })
+                    })
+                    .flatten()
+                    .flatten(),
+                    Context::InPlace(kv) => {
+                        let (k, v) = (crate::kernels::CpuView::new(&kv.k), crate::kernels::CpuView::new(&kv.v));
+                        match (k.as_ref().and_then(|k| k.f32()), v.as_ref().and_then(|v| v.f32())) {
+                            (Some(k), Some(v)) if k.len() == v.len() => {
+                                let at = |data| Rows::Slots { data, slots: &kv.slots, heads: nkv, head: kvh };
+                                at(k).fits(n, d).then(|| attend_tile(&queries, at(k), at(v), *from, d, scale, &mut out))
+                            }
+                            _ => None,
                         }
-                        _ => None,
                     }
-                }
-            };
-            done.ok_or_else(|| bad_layout("the cache returned an unexpected layout"))
-        })?;
+                };
+                done.map(|()| out).ok_or_else(|| bad_layout("the cache returned an unexpected layout"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = vec![0f32; rows * nh * d];
+        for (&(_, r0, _, kvh), tile) in tasks.iter().zip(&tiles) {
+            for (r, heads) in (r0..).zip(tile.chunks_exact(group * d)) {
+                out[(r * nh + kvh * group) * d..(r * nh + (kvh + 1) * group) * d].copy_from_slice(heads);
+            }
+        }
         Ok(Tensor::from_vec(out, (rows, nh * d), q_all.device())?)
     }
 }
@@ -282,121 +301,6 @@ enum Context {
     Gathered(Tensor, Tensor),
     /// Where the cache keeps them.
     InPlace(crate::kv_cache::KvSlots),
-}
-
-/// One KV head's keys (or values), `n` rows of `d` floats.
-#[derive(Clone, Copy)]
-enum Rows<'a> {
-    /// Row `j` at `data[j·d..]`.
-    Packed(&'a [f32]),
-    /// Row `j` at `data[(slots[j]·heads + head)·d..]`.
-    Slots { data: &'a [f32], slots: &'a [u32], heads: usize, head: usize },
-}
-
-impl<'a> Rows<'a> {
-    fn len(&self, d: usize) -> usize {
-        match self {
-            Rows::Packed(data) => data.len() / d.max(1),
-            Rows::Slots { slots, .. } => slots.len(),
-        }
-    }
-
-    /// Whether every one of `n` rows lies inside the data (so that `row` cannot panic).
-    fn fits(&self, n: usize, d: usize) -> bool {
-        match self {
-            Rows::Packed(data) => data.len() >= n * d,
-            Rows::Slots { data, slots, heads, head } => {
-                head < heads && slots.iter().all(|&s| (s as usize * heads + head + 1) * d <= data.len())
-            }
-        }
-    }
-
-    #[inline(always)]
-    fn row(&self, j: usize, d: usize) -> &'a [f32] {
-        match *self {
-            Rows::Packed(data) => &data[j * d..(j + 1) * d],
-            Rows::Slots { data, slots, heads, head } => {
-                let at = (slots[j] as usize * heads + head) * d;
-                &data[at..at + d]
-            }
-        }
-    }
-}
-
-/// Softmax attention of the query heads `q` (`[group, d]`) over one KV head's `keys` and `values`
-/// (`n` rows of `d` each), into `out` (`[group, d]`); compiled for AVX-512 or AVX2 when the
-/// kernels run on those ([`crate::kernels::isa`]). The code fixes the order of every sum, so each
-/// compilation gives the same values.
-fn attend_dispatch(q: &[f32], keys: Rows<'_>, values: Rows<'_>, d: usize, scale: f32, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    match crate::kernels::isa() {
-        // SAFETY: the CPU has AVX-512F (`isa` picks only what it has).
-        crate::kernels::Isa::Avx512 => return unsafe { attend_avx512(q, keys, values, d, scale, out) },
-        // SAFETY: the CPU has AVX2 (as above).
-        crate::kernels::Isa::Avx2 => return unsafe { attend_avx2(q, keys, values, d, scale, out) },
-        crate::kernels::Isa::Portable => {}
-    }
-    attend(q, keys, values, d, scale, out);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn attend_avx512(q: &[f32], keys: Rows<'_>, values: Rows<'_>, d: usize, scale: f32, out: &mut [f32]) {
-    // The same code, compiled with 16-wide vectors.
-    attend(q, keys, values, d, scale, out);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn attend_avx2(q: &[f32], keys: Rows<'_>, values: Rows<'_>, d: usize, scale: f32, out: &mut [f32]) {
-    // The same code, compiled with 8-wide vectors.
-    attend(q, keys, values, d, scale, out);
-}
-
-#[inline(always)]
-fn attend(q: &[f32], keys: Rows<'_>, values: Rows<'_>, d: usize, scale: f32, out: &mut [f32]) {
-    let keys_n = keys.len(d);
-    let group = q.len() / d.max(1);
-    // Each key is read once for every query head of the group.
-    let mut scores = vec![0f32; group * keys_n];
-    for j in 0..keys_n {
-        let kj = keys.row(j, d);
-        for (g, qh) in q.chunks_exact(d).enumerate() {
-            scores[g * keys_n + j] = dot(qh, kj) * scale;
-        }
-    }
-    for (scores, oh) in scores.chunks_exact_mut(keys_n.max(1)).zip(out.chunks_exact_mut(d)) {
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0f32;
-        for s in scores.iter_mut() {
-            *s = crate::kernels::exp(*s - max);
-            total += *s;
-        }
-        oh.fill(0.0);
-        for (j, s) in scores.iter().enumerate() {
-            let vj = values.row(j, d);
-            let p = s / total;
-            for (o, v) in oh.iter_mut().zip(vj) {
-                *o += p * v;
-            }
-        }
-    }
-}
-
-/// `a · b` with 16 independent partial sums, so that it vectorizes (a single running sum is one
-/// long dependency chain of additions).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
-    let (a_body, a_tail) = a.split_at(a.len() - a.len() % LANES);
-    let (b_body, b_tail) = b.split_at(a_body.len());
-    for (x, y) in a_body.chunks_exact(LANES).zip(b_body.chunks_exact(LANES)) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum::<f32>()
 }
 
 /// Keys per head in a `[heads, n, d]` view whose head stride is `head_stride`.

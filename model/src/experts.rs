@@ -136,8 +136,9 @@ impl ExpertShard {
                         let down = src.rows(&down_key, &t.expert_down_shape(), e, 1, down_dtype, &on)?.squeeze(0)?;
                         let (gate_up, down) = (gate_up.t()?.contiguous()?, down.t()?.contiguous()?);
                         ExpertFfn {
-                            gate_up: Matrix::from_tensor(gate_up, quantize, dtype, dev)?,
-                            down: Matrix::from_tensor(down, quantize, dtype, dev)?,
+                            gate_up: Matrix::from_tensor(gate_up, quantize, dtype, dev)?
+                                .with_activations(policy.activations),
+                            down: Matrix::from_tensor(down, quantize, dtype, dev)?.with_activations(policy.activations),
                         }
                     };
                     resident_bytes += ffn.bytes();
@@ -287,7 +288,7 @@ impl ExpertShard {
                 continue;
             }
             let x = rows.narrow(0, offset, n)?;
-            let (Matrix::Dense(gate_up), Matrix::Dense(down)) = (&ffn.gate_up, &ffn.down) else {
+            let (Some(gate_up), Some(down)) = (ffn.gate_up.dense(), ffn.down.dense()) else {
                 return Err(err("quantized experts reached the dense path".into()));
             };
             let gu = matmul_t(&x, &gate_up.to_dtype(x.dtype())?)?;

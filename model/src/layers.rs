@@ -35,6 +35,8 @@ impl WeightStorage {
 #[derive(Debug, Clone)]
 pub enum Matrix {
     Dense(Tensor),
+    /// A bf16 CPU tensor multiplied with its rows rounded to bf16 (`--activations bf16`).
+    Bf16Products(Tensor),
     Quant(Arc<QuantMatrix>),
 }
 
@@ -54,7 +56,9 @@ impl Matrix {
         }
         let Some(scheme) = policy.scheme_for(role) else {
             let kept = policy.storage.dtype(src.stored_dtype(key), dtype, dev);
-            return Ok(Matrix::Dense(src.tensor(key, &[shape.0, shape.1], kept, dev)?));
+            return Ok(
+                Matrix::Dense(src.tensor(key, &[shape.0, shape.1], kept, dev)?).with_activations(policy.activations)
+            );
         };
         // Read as stored when that is bf16 or f32 (no wider copy is made), else as f32.
         let read = src.stored_dtype(key).filter(|d| matches!(d, DType::BF16 | DType::F32)).unwrap_or(DType::F32);
@@ -90,10 +94,29 @@ impl Matrix {
         Ok(Matrix::Quant(Arc::new(q.with_activations(activations))))
     }
 
+    /// A dense bf16 CPU matrix multiplied with `activations` from now on: with bf16 products for
+    /// [`Activations::Bf16`]; anything else is kept as it is.
+    pub fn with_activations(self, activations: Activations) -> Self {
+        match self {
+            Matrix::Dense(t) if activations == Activations::Bf16 && t.dtype() == DType::BF16 && t.device().is_cpu() => {
+                Matrix::Bf16Products(t)
+            }
+            other => other,
+        }
+    }
+
+    /// The tensor of a dense matrix, whatever its products.
+    pub fn dense(&self) -> Option<&Tensor> {
+        match self {
+            Matrix::Dense(t) | Matrix::Bf16Products(t) => Some(t),
+            Matrix::Quant(_) => None,
+        }
+    }
+
     /// Bytes as kept in memory.
     pub fn bytes(&self) -> u64 {
         match self {
-            Matrix::Dense(t) => (t.elem_count() * t.dtype().size_in_bytes()) as u64,
+            Matrix::Dense(t) | Matrix::Bf16Products(t) => (t.elem_count() * t.dtype().size_in_bytes()) as u64,
             Matrix::Quant(q) => q.bytes(),
         }
     }
@@ -102,6 +125,17 @@ impl Matrix {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Matrix::Dense(w) => matmul_t(x, w),
+            Matrix::Bf16Products(w) => {
+                let xf = x.to_dtype(DType::F32)?.contiguous()?;
+                let view =
+                    CpuView::new(w).ok_or_else(|| Error::Input("bf16 products need a contiguous CPU weight".into()))?;
+                let crate::kernels::Weights::Bf16(values) = view.weights() else {
+                    return Err(Error::Input("bf16 products need bf16 weights".into()));
+                };
+                let y = crate::kernels::matmul_t_weights(&xf, crate::kernels::Weights::Bf16Products(values), w.dim(0)?)
+                    .ok_or_else(|| Error::Input("bf16 products need f32 rows on the CPU".into()))?;
+                Ok(y.to_dtype(x.dtype())?)
+            }
             Matrix::Quant(q) => {
                 let xf = x.to_dtype(DType::F32)?.contiguous()?;
                 let y = crate::kernels::matmul_t_weights(&xf, crate::kernels::Weights::Quant(q.view()), q.shape().0)
@@ -122,7 +156,8 @@ impl Matrix {
                 let (a, b) = if a.dtype() == b.dtype() { (a, b) } else { (a.to_dtype(dtype)?, b.to_dtype(dtype)?) };
                 Ok(Matrix::Dense(Tensor::cat(&[a, b], 0)?))
             }
-            _ => Err(Error::Input("cannot fuse a quantized matrix with a dense one".into())),
+            (Matrix::Bf16Products(a), Matrix::Bf16Products(b)) => Ok(Matrix::Bf16Products(Tensor::cat(&[a, b], 0)?)),
+            _ => Err(Error::Input("cannot fuse matrices kept or multiplied differently".into())),
         }
     }
 }
@@ -130,6 +165,8 @@ impl Matrix {
 /// A [`Matrix`] borrowed as the kernels read it.
 pub(crate) enum MatrixView<'a> {
     Cpu(CpuView<'a>),
+    /// bf16 values multiplied with bf16 products.
+    Bf16Products(CpuView<'a>),
     Quant(crate::kernels::QuantView<'a>),
 }
 
@@ -137,6 +174,10 @@ impl MatrixView<'_> {
     pub fn weights(&self) -> crate::kernels::Weights<'_> {
         match self {
             MatrixView::Cpu(v) => v.weights(),
+            MatrixView::Bf16Products(v) => match v.weights() {
+                crate::kernels::Weights::Bf16(w) => crate::kernels::Weights::Bf16Products(w),
+                other => other,
+            },
             MatrixView::Quant(q) => crate::kernels::Weights::Quant(*q),
         }
     }
@@ -148,6 +189,7 @@ impl Matrix {
     pub(crate) fn view(&self) -> Option<MatrixView<'_>> {
         match self {
             Matrix::Dense(t) => CpuView::new(t).map(MatrixView::Cpu),
+            Matrix::Bf16Products(t) => CpuView::new(t).map(MatrixView::Bf16Products),
             Matrix::Quant(q) => Some(MatrixView::Quant(q.view())),
         }
     }
@@ -156,6 +198,7 @@ impl Matrix {
     pub fn describe(&self) -> String {
         match self {
             Matrix::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
+            Matrix::Bf16Products(_) => "bf16 (bf16 products)".to_owned(),
             Matrix::Quant(q) => q.describe(),
         }
     }
@@ -163,7 +206,7 @@ impl Matrix {
     /// The dtype of a dense matrix (`None` when quantized).
     pub fn dense_dtype(&self) -> Option<DType> {
         match self {
-            Matrix::Dense(t) => Some(t.dtype()),
+            Matrix::Dense(t) | Matrix::Bf16Products(t) => Some(t.dtype()),
             Matrix::Quant(_) => None,
         }
     }

@@ -22,10 +22,13 @@ pub mod rope;
 pub mod text_model;
 pub mod vision;
 
+mod attend;
 mod attention;
 mod deviation;
 mod layers;
 
+#[cfg(test)]
+mod bf16_mode_tests;
 #[cfg(test)]
 mod parity_tests;
 

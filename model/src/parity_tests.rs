@@ -30,7 +30,7 @@ pub(crate) fn fixture_dir() -> PathBuf {
 
 /// `tiny-llama4-top2`: text only, top-2 routing, dense layers between MoE layers, no qk-norm,
 /// transformers-5 config.
-fn top2_fixture_dir() -> PathBuf {
+pub(crate) fn top2_fixture_dir() -> PathBuf {
     fixtures::dir(fixtures::TINY_LLAMA4_TOP2)
 }
 
@@ -44,7 +44,7 @@ pub(crate) struct Case {
     pub input_ids: Vec<u32>,
     pub logits: Vec<Vec<f32>>,
     router_topk: std::collections::BTreeMap<String, Vec<Vec<u32>>>,
-    greedy_tokens: Vec<u32>,
+    pub greedy_tokens: Vec<u32>,
 }
 
 fn golden() -> Golden {
@@ -97,7 +97,7 @@ pub(crate) fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn argmax(row: &[f32]) -> u32 {
+pub(crate) fn argmax(row: &[f32]) -> u32 {
     row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).expect("non-empty")
 }
 
@@ -123,7 +123,7 @@ impl Loaded {
     }
 
     /// Feeds `tokens` in pieces of the given sizes through one cache.
-    fn incremental(&self, tokens: &[u32], pieces: &[usize]) -> (Vec<Vec<f32>>, RoutingTrace) {
+    pub(crate) fn incremental(&self, tokens: &[u32], pieces: &[usize]) -> (Vec<Vec<f32>>, RoutingTrace) {
         let mut cache = self.model.new_cache();
         let mut trace = RoutingTrace::default();
         let mut out = Vec::new();

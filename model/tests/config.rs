@@ -32,6 +32,11 @@ fn scout_config_derives_the_real_shapes() {
     // 3 · 5120 · 8192 parameters in bf16: 240 MiB per expert per layer, 11.25 GiB per expert.
     assert_eq!(t.expert_bytes_per_layer(2), 251_658_240);
     assert_eq!(t.expert_bytes_per_layer(2) * 48, 12_079_595_520);
+    // "17B active": per layer attention 5120·128·(2·40 + 2·8), router 5120·16, shared and one
+    // routed expert 2·3·5120·8192; lm_head 5120·202048 (the embedding's 1.03 B are a lookup).
+    let per_layer = 5120 * 128 * 96 + 5120 * 16 + 2 * 3 * 5120 * 8192;
+    assert_eq!(t.multiply_adds_per_token(), 48 * per_layer + 5120 * 202_048);
+    assert_eq!(t.multiply_adds_per_token() / 100_000_000, 161);
     assert!(t.attn_temperature_tuning, "the integer 4 means enabled");
     assert_eq!(t.attention_chunk_size, Some(8192));
     assert_eq!(t.eos_token_ids, vec![200001, 200007, 200008]);

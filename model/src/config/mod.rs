@@ -151,6 +151,26 @@ impl TextConfig {
         self.params_per_expert_per_layer() * dtype_bytes
     }
 
+    /// Multiply-adds of the matrix products of one token (every projection, the router, the
+    /// shared expert, the `num_experts_per_tok` routed experts of each MoE layer, the dense MLPs and
+    /// `lm_head`), the work a decode step does per row whatever its weights' storage. Attention's
+    /// own `q·k` and `p·v` are left out: they grow with the context, not with the weights.
+    pub fn multiply_adds_per_token(&self) -> usize {
+        let (h, d) = (self.hidden_size, self.head_dim);
+        let attention = h * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads);
+        let feed_forward: usize = self
+            .feed_forward
+            .iter()
+            .map(|kind| match kind {
+                FeedForwardKind::Moe => {
+                    h * self.num_local_experts + (1 + self.num_experts_per_tok) * self.params_per_expert_per_layer()
+                }
+                FeedForwardKind::Dense => 3 * h * self.intermediate_size_mlp,
+            })
+            .sum();
+        self.num_hidden_layers * attention + feed_forward + h * self.vocab_size
+    }
+
     pub fn kv_group_size(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
     }

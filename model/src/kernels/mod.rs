@@ -12,6 +12,8 @@
 //! ([`products`]): a decode step makes hundreds of them, and waking the thread pool for each costs
 //! more than a small product.
 
+#[cfg(target_arch = "x86_64")]
+mod bf16dot;
 mod dot;
 #[cfg(target_arch = "x86_64")]
 mod dot256;
@@ -24,6 +26,7 @@ mod isa;
 mod outer;
 #[cfg(target_arch = "x86_64")]
 mod outer256;
+mod peak;
 pub mod source;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
@@ -31,6 +34,7 @@ mod vnni;
 use rayon::prelude::*;
 
 pub use isa::{Isa, isa};
+pub use peak::peak_multiply_adds_per_s;
 pub use source::{CodeKind, QuantView, ScalesRef};
 use source::{Dense, Fp8Source, Int4Source, Int8Source};
 
@@ -114,6 +118,9 @@ impl Weight for half::bf16 {
 pub enum Weights<'a> {
     F32(&'a [f32]),
     Bf16(&'a [half::bf16]),
+    /// bf16 weights multiplied with the row rounded to bf16 (`--activations bf16`): `vdpbf16ps`
+    /// for one-row products where the CPU has AVX512-BF16, else exactly as [`Weights::Bf16`].
+    Bf16Products(&'a [half::bf16]),
     Quant(QuantView<'a>),
 }
 
@@ -122,7 +129,7 @@ impl<'a> Weights<'a> {
     pub fn len(&self) -> usize {
         match self {
             Weights::F32(w) => w.len(),
-            Weights::Bf16(w) => w.len(),
+            Weights::Bf16(w) | Weights::Bf16Products(w) => w.len(),
             Weights::Quant(q) => q.n() * q.k(),
         }
     }
@@ -137,6 +144,7 @@ impl<'a> Weights<'a> {
         match *self {
             Weights::F32(w) => Weights::F32(&w[range]),
             Weights::Bf16(w) => Weights::Bf16(&w[range]),
+            Weights::Bf16Products(w) => Weights::Bf16Products(&w[range]),
             Weights::Quant(q) => Weights::Quant(q.rows(first, count)),
         }
     }
@@ -200,6 +208,8 @@ pub fn products(batch: Vec<Product<'_>>) {
                 Staged::Int8(xq) => Input::Int8(xq),
                 #[cfg(target_arch = "x86_64")]
                 Staged::Int8Avx2(xq) => Input::Int8Avx2(xq),
+                #[cfg(target_arch = "x86_64")]
+                Staged::Bf16(xb) => Input::Bf16(xb),
             };
             tasks.push((x, m, w, k, yt));
         }
@@ -209,8 +219,10 @@ pub fn products(batch: Vec<Product<'_>>) {
         (Input::Int8(xq), Weights::Quant(q)) => vnni::features_of(xq, q, yt),
         #[cfg(target_arch = "x86_64")]
         (Input::Int8Avx2(xq), Weights::Quant(q)) => int8_avx2::features_of(xq, q, yt),
+        #[cfg(target_arch = "x86_64")]
+        (Input::Bf16(xb), Weights::Bf16Products(w)) => bf16dot::features_of(xb, w, yt),
         (x, Weights::F32(w)) => task(x, m, Dense { w, k }, yt),
-        (x, Weights::Bf16(w)) => task(x, m, Dense { w, k }, yt),
+        (x, Weights::Bf16(w) | Weights::Bf16Products(w)) => task(x, m, Dense { w, k }, yt),
         (x, Weights::Quant(q)) => match q.kind() {
             CodeKind::Int8 => task(x, m, Int8Source(q), yt),
             CodeKind::Int4 => task(x, m, Int4Source(q), yt),
@@ -234,6 +246,8 @@ fn task<S: source::MatrixSource>(x: Input<'_>, m: usize, w: S, yt: &mut [f32]) {
         (Input::Transposed(_), _) => unreachable!("no outer form on this architecture"),
         #[cfg(target_arch = "x86_64")]
         (Input::Int8(_) | Input::Int8Avx2(_), _) => unreachable!("int8 rows are staged for quantized weights only"),
+        #[cfg(target_arch = "x86_64")]
+        (Input::Bf16(_), _) => unreachable!("bf16 rows are staged for bf16-product weights only"),
     }
 }
 
@@ -249,10 +263,19 @@ enum Staged {
     /// Quantized, for the int8-activation mode (AVX2).
     #[cfg(target_arch = "x86_64")]
     Int8Avx2(int8_avx2::Int8Rows),
+    /// Rounded to bf16, for the bf16 mode (AVX512-BF16).
+    #[cfg(target_arch = "x86_64")]
+    Bf16(bf16dot::Bf16Rows),
 }
 
 impl Staged {
     fn new(p: &Product<'_>) -> Staged {
+        #[cfg(target_arch = "x86_64")]
+        if let Weights::Bf16Products(_) = &p.w
+            && bf16dot::takes(p.m)
+        {
+            return Staged::Bf16(bf16dot::Bf16Rows::stage(p.x, p.k));
+        }
         #[cfg(target_arch = "x86_64")]
         if let Weights::Quant(q) = &p.w
             && vnni::takes(q, p.m)
@@ -284,6 +307,9 @@ enum Input<'a> {
     /// Quantized to int8, for the int8-activation mode (AVX2).
     #[cfg(target_arch = "x86_64")]
     Int8Avx2(&'a int8_avx2::Int8Rows),
+    /// Rounded to bf16, for the bf16 mode (AVX512-BF16).
+    #[cfg(target_arch = "x86_64")]
+    Bf16(&'a bf16dot::Bf16Rows),
 }
 
 /// `x` laid out for the outer form when that form takes `m` rows on this CPU, else `None`.
@@ -321,6 +347,15 @@ pub fn max_rows() -> usize {
         Isa::Avx2 => outer256::MAX_ROWS,
         _ => dot::MAX_ROWS,
     }
+}
+
+/// Whether `--activations bf16` multiplies one-row products with `vdpbf16ps` on this CPU (AVX-512
+/// kernels chosen and AVX512-BF16 present); other products are the exact f32 ones.
+pub fn bf16_products() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return bf16dot::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Runs `f` on a thread of rayon's global pool (at once when already on one). A decode step starts
@@ -372,7 +407,7 @@ impl<'t> CpuView<'t> {
     pub fn f32(&self) -> Option<&[f32]> {
         match self.weights() {
             Weights::F32(v) => Some(v),
-            Weights::Bf16(_) | Weights::Quant(_) => None,
+            Weights::Bf16(_) | Weights::Bf16Products(_) | Weights::Quant(_) => None,
         }
     }
 }
@@ -758,7 +793,7 @@ mod forms_tests;
 
 /// `n` values in [-1, 1) from `seed`, the kernels' tests' inputs.
 #[cfg(test)]
-fn test_values(n: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
     use rand_xoshiro::rand_core::{Rng, SeedableRng};
     let mut rng = rand_xoshiro::SplitMix64::seed_from_u64(seed);
     (0..n).map(|_| (rng.next_u64() % 2000) as f32 / 1000.0 - 1.0).collect()

@@ -129,7 +129,7 @@ impl QuantMatrix {
                 for (i, v) in values.iter_mut().enumerate() {
                     *v = match w {
                         Weights::F32(w) => w[r * k + start + i],
-                        Weights::Bf16(w) => w[r * k + start + i].to_f32(),
+                        Weights::Bf16(w) | Weights::Bf16Products(w) => w[r * k + start + i].to_f32(),
                         Weights::Quant(_) => 0.0,
                     };
                 }

@@ -234,7 +234,8 @@ pub struct Quantize {
     pub scope: QuantScope,
 }
 
-/// What the rows entering a product with int8 or int4 weights are multiplied as.
+/// What the rows entering a product are multiplied as: with int8 or int4 weights (`Int8`), or with
+/// bf16 weights (`Bf16`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub enum Activations {
     /// f32, against the weights widened in registers: the product the dequantised weights give
@@ -245,6 +246,10 @@ pub enum Activations {
     /// (AVX512-VNNI) for products of 1 to 8 rows; larger products, other weights and CPUs without
     /// the instructions stay f32 (docs/model.md, "Int8 activations").
     Int8,
+    /// Rounded to bf16 and multiplied with bf16 weights by AVX512-BF16's `vdpbf16ps` (f32 sums),
+    /// for products of one row (where the instruction wins on the CPUs measured); other products,
+    /// other weights and CPUs without the instruction stay f32 (docs/model.md, "bf16 mode").
+    Bf16,
 }
 
 impl FromStr for Activations {
@@ -254,7 +259,8 @@ impl FromStr for Activations {
         match s {
             "f32" => Ok(Activations::F32),
             "int8" => Ok(Activations::Int8),
-            other => Err(format!("unknown activation precision `{other}` (f32, int8)")),
+            "bf16" => Ok(Activations::Bf16),
+            other => Err(format!("unknown activation precision `{other}` (f32, int8, bf16)")),
         }
     }
 }
@@ -264,6 +270,7 @@ impl std::fmt::Display for Activations {
         f.write_str(match self {
             Activations::F32 => "f32",
             Activations::Int8 => "int8",
+            Activations::Bf16 => "bf16",
         })
     }
 }

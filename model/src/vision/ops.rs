@@ -153,7 +153,7 @@ fn product_f32(x: &Tensor, w: &Tensor, bias: Option<&[f32]>, scratch: &Scratch) 
     let w_view = CpuView::new(&w);
     match w_view.as_ref().map(CpuView::weights) {
         Some(Weights::F32(ws)) => Ok(gemm_xwt(xs, ws, (m, k, n), bias)),
-        Some(Weights::Bf16(values)) => {
+        Some(Weights::Bf16(values) | Weights::Bf16Products(values)) => {
             // A poisoned lock only means a product panicked mid-way: the buffer is rewritten anyway.
             let mut wide = scratch.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if wide.len() < values.len() {
