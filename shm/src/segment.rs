@@ -129,7 +129,18 @@ impl Segment {
             .open(&path)
             .map_err(io)?;
         let total = HEADER_BYTES + 2 * ring_bytes;
-        let mapped = file.set_len(total as u64).and_then(|()| MmapOptions::new().len(total).map_raw(&file));
+        // The file's blocks are reserved now, not on first touch: a tmpfs too small for the rings
+        // (a container's 64 MiB /dev/shm) fails here with ENOSPC — and `auto` falls back to gRPC —
+        // instead of killing the process with SIGBUS when a ring first writes past what it holds.
+        let reserve = || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: the descriptor is open for writing for the duration of the call.
+            match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, total as libc::off_t) } {
+                0 => Ok(()),
+                errno => Err(std::io::Error::from_raw_os_error(errno)),
+            }
+        };
+        let mapped = reserve().and_then(|()| MmapOptions::new().len(total).map_raw(&file));
         let map = match mapped {
             Ok(map) => map,
             Err(e) => {
