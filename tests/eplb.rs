@@ -217,7 +217,10 @@ fn planned_placements_flatten_a_zipf_trace() {
 /// --router-skew`) serves mixed traffic through the engine (`engine-bench`: 16 clients, each
 /// sending 6 requests one after the other, so prompt chunks and decodes share steps) while
 /// `--record-routing` writes the trace; the trace must hold every step (≥ 200, none dropped) and
-/// the same plan and replay bounds must hold on it.
+/// the same plan and replay bounds must hold on it. Each step gives a sequence at most one token, so
+/// one client's 6 requests of 36 output tokens take at least 6 × 36 = 216 steps whatever the
+/// scheduling (with 32 output tokens a CI run recorded 198). The cost-aware bytes bound sits close
+/// to its 30 %: 28.4–31.0 % on traces of 6 × 32…36 and 8 × 32 requests (2026-12-07).
 #[test]
 fn a_recorded_trace_of_a_skewed_mini_meets_the_bounds() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -245,7 +248,7 @@ fn a_recorded_trace_of_a_skewed_mini_meets_the_bounds() {
         "--prompt-len",
         "128",
         "--max-tokens",
-        "32",
+        "36",
         "--max-batch-tokens",
         "512",
         "--record-routing",
@@ -259,8 +262,8 @@ fn a_recorded_trace_of_a_skewed_mini_meets_the_bounds() {
     assert!(steps >= 200, "{steps} steps recorded");
     assert_eq!(stats["dropped_steps"], 0);
     assert_eq!(stats["num_experts"], EXPERTS);
-    // Every token of every step, prompts and outputs: 96 requests × (128 + 32 − 1 sampled inputs).
-    assert_eq!(stats["tokens"].as_u64(), Some(96 * (128 + 31)), "{stats}");
+    // Every token of every step, prompts and outputs: 96 requests × (128 + 36 − 1 sampled inputs).
+    assert_eq!(stats["tokens"].as_u64(), Some(96 * (128 + 35)), "{stats}");
     let hottest = stats["mean_ranked_shares"][0].as_f64().expect("share");
     assert!((0.29..0.44).contains(&hottest), "Zipf 1.2 over 16 sends ~36 % to the hottest expert: {hottest}");
 
