@@ -26,9 +26,12 @@ pub use errors::ShmError;
 pub use ring::{Consumer, Producer};
 pub use segment::{Nonce, Role, Segment, default_dir};
 
-/// Bytes of each ring when the caller does not choose: 32 MiB, about 3,200 Scout rows in bf16 or
-/// 1,600 in f32 per message (a larger message is refused with [`ShmError::TooLarge`]).
-pub const DEFAULT_RING_BYTES: usize = 32 << 20;
+/// Bytes of each ring when the caller does not choose: 8 MiB, about 800 Scout rows in bf16 or 400
+/// in f32 per message (a larger message is refused with [`ShmError::TooLarge`]). Every page of a
+/// ring is eventually touched (the positions wrap), so this is what each link adds to both
+/// processes' resident memory: 32 MiB rings added ~150 MiB to a coordinator with 3 workers, which
+/// the soak test in tests/cluster_faults.rs counts as growth.
+pub const DEFAULT_RING_BYTES: usize = 8 << 20;
 
 #[cfg(test)]
 mod tests;
