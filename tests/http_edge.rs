@@ -187,7 +187,16 @@ async fn a_stream_whose_client_stops_reading_is_cancelled_and_its_kv_freed() {
         assert!(Instant::now() < deadline, "{}", String::from_utf8_lossy(&head[..n]));
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let (running, blocks) = load(&coordinator.addr).await;
+    // The response head can leave the gateway before the coordinator's engine admits the request:
+    // wait for the admission rather than sample once (a single sample raced it under load).
+    let admitted_by = Instant::now() + Duration::from_secs(10);
+    let (running, blocks) = loop {
+        let (running, blocks) = load(&coordinator.addr).await;
+        if running == 1 || Instant::now() > admitted_by {
+            break (running, blocks);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(running, 1, "the generation runs");
     assert!(blocks > 0);
     // The client reads no more, and keeps the connection open.
