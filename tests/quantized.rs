@@ -13,24 +13,8 @@ use epserve_model::{Activations, ExpertBackend, LoadPolicy, QuantScheme, QuantSc
 use epserve_proto::v1::StatusRequest;
 use epserve_proto::v1::expert_service_client::ExpertServiceClient;
 use epserve_proto::wire::WireDtype;
-use serde::Deserialize;
 use support::coordinator::{Coordinator, max_abs_diff};
 use support::{Process, tiny_fixture, workers};
-
-#[derive(Deserialize)]
-struct Golden {
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    input_ids: Vec<u32>,
-}
-
-fn prompts() -> Vec<Vec<u32>> {
-    let text = std::fs::read_to_string(tiny_fixture().join("golden/text.json")).expect("golden");
-    serde_json::from_str::<Golden>(&text).expect("json").cases.into_iter().map(|c| c.input_ids).collect()
-}
 
 fn policy(scheme: Option<QuantScheme>) -> LoadPolicy {
     LoadPolicy {
@@ -43,7 +27,7 @@ fn policy(scheme: Option<QuantScheme>) -> LoadPolicy {
 /// Every position of every golden prompt, `reference` against `candidate`.
 fn compare(coordinator: &Coordinator, reference: &dyn ExpertBackend, candidate: &dyn ExpertBackend) -> Quality {
     let mut comparison = Comparison::default();
-    for prompt in prompts() {
+    for prompt in support::golden_prompts() {
         let (r, c) = (coordinator.logits(reference, &prompt), coordinator.logits(candidate, &prompt));
         for (r, c) in r.expect("reference").iter().zip(&c.expect("candidate")) {
             comparison.add(r, c);
@@ -100,7 +84,7 @@ fn quantized_workers_hold_a_fraction_of_bf16_and_compute_what_the_same_quantizat
     );
     let remote = grpc(&coordinator, &int4_workers, WireDtype::F32);
     let local = coordinator.local_with(policy(Some(QuantScheme::Int4)));
-    for prompt in prompts() {
+    for prompt in support::golden_prompts() {
         let (a, b) =
             (coordinator.logits(&local, &prompt).expect("local"), coordinator.logits(&remote, &prompt).expect("grpc"));
         let diff = max_abs_diff(&a, &b);
@@ -119,7 +103,7 @@ fn quantized_workers_hold_a_fraction_of_bf16_and_compute_what_the_same_quantizat
     let remote = grpc(&coordinator, &a8_workers, WireDtype::F32);
     let local =
         coordinator.local_with(LoadPolicy { activations: Activations::Int8, ..policy(Some(QuantScheme::Int4)) });
-    for prompt in prompts() {
+    for prompt in support::golden_prompts() {
         let (a, b) =
             (coordinator.logits(&local, &prompt).expect("local"), coordinator.logits(&remote, &prompt).expect("grpc"));
         let diff = max_abs_diff(&a, &b);
@@ -158,9 +142,10 @@ fn int8_wire_stays_as_close_to_the_in_process_run_as_int8_weights() {
 fn quality_command_compares_a_quantized_model_with_its_reference() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("prompts.jsonl");
-    let lines: Vec<String> = prompts().iter().map(|p| serde_json::json!({ "tokens": p }).to_string()).collect();
+    let lines: Vec<String> =
+        support::golden_prompts().iter().map(|p| serde_json::json!({ "tokens": p }).to_string()).collect();
     std::fs::write(&file, lines.join("\n")).expect("write prompts");
-    let positions: u64 = prompts().iter().map(|p| p.len() as u64).sum();
+    let positions: u64 = support::golden_prompts().iter().map(|p| p.len() as u64).sum();
     let (model, prompts) = (tiny_fixture(), file.to_str().expect("utf-8").to_owned());
     let model = model.to_str().expect("utf-8");
 

@@ -12,24 +12,8 @@ use std::time::{Duration, Instant};
 
 use epserve_coordinator::{ExpertTransport, GrpcExperts, LinkMedium, ShmConfig, WorkerTransport};
 use epserve_proto::wire::WireDtype;
-use serde::Deserialize;
 use support::coordinator::{Coordinator, max_abs_diff};
 use support::{Process, tiny_fixture};
-
-#[derive(Deserialize)]
-struct Golden {
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    input_ids: Vec<u32>,
-}
-
-fn golden() -> Vec<Vec<u32>> {
-    let text = std::fs::read_to_string(tiny_fixture().join("golden/text.json")).expect("golden");
-    serde_json::from_str::<Golden>(&text).expect("json").cases.into_iter().map(|c| c.input_ids).collect()
-}
 
 /// A directory of its own under /dev/shm for each test, so that the segments it sees are its own.
 fn shm_dir() -> tempfile::TempDir {
@@ -96,7 +80,7 @@ fn check_parity(selections: &[&[&str]]) {
     }
     let over_grpc = ExpertTransport::Grpc(coordinator.grpc(&workers, WireDtype::F32, timeout).expect("connect"));
     let over_shm = ExpertTransport::Grpc(over_shm);
-    for tokens in golden() {
+    for tokens in support::golden_prompts() {
         let local = coordinator.logits(&coordinator.local, &tokens).expect("local");
         let shared = coordinator.logits(&over_shm, &tokens).expect("shm");
         let diff = max_abs_diff(&local, &shared);
@@ -130,7 +114,7 @@ fn auto_falls_back_per_worker_and_shm_names_the_worker_that_refused() {
     assert!(links.contains(&(workers[0].addr.clone(), LinkMedium::Shm)), "{links:?}");
     assert!(links.contains(&(workers[1].addr.clone(), LinkMedium::Grpc)), "{links:?}");
     let auto = ExpertTransport::Grpc(auto);
-    let tokens = &golden()[3];
+    let tokens = &support::golden_prompts()[3];
     let local = coordinator.logits(&coordinator.local, tokens).expect("local");
     let mixed = coordinator.logits(&auto, tokens).expect("mixed links");
     assert!(max_abs_diff(&local, &mixed) <= 1e-5);
@@ -162,7 +146,7 @@ fn load(
 ) -> (Steps, std::thread::JoinHandle<()>) {
     let steps: Steps = Arc::default();
     let (c, x, s, out) = (coordinator.clone(), experts.clone(), stop.clone(), steps.clone());
-    let tokens = golden()[3].clone(); // 41 tokens, routed to experts on every worker
+    let tokens = support::golden_prompts()[3].clone(); // 41 tokens, routed to experts on every worker
     let handle = std::thread::spawn(move || {
         while !s.load(Ordering::Relaxed) {
             let result = c.logits(x.as_ref(), &tokens).map_err(|e| e.to_string());
@@ -181,7 +165,7 @@ fn a_worker_killed_mid_load_fails_over_or_fails_the_step_at_once() {
     let dir = shm_dir();
     let coordinator = Arc::new(Coordinator::new());
     let deadline = Duration::from_secs(20);
-    let local = coordinator.logits(&coordinator.local, &golden()[3]).expect("local");
+    let local = coordinator.logits(&coordinator.local, &support::golden_prompts()[3]).expect("local");
 
     // Replicated: both workers host every expert.
     let mut replicated = workers(dir.path(), &[&["--experts", "0-15"], &["--experts", "0-15"]]);
@@ -247,7 +231,7 @@ fn a_coordinator_that_exits_leaves_no_segment_mapped_in_the_worker() {
     let workers = workers(dir.path(), &[&["--experts", "0-15"]]);
     let pid = workers[0].pid();
     let model = tiny_fixture();
-    let tokens = golden()[1].iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let tokens = support::golden_prompts()[1].iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let out = support::run_ok(&[
         "logits",
         "--model",

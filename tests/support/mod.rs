@@ -37,6 +37,25 @@ pub fn tiny_fixture() -> PathBuf {
     epserve_testkit::fixtures::dir(epserve_testkit::fixtures::TINY_LLAMA4)
 }
 
+/// The prompts (token ids) of every case of the tiny fixture's `golden/text.json`.
+pub fn golden_prompts() -> Vec<Vec<u32>> {
+    #[derive(serde::Deserialize)]
+    struct Golden {
+        cases: Vec<Case>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Case {
+        input_ids: Vec<u32>,
+    }
+    let text = std::fs::read_to_string(tiny_fixture().join("golden/text.json")).expect("golden/text.json");
+    serde_json::from_str::<Golden>(&text)
+        .expect("golden/text.json parses")
+        .cases
+        .into_iter()
+        .map(|c| c.input_ids)
+        .collect()
+}
+
 /// A running process that printed `listening on ADDR` on stdout.
 pub struct Process {
     pub child: Child,
