@@ -99,6 +99,9 @@ impl Matrix {
     pub fn with_activations(self, activations: Activations) -> Self {
         match self {
             Matrix::Dense(t) if activations == Activations::Bf16 && t.dtype() == DType::BF16 && t.device().is_cpu() => {
+                // Which products the mode takes is decided once, here at load rather than in the
+                // first step (the decision measures the CPU).
+                crate::kernels::bf16_products_of_many_rows();
                 Matrix::Bf16Products(t)
             }
             other => other,

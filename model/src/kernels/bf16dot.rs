@@ -1,56 +1,139 @@
-//! bf16 products (`--activations bf16`) on AVX512-BF16, for products of one row (a decode step's
-//! every product at batch 1, and most expert products at small batches): the row is rounded to
+//! bf16 products (`--activations bf16`) on AVX512-BF16: a product's activation rows are rounded to
 //! bf16 once (round to nearest even), then multiplied with bf16 weights by `vdpbf16ps`, which sums
-//! the products of two adjacent `k` into each f32 lane, using the weights as stored (no widening).
-//! Sums stay f32. `O` outputs of accumulators, 32 weights a step, one horizontal sum per output.
+//! the products of two adjacent `k` into each f32 lane: 32 multiply-adds an instruction against 16
+//! for an f32 FMA, and no widening of the weights. Sums stay f32.
 //!
-//! Why only one row: on the Intel Xeon this was measured on, `vdpbf16ps` retires one every two
-//! cycles (32 multiply-adds) where two f32 FMAs (32 multiply-adds) retire every cycle, so the
-//! instruction only wins where the widening it saves is the bottleneck: a one-row product (batch 1:
-//! +11 % tokens/s), not several rows, whose f32 forms share one widening among all rows (an outer
-//! form over pairs of `k` for 9–64 rows was built and measured 8–14 % slower at batch 32/64; see
-//! docs/benchmarks.md, "bf16 mode").
+//! Two forms, as for f32: the dot form for 1 to 8 rows (`O` outputs × `M` rows of accumulators, 32
+//! weights of a row a step, one horizontal sum per output) and an outer form for 9 to 64 rows (rows
+//! laid out as pairs of `k` — `[⌈k/2⌉, rows padded to 16]` of two bf16 each — so that a vector holds
+//! 16 rows; each weight pair is broadcast into `O × V` accumulators).
+//!
+//! Which products take them depends on the CPU's rate for the instruction, measured once
+//! ([`full_rate`]): where `vdpbf16ps` does at least 1.25× the multiply-adds per second of f32 FMAs
+//! (AMD Zen 4: about 2.2×), every product of up to 64 rows (prefill in blocks of 64); where it does
+//! not (the Intel Xeon measured retires one every two cycles: 0.5×), one-row products only, where the
+//! widening the instruction saves is what bounds the product (docs/benchmarks.md, "bf16 mode").
 
 use std::arch::x86_64::*;
 
 use half::bf16;
 
-/// The rows of a product the bf16 form takes.
-pub const MAX_ROWS: usize = 1;
+/// Rows up to which the dot form is used.
+const DOT_ROWS: usize = 8;
+/// Rows up to which the outer form is used (larger products come in blocks of this many).
+pub const MAX_ROWS: usize = 64;
+const LANES: usize = 16;
+/// How much faster than f32 FMAs `vdpbf16ps` must multiply for the forms to take several rows.
+const FULL_RATE: f64 = 1.25;
 
-/// Whether this CPU runs the bf16 form: AVX-512 kernels chosen ([`super::isa`]) and AVX512-BF16.
+/// Whether this CPU runs the bf16 forms: AVX-512 kernels chosen ([`super::isa`]) and AVX512-BF16.
 pub fn available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| super::isa() == super::Isa::Avx512 && std::is_x86_feature_detected!("avx512bf16"))
 }
 
-/// Whether the bf16 form takes a product of `m` rows on this CPU.
-pub fn takes(m: usize) -> bool {
-    m <= MAX_ROWS && available()
+/// Whether the forms take products of several rows: `EPSERVE_BF16_ROWS=many|one` where set (for a
+/// fleet that must compute alike, or to measure), else whether `vdpbf16ps` runs at least
+/// [`FULL_RATE`] times the multiply-adds per second of f32 FMAs on this CPU (measured once, in
+/// about 20 ms; logged).
+pub fn full_rate() -> bool {
+    static FULL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FULL.get_or_init(|| {
+        let full = match std::env::var("EPSERVE_BF16_ROWS").as_deref() {
+            Ok("many") => true,
+            Ok("one") => false,
+            asked => {
+                if let Ok(other) = asked {
+                    tracing::warn!("EPSERVE_BF16_ROWS is {other:?}, not many or one; measuring instead");
+                }
+                let ratio = super::peak::bf16_dot_speedup().unwrap_or(0.0);
+                tracing::info!("bf16 mode: vdpbf16ps runs {ratio:.2}x the multiply-adds/s of f32 FMAs here");
+                ratio >= FULL_RATE
+            }
+        };
+        tracing::info!(
+            "bf16 mode: vdpbf16ps multiplies {}",
+            if full { "products of up to 64 rows" } else { "one-row products only" }
+        );
+        full
+    })
 }
 
-/// A product's row rounded to bf16.
+/// Whether the bf16 forms take a product of `m` rows on this CPU.
+pub fn takes(m: usize) -> bool {
+    available() && (m == 1 || (m <= MAX_ROWS && full_rate()))
+}
+
+/// A product's rows rounded to bf16, laid out for its form.
 pub struct Bf16Rows {
+    m: usize,
     k: usize,
-    row: Vec<bf16>,
+    layout: Layout,
+}
+
+enum Layout {
+    /// `[m, k]`, for the dot form.
+    Rows(Vec<bf16>),
+    /// `[⌈k/2⌉, padded]`: element `(p, r)` holds row `r`'s `k = 2p` (low half) and `2p + 1` (high
+    /// half, 0 past the end), for the outer form.
+    Pairs { data: Vec<u32>, padded: usize },
 }
 
 impl Bf16Rows {
-    /// `x` (`[1, k]`) rounded to bf16.
-    pub fn stage(x: &[f32], k: usize) -> Self {
-        assert_eq!(x.len(), k, "bf16 row: length disagrees with the shape");
-        Bf16Rows { k, row: x.iter().map(|&v| bf16::from_f32(v)).collect() }
+    /// `x` (`[m, k]`) rounded to bf16.
+    pub fn stage(x: &[f32], m: usize, k: usize) -> Self {
+        assert_eq!(x.len(), m * k, "bf16 rows: length disagrees with the shape");
+        let layout = if m <= DOT_ROWS {
+            Layout::Rows(x.iter().map(|&v| bf16::from_f32(v)).collect())
+        } else {
+            let padded = m.div_ceil(LANES) * LANES;
+            let mut data = vec![0u32; k.div_ceil(2) * padded];
+            for (r, row) in x.chunks_exact(k.max(1)).enumerate() {
+                for (p, pair) in row.chunks(2).enumerate() {
+                    let lo = u32::from(bf16::from_f32(pair[0]).to_bits());
+                    let hi = pair.get(1).map_or(0, |&v| u32::from(bf16::from_f32(v).to_bits()));
+                    data[p * padded + r] = lo | hi << 16;
+                }
+            }
+            Layout::Pairs { data, padded }
+        };
+        Bf16Rows { m, k, layout }
+    }
+
+    /// Whether the outer form reads these rows (its tasks are larger).
+    pub fn outer(&self) -> bool {
+        matches!(self.layout, Layout::Pairs { .. })
     }
 }
 
-/// `yt[o]` for every feature `o` of `w` (`[n, k]`, bf16) and the row `x`.
+/// `yt[o][r]` for every feature `o` of `w` (`[n, k]`, bf16) and row `r` of `x`.
 pub fn features_of(x: &Bf16Rows, w: &[bf16], yt: &mut [f32]) {
-    assert!(available(), "the bf16 form needs AVX-512 and AVX512-BF16");
-    let k = x.k;
+    assert!(available(), "the bf16 forms need AVX-512 and AVX512-BF16");
+    let (m, k) = (x.m, x.k);
     let n = w.len().checked_div(k).unwrap_or(0);
-    assert!(w.len() == n * k && yt.len() == n, "bf16 product: lengths disagree with the shapes");
-    // SAFETY: the CPU has AVX-512F and AVX512-BF16 (asserted above); the lengths are checked.
-    unsafe { dot::<8, 1>(&x.row, w, k, yt) }
+    assert!(w.len() == n * k && yt.len() == n * m, "bf16 product: lengths disagree with the shapes");
+    // SAFETY: the CPU has AVX-512F and AVX512-BF16 (asserted above); the lengths are checked, and
+    // each form checks the rest.
+    unsafe {
+        match &x.layout {
+            Layout::Rows(rows) => match m {
+                1 => dot::<8, 1>(rows, w, k, yt),
+                2 => dot::<6, 2>(rows, w, k, yt),
+                3 => dot::<4, 3>(rows, w, k, yt),
+                4 => dot::<4, 4>(rows, w, k, yt),
+                5 => dot::<3, 5>(rows, w, k, yt),
+                6 => dot::<3, 6>(rows, w, k, yt),
+                7 => dot::<2, 7>(rows, w, k, yt),
+                _ => dot::<2, 8>(rows, w, k, yt),
+            },
+            Layout::Pairs { data, padded } => match padded / LANES {
+                1 => outer::<12, 1>(data, w, k, m, yt),
+                2 => outer::<8, 2>(data, w, k, m, yt),
+                3 => outer::<6, 3>(data, w, k, m, yt),
+                _ => outer::<6, 4>(data, w, k, m, yt),
+            },
+        }
+    }
 }
 
 /// 32 bf16 from `p` as the instruction's operand type.
@@ -106,15 +189,85 @@ unsafe fn dot_block<const O: usize, const M: usize>(x: &[bf16], w: &[bf16], firs
     }
 }
 
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn outer<const O: usize, const V: usize>(xt: &[u32], w: &[bf16], k: usize, m: usize, yt: &mut [f32]) {
+    let n = w.len() / k.max(1);
+    let padded = V * LANES;
+    assert!(xt.len() == k.div_ceil(2) * padded && yt.len() == n * m && m <= padded);
+    let mut o = 0;
+    while o + O <= n {
+        // SAFETY: rows o..o+O of `w` and of `yt` exist (checked by the loop and the assert).
+        unsafe { outer_block::<O, V>(xt, w, o, k, m, &mut yt[o * m..(o + O) * m]) };
+        o += O;
+    }
+    while o < n {
+        // SAFETY: as above, one row.
+        unsafe { outer_block::<1, V>(xt, w, o, k, m, &mut yt[o * m..(o + 1) * m]) };
+        o += 1;
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn outer_block<const O: usize, const V: usize>(
+    xt: &[u32],
+    w: &[bf16],
+    first: usize,
+    k: usize,
+    m: usize,
+    yt: &mut [f32],
+) {
+    let padded = V * LANES;
+    let whole = k / 2;
+    let mut acc = [[_mm512_setzero_ps(); V]; O];
+    let (xp, wp) = (xt.as_ptr(), w.as_ptr());
+    // Weights `2p` and `2p + 1` of a row as one 32-bit lane, low half first (as `x`'s pairs are).
+    let pair = |row: usize, p: usize| -> i32 {
+        // SAFETY: 2p + 1 < k for p < whole: both elements are inside row `row`.
+        unsafe { std::ptr::read_unaligned(wp.add(row * k + 2 * p).cast::<u32>()) as i32 }
+    };
+    for p in 0..whole {
+        // SAFETY: p < ⌈k/2⌉, so `V` vectors of 16 lanes are readable at xt[p · padded..].
+        unsafe {
+            let xv: [__m512bh; V] = std::array::from_fn(|v| {
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(xp.add(p * padded + v * LANES).cast()))
+            });
+            for (a, row) in acc.iter_mut().enumerate() {
+                let wb = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair(first + a, p)));
+                for (sum, xv) in row.iter_mut().zip(&xv) {
+                    *sum = _mm512_dpbf16_ps(*sum, wb, *xv);
+                }
+            }
+        }
+    }
+    let mut lanes = [0f32; LANES];
+    for (a, row) in acc.iter().enumerate() {
+        for (v, sum) in row.iter().enumerate() {
+            // SAFETY: `lanes` holds 16 floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *sum) };
+            for (j, &value) in lanes.iter().enumerate().take(m.saturating_sub(v * LANES)) {
+                let r = v * LANES + j;
+                // An odd `k`: its last weight against each row's last value (the low half).
+                let tail = if k % 2 == 1 {
+                    let x_last = bf16::from_bits(xt[whole * padded + r] as u16).to_f32();
+                    w[(first + a) * k + k - 1].to_f32() * x_last
+                } else {
+                    0.0
+                };
+                yt[a * m + r] = value + tail;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// One row, with `k` a multiple of 32, even but not, and odd, against the f64 product of the
-    /// bf16-rounded row and the bf16 weights; the staging only takes one row.
+    /// Every row count of both forms, with `k` a multiple of 32, even but not, and odd, against the
+    /// f64 product of the bf16-rounded rows and the bf16 weights.
     #[test]
-    fn the_bf16_form_matches_the_product_of_the_rounded_row() {
-        assert!(!takes(2), "products of several rows stay on the f32 forms");
+    fn bf16_forms_match_the_product_of_rounded_rows() {
         if !available() {
             eprintln!("skipped: this CPU has no AVX512-BF16 (or EPSERVE_KERNEL_ISA chose a lesser set)");
             return;
@@ -122,14 +275,22 @@ mod tests {
         let n = 37;
         for k in [64, 100, 67] {
             let w: Vec<bf16> = crate::kernels::test_values(n * k, 7).into_iter().map(bf16::from_f32).collect();
-            let x = crate::kernels::test_values(k, 1);
-            let mut yt = vec![0f32; n];
-            features_of(&Bf16Rows::stage(&x, k), &w, &mut yt);
-            for o in 0..n {
-                let want: f64 =
-                    (0..k).map(|i| f64::from(w[o * k + i].to_f32()) * f64::from(bf16::from_f32(x[i]).to_f32())).sum();
-                let got = f64::from(yt[o]);
-                assert!((got - want).abs() < 1e-4, "k {k} o {o}: {got} vs {want}");
+            for m in (1..=18).chain([31, 32, 33, 48, 63, 64]) {
+                let x = crate::kernels::test_values(m * k, m as u64);
+                let rows = Bf16Rows::stage(&x, m, k);
+                let mut yt = vec![0f32; n * m];
+                features_of(&rows, &w, &mut yt);
+                for o in 0..n {
+                    for r in 0..m {
+                        let want: f64 = (0..k)
+                            .map(|i| {
+                                f64::from(w[o * k + i].to_f32()) * f64::from(bf16::from_f32(x[r * k + i]).to_f32())
+                            })
+                            .sum();
+                        let got = f64::from(yt[o * m + r]);
+                        assert!((got - want).abs() < 1e-4, "k {k} m {m} o {o} r {r}: {got} vs {want}");
+                    }
+                }
             }
         }
     }

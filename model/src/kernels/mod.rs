@@ -22,6 +22,7 @@ mod dot512;
 #[cfg(target_arch = "x86_64")]
 mod int8_avx2;
 mod isa;
+pub(crate) mod lanes;
 #[cfg(target_arch = "x86_64")]
 mod outer;
 #[cfg(target_arch = "x86_64")]
@@ -118,8 +119,8 @@ impl Weight for half::bf16 {
 pub enum Weights<'a> {
     F32(&'a [f32]),
     Bf16(&'a [half::bf16]),
-    /// bf16 weights multiplied with the row rounded to bf16 (`--activations bf16`): `vdpbf16ps`
-    /// for one-row products where the CPU has AVX512-BF16, else exactly as [`Weights::Bf16`].
+    /// bf16 weights multiplied with the rows rounded to bf16 (`--activations bf16`): `vdpbf16ps`
+    /// where the CPU has AVX512-BF16 (see [`bf16_products`]), else exactly as [`Weights::Bf16`].
     Bf16Products(&'a [half::bf16]),
     Quant(QuantView<'a>),
 }
@@ -197,7 +198,7 @@ pub fn products(batch: Vec<Product<'_>>) {
             continue;
         }
         let (m, k) = (p.m, p.k);
-        let per_task = task_features(p.yt.len() / m, matches!(staged, Staged::Transposed(_)));
+        let per_task = task_features(p.yt.len() / m, staged.outer());
         for (i, yt) in p.yt.chunks_mut(per_task * m).enumerate() {
             let first = i * per_task;
             let w = p.w.rows(first, yt.len() / m, k);
@@ -269,12 +270,22 @@ enum Staged {
 }
 
 impl Staged {
+    /// Whether the product runs an outer form (compute-bound: larger tasks).
+    fn outer(&self) -> bool {
+        match self {
+            Staged::Transposed(_) => true,
+            #[cfg(target_arch = "x86_64")]
+            Staged::Bf16(xb) => xb.outer(),
+            _ => false,
+        }
+    }
+
     fn new(p: &Product<'_>) -> Staged {
         #[cfg(target_arch = "x86_64")]
         if let Weights::Bf16Products(_) = &p.w
             && bf16dot::takes(p.m)
         {
-            return Staged::Bf16(bf16dot::Bf16Rows::stage(p.x, p.k));
+            return Staged::Bf16(bf16dot::Bf16Rows::stage(p.x, p.m, p.k));
         }
         #[cfg(target_arch = "x86_64")]
         if let Weights::Quant(q) = &p.w
@@ -349,11 +360,22 @@ pub fn max_rows() -> usize {
     }
 }
 
-/// Whether `--activations bf16` multiplies one-row products with `vdpbf16ps` on this CPU (AVX-512
-/// kernels chosen and AVX512-BF16 present); other products are the exact f32 ones.
+/// Whether `--activations bf16` multiplies with `vdpbf16ps` on this CPU (AVX-512 kernels chosen and
+/// AVX512-BF16 present): one-row products always, products of up to 64 rows where the instruction
+/// is fast enough ([`bf16_products_of_many_rows`]); other products are the exact f32 ones.
 pub fn bf16_products() -> bool {
     #[cfg(target_arch = "x86_64")]
     return bf16dot::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the bf16 mode multiplies products of several rows (up to 64) with `vdpbf16ps` too: on
+/// CPUs where the instruction does at least 1.25× the multiply-adds per second of f32 FMAs
+/// (measured once), or as `EPSERVE_BF16_ROWS=many|one` says.
+pub fn bf16_products_of_many_rows() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return bf16dot::available() && bf16dot::full_rate();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
