@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use epserve_model::config::FeedForwardKind;
@@ -17,6 +17,7 @@ use epserve_proto::v1::expert_service_server::{ExpertService, ExpertServiceServe
 use epserve_proto::v1::{
     ExchangeRequest, ExchangeResponse, HealthRequest, HealthResponse, LayerExperts, StatusRequest, StatusResponse,
 };
+use epserve_proto::wire::WireDtype;
 use parking_lot::{RwLock, RwLockReadGuard};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::Stream;
@@ -286,6 +287,40 @@ impl ExpertWorker {
     }
 
     pub(crate) async fn handle(self: Arc<Self>, request: ExchangeRequest) -> ExchangeResponse {
+        let exchange = match self.accept(request) {
+            Ok(exchange) => exchange,
+            Err(rejected) => return rejected,
+        };
+        let started = Instant::now();
+        let worker = self.clone();
+        let (id, dtype, rows) = (exchange.id, exchange.dtype, exchange.total_rows() as u64);
+        let result = tokio::task::spawn_blocking(move || worker.compute(&exchange)).await.map_err(|e| e.to_string());
+        self.answer(id, dtype, rows, result, started.elapsed())
+    }
+
+    /// [`ExpertWorker::handle`] on the calling thread (a shared-memory link's reader): no hand-off
+    /// to the runtime and a blocking thread, each a thread wake-up per exchange. A panic in the
+    /// computation is answered as `Internal`, as the runtime reports a panicked blocking task.
+    pub(crate) fn handle_here(&self, request: ExchangeRequest) -> ExchangeResponse {
+        let exchange = match self.accept(request) {
+            Ok(exchange) => exchange,
+            Err(rejected) => return rejected,
+        };
+        let started = Instant::now();
+        let (id, dtype, rows) = (exchange.id, exchange.dtype, exchange.total_rows() as u64);
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.compute(&exchange))).map_err(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned());
+                format!("compute panicked: {}", what.unwrap_or_default())
+            });
+        self.answer(id, dtype, rows, result, started.elapsed())
+    }
+
+    /// The request as an exchange this worker computes, or the answer refusing it.
+    fn accept(&self, request: ExchangeRequest) -> Result<Exchange, ExchangeResponse> {
         let id = request.id;
         let reject = |code: Code, message: String| {
             self.stats.exchanges_rejected.fetch_add(1, Ordering::Relaxed);
@@ -293,19 +328,20 @@ impl ExpertWorker {
             tracing::warn!(exchange = id, "rejected: {message}");
             ExchangeResponse { id, code: code as i32, message, ..Default::default() }
         };
-        let exchange = match Exchange::try_from(request) {
-            Ok(x) => x,
-            Err(e) => return reject(Code::InvalidArgument, e.0),
-        };
-        if let Err((code, message)) = self.check(&exchange) {
-            return reject(code, message);
-        }
-        let started = Instant::now();
-        let worker = self.clone();
-        let dtype = exchange.dtype;
-        let rows = exchange.total_rows() as u64;
-        let result = tokio::task::spawn_blocking(move || worker.compute(&exchange)).await;
-        let elapsed = started.elapsed();
+        let exchange = Exchange::try_from(request).map_err(|e| reject(Code::InvalidArgument, e.0))?;
+        self.check(&exchange).map_err(|(code, message)| reject(code, message))?;
+        Ok(exchange)
+    }
+
+    /// The answer to exchange `id` from its computation's result (`Err`: the computation panicked).
+    fn answer(
+        &self,
+        id: u64,
+        dtype: WireDtype,
+        rows: u64,
+        result: Result<Result<bytes::Bytes, (Code, String)>, String>,
+        elapsed: Duration,
+    ) -> ExchangeResponse {
         match result {
             Ok(Ok(payload)) => {
                 self.stats.rows_served.fetch_add(rows, Ordering::Relaxed);
@@ -322,14 +358,19 @@ impl ExpertWorker {
                     compute_micros: elapsed.as_micros() as u64,
                 }
             }
-            Ok(Err((Code::FailedPrecondition, message))) => reject(Code::FailedPrecondition, message),
+            Ok(Err((Code::FailedPrecondition, message))) => {
+                self.stats.exchanges_rejected.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::WORKER_EXCHANGES_TOTAL, "result" => "invalid").increment(1);
+                tracing::warn!(exchange = id, "rejected: {message}");
+                ExchangeResponse { id, code: Code::FailedPrecondition as i32, message, ..Default::default() }
+            }
             Ok(Err((code, message))) => {
                 tracing::error!(exchange = id, "compute failed: {message}");
                 ExchangeResponse { id, code: code as i32, message, ..Default::default() }
             }
-            Err(join) => {
-                tracing::error!(exchange = id, "compute task failed: {join}");
-                ExchangeResponse { id, code: Code::Internal as i32, message: join.to_string(), ..Default::default() }
+            Err(message) => {
+                tracing::error!(exchange = id, "compute task failed: {message}");
+                ExchangeResponse { id, code: Code::Internal as i32, message, ..Default::default() }
             }
         }
     }

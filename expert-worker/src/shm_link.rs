@@ -5,8 +5,8 @@
 //! shared memory, finds the file in its own shm directory, owned by its user with mode 0600, and
 //! the nonce matches, it maps it and answers `epserve-shm: accepted` in the response headers;
 //! otherwise `refused` with the reason, and the link stays plain gRPC. An accepted link reads its
-//! requests from the request ring on a thread of its own and writes the answers to the response
-//! ring from another; the gRPC stream stays open for liveness. When that stream ends (the
+//! requests from the request ring on a thread of its own, which also computes them (no hand-off to
+//! the runtime), and writes the answers to the response ring from another; the gRPC stream stays open for liveness. When that stream ends (the
 //! coordinator went away) the segment is closed, both threads stop and the mapping goes.
 
 use std::path::Path;
@@ -139,12 +139,15 @@ pub(crate) fn serve(
             let in_flight = Counted::new(worker.clone(), |s| &s.exchanges_in_flight);
             let permits = worker.permits(request.payload.len());
             let Ok(budget) = runtime.block_on(worker.budget().acquire_many_owned(permits)) else { break };
-            let (worker, answers) = (worker.clone(), answers.clone());
-            runtime.spawn(async move {
-                let response = worker.handle(request).await;
-                drop(budget);
-                let _ = answers.send((response, (slot, in_flight)));
-            });
+            // Computed here, on the reader: handing each exchange to the runtime and from there
+            // to a blocking thread cost two thread wake-ups an exchange (docs/benchmarks.md,
+            // "Prefill on AMD Zen 4"). The link's exchanges are computed one after the other,
+            // each on the kernels' whole pool.
+            let response = worker.handle_here(request);
+            drop(budget);
+            if answers.send((response, (slot, in_flight))).is_err() {
+                break;
+            }
         }
     })?;
     Ok(())
