@@ -8,8 +8,9 @@
 //! `--probe-bandwidth`, measures the machine's read bandwidth, so that each batch size can be put
 //! against its memory bound in the same run: a decode step cannot be faster than its bytes over the
 //! bandwidth. The same flag measures the machine's peak f32 multiply-add rate in the kernels'
-//! instruction set and gives each row its arithmetic bound too (the step's matrix multiply-adds
-//! over that peak), and says which of the two bounds is the lower one.
+//! instruction set (in the bf16 mode, `vdpbf16ps`'s where that is faster and the mode uses it for
+//! products of many rows) and gives each row its arithmetic bound too (the step's matrix
+//! multiply-adds over that peak), and says which of the two bounds is the lower one.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -58,10 +59,27 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
     if let Some(b) = bandwidth {
         tracing::info!("memory read bandwidth: {:.1} GB/s", b / 1e9);
     }
-    let peak = args.probe_bandwidth.then(epserve_model::kernels::peak_multiply_adds_per_s);
-    if let Some(p) = peak {
-        tracing::info!("peak f32 multiply-adds: {:.1} G/s ({:?})", p / 1e9, epserve_model::kernels::isa());
-    }
+    let peak = args.probe_bandwidth.then(|| {
+        let f32_peak = epserve_model::kernels::peak_multiply_adds_per_s();
+        tracing::info!("peak f32 multiply-adds: {:.1} G/s ({:?})", f32_peak / 1e9, epserve_model::kernels::isa());
+        // The bf16 mode's products of many rows run on `vdpbf16ps` where it is the faster
+        // instruction: their peak is its rate (one-row products are memory-bound either way).
+        let bf16_speedup = (args.experts.quant.activations == epserve_model::quant::Activations::Bf16
+            && epserve_model::kernels::bf16_products_of_many_rows())
+        .then(epserve_model::kernels::bf16_dot_speedup)
+        .flatten()
+        .filter(|&s| s > 1.0);
+        match bf16_speedup {
+            Some(s) => {
+                tracing::info!(
+                    "peak bf16 multiply-adds (vdpbf16ps): {:.1} G/s, the arithmetic bound",
+                    f32_peak * s / 1e9
+                );
+                f32_peak * s
+            }
+            None => f32_peak,
+        }
+    });
     let multiply_adds_per_token = standalone.config.text.multiply_adds_per_token() as f64;
     let expert_bytes = match &standalone.experts {
         ExpertTransport::Local(shard) => shard.expert_bytes(),

@@ -5,9 +5,9 @@
 //! shared memory, finds the file in its own shm directory, owned by its user with mode 0600, and
 //! the nonce matches, it maps it and answers `epserve-shm: accepted` in the response headers;
 //! otherwise `refused` with the reason, and the link stays plain gRPC. An accepted link reads its
-//! requests from the request ring on a thread of its own, which also computes them (no hand-off to
-//! the runtime), and writes the answers to the response ring from another; the gRPC stream stays open for liveness. When that stream ends (the
-//! coordinator went away) the segment is closed, both threads stop and the mapping goes.
+//! requests from the request ring on a thread of its own, which also computes each and writes its
+//! answer to the response ring (no hand-off to another thread); the gRPC stream stays open for liveness. When that stream ends (the
+//! coordinator went away) the segment is closed, the thread stops and the mapping goes.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use epserve_proto::v1::{ExchangeRequest, ExchangeResponse};
 use epserve_shm::{Nonce, Role, Segment, ShmError};
 use prost::Message;
 use tokio::runtime::Handle;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tonic::Status;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
@@ -69,14 +69,10 @@ pub(crate) fn answer(metadata: &mut MetadataMap, result: &Result<Arc<Segment>, S
     }
 }
 
-/// What a request holds until its answer is written: its stream slot, its place in the in-flight
-/// gauge.
-type Held = (OwnedSemaphorePermit, Counted);
-
 /// Serves the rings of `segment`: requests in, answers out (an answer too large for the ring goes
 /// over the stream's gRPC responses, `grpc`). `slots` is the stream's limit on exchanges in flight,
-/// shared with its gRPC side. Returns once both threads are started; they stop when the segment
-/// is closed.
+/// shared with its gRPC side. Returns once its thread is started; it stops when the segment is
+/// closed.
 pub(crate) fn serve(
     worker: Arc<ExpertWorker>,
     segment: Arc<Segment>,
@@ -84,34 +80,12 @@ pub(crate) fn serve(
     grpc: mpsc::Sender<Result<ExchangeResponse, Status>>,
 ) -> std::io::Result<()> {
     let (mut producer, mut consumer) = segment.ends(Role::Attacher);
-    let (answers, answered) = std::sync::mpsc::channel::<(ExchangeResponse, Held)>();
     let runtime = Handle::current();
-    let closing = segment.clone();
-    std::thread::Builder::new().name("epserve-shm-tx".into()).spawn(move || {
-        let mut buf = Vec::new();
-        for (response, held) in answered {
-            buf.clear();
-            // Encoding into a Vec cannot run out of room.
-            let _ = response.encode(&mut buf);
-            match producer.send(&buf, Instant::now() + WRITE_WAIT) {
-                Ok(()) => {}
-                Err(ShmError::TooLarge { .. }) => {
-                    metrics::counter!(m::SHM_OVERSIZE_MESSAGES_TOTAL, "direction" => "response").increment(1);
-                    if grpc.blocking_send(Ok(response)).is_err() {
-                        break;
-                    }
-                }
-                Err(ShmError::Closed) => break,
-                Err(e) => {
-                    tracing::warn!(segment = %closing.name(), "shared-memory answers stopped: {e}");
-                    closing.close();
-                    break;
-                }
-            }
-            drop(held);
-        }
-    })?;
-    std::thread::Builder::new().name("epserve-shm-rx".into()).spawn(move || {
+    // One thread reads a request, computes it and writes its answer: each hand-off to another
+    // thread (the runtime, a blocking thread, an answer writer) was a thread wake-up an exchange,
+    // on the critical path of every MoE layer (docs/benchmarks.md, "Prefill on AMD Zen 4"). The
+    // link's exchanges are computed one after the other, each on the kernels' whole pool.
+    std::thread::Builder::new().name("epserve-shm-link".into()).spawn(move || {
         let mut buf = Vec::new();
         loop {
             let Ok(slot) = runtime.block_on(slots.clone().acquire_owned()) else { break };
@@ -139,15 +113,27 @@ pub(crate) fn serve(
             let in_flight = Counted::new(worker.clone(), |s| &s.exchanges_in_flight);
             let permits = worker.permits(request.payload.len());
             let Ok(budget) = runtime.block_on(worker.budget().acquire_many_owned(permits)) else { break };
-            // Computed here, on the reader: handing each exchange to the runtime and from there
-            // to a blocking thread cost two thread wake-ups an exchange (docs/benchmarks.md,
-            // "Prefill on AMD Zen 4"). The link's exchanges are computed one after the other,
-            // each on the kernels' whole pool.
             let response = worker.handle_here(request);
             drop(budget);
-            if answers.send((response, (slot, in_flight))).is_err() {
-                break;
+            buf.clear();
+            // Encoding into a Vec cannot run out of room.
+            let _ = response.encode(&mut buf);
+            match producer.send(&buf, Instant::now() + WRITE_WAIT) {
+                Ok(()) => {}
+                Err(ShmError::TooLarge { .. }) => {
+                    metrics::counter!(m::SHM_OVERSIZE_MESSAGES_TOTAL, "direction" => "response").increment(1);
+                    if grpc.blocking_send(Ok(response)).is_err() {
+                        break;
+                    }
+                }
+                Err(ShmError::Closed) => break,
+                Err(e) => {
+                    tracing::warn!(segment = %segment.name(), "shared-memory answers stopped: {e}");
+                    segment.close();
+                    break;
+                }
             }
+            drop((slot, in_flight));
         }
     })?;
     Ok(())
