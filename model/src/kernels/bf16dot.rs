@@ -26,10 +26,15 @@ const LANES: usize = 16;
 /// How much faster than f32 FMAs `vdpbf16ps` must multiply for the forms to take several rows.
 const FULL_RATE: f64 = 1.25;
 
-/// Whether this CPU runs the bf16 forms: AVX-512 kernels chosen ([`super::isa`]) and AVX512-BF16.
+/// Whether this CPU runs the bf16 forms: AVX-512 kernels chosen ([`super::isa`]), AVX512-BF16 and
+/// AVX512-BW (every CPU with the first has the second).
 pub fn available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| super::isa() == super::Isa::Avx512 && std::is_x86_feature_detected!("avx512bf16"))
+    *AVAILABLE.get_or_init(|| {
+        super::isa() == super::Isa::Avx512
+            && std::is_x86_feature_detected!("avx512bf16")
+            && std::is_x86_feature_detected!("avx512bw")
+    })
 }
 
 /// Whether the forms take products of several rows: `EPSERVE_BF16_ROWS=many|one` where set (for a
@@ -84,18 +89,27 @@ impl Bf16Rows {
     pub fn stage(x: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(x.len(), m * k, "bf16 rows: length disagrees with the shape");
         let layout = if m <= DOT_ROWS {
-            Layout::Rows(x.iter().map(|&v| bf16::from_f32(v)).collect())
+            let mut rows = vec![bf16::ZERO; m * k];
+            for (row, out) in x.chunks_exact(k.max(1)).zip(rows.chunks_exact_mut(k.max(1))) {
+                round_row(row, out);
+            }
+            Layout::Rows(rows)
         } else {
-            let padded = m.div_ceil(LANES) * LANES;
-            let mut data = vec![0u32; k.div_ceil(2) * padded];
-            for (r, row) in x.chunks_exact(k.max(1)).enumerate() {
-                for (p, pair) in row.chunks(2).enumerate() {
-                    let lo = u32::from(bf16::from_f32(pair[0]).to_bits());
-                    let hi = pair.get(1).map_or(0, |&v| u32::from(bf16::from_f32(v).to_bits()));
-                    data[p * padded + r] = lo | hi << 16;
+            // Each row's pairs as 32-bit words (the row rounded, zero-padded to an even length),
+            // then those `[m, ⌈k/2⌉]` words transposed (as bits, through the f32 transpose) into
+            // `[⌈k/2⌉, padded]`.
+            let (padded, pairs) = (m.div_ceil(LANES) * LANES, k.div_ceil(2));
+            let mut words = vec![0f32; m * pairs];
+            let mut rounded = vec![bf16::ZERO; 2 * pairs];
+            for (row, out) in x.chunks_exact(k.max(1)).zip(words.chunks_exact_mut(pairs.max(1))) {
+                round_row(row, &mut rounded[..k]);
+                for (word, pair) in out.iter_mut().zip(rounded.chunks_exact(2)) {
+                    *word = f32::from_bits(u32::from(pair[0].to_bits()) | u32::from(pair[1].to_bits()) << 16);
                 }
             }
-            Layout::Pairs { data, padded }
+            let mut data = vec![0f32; pairs * padded];
+            super::transpose_strided(&words, m, pairs, &mut data, padded);
+            Layout::Pairs { data: data.into_iter().map(f32::to_bits).collect(), padded }
         };
         Bf16Rows { m, k, layout }
     }
@@ -103,6 +117,34 @@ impl Bf16Rows {
     /// Whether the outer form reads these rows (its tasks are larger).
     pub fn outer(&self) -> bool {
         matches!(self.layout, Layout::Pairs { .. })
+    }
+}
+
+/// `row` rounded to bf16 into `out` (same length) by `vcvtne2ps2bf16`, 32 values an instruction:
+/// round to nearest even, as `bf16::from_f32`, except that the instruction flushes subnormal inputs
+/// (below 1.2e-38 in magnitude) to zero. Both forms stage their rows here, so they agree.
+fn round_row(row: &[f32], out: &mut [bf16]) {
+    assert!(available() && row.len() == out.len(), "bf16 rounding: needs AVX512-BF16 and equal lengths");
+    // SAFETY: the CPU has AVX-512F and AVX512-BF16 (asserted above), and the lengths agree.
+    unsafe { round_row_bf16(row, out) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn round_row_bf16(row: &[f32], out: &mut [bf16]) {
+    let mut i = 0;
+    while i < row.len() {
+        let n = (row.len() - i).min(32);
+        // Lanes past the end read as zero and are not stored.
+        let (lo_mask, hi_mask) = ((1u32 << n.min(16)).wrapping_sub(1) as u16, (1u64 << n).wrapping_sub(1) >> 16);
+        // SAFETY: the masks read and write only elements i..i + n, inside both slices.
+        unsafe {
+            let lo = _mm512_maskz_loadu_ps(lo_mask, row.as_ptr().add(i));
+            let hi = _mm512_maskz_loadu_ps(hi_mask as u16, row.as_ptr().add(i + 16.min(n)));
+            let rounded = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+            let mask = if n == 32 { u32::MAX } else { (1u32 << n) - 1 };
+            _mm512_mask_storeu_epi16(out.as_mut_ptr().add(i).cast(), mask, rounded);
+        }
+        i += n;
     }
 }
 
@@ -292,6 +334,29 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The vector rounding equals `bf16::from_f32` for normal values, ties included, over every
+    /// tail length.
+    #[test]
+    fn rows_round_as_bf16_from_f32_does() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16 (or EPSERVE_KERNEL_ISA chose a lesser set)");
+            return;
+        }
+        let mut values = crate::kernels::test_values(101, 3);
+        // Exact ties between two bf16 values (lower half 0x8000), both parities, and ±0.
+        values.extend([f32::from_bits(0x3f80_8000), f32::from_bits(0x3f81_8000), 0.0, -0.0, -1.5e30, 3.0e-38]);
+        for len in 0..values.len() {
+            let mut out = vec![bf16::ZERO; len];
+            round_row(&values[..len], &mut out);
+            let want: Vec<bf16> = values[..len].iter().map(|&v| bf16::from_f32(v)).collect();
+            assert_eq!(
+                out.iter().map(|b| b.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|b| b.to_bits()).collect::<Vec<_>>(),
+                "length {len}"
+            );
         }
     }
 }

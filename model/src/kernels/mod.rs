@@ -334,11 +334,7 @@ fn transposed_for_outer(x: &[f32], m: usize, k: usize) -> Option<Vec<f32>> {
 fn transpose_padded(x: &[f32], m: usize, k: usize, lanes: usize) -> Vec<f32> {
     let padded = m.div_ceil(lanes) * lanes;
     let mut xt = vec![0f32; k * padded];
-    for r in 0..m {
-        for (i, v) in x[r * k..(r + 1) * k].iter().enumerate() {
-            xt[i * padded + r] = *v;
-        }
-    }
+    transpose_strided(x, m, k, &mut xt, padded);
     xt
 }
 
@@ -502,8 +498,18 @@ pub fn exp(x: f32) -> f32 {
 /// `b[c][r] = a[r][c]` for `a` `[rows, cols]`, in tiles so that both sides are read and written a
 /// cache line at a time; whole 8 × 8 blocks with AVX shuffles where the CPU has AVX.
 pub fn transpose(a: &[f32], rows: usize, cols: usize, b: &mut [f32]) {
-    const TILE: usize = 16;
     assert!(a.len() == rows * cols && b.len() == rows * cols, "transpose: lengths disagree with the shape");
+    transpose_strided(a, rows, cols, b, rows);
+}
+
+/// [`transpose`] into rows of `stride ≥ rows` values: `b[c · stride + r] = a[r][c]`, the rest of
+/// each row of `b` left as it is. Values are moved as bits (never computed with).
+pub(crate) fn transpose_strided(a: &[f32], rows: usize, cols: usize, b: &mut [f32], stride: usize) {
+    const TILE: usize = 16;
+    assert!(
+        a.len() == rows * cols && stride >= rows && b.len() >= cols.saturating_sub(1) * stride + rows,
+        "transpose: lengths disagree with the shape"
+    );
     #[cfg(target_arch = "x86_64")]
     let avx = std::is_x86_feature_detected!("avx");
     for r0 in (0..rows).step_by(TILE) {
@@ -514,14 +520,17 @@ pub fn transpose(a: &[f32], rows: usize, cols: usize, b: &mut [f32]) {
                 for (dr, dc) in [(0, 0), (0, 8), (8, 0), (8, 8)] {
                     let (r, c) = (r0 + dr, c0 + dc);
                     // SAFETY: the CPU has AVX; rows r..r+8 and columns c..c+8 are inside `a`
-                    // (`[rows, cols]`) and columns c..c+8 of rows r..r+8 of `b` (`[cols, rows]`).
-                    unsafe { transpose8x8(a.as_ptr().add(r * cols + c), cols, b.as_mut_ptr().add(c * rows + r), rows) };
+                    // (`[rows, cols]`) and columns r..r+8 of rows c..c+8 of `b` (rows `stride`
+                    // apart, checked above).
+                    unsafe {
+                        transpose8x8(a.as_ptr().add(r * cols + c), cols, b.as_mut_ptr().add(c * stride + r), stride)
+                    };
                 }
                 continue;
             }
             for r in r0..r_end {
                 for c in c0..c_end {
-                    b[c * rows + r] = a[r * cols + c];
+                    b[c * stride + r] = a[r * cols + c];
                 }
             }
         }
