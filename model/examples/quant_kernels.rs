@@ -36,7 +36,7 @@ fn main() {
         int8.len(),
         int4.len()
     );
-    for m in [1usize, 4, 32] {
+    for m in [1usize, 4, 32, 64] {
         let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 / 13.0).collect();
         let mut yt = vec![0f32; n * m];
         let formats: [(&str, Vec<Weights<'_>>, u64); 5] = [

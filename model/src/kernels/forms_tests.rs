@@ -156,6 +156,37 @@ fn every_form_reads_bf16_as_its_f32_values_bit_for_bit() {
     }
 }
 
+/// In the outer forms a row's outputs are the same bits whichever rows share its product: each is
+/// a chain of fused multiply-adds along `k` in one lane, however the rows are blocked (in
+/// registers up to 16 rows on AVX2, in panels beyond).
+#[test]
+fn outer_forms_give_a_row_the_same_bits_among_any_rows() {
+    let (n, k) = (25, 130);
+    let w: Vec<half::bf16> = values(n * k, 21).into_iter().map(half::bf16::from_f32).collect();
+    let x = values(64 * k, 22);
+    for (form, rows) in Form::runnable() {
+        #[cfg(target_arch = "x86_64")]
+        if !matches!(form, Form::Outer256 | Form::Outer512) {
+            continue;
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        continue;
+        let product = |m: usize| {
+            let mut yt = vec![f32::NAN; n * m];
+            form.run(&x[..m * k], m, Dense { w: &w, k }, &mut yt);
+            yt
+        };
+        let all = product(*rows.end());
+        let all_rows = *rows.end();
+        for m in [9, 16, 17, 24, 33, 47].into_iter().filter(|m| rows.contains(m)) {
+            let some = product(m);
+            for o in 0..n {
+                assert_eq!(some[o * m..(o + 1) * m], all[o * all_rows..o * all_rows + m], "{form:?} m={m} output {o}");
+            }
+        }
+    }
+}
+
 #[test]
 fn the_chosen_isa_is_one_this_cpu_runs() {
     let chosen = isa();
