@@ -1,5 +1,5 @@
-//! Weight-streaming speed of the CPU kernels per stored format: one product `x · Wᵀ` of 1, 4 or
-//! 32 rows against `[4096, 4096]` matrices held as bf16, int8 and int4 (epserve's schemes), cycling
+//! Weight-streaming speed of the CPU kernels per stored format: one product `x · Wᵀ` of 1, 4, 32 or
+//! 64 rows against `[4096, 4096]` matrices held as bf16, int8 and int4 (epserve's schemes), cycling
 //! over as many copies as make `--total-mb` of each format, so that a run either stays in the
 //! caches (small totals) or streams from memory (totals beyond the last-level cache). Prints
 //! weights/s and bytes/s per format (docs/benchmarks.md, "Quantized weights"). `int8·a8` and
