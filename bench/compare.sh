@@ -699,10 +699,16 @@ quant_vars += f" COMPARE_EPSERVE_ACTIVATIONS={ea}" if ea else ""
 print(f"Command: `bench/compare.sh` (COMPARE_OUTPUT_LEN={out_len} COMPARE_PROMPT_LEN={prompt_len} COMPARE_C1_REQUESTS={c1_req} "
       f"COMPARE_CONCURRENCY={conc} COMPARE_C32_REQUESTS={conc_req} COMPARE_TTFT_PROMPT_LEN={ttft_len} COMPARE_TTFT_REQUESTS={ttft_req} "
       f"COMPARE_TTFT_OUTPUT_LEN={ttft_out} COMPARE_WARMUP={warmup}{quant_vars})\n")
+# What the bf16 mode does on this CPU: `vdpbf16ps` needs AVX512-BF16; without it the mode's products
+# are the exact f32 ones over the bf16 weights (docs/model.md).
+cpu_flags = next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), [])
+bf16_mode = ("rows rounded to bf16, `vdpbf16ps`" if "avx512_bf16" in cpu_flags
+             else "no AVX512-BF16 on this CPU: products as in f32 compute, "
+                  + ("AVX-512" if "avx512f" in cpu_flags else "AVX2" if "avx2" in cpu_flags else "portable") + " kernels")
 if quant_report:
     ep_desc = (f"`--quantize {eq} --quantize-scope {eq_scope}`, quantized at load ({'8' if eq == 'int8' else '4'}-bit symmetric, "
                "an f16 scale per 32 weights; router, norms and embeddings as stored)") if eq else \
-              "the checkpoint's bf16 matrices as stored (" + ("rows rounded to bf16, `vdpbf16ps`" if ea == "bf16" else "f32 compute") + ")"
+              "the checkpoint's bf16 matrices as stored (" + (bf16_mode if ea == "bf16" else "f32 compute") + ")"
     types = text(f"{run}/gguf.types")
     print(f"Weights: epserve {ep_desc}; llama.cpp GGUF {gguf_type}" + (f" ({types})" if types else "")
           + "; transformers the checkpoint in f32.\n")

@@ -49,26 +49,28 @@ pub fn forward_overlapped(
     // On rayon's pool, as the plain forward runs: started from outside it, each of the step's
     // parallel regions would wake the pool and put this thread to sleep (`kernels::on_pool`).
     epserve_model::kernels::on_pool(|| {
-        let mut step_a = model.begin_step(a)?;
-        let mut step_b = model.begin_step(b)?;
-        let mut flight_a = Some(model.start_layer(&mut step_a, 0, experts, None)?);
-        let mut flight_b = Some(model.start_layer(&mut step_b, 0, experts, None)?);
-        for layer in 0..layers {
-            if let Some(f) = flight_a.take() {
-                model.finish_layer(&mut step_a, f)?;
+        epserve_model::kernels::warm_step(|| {
+            let mut step_a = model.begin_step(a)?;
+            let mut step_b = model.begin_step(b)?;
+            let mut flight_a = Some(model.start_layer(&mut step_a, 0, experts, None)?);
+            let mut flight_b = Some(model.start_layer(&mut step_b, 0, experts, None)?);
+            for layer in 0..layers {
+                if let Some(f) = flight_a.take() {
+                    model.finish_layer(&mut step_a, f)?;
+                }
+                if layer + 1 < layers {
+                    flight_a = Some(model.start_layer(&mut step_a, layer + 1, experts, None)?);
+                }
+                if let Some(f) = flight_b.take() {
+                    model.finish_layer(&mut step_b, f)?;
+                }
+                if layer + 1 < layers {
+                    flight_b = Some(model.start_layer(&mut step_b, layer + 1, experts, None)?);
+                }
             }
-            if layer + 1 < layers {
-                flight_a = Some(model.start_layer(&mut step_a, layer + 1, experts, None)?);
-            }
-            if let Some(f) = flight_b.take() {
-                model.finish_layer(&mut step_b, f)?;
-            }
-            if layer + 1 < layers {
-                flight_b = Some(model.start_layer(&mut step_b, layer + 1, experts, None)?);
-            }
-        }
-        let logits_a = model.finish_step(step_a, which)?;
-        let logits_b = model.finish_step(step_b, which)?;
-        Ok(Tensor::cat(&[logits_a, logits_b], 0)?)
+            let logits_a = model.finish_step(step_a, which)?;
+            let logits_b = model.finish_step(step_b, which)?;
+            Ok(Tensor::cat(&[logits_a, logits_b], 0)?)
+        })
     })
 }

@@ -210,11 +210,13 @@ impl TextModel {
         mut trace: Option<&mut RoutingTrace>,
     ) -> Result<Tensor> {
         crate::kernels::on_pool(|| {
-            let mut step = self.begin_step(seqs)?;
-            for layer in 0..self.layers.len() {
-                self.run_layer(&mut step, layer, experts, trace.as_deref_mut())?;
-            }
-            self.finish_step(step, which)
+            crate::kernels::warm_step(|| {
+                let mut step = self.begin_step(seqs)?;
+                for layer in 0..self.layers.len() {
+                    self.run_layer(&mut step, layer, experts, trace.as_deref_mut())?;
+                }
+                self.finish_step(step, which)
+            })
         })
     }
 

@@ -397,7 +397,10 @@ impl GrpcInFlight<'_> {
         let link = &part.link;
         let deadline = tokio::time::Instant::from_std(part.deadline);
         // The timer must be created inside the runtime: this thread is not one of its workers.
-        let answer = match x.runtime.block_on(async { tokio::time::timeout_at(deadline, &mut part.reply).await }) {
+        // The step's keepers stop spinning meanwhile: on a shared host the worker needs the cores.
+        let answer = match epserve_model::kernels::idle(|| {
+            x.runtime.block_on(async { tokio::time::timeout_at(deadline, &mut part.reply).await })
+        }) {
             Err(_) => {
                 link.pending.lock().waiting.remove(&part.id);
                 let e = TransportError::Deadline {

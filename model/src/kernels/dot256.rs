@@ -12,6 +12,9 @@ use super::source::MatrixSource;
 const LANES: usize = 8;
 /// Weights per step: four vectors.
 const STEP: usize = 4 * LANES;
+/// How far ahead of its current position each row's stream is prefetched, in weights: two blocks
+/// (the same row of the block after next, for a dense matrix), at most this many.
+const MAX_PREFETCH_AHEAD: usize = 4096;
 
 pub fn available() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
@@ -69,12 +72,14 @@ unsafe fn block<const O: usize, const M: usize, const A: usize, S: MatrixSource>
     let body = k - k % (2 * LANES);
     let mut acc = [[[_mm256_setzero_ps(); A]; M]; O];
     let xp = x.as_ptr();
+    let ahead = (2 * O * k).min(MAX_PREFETCH_AHEAD);
     for i in (0..steps).step_by(STEP) {
         // SAFETY: i + 32 ≤ k and rows first..first+O exist, so every load stays within its row.
         unsafe {
             let xv: [[__m256; 4]; M] =
                 std::array::from_fn(|r| std::array::from_fn(|v| _mm256_loadu_ps(xp.add(r * k + i + v * LANES))));
             for (a, row) in acc.iter_mut().enumerate() {
+                w.prefetch(first + a, i + ahead);
                 let wv = w.load32_avx2(first, a, i, prepared);
                 for (sums, xs) in row.iter_mut().zip(&xv) {
                     for v in 0..4 {

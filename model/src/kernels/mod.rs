@@ -31,6 +31,7 @@ mod peak;
 pub mod source;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
+mod warm;
 
 use rayon::prelude::*;
 
@@ -38,6 +39,7 @@ pub use isa::{Isa, isa};
 pub use peak::{bf16_dot_speedup, peak_multiply_adds_per_s};
 pub use source::{CodeKind, QuantView, ScalesRef};
 use source::{Dense, Fp8Source, Int4Source, Int8Source};
+pub use warm::{idle, spin_budget, warm_step};
 
 /// A stored weight element, widened to f32 where it is multiplied. bf16 weights are the
 /// checkpoint's own values: widening is exact, so a product over bf16 weights equals the product
@@ -185,6 +187,7 @@ pub struct Product<'a> {
 pub fn products(batch: Vec<Product<'_>>) {
     // The outer form reads `x` transposed, the int8-activation mode quantized: done once per
     // product, before the region.
+    warm::keep_warm_in_step();
     let staged: Vec<Staged> = if batch.len() > 1 {
         batch.par_iter().map(Staged::new).collect()
     } else {
@@ -379,7 +382,8 @@ pub fn bf16_products_of_many_rows() -> bool {
 /// Runs `f` on a thread of rayon's global pool (at once when already on one). A decode step starts
 /// a few hundred parallel regions; started from outside the pool, each one wakes the pool's
 /// threads and puts the caller to sleep, which on a small machine costs more than the product. A
-/// step run inside the pool hands its products to the other threads through the work queues.
+/// step run inside the pool hands its products to the other threads through the work queues (and
+/// inside [`warm_step`], keeps them spinning between its regions rather than asleep).
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() { f() } else { rayon::scope(|_| f()) }
 }
