@@ -63,15 +63,11 @@ unsafe fn panels<const O: usize, S: MatrixSource>(xt: &[f32], w: S, m: usize, yt
             // SAFETY: vectors `first_vector..first_vector + V` of every `xt` row are within the
             // stride, and `widened` holds `count` rows of `k`.
             unsafe {
-                match (count == O, (vectors - first_vector).min(PANEL_VECTORS)) {
-                    (true, 1) => panel::<O, 1>(xt, stride, at, &widened, k, m, yt),
-                    (true, 2) => panel::<O, 2>(xt, stride, at, &widened, k, m, yt),
-                    (true, 3) => panel::<O, 3>(xt, stride, at, &widened, k, m, yt),
-                    (true, _) => panel::<O, 4>(xt, stride, at, &widened, k, m, yt),
-                    (false, 1) => panel::<1, 1>(xt, stride, at, &widened, k, m, yt),
-                    (false, 2) => panel::<1, 2>(xt, stride, at, &widened, k, m, yt),
-                    (false, 3) => panel::<1, 3>(xt, stride, at, &widened, k, m, yt),
-                    (false, _) => panel::<1, 4>(xt, stride, at, &widened, k, m, yt),
+                match (count == O, vectors - first_vector >= PANEL_VECTORS) {
+                    (true, true) => panel::<O, PANEL_VECTORS>(xt, stride, at, &widened, k, m, yt),
+                    (true, false) => panel::<O, 1>(xt, stride, at, &widened, k, m, yt),
+                    (false, true) => panel::<1, PANEL_VECTORS>(xt, stride, at, &widened, k, m, yt),
+                    (false, false) => panel::<1, 1>(xt, stride, at, &widened, k, m, yt),
                 }
             }
         }
