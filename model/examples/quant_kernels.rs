@@ -1,11 +1,14 @@
 //! Weight-streaming speed of the CPU kernels per stored format: one product `x · Wᵀ` of 1, 4, 32 or
-//! 64 rows against `[4096, 4096]` matrices held as bf16, int8 and int4 (epserve's schemes), cycling
+//! 64 rows against `[n, k]` matrices (`--n`, `--k`: 4096 each unless given) held as bf16, int8 and
+//! int4 (epserve's schemes), cycling
 //! over as many copies as make `--total-mb` of each format, so that a run either stays in the
 //! caches (small totals) or streams from memory (totals beyond the last-level cache). Prints
-//! weights/s and bytes/s per format (docs/benchmarks.md, "Quantized weights"). `int8·a8` and
-//! `int4·a8` are the same matrices multiplied with int8 activations (`--activations int8`).
+//! weights/s and bytes/s per format (docs/benchmarks.md, "Quantized weights"). `bf16·b16` is the bf16
+//! matrices multiplied with the rows rounded to bf16 (`--activations bf16`), `int8·a8` and `int4·a8`
+//! the quantized ones with int8 activations (`--activations int8`). `--rows 1,4` limits the row counts.
 //!
-//!   cargo run --release -p epserve-model --example quant_kernels -- [--total-mb 64] [--iterations 3]
+//!   cargo run --release -p epserve-model --example quant_kernels -- [--total-mb 64] [--iterations 3] \
+//!     [--n 4096] [--k 4096] [--rows 1,4,32,64]
 
 use std::time::Instant;
 
@@ -18,7 +21,13 @@ fn arg(name: &str, default: usize) -> usize {
 }
 
 fn main() {
-    let (n, k) = (4096usize, 4096usize);
+    let (n, k) = (arg("--n", 4096), arg("--k", 4096));
+    let args: Vec<String> = std::env::args().collect();
+    let rows: Vec<usize> = args
+        .iter()
+        .position(|a| a == "--rows")
+        .and_then(|i| args.get(i + 1))
+        .map_or_else(|| vec![1, 4, 32, 64], |v| v.split(',').filter_map(|r| r.parse().ok()).collect());
     let total = arg("--total-mb", 64) as f64 * 1e6;
     let iterations = arg("--iterations", 3);
     let w: Vec<half::bf16> =
@@ -36,11 +45,12 @@ fn main() {
         int8.len(),
         int4.len()
     );
-    for m in [1usize, 4, 32, 64] {
+    for m in rows {
         let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 / 13.0).collect();
         let mut yt = vec![0f32; n * m];
-        let formats: [(&str, Vec<Weights<'_>>, u64); 5] = [
+        let formats: [(&str, Vec<Weights<'_>>, u64); 6] = [
             ("bf16", bf16.iter().map(|w| Weights::Bf16(w)).collect(), (n * k * 2) as u64),
+            ("bf16·b16", bf16.iter().map(|w| Weights::Bf16Products(w)).collect(), (n * k * 2) as u64),
             ("int8", int8.iter().map(|q| Weights::Quant(q.view())).collect(), q8.bytes()),
             (
                 "int8·a8",
@@ -58,15 +68,20 @@ fn main() {
             for w in &matrices {
                 kernels::rows_times_weight_t(&x, m, *w, n, k, &mut yt);
             }
+            // As in a decode step: on the pool, its other threads kept awake between products.
             let t = Instant::now();
-            for _ in 0..iterations {
-                for w in &matrices {
-                    kernels::rows_times_weight_t(&x, m, *w, n, k, &mut yt);
-                }
-            }
+            kernels::on_pool(|| {
+                kernels::warm_step(|| {
+                    for _ in 0..iterations {
+                        for w in &matrices {
+                            kernels::rows_times_weight_t(&x, m, *w, n, k, &mut yt);
+                        }
+                    }
+                })
+            });
             let s = t.elapsed().as_secs_f64() / (iterations * matrices.len()) as f64;
             println!(
-                "rows {m:>2}  {name:>7}: {:7.3} ms a matrix, {:6.1} G weights/s, {:6.1} GB/s",
+                "rows {m:>2}  {name:>8}: {:7.3} ms a matrix, {:6.1} G weights/s, {:6.1} GB/s",
                 s * 1e3,
                 (n * k) as f64 / s / 1e9,
                 bytes as f64 / s / 1e9

@@ -7,14 +7,11 @@
 
 use std::arch::x86_64::*;
 
-use super::source::MatrixSource;
+use super::source::{MatrixSource, prefetch_ahead};
 
 const LANES: usize = 8;
 /// Weights per step: four vectors.
 const STEP: usize = 4 * LANES;
-/// How far ahead of its current position each row's stream is prefetched, in weights: two blocks
-/// (the same row of the block after next, for a dense matrix), at most this many.
-const MAX_PREFETCH_AHEAD: usize = 4096;
 
 pub fn available() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
@@ -72,7 +69,7 @@ unsafe fn block<const O: usize, const M: usize, const A: usize, S: MatrixSource>
     let body = k - k % (2 * LANES);
     let mut acc = [[[_mm256_setzero_ps(); A]; M]; O];
     let xp = x.as_ptr();
-    let ahead = (2 * O * k).min(MAX_PREFETCH_AHEAD);
+    let ahead = prefetch_ahead(O, k);
     for i in (0..steps).step_by(STEP) {
         // SAFETY: i + 32 ≤ k and rows first..first+O exist, so every load stays within its row.
         unsafe {

@@ -92,7 +92,7 @@ fn check<S: MatrixSource>(what: &str, x: &[f32], m: usize, w: S) {
     }
 }
 
-const SHAPES: [(usize, usize); 6] = [(3, 5), (13, 37), (40, 64), (9, 100), (30, 96), (7, 512)];
+const SHAPES: [(usize, usize); 7] = [(3, 5), (13, 37), (40, 64), (9, 100), (30, 96), (7, 512), (5, 2100)];
 const ROWS: [usize; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 33, 47, 64];
 
 #[test]

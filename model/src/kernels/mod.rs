@@ -158,6 +158,9 @@ const OUTER_TASK_FEATURES: usize = 120;
 /// Tasks per thread of the pool the dot form aims at, and the multiple of its block heights a task
 /// is rounded to.
 const DOT_TASKS_PER_THREAD: usize = 4;
+/// Rows up to which the AVX-512 dot forms read a matrix one row at a time (see `dot512`).
+#[cfg(target_arch = "x86_64")]
+const SHORT_ROWS: usize = 2048;
 const DOT_TASK_MULTIPLE: usize = 24;
 
 /// Output features per task for a product with `n` of them. The dot form (decode, memory-bound)

@@ -64,8 +64,8 @@ pub trait MatrixSource: Copy + Send + Sync {
 
     /// Asks the CPU to start loading the cache line holding element `i` of row `row`, where `i`
     /// may run past the row into the next ones (no effect past the matrix's end; sources that do
-    /// not say where their rows lie do nothing). The AVX2 dot form calls it a few kilobytes ahead
-    /// of each row it streams: on a small matrix split into many tasks, every task's stream
+    /// not say where their rows lie do nothing). The dot forms call it [`prefetch_ahead`] weights ahead
+    /// of each row they stream: on a small matrix split into many tasks, every task's stream
     /// otherwise starts cold and the hardware prefetcher ramps up again at each page.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -99,6 +99,14 @@ pub trait MatrixSource: Copy + Send + Sync {
         // SAFETY: as the caller guarantees.
         unsafe { (self.load16_prepared(first, rel, i, prepared), self.load16_prepared(first, rel, i + 16, prepared)) }
     }
+}
+
+/// How far ahead of its current position a dot form prefetches each row it streams, in weights,
+/// for blocks of `outputs` rows of length `k`: two blocks (the same row of the block after next, for
+/// a dense matrix), at most 4,096 weights.
+#[cfg(target_arch = "x86_64")]
+pub fn prefetch_ahead(outputs: usize, k: usize) -> usize {
+    (2 * outputs * k).min(4096)
 }
 
 /// A dense row-major matrix of f32 or bf16.
