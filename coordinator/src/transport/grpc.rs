@@ -28,7 +28,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
 
 use super::links::{Reply, Routes, WorkerLink, WorkerSet, check_worker_serves, endpoint, record_from_layers};
-use super::shm::{LinkMedium, ShmConfig, WorkerTransport};
+use super::shm::{LinkMedium, ShmConfig, Waited, WorkerTransport};
 use crate::errors::TransportError;
 
 #[derive(Debug, Clone)]
@@ -280,6 +280,8 @@ struct Part {
     /// Indices into the in-flight's groups.
     groups: Vec<usize>,
     reply: oneshot::Receiver<Reply>,
+    /// Whether the request went over the link's shared-memory ring (its answer is read there).
+    over_ring: bool,
     sent: Instant,
     deadline: Instant,
 }
@@ -377,31 +379,39 @@ impl GrpcInFlight<'_> {
                 }
             }
         };
+        let mut over_ring = false;
         match dead {
             Some((tx, reason)) => {
                 let _ = tx.send(Err(TransportError::Unavailable { worker: link.addr.clone(), reason }));
             }
-            None => {
-                if let Err(reason) = link.send(request, Instant::now() + x.timeout) {
-                    x.workers.lose(&link, &reason);
-                }
-            }
+            None => match link.send(request, Instant::now() + x.timeout) {
+                Ok(ring) => over_ring = ring,
+                Err(reason) => x.workers.lose(&link, &reason),
+            },
         }
         let now = Instant::now();
-        Part { link, id, groups, reply: rx, sent: now, deadline: now + x.timeout }
+        Part { link, id, groups, reply: rx, over_ring, sent: now, deadline: now + x.timeout }
     }
 
     /// The answer to `part`, or why there is none.
     fn answer(&self, part: &mut Part) -> Result<Vec<f32>, TransportError> {
         let x = self.experts;
         let link = &part.link;
-        let deadline = tokio::time::Instant::from_std(part.deadline);
-        // The timer must be created inside the runtime: this thread is not one of its workers.
         // The step's keepers stop spinning meanwhile: on a shared host the worker needs the cores.
-        let answer = match epserve_model::kernels::idle(|| {
-            x.runtime.block_on(async { tokio::time::timeout_at(deadline, &mut part.reply).await })
-        }) {
-            Err(_) => {
+        let waited = epserve_model::kernels::idle(|| match &link.answers {
+            Some(ring) if part.over_ring => ring.wait_for(&mut part.reply, &link.pending, part.deadline),
+            _ => {
+                // The timer must be created inside the runtime: this thread is not one of its workers.
+                let deadline = tokio::time::Instant::from_std(part.deadline);
+                match x.runtime.block_on(async { tokio::time::timeout_at(deadline, &mut part.reply).await }) {
+                    Err(_) => Waited::TimedOut,
+                    Ok(Err(_)) => Waited::Closed,
+                    Ok(Ok(reply)) => Waited::Answer(reply),
+                }
+            }
+        });
+        let answer = match waited {
+            Waited::TimedOut => {
                 link.pending.lock().waiting.remove(&part.id);
                 let e = TransportError::Deadline {
                     worker: link.addr.clone(),
@@ -413,11 +423,15 @@ impl GrpcInFlight<'_> {
                 x.workers.lose(link, &e.to_string());
                 return Err(e);
             }
-            Ok(Err(_)) => {
+            Waited::Closed => {
                 let reason = "the answer channel closed".to_owned();
                 return Err(TransportError::Unavailable { worker: link.addr.clone(), reason });
             }
-            Ok(Ok(reply)) => reply?,
+            Waited::Lost(reason) => {
+                x.workers.lose(link, &reason);
+                return Err(TransportError::Unavailable { worker: link.addr.clone(), reason });
+            }
+            Waited::Answer(reply) => reply?,
         };
         metrics::histogram!(m::EXCHANGE_LATENCY_SECONDS, "worker" => link.addr.clone())
             .record(part.sent.elapsed().as_secs_f64());

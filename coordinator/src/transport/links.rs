@@ -20,7 +20,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tonic::transport::{Channel, Endpoint};
 
-use super::shm::{self, LinkMedium, ShmConfig, ShmRequests, WorkerTransport};
+use super::shm::{self, LinkMedium, ShmAnswers, ShmConfig, ShmRequests, WorkerTransport};
 use crate::errors::TransportError;
 
 pub(super) type Reply = Result<ExchangeResponse, TransportError>;
@@ -47,6 +47,8 @@ pub(crate) struct WorkerLink {
     /// What the exchanges travel over: the request ring when the worker accepted shared memory.
     pub medium: LinkMedium,
     shm: Option<ShmRequests>,
+    /// The response ring, read by the threads waiting for answers (with `shm`).
+    pub answers: Option<ShmAnswers>,
 }
 
 /// What a worker's record says it hosts: in every MoE layer, and per layer beyond that.
@@ -96,19 +98,19 @@ impl WorkerLink {
     }
 
     /// Sends `request` over the link's medium (waiting until `deadline` for room in a full
-    /// request ring); a request larger than the ring goes over the gRPC stream. `Err`: why the
-    /// link cannot carry it (the caller loses the link).
-    pub fn send(&self, request: ExchangeRequest, deadline: Instant) -> Result<(), String> {
+    /// request ring); a request larger than the ring goes over the gRPC stream. `Ok(true)`: it went
+    /// over the ring. `Err`: why the link cannot carry it (the caller loses the link).
+    pub fn send(&self, request: ExchangeRequest, deadline: Instant) -> Result<bool, String> {
         if let Some(shm) = &self.shm {
             match shm.send(&request, deadline) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(true),
                 Err(epserve_shm::ShmError::TooLarge { .. }) => {
                     metrics::counter!(m::SHM_OVERSIZE_MESSAGES_TOTAL, "direction" => "request").increment(1);
                 }
                 Err(e) => return Err(format!("shared-memory requests: {e}")),
             }
         }
-        self.requests.blocking_send(request).map_err(|_| "its exchange stream is closed".to_owned())
+        self.requests.blocking_send(request).map(|()| false).map_err(|_| "its exchange stream is closed".to_owned())
     }
 }
 
@@ -682,11 +684,8 @@ async fn open_stream(
         pending: Arc::new(Mutex::new(Pending::default())),
         medium,
         shm: requests_ring,
+        answers: responses_ring.map(ShmAnswers::new),
     });
-    if let Some(responses) = responses_ring {
-        shm::spawn_reader(responses, link.pending.clone(), Arc::downgrade(&link), Arc::downgrade(&workers))
-            .map_err(|e| unavailable(format!("no thread for the shared-memory answers: {e}")))?;
-    }
     // Weak: once the link is dropped (worker gone), its request sender goes and the stream closes.
     let reader = Arc::downgrade(&link);
     let pending = link.pending.clone();

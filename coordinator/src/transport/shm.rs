@@ -6,7 +6,7 @@
 //! name and nonce under the shm directory) and names it, with its nonce, in the metadata of the
 //! worker's `Exchange` stream. A worker that maps it and finds the nonce answers `accepted` in the
 //! response headers; then the link's requests go through the segment's request ring and its
-//! answers come back through the response ring, read here by a thread of the link's own. The
+//! answers come back through the response ring, read by the engine thread waiting for them. The
 //! file is unlinked as soon as the worker has answered (both sides hold the mapping; nothing is
 //! left behind if either crashes). The gRPC stream stays open: its end is what tells the
 //! coordinator the worker died, and the link is then lost exactly as a gRPC link is — every
@@ -14,7 +14,7 @@
 //! stops both sides' threads.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use epserve_proto::shm_handshake as hs;
@@ -22,9 +22,10 @@ use epserve_proto::v1::{ExchangeRequest, ExchangeResponse};
 use epserve_shm::{Consumer, Producer, Segment, ShmError};
 use parking_lot::Mutex;
 use prost::Message;
+use tokio::sync::oneshot;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
-use super::links::{Pending, WorkerLink, WorkerSet};
+use super::links::{Pending, Reply};
 
 /// Which media a coordinator may use to reach its workers (`--transport`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -157,40 +158,80 @@ impl Drop for ShmRequests {
     }
 }
 
-/// How long the reader sleeps at most before checking that its link still exists.
-const READER_CHECK: Duration = Duration::from_secs(1);
+/// Longest single sleep of a thread waiting on the response ring: it looks at its own answer
+/// channel at least this often (an answer too large for the ring comes back over gRPC).
+const RING_CHECK: Duration = Duration::from_millis(2);
 
-/// Reads the link's answers from the response ring and hands each to the exchange waiting for it,
-/// as the gRPC stream's reader does; a corrupt ring or undecodable answer loses the link.
-pub(super) fn spawn_reader(
-    mut responses: Consumer,
-    pending: Arc<Mutex<Pending>>,
-    link: Weak<WorkerLink>,
-    workers: Weak<WorkerSet>,
-) -> std::io::Result<()> {
-    std::thread::Builder::new().name("epserve-shm-answers".into()).spawn(move || {
-        let mut buf = Vec::new();
-        let reason = loop {
-            match responses.recv(&mut buf, Some(Instant::now() + READER_CHECK)) {
+/// How a wait for an exchange's answer ended.
+pub(crate) enum Waited {
+    Answer(Reply),
+    /// The answer channel closed without an answer.
+    Closed,
+    TimedOut,
+    /// The response ring failed (corrupt, or an undecodable answer): the link is lost for this
+    /// reason.
+    Lost(String),
+}
+
+/// The response ring of a link, read by the thread that waits for an answer: the waiting engine
+/// thread is woken by the worker itself, with no reader thread between them (each hand-off to
+/// another thread is a wake-up per exchange). Whoever holds the ring hands the answers it reads
+/// to their exchanges' channels, its own included; another thread waiting on the same link
+/// meanwhile waits for the ring (or finds its answer already delivered).
+#[derive(Debug)]
+pub(crate) struct ShmAnswers {
+    ring: Mutex<(Consumer, Vec<u8>)>,
+}
+
+impl ShmAnswers {
+    pub fn new(consumer: Consumer) -> Self {
+        ShmAnswers { ring: Mutex::new((consumer, Vec::new())) }
+    }
+
+    /// Waits until `deadline` for the answer `reply` receives, reading the ring meanwhile.
+    pub fn wait_for(
+        &self,
+        reply: &mut oneshot::Receiver<Reply>,
+        pending: &Mutex<Pending>,
+        deadline: Instant,
+    ) -> Waited {
+        let delivered = |reply: &mut oneshot::Receiver<Reply>| match reply.try_recv() {
+            Ok(answer) => Some(Waited::Answer(answer)),
+            Err(oneshot::error::TryRecvError::Closed) => Some(Waited::Closed),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+        };
+        if let Some(done) = delivered(reply) {
+            return done;
+        }
+        let Some(mut guard) = self.ring.try_lock_until(deadline) else {
+            return delivered(reply).unwrap_or(Waited::TimedOut);
+        };
+        let (consumer, buf) = &mut *guard;
+        loop {
+            if let Some(done) = delivered(reply) {
+                return done;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Waited::TimedOut;
+            }
+            match consumer.recv(buf, Some((now + RING_CHECK).min(deadline))) {
                 Ok(true) => match ExchangeResponse::decode(buf.as_slice()) {
                     Ok(answer) => {
                         if let Some(tx) = pending.lock().waiting.remove(&answer.id) {
                             let _ = tx.send(Ok(answer));
                         }
                     }
-                    Err(e) => break format!("undecodable answer on the shared-memory ring: {e}"),
+                    Err(e) => return Waited::Lost(format!("undecodable answer on the shared-memory ring: {e}")),
                 },
-                Ok(false) if link.strong_count() == 0 => break "the link was dropped".to_owned(),
                 Ok(false) => {}
-                Err(ShmError::Closed) => break "the shared-memory ring was closed".to_owned(),
-                Err(e) => break e.to_string(),
+                // The link was killed (its exchanges were failed first) or the worker closed it.
+                Err(ShmError::Closed) => {
+                    return delivered(reply)
+                        .unwrap_or_else(|| Waited::Lost("the shared-memory ring was closed".into()));
+                }
+                Err(e) => return Waited::Lost(e.to_string()),
             }
-        };
-        responses.segment().close();
-        // A no-op when the link is already lost (that is usually why the ring was closed).
-        if let (Some(link), Some(workers)) = (link.upgrade(), workers.upgrade()) {
-            workers.lose(&link, &reason);
         }
-    })?;
-    Ok(())
+    }
 }
