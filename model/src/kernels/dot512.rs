@@ -4,15 +4,19 @@
 //! chains hide the latency of the fused multiply-adds; one horizontal sum per output at the end.
 //! Each weight row is read once from memory for all rows.
 //!
-//! Rows of at most [`super::SHORT_ROWS`] weights are read one at a time (`O` = 1): a task's
-//! weights are then one sequential stream, which the hardware prefetcher follows, where `O`
-//! interleaved rows of 1–2 KB each are streams too short for it to learn (mini's `[2048, 512]`
-//! product at one row: 1.3–1.5× faster one row at a time on AMD Zen 4). Longer rows (Scout's)
-//! keep `O` rows at once, each prefetched a block ahead; one row at a time was slower there.
+//! Rows of at most [`super::SHORT_ROWS`] weights are read one at a time (`O` = 1, `A` = 2–4
+//! accumulators per output and row): a task's weights are then one sequential stream, which the
+//! hardware prefetcher follows, where `O` interleaved rows of 1–2 KB each are streams too short for
+//! it to learn (mini's `[2048, 512]` product at one row: 1.3–1.5× faster one row at a time on AMD
+//! Zen 4). Longer rows (Scout's) keep `O` rows at once with one accumulator each ([`block`], as
+//! before): one row at a time was slower at `k` = 4,096, and so were 2 accumulators each for 8 rows
+//! at once (register spills). Every source takes the same path for the same shape, so a quantized
+//! matrix still gives its dequantised copy's product bit for bit; int8 codes at batch 1 lost ~15 %
+//! one row at a time on `mini` (their unpacking, not the stream, bounds them).
 
 use std::arch::x86_64::*;
 
-use super::source::{MatrixSource, prefetch_ahead};
+use super::source::MatrixSource;
 
 const LANES: usize = 16;
 
@@ -52,22 +56,34 @@ unsafe fn features<const O: usize, const M: usize, const A: usize, S: MatrixSour
     while o + O <= n {
         w.prepare(o, O, &mut prepared);
         // SAFETY: rows o..o+O of `w` and of `yt` exist (checked by the loop and the assert).
-        unsafe { block::<O, M, A, S>(x, w, o, k, &prepared, &mut yt[o * M..(o + O) * M]) };
+        unsafe {
+            if O == 1 {
+                rows_block::<1, M, A, S>(x, w, o, k, &prepared, &mut yt[o * M..(o + 1) * M])
+            } else {
+                block::<O, M, S>(x, w, o, k, &prepared, &mut yt[o * M..(o + O) * M])
+            }
+        };
         o += O;
     }
     while o < n {
         w.prepare(o, 1, &mut prepared);
         // SAFETY: as above, one row.
-        unsafe { block::<1, M, A, S>(x, w, o, k, &prepared, &mut yt[o * M..(o + 1) * M]) };
+        unsafe {
+            if O == 1 {
+                rows_block::<1, M, A, S>(x, w, o, k, &prepared, &mut yt[o * M..(o + 1) * M])
+            } else {
+                block::<1, M, S>(x, w, o, k, &prepared, &mut yt[o * M..(o + 1) * M])
+            }
+        };
         o += 1;
     }
 }
 
-/// Rows `first..first + O` of `w` against every row of `x`, with `A` (2 or 4) accumulators per
-/// output and row: `16 · A` weights of a row a step.
+/// Rows `first..first + O` of `w` (one, as called) against every row of `x`, with `A` (2 or 4)
+/// accumulators per output and row: `16 · A` weights of a row a step.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn block<const O: usize, const M: usize, const A: usize, S: MatrixSource>(
+unsafe fn rows_block<const O: usize, const M: usize, const A: usize, S: MatrixSource>(
     x: &[f32],
     w: S,
     first: usize,
@@ -80,16 +96,12 @@ unsafe fn block<const O: usize, const M: usize, const A: usize, S: MatrixSource>
     let body = k - k % LANES;
     let mut acc = [[[_mm512_setzero_ps(); A]; M]; O];
     let xp = x.as_ptr();
-    let ahead = prefetch_ahead(O, k);
     // 16·A weights a step, loaded 32 at a time (int4 unpacks them with one load), then the 32s
     // left, then a last 16 if `k` has one.
     for i in (0..steps).step_by(LANES * A) {
         // SAFETY: i + 16·A ≤ k and rows first..first+O exist, so every load stays within its row.
         unsafe {
             let wv: [[__m512; A]; O] = std::array::from_fn(|a| {
-                if O > 1 {
-                    w.prefetch(first + a, i + ahead);
-                }
                 let mut v = [_mm512_setzero_ps(); A];
                 for h in 0..A / 2 {
                     (v[2 * h], v[2 * h + 1]) = w.load32_prepared(first, a, i + 2 * LANES * h, prepared);
@@ -132,6 +144,58 @@ unsafe fn block<const O: usize, const M: usize, const A: usize, S: MatrixSource>
     for (a, row) in acc.iter().enumerate() {
         for (r, sums) in row.iter().enumerate() {
             let mut sum = _mm512_reduce_add_ps(sums.iter().fold(_mm512_setzero_ps(), |t, s| _mm512_add_ps(t, *s)));
+            for i in body..k {
+                sum += w.widen(first + a, i) * x[r * k + i];
+            }
+            yt[a * M + r] = sum;
+        }
+    }
+}
+
+/// Rows `first..first + O` of `w` against every row of `x`, one accumulator per output and row.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn block<const O: usize, const M: usize, S: MatrixSource>(
+    x: &[f32],
+    w: S,
+    first: usize,
+    k: usize,
+    prepared: &[f32],
+    yt: &mut [f32],
+) {
+    let body = k - k % LANES;
+    let pairs = k - k % (2 * LANES);
+    let mut acc = [[_mm512_setzero_ps(); M]; O];
+    let xp = x.as_ptr();
+    // 32 weights a step (int4 unpacks them with one load), then a last 16 if `k` has one.
+    for i in (0..pairs).step_by(2 * LANES) {
+        // SAFETY: i + 32 ≤ k and rows first..first+O exist, so every load stays within its row.
+        unsafe {
+            let wv: [(__m512, __m512); O] = std::array::from_fn(|a| w.load32_prepared(first, a, i, prepared));
+            let x0: [__m512; M] = std::array::from_fn(|r| _mm512_loadu_ps(xp.add(r * k + i)));
+            let x1: [__m512; M] = std::array::from_fn(|r| _mm512_loadu_ps(xp.add(r * k + i + LANES)));
+            for (row, (w0, w1)) in acc.iter_mut().zip(&wv) {
+                for ((sum, a), b) in row.iter_mut().zip(&x0).zip(&x1) {
+                    *sum = _mm512_fmadd_ps(*w1, *b, _mm512_fmadd_ps(*w0, *a, *sum));
+                }
+            }
+        }
+    }
+    for i in (pairs..body).step_by(LANES) {
+        // SAFETY: i + 16 ≤ k and rows first..first+O exist, so every load stays within its row.
+        unsafe {
+            let wv: [__m512; O] = std::array::from_fn(|a| w.load16_prepared(first, a, i, prepared));
+            let xv: [__m512; M] = std::array::from_fn(|r| _mm512_loadu_ps(xp.add(r * k + i)));
+            for (row, w) in acc.iter_mut().zip(&wv) {
+                for (sum, x) in row.iter_mut().zip(&xv) {
+                    *sum = _mm512_fmadd_ps(*w, *x, *sum);
+                }
+            }
+        }
+    }
+    for (a, row) in acc.iter().enumerate() {
+        for (r, v) in row.iter().enumerate() {
+            let mut sum = _mm512_reduce_add_ps(*v);
             for i in body..k {
                 sum += w.widen(first + a, i) * x[r * k + i];
             }
