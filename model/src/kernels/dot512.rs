@@ -4,15 +4,14 @@
 //! chains hide the latency of the fused multiply-adds; one horizontal sum per output at the end.
 //! Each weight row is read once from memory for all rows.
 //!
-//! Rows of at most [`super::SHORT_ROWS`] weights are read one at a time (`O` = 1, `A` = 2–4
-//! accumulators per output and row): a task's weights are then one sequential stream, which the
+//! Rows of at most [`super::SHORT_ROWS`] weights are read one at a time (`O` = 1, `A` = 2
+//! accumulators per output and row; 4 made int8 and int4 2–3× slower at 1–2 rows): a task's weights are then one sequential stream, which the
 //! hardware prefetcher follows, where `O` interleaved rows of 1–2 KB each are streams too short for
 //! it to learn (mini's `[2048, 512]` product at one row: 1.3–1.5× faster one row at a time on AMD
 //! Zen 4). Longer rows (Scout's) keep `O` rows at once with one accumulator each ([`block`], as
 //! before): one row at a time was slower at `k` = 4,096, and so were 2 accumulators each for 8 rows
 //! at once (register spills). Every source takes the same path for the same shape, so a quantized
-//! matrix still gives its dequantised copy's product bit for bit; int8 codes at batch 1 lost ~15 %
-//! one row at a time on `mini` (their unpacking, not the stream, bounds them).
+//! matrix still gives its dequantised copy's product bit for bit.
 
 use std::arch::x86_64::*;
 
@@ -27,8 +26,8 @@ pub fn features_of<S: MatrixSource>(x: &[f32], m: usize, w: S, yt: &mut [f32]) {
     unsafe {
         match (m, w.k() <= super::SHORT_ROWS) {
             // Short rows: one row at a time, a single sequential stream per task.
-            (1, true) => features::<1, 1, 4, S>(x, w, yt),
-            (2, true) => features::<1, 2, 4, S>(x, w, yt),
+            (1, true) => features::<1, 1, 2, S>(x, w, yt),
+            (2, true) => features::<1, 2, 2, S>(x, w, yt),
             (3, true) => features::<1, 3, 2, S>(x, w, yt),
             (4, true) => features::<1, 4, 2, S>(x, w, yt),
             (5, true) => features::<1, 5, 2, S>(x, w, yt),
