@@ -193,8 +193,8 @@ fn suggest_bf16_mode(ckpt: &Checkpoint, dtype: DType, policy: LoadPolicy) {
     {
         tracing::info!(
             "this CPU multiplies bf16 faster than f32 (AVX512-BF16): for a bf16 checkpoint, `--activations bf16` \
-             (env EPSERVE_ACTIVATIONS=bf16) is the recommended production setting: on AMD Zen 4, 1.1-1.5x the exact f32 \
-             mode's decode and 1.6x its prefill, logits within 0.09 of the reference on the test checkpoints \
+             (env EPSERVE_ACTIVATIONS=bf16) is the recommended production setting: on AMD Zen 4, 1.2-1.5x the exact f32 \
+             mode's batched decode and 1.6x its prefill, logits within 0.09 of the reference on the test checkpoints \
              (docs/model.md, \"bf16 mode\")"
         );
     }
