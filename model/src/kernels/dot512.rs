@@ -46,6 +46,9 @@ pub fn features_of<S: MatrixSource>(x: &[f32], m: usize, w: S, yt: &mut [f32]) {
     }
 }
 
+/// Every feature of `w`, `O` at a time: `O` = 1 reads one row at a time with `A` accumulators per
+/// row ([`rows_block`]); `O` > 1 interleaves `O` rows with one accumulator each ([`block`], which
+/// ignores `A`).
 #[target_feature(enable = "avx512f")]
 unsafe fn features<const O: usize, const M: usize, const A: usize, S: MatrixSource>(x: &[f32], w: S, yt: &mut [f32]) {
     let (n, k) = (w.n(), w.k());
