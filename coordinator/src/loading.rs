@@ -182,7 +182,8 @@ fn load_weights(config: &LoadConfig, local_experts: bool) -> Result<LoadedWeight
 
 /// Says so at load where `--activations bf16` is what we recommend for production: exact f32
 /// compute over unquantized weights on a CPU whose `vdpbf16ps` does more multiply-adds per second
-/// than its f32 FMAs (AMD Zen 4 class; measured once). Its figures and error: docs/model.md, "bf16
+/// than its f32 FMAs (AMD Zen 4 class; measured once) or that has AMX-BF16 tiles (Intel Xeon 4th
+/// generation and later). Its figures and error: docs/model.md, "bf16
 /// mode". A checkpoint of f32 weights gains nothing from it (the mode applies to bf16 weights).
 fn suggest_bf16_mode(ckpt: &Checkpoint, dtype: DType, policy: LoadPolicy) {
     if policy.activations == Activations::F32
@@ -192,10 +193,11 @@ fn suggest_bf16_mode(ckpt: &Checkpoint, dtype: DType, policy: LoadPolicy) {
         && epserve_model::kernels::bf16_products_of_many_rows()
     {
         tracing::info!(
-            "this CPU multiplies bf16 faster than f32 (AVX512-BF16): for a bf16 checkpoint, `--activations bf16` \
+            "this CPU multiplies bf16 faster than f32 (AVX512-BF16, or AMX tiles): for a bf16 checkpoint, `--activations bf16` \
              (env EPSERVE_ACTIVATIONS=bf16) is the recommended production setting: on AMD Zen 4, 1.2-1.5x the exact f32 \
-             mode's batched decode and 1.6x its prefill, logits within 0.09 of the reference on the test checkpoints \
-             (docs/model.md, \"bf16 mode\")"
+             mode's batched decode and 1.6x its prefill (on AMD Zen 5, 1.0-1.1x and 1.6x, and 0.8x at batch 1 unless EPSERVE_BF16_ROWS=batched keeps one-row products exact; \
+             on Intel Xeon with AMX tiles, 1.1-1.2x batched decode and 1.6x prefill), logits \
+             within 0.09 of the reference on the test checkpoints (docs/model.md, \"bf16 mode\")"
         );
     }
 }

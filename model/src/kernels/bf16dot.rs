@@ -13,7 +13,9 @@
 //! ([`full_rate`]): where `vdpbf16ps` does at least 1.25× the multiply-adds per second of f32 FMAs
 //! (AMD Zen 4: about 2.2×), every product of up to 64 rows (prefill in blocks of 64); where it does
 //! not (the Intel Xeon measured retires one every two cycles: 0.5×), one-row products only, where the
-//! widening the instruction saves is what bounds the product (docs/benchmarks.md, "bf16 mode").
+//! widening the instruction saves is what bounds the product (docs/benchmarks.md, "bf16 mode") —
+//! unless the CPU has AMX-BF16: then products of 16 rows and more run on AMX tiles ([`super::amx`],
+//! from the outer form's staged rows) and every product of up to 64 rows is in the mode.
 
 use std::arch::x86_64::*;
 
@@ -40,36 +42,79 @@ pub fn available() -> bool {
     })
 }
 
-/// Whether the forms take products of several rows: `EPSERVE_BF16_ROWS=many|one` where set (for a
-/// fleet that must compute alike, or to measure), else whether `vdpbf16ps` runs at least
-/// [`FULL_RATE`] times the multiply-adds per second of f32 FMAs on this CPU (measured once, in
-/// about 20 ms; logged).
-pub fn full_rate() -> bool {
-    static FULL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FULL.get_or_init(|| {
-        let full = match std::env::var("EPSERVE_BF16_ROWS").as_deref() {
-            Ok("many") => true,
-            Ok("one") => false,
-            asked => {
-                if let Ok(other) = asked {
-                    tracing::warn!("EPSERVE_BF16_ROWS is {other:?}, not many or one; measuring instead");
+/// Which products the forms take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    /// One-row products only.
+    One,
+    /// Products of 1 to [`MAX_ROWS`] rows.
+    Many,
+    /// Products of 2 to [`MAX_ROWS`] rows; one-row products are the exact f32 ones (on AMD Zen 5
+    /// the exact dot form streams one row faster: docs/benchmarks.md, "AMD Zen 5").
+    Batched,
+}
+
+/// `EPSERVE_BF16_ROWS=many|one|batched` where set (for a fleet that must compute alike, to
+/// measure, or `batched` for a latency-bound deployment on a CPU whose exact one-row form is the
+/// faster), else `Many` where `vdpbf16ps` runs at least [`FULL_RATE`] times the multiply-adds per
+/// second of f32 FMAs on this CPU (measured once, in about 20 ms; logged) or where AMX tiles take
+/// the products of 16 rows and more ([`super::amx`]), else `One`. With tiles, the products of 2-15
+/// rows take `vdpbf16ps` too even where it is slow: every product of a prompt is then in the mode,
+/// as when it is decoded a token at a time, so a prompt's logits do not depend on how it was fed
+/// (a mix of exact and rounded products flipped a near-tied route of the test checkpoint).
+fn taken() -> Taken {
+    static TAKEN: std::sync::OnceLock<Taken> = std::sync::OnceLock::new();
+    *TAKEN.get_or_init(|| {
+        let asked = std::env::var("EPSERVE_BF16_ROWS").ok();
+        let taken = match asked.as_deref().map(named) {
+            Some(Some(taken)) => taken,
+            named => {
+                if let (Some(None), Some(other)) = (named, &asked) {
+                    tracing::warn!("EPSERVE_BF16_ROWS is {other:?}, not many, one or batched; measuring instead");
                 }
                 let ratio = super::peak::bf16_dot_speedup().unwrap_or(0.0);
                 tracing::info!("bf16 mode: vdpbf16ps runs {ratio:.2}x the multiply-adds/s of f32 FMAs here");
-                ratio >= FULL_RATE
+                if ratio >= FULL_RATE || super::amx::available() { Taken::Many } else { Taken::One }
             }
         };
         tracing::info!(
             "bf16 mode: vdpbf16ps multiplies {}",
-            if full { "products of up to 64 rows" } else { "one-row products only" }
+            match taken {
+                Taken::Many => "products of up to 64 rows",
+                Taken::One => "one-row products only",
+                Taken::Batched => "products of 2 to 64 rows (one-row products exact)",
+            }
         );
-        full
+        taken
     })
+}
+
+/// Whether the forms take products of several rows.
+pub fn full_rate() -> bool {
+    taken() != Taken::One
+}
+
+/// The choice an `EPSERVE_BF16_ROWS` value names (`None`: not one of them).
+fn named(value: &str) -> Option<Taken> {
+    match value {
+        "many" => Some(Taken::Many),
+        "one" => Some(Taken::One),
+        "batched" => Some(Taken::Batched),
+        _ => None,
+    }
 }
 
 /// Whether the bf16 forms take a product of `m` rows on this CPU.
 pub fn takes(m: usize) -> bool {
-    available() && (m == 1 || (m <= MAX_ROWS && full_rate()))
+    available() && takes_under(taken(), m)
+}
+
+fn takes_under(taken: Taken, m: usize) -> bool {
+    match taken {
+        Taken::One => m == 1,
+        Taken::Many => (1..=MAX_ROWS).contains(&m),
+        Taken::Batched => (2..=MAX_ROWS).contains(&m),
+    }
 }
 
 /// A product's rows rounded to bf16, laid out for its form.
@@ -120,6 +165,20 @@ impl Bf16Rows {
     /// Whether the outer form reads these rows (its tasks are larger).
     pub fn outer(&self) -> bool {
         matches!(self.layout, Layout::Pairs { .. })
+    }
+
+    /// Whether AMX tiles multiply these rows ([`super::amx`]).
+    pub fn tiles(&self) -> bool {
+        self.outer() && super::amx::takes(self.m, self.k)
+    }
+
+    /// The outer form's pairs and its padded row count, when staged for it.
+    #[cfg(test)]
+    pub fn pairs(&self) -> Option<(&[u32], usize)> {
+        match &self.layout {
+            Layout::Pairs { data, padded } => Some((data, *padded)),
+            Layout::Rows(_) => None,
+        }
     }
 }
 
@@ -180,12 +239,17 @@ pub fn features_of(x: &Bf16Rows, w: &[bf16], yt: &mut [f32]) {
                 (7, false) => dot::<2, 7, 1>(rows, w, k, yt),
                 (_, false) => dot::<2, 8, 1>(rows, w, k, yt),
             },
-            Layout::Pairs { data, padded } => match padded / LANES {
-                1 => outer::<12, 1>(data, w, k, m, yt),
-                2 => outer::<8, 2>(data, w, k, m, yt),
-                3 => outer::<6, 3>(data, w, k, m, yt),
-                _ => outer::<6, 4>(data, w, k, m, yt),
-            },
+            Layout::Pairs { data, padded } => {
+                // AMX tiles take whole blocks of 32 features; the rest is the outer form's.
+                let done = if x.tiles() { super::amx::features_of(data, *padded, w, k, m, yt) } else { 0 };
+                let (w, yt) = (&w[done * k..], &mut yt[done * m..]);
+                match padded / LANES {
+                    1 => outer::<12, 1>(data, w, k, m, yt),
+                    2 => outer::<8, 2>(data, w, k, m, yt),
+                    3 => outer::<6, 3>(data, w, k, m, yt),
+                    _ => outer::<6, 4>(data, w, k, m, yt),
+                }
+            }
         }
     }
 }
@@ -363,18 +427,7 @@ mod tests {
                 let rows = Bf16Rows::stage(&x, m, k);
                 let mut yt = vec![0f32; n * m];
                 features_of(&rows, &w, &mut yt);
-                for o in 0..n {
-                    for r in 0..m {
-                        let terms = (0..k).map(|i| {
-                            f64::from(w[o * k + i].to_f32()) * f64::from(bf16::from_f32(x[r * k + i]).to_f32())
-                        });
-                        let (want, magnitude) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
-                        let got = f64::from(yt[o * m + r]);
-                        // f32 sums of k terms in another order: within a few roundings of their magnitude.
-                        let tolerance = 1e-4f64.max(4e-6 * magnitude);
-                        assert!((got - want).abs() < tolerance, "k {k} m {m} o {o} r {r}: {got} vs {want}");
-                    }
-                }
+                crate::kernels::assert_rounded_product(&w, &x, k, m, &yt, &format!("k {k} m {m}"));
             }
         }
     }
@@ -400,5 +453,22 @@ mod tests {
                 "length {len}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod choice_tests {
+    use super::{MAX_ROWS, Taken, named, takes_under};
+
+    #[test]
+    fn each_choice_takes_its_row_counts() {
+        assert_eq!(named("batched"), Some(Taken::Batched));
+        assert_eq!(named("many"), Some(Taken::Many));
+        assert_eq!(named("one"), Some(Taken::One));
+        assert_eq!(named("Many"), None);
+        let taken = |t| (1..=MAX_ROWS + 1).filter(|&m| takes_under(t, m)).collect::<Vec<_>>();
+        assert_eq!(taken(Taken::One), vec![1]);
+        assert_eq!(taken(Taken::Many), (1..=MAX_ROWS).collect::<Vec<_>>());
+        assert_eq!(taken(Taken::Batched), (2..=MAX_ROWS).collect::<Vec<_>>());
     }
 }

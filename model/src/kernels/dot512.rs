@@ -53,28 +53,31 @@ pub fn features_of<S: MatrixSource>(x: &[f32], m: usize, w: S, yt: &mut [f32]) {
 unsafe fn features<const O: usize, const M: usize, const A: usize, S: MatrixSource>(x: &[f32], w: S, yt: &mut [f32]) {
     let (n, k) = (w.n(), w.k());
     assert!(x.len() == M * k && yt.len() == n * M);
-    let mut prepared = Vec::new();
+    // Every row's prepared state at once (quantized: the task's scales widened in one loop), each
+    // block reading its rows' part.
+    let (mut prepared, stride) = (Vec::new(), w.prepared_stride());
+    w.prepare(0, n, &mut prepared);
     let mut o = 0;
     while o + O <= n {
-        w.prepare(o, O, &mut prepared);
+        let prepared = &prepared[o * stride..];
         // SAFETY: rows o..o+O of `w` and of `yt` exist (checked by the loop and the assert).
         unsafe {
             if O == 1 {
-                rows_block::<1, M, A, S>(x, w, o, k, &prepared, &mut yt[o * M..(o + 1) * M])
+                rows_block::<1, M, A, S>(x, w, o, k, prepared, &mut yt[o * M..(o + 1) * M])
             } else {
-                block::<O, M, S>(x, w, o, k, &prepared, &mut yt[o * M..(o + O) * M])
+                block::<O, M, S>(x, w, o, k, prepared, &mut yt[o * M..(o + O) * M])
             }
         };
         o += O;
     }
     while o < n {
-        w.prepare(o, 1, &mut prepared);
+        let prepared = &prepared[o * stride..];
         // SAFETY: as above, one row.
         unsafe {
             if O == 1 {
-                rows_block::<1, M, A, S>(x, w, o, k, &prepared, &mut yt[o * M..(o + 1) * M])
+                rows_block::<1, M, A, S>(x, w, o, k, prepared, &mut yt[o * M..(o + 1) * M])
             } else {
-                block::<1, M, S>(x, w, o, k, &prepared, &mut yt[o * M..(o + 1) * M])
+                block::<1, M, S>(x, w, o, k, prepared, &mut yt[o * M..(o + 1) * M])
             }
         };
         o += 1;

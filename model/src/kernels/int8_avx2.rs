@@ -101,11 +101,12 @@ impl SignedCodes for Int4Codes {
     unsafe fn load32(p: *const u8) -> __m256i {
         // SAFETY: 16 bytes (32 nibbles) are readable at `p` (the caller).
         unsafe {
-            // Low nibble (the lower-indexed code) in each 16-bit lane's low byte, high in its high
-            // byte, then the stored value + 8 made the value.
-            let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.cast()));
-            let nibbles = _mm256_and_si256(_mm256_or_si256(b, _mm256_slli_epi16::<4>(b)), _mm256_set1_epi16(0x0F0F));
-            _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8))
+            // A whole chunk (CodeKind::Int4): its first 16 codes in the low nibbles, its last 16
+            // in the high ones, then the stored value + 8 made the value.
+            let b = _mm_loadu_si128(p.cast());
+            let mask = _mm_set1_epi8(0x0F);
+            let codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(b), mask), _mm_and_si128(b, mask));
+            _mm256_sub_epi8(codes, _mm256_set1_epi8(8))
         }
     }
 }
@@ -150,18 +151,20 @@ unsafe fn by_rows<C: SignedCodes>(x: &Int8Rows, w: QuantView<'_>, yt: &mut [f32]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn features<const O: usize, const M: usize, C: SignedCodes>(x: &Int8Rows, w: QuantView<'_>, yt: &mut [f32]) {
     let (n, m) = (w.n(), x.m);
-    let mut prepared = Vec::new();
+    // Every row's scales widened at once, each block reading its rows' part.
+    let (mut prepared, stride) = (Vec::new(), w.groups());
+    w.widen_scales(0, n, &mut prepared);
     let mut o = 0;
     while o + O <= n {
-        w.widen_scales(o, O, &mut prepared);
+        let prepared = &prepared[o * stride..];
         // SAFETY: rows o..o+O of `w` and of `yt` exist (checked by the loop and the caller).
-        unsafe { block::<O, M, C>(x, w, o, &prepared, &mut yt[o * m..(o + O) * m]) };
+        unsafe { block::<O, M, C>(x, w, o, prepared, &mut yt[o * m..(o + O) * m]) };
         o += O;
     }
     while o < n {
-        w.widen_scales(o, 1, &mut prepared);
+        let prepared = &prepared[o * stride..];
         // SAFETY: as above, one row.
-        unsafe { block::<1, M, C>(x, w, o, &prepared, &mut yt[o * m..(o + 1) * m]) };
+        unsafe { block::<1, M, C>(x, w, o, prepared, &mut yt[o * m..(o + 1) * m]) };
         o += 1;
     }
 }

@@ -13,6 +13,8 @@
 //! more than a small product.
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod bf16dot;
 mod dot;
 #[cfg(target_arch = "x86_64")]
@@ -163,14 +165,11 @@ const DOT_TASKS_PER_THREAD: usize = 4;
 const SHORT_ROWS: usize = 2048;
 const DOT_TASK_MULTIPLE: usize = 24;
 
-/// Output features per task for a product with `n` of them. The dot form (decode, memory-bound)
-/// splits every product into a few tasks per thread, so that no thread idles while another streams
-/// the last rows of a small matrix (a `[128, 512]` projection in fixed tasks of 120 features left
-/// one thread 8 of them); the compute-bound outer form keeps large tasks.
-fn task_features(n: usize, outer: bool) -> usize {
-    if outer {
-        return OUTER_TASK_FEATURES;
-    }
+/// Output features per task for a product with `n` of them in the dot form (decode, memory-bound):
+/// a few tasks per thread, so that no thread idles while another streams the last rows of a small
+/// matrix (a `[128, 512]` projection in fixed tasks of 120 features left one thread 8 of them). The
+/// compute-bound forms keep large tasks ([`Staged::task_features`]).
+fn dot_task_features(n: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     n.div_ceil(threads * DOT_TASKS_PER_THREAD).next_multiple_of(DOT_TASK_MULTIPLE).max(DOT_TASK_MULTIPLE)
 }
@@ -204,7 +203,7 @@ pub fn products(batch: Vec<Product<'_>>) {
             continue;
         }
         let (m, k) = (p.m, p.k);
-        let per_task = task_features(p.yt.len() / m, staged.outer());
+        let per_task = staged.task_features(p.yt.len() / m);
         for (i, yt) in p.yt.chunks_mut(per_task * m).enumerate() {
             let first = i * per_task;
             let w = p.w.rows(first, yt.len() / m, k);
@@ -276,13 +275,16 @@ enum Staged {
 }
 
 impl Staged {
-    /// Whether the product runs an outer form (compute-bound: larger tasks).
-    fn outer(&self) -> bool {
+    /// Output features per parallel task for a product with `n` of them: large tasks for the
+    /// compute-bound outer forms (whole blocks of 32 for AMX tiles), a few per thread for the dot form.
+    fn task_features(&self, n: usize) -> usize {
         match self {
-            Staged::Transposed(_) => true,
+            Staged::Transposed(_) => OUTER_TASK_FEATURES,
             #[cfg(target_arch = "x86_64")]
-            Staged::Bf16(xb) => xb.outer(),
-            _ => false,
+            Staged::Bf16(xb) if xb.tiles() => amx::TASK_FEATURES,
+            #[cfg(target_arch = "x86_64")]
+            Staged::Bf16(xb) if xb.outer() => OUTER_TASK_FEATURES,
+            _ => dot_task_features(n),
         }
     }
 
@@ -363,8 +365,9 @@ pub fn max_rows() -> usize {
 }
 
 /// Whether `--activations bf16` multiplies with `vdpbf16ps` on this CPU (AVX-512 kernels chosen and
-/// AVX512-BF16 present): one-row products always, products of up to 64 rows where the instruction
-/// is fast enough ([`bf16_products_of_many_rows`]); other products are the exact f32 ones.
+/// AVX512-BF16 present): one-row products (unless `EPSERVE_BF16_ROWS=batched`), products of up to
+/// 64 rows where the instruction is fast enough ([`bf16_products_of_many_rows`]); other products
+/// are the exact f32 ones.
 pub fn bf16_products() -> bool {
     #[cfg(target_arch = "x86_64")]
     return bf16dot::available();
@@ -372,9 +375,10 @@ pub fn bf16_products() -> bool {
     false
 }
 
-/// Whether the bf16 mode multiplies products of several rows (up to 64) with `vdpbf16ps` too: on
-/// CPUs where the instruction does at least 1.25× the multiply-adds per second of f32 FMAs
-/// (measured once), or as `EPSERVE_BF16_ROWS=many|one` says.
+/// Whether the bf16 mode multiplies products of several rows (up to 64) in bf16 too: on CPUs where
+/// `vdpbf16ps` does at least 1.25× the multiply-adds per second of f32 FMAs (measured once) or that
+/// have AMX-BF16 tiles (products of 16 rows and more on them, unless `EPSERVE_AMX=off`), or as
+/// `EPSERVE_BF16_ROWS=many|one|batched` says.
 pub fn bf16_products_of_many_rows() -> bool {
     #[cfg(target_arch = "x86_64")]
     return bf16dot::available() && bf16dot::full_rate();
@@ -661,6 +665,23 @@ mod tests;
 
 #[cfg(test)]
 mod forms_tests;
+
+/// Asserts that `yt` (`[features, m]`) holds the products of the first features of `w` (`[_, k]`,
+/// bf16) with the rows of `x` (`[m, k]`) rounded to bf16: within a few f32 roundings of the f64
+/// sum's magnitude (f32 sums of `k` terms in another order).
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) fn assert_rounded_product(w: &[half::bf16], x: &[f32], k: usize, m: usize, yt: &[f32], what: &str) {
+    for o in 0..yt.len() / m.max(1) {
+        for r in 0..m {
+            let terms = (0..k)
+                .map(|i| f64::from(w[o * k + i].to_f32()) * f64::from(half::bf16::from_f32(x[r * k + i]).to_f32()));
+            let (want, magnitude) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+            let got = f64::from(yt[o * m + r]);
+            let tolerance = 1e-4f64.max(4e-6 * magnitude);
+            assert!((got - want).abs() < tolerance, "{what} o {o} r {r}: {got} vs {want}");
+        }
+    }
+}
 
 /// `n` values in [-1, 1) from `seed`, the kernels' tests' inputs.
 #[cfg(test)]

@@ -40,6 +40,14 @@ pub trait MatrixSource: Copy + Send + Sync {
         let _ = (first, count, prepared);
     }
 
+    /// Floats [`MatrixSource::prepare`] leaves per row (0 where it leaves nothing): after
+    /// `prepare(first, count, prepared)`, row `first + r`'s start at `r · prepared_stride()`, so
+    /// `&prepared[r · stride..]` is what `prepare(first + r, …)` would have left.
+    #[inline(always)]
+    fn prepared_stride(&self) -> usize {
+        0
+    }
+
     /// [`MatrixSource::load16`] of row `first + rel` after [`MatrixSource::prepare`]`(first, …)`
     /// left `prepared`.
     ///
@@ -164,11 +172,44 @@ impl<W: Weight> MatrixSource for Dense<'_, W> {
 pub enum CodeKind {
     /// One signed byte per weight: `w = code · scale`.
     Int8,
-    /// Two weights per byte, the lower-indexed one in the low nibble, stored as value + 8:
-    /// `w = (code − 8) · scale`.
+    /// Two weights per byte, stored as value + 8: `w = (code − 8) · scale`. A row's whole chunks
+    /// of 32 weights are 16 bytes each, byte `j` holding weight `j` of the chunk in its low nibble
+    /// and weight `j + 16` in its high one (GGUF's Q4_0 order: 16 bytes widened to 16 lanes give
+    /// the chunk's first 16 codes by masking and the last 16 by a shift, in element order); the
+    /// last `k mod 32` weights of a row follow two per byte in order, the lower-indexed one in the
+    /// low nibble. [`int4_position`] says where any weight lies.
     Int4,
     /// One FP8 E4M3 (`float8_e4m3fn`) byte per weight: `w = fp8(code) · scale`.
     Fp8E4m3,
+}
+
+/// Weights per chunk of an int4 row (see [`CodeKind::Int4`]).
+pub const INT4_CHUNK: usize = 32;
+
+/// Where weight `i` of a row of `k` int4 codes is stored: its byte in the row, and the shift (0 or
+/// 4) of its nibble.
+#[inline(always)]
+pub fn int4_position(k: usize, i: usize) -> (usize, u32) {
+    if i < k - k % INT4_CHUNK {
+        (i / INT4_CHUNK * 16 + i % 16, if i % INT4_CHUNK >= 16 { 4 } else { 0 })
+    } else {
+        (i / 2, if i % 2 == 1 { 4 } else { 0 })
+    }
+}
+
+/// A row of `k` int4 codes stored two per byte in order (lower-indexed in the low nibble, as
+/// compressed-tensors packs them) rewritten in [`CodeKind::Int4`]'s order into `out`
+/// (`k.div_ceil(2)` bytes each).
+pub fn int4_from_sequential(sequential: &[u8], k: usize, out: &mut [u8]) {
+    let (full, bytes) = ((k - k % INT4_CHUNK) / 2, k.div_ceil(2));
+    for (src, dst) in sequential[..full].chunks_exact(16).zip(out[..full].chunks_exact_mut(16)) {
+        for (j, byte) in dst.iter_mut().enumerate() {
+            // Weight j is nibble j % 2 of byte j / 2; weight j + 16 the same nibble of byte 8 + j / 2.
+            let shift = 4 * (j % 2);
+            *byte = ((src[j / 2] >> shift) & 0x0F) | (((src[8 + j / 2] >> shift) & 0x0F) << 4);
+        }
+    }
+    out[full..bytes].copy_from_slice(&sequential[full..bytes]);
 }
 
 impl CodeKind {
@@ -324,8 +365,8 @@ impl<'a> QuantView<'a> {
         match self.kind {
             CodeKind::Int8 => f32::from(self.codes[row * rb + i] as i8) * s,
             CodeKind::Int4 => {
-                let byte = self.codes[row * rb + i / 2];
-                let code = if i.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 };
+                let (byte, shift) = int4_position(self.k, i);
+                let code = (self.codes[row * rb + byte] >> shift) & 0x0F;
                 (f32::from(code) - 8.0) * s
             }
             CodeKind::Fp8E4m3 => fp8_e4m3(self.codes[row * rb + i]) * s,
@@ -384,10 +425,9 @@ macro_rules! quant_source {
             unsafe fn load16(&self, row: usize, i: usize) -> __m512 {
                 debug_assert_eq!(self.0.kind, $kind);
                 let v = &self.0;
-                let at = row * v.row_bytes + if $kind == CodeKind::Int4 { i / 2 } else { i };
-                debug_assert!(at + if $kind == CodeKind::Int4 { 8 } else { 16 } <= v.codes.len());
+                debug_assert!((row + 1) * v.row_bytes <= v.codes.len() && i + 16 <= v.k);
                 // SAFETY: as the caller guarantees, the 16 elements are inside row `row`.
-                unsafe { $load(v.codes.as_ptr().add(at), _mm512_set1_ps(v.scale(row, i))) }
+                unsafe { $load(v.codes.as_ptr().add(row * v.row_bytes), i, v.k, _mm512_set1_ps(v.scale(row, i))) }
             }
 
             #[inline(always)]
@@ -395,16 +435,22 @@ macro_rules! quant_source {
                 self.0.widen_scales(first, count, prepared);
             }
 
+            #[inline(always)]
+            fn prepared_stride(&self) -> usize {
+                self.0.groups
+            }
+
             #[cfg(target_arch = "x86_64")]
             #[inline(always)]
             unsafe fn load16_prepared(&self, first: usize, rel: usize, i: usize, prepared: &[f32]) -> __m512 {
                 let v = &self.0;
                 let row = first + rel;
-                let at = row * v.row_bytes + if $kind == CodeKind::Int4 { i / 2 } else { i };
                 let s = rel * v.groups + (i >> v.group_shift);
-                debug_assert!(s < prepared.len());
+                debug_assert!(s < prepared.len() && (row + 1) * v.row_bytes <= v.codes.len() && i + 16 <= v.k);
                 // SAFETY: as the caller guarantees; `s` indexes the prepared scales of row `row`.
-                unsafe { $load(v.codes.as_ptr().add(at), _mm512_set1_ps(*prepared.get_unchecked(s))) }
+                unsafe {
+                    $load(v.codes.as_ptr().add(row * v.row_bytes), i, v.k, _mm512_set1_ps(*prepared.get_unchecked(s)))
+                }
             }
 
             #[cfg(target_arch = "x86_64")]
@@ -412,18 +458,19 @@ macro_rules! quant_source {
             unsafe fn load16_avx2(&self, first: usize, rel: usize, i: usize, prepared: &[f32]) -> [__m256; 2] {
                 let v = &self.0;
                 let row = first + rel;
-                let at = row * v.row_bytes + if $kind == CodeKind::Int4 { i / 2 } else { i };
                 let s = rel * v.groups + (i >> v.group_shift);
-                debug_assert!(s < prepared.len());
-                debug_assert!(at + if $kind == CodeKind::Int4 { 8 } else { 16 } <= v.codes.len());
+                debug_assert!(s < prepared.len() && (row + 1) * v.row_bytes <= v.codes.len() && i + 16 <= v.k);
                 // SAFETY: as the caller guarantees; `s` indexes the prepared scales of row `row`.
-                unsafe { $load_avx2(v.codes.as_ptr().add(at), _mm256_set1_ps(*prepared.get_unchecked(s))) }
+                unsafe {
+                    $load_avx2(v.codes.as_ptr().add(row * v.row_bytes), i, v.k, _mm256_set1_ps(*prepared.get_unchecked(s)))
+                }
             }
 
             #[cfg(target_arch = "x86_64")]
             #[inline(always)]
             fn prefetch(&self, row: usize, i: usize) {
                 let v = &self.0;
+                // Where the codes of weight `i` (which may run past the row) lie, near enough.
                 let at = row * v.row_bytes + if $kind == CodeKind::Int4 { i / 2 } else { i };
                 if at < v.codes.len() {
                     // SAFETY: a prefetch never faults, and the address is inside the codes.
@@ -445,8 +492,9 @@ quant_source!(Int4Source, CodeKind::Int4, load_int4, load_int4_avx2, {
         let row = first + rel;
         let (s0, s1) = (rel * v.groups + (i >> v.group_shift), rel * v.groups + ((i + 16) >> v.group_shift));
         debug_assert!(s1 < prepared.len() && row * v.row_bytes + i / 2 + 16 <= v.codes.len());
-        // SAFETY: as the caller guarantees (i + 32 ≤ k: 16 bytes of the row at i / 2); the indices
-        // are the prepared scales of row `row`.
+        debug_assert!(i.is_multiple_of(INT4_CHUNK));
+        // SAFETY: as the caller guarantees (i a multiple of 32, i + 32 ≤ k: a whole chunk, 16
+        // bytes of the row at i / 2); the indices are the prepared scales of row `row`.
         unsafe {
             let p = v.codes.as_ptr().add(row * v.row_bytes + i / 2);
             load_int4_32_avx2(
@@ -464,36 +512,66 @@ quant_source!(Int4Source, CodeKind::Int4, load_int4, load_int4_avx2, {
         let row = first + rel;
         let (s0, s1) = (rel * v.groups + (i >> v.group_shift), rel * v.groups + ((i + 16) >> v.group_shift));
         debug_assert!(s1 < prepared.len() && row * v.row_bytes + i / 2 + 16 <= v.codes.len());
-        // SAFETY: as the caller guarantees (i + 32 ≤ k: 16 bytes of the row at i / 2); the indices
-        // are the prepared scales of row `row`.
+        debug_assert!(i.is_multiple_of(INT4_CHUNK));
+        // SAFETY: as the caller guarantees (i a multiple of 32, i + 32 ≤ k: a whole chunk, 16
+        // bytes of the row at i / 2); the indices are the prepared scales of row `row`.
         unsafe {
             let p = v.codes.as_ptr().add(row * v.row_bytes + i / 2);
-            load_int4_32(p, _mm512_set1_ps(*prepared.get_unchecked(s0)), _mm512_set1_ps(*prepared.get_unchecked(s1)))
+            let t0 = int4_table(_mm512_set1_ps(*prepared.get_unchecked(s0)));
+            // Groups of 16 give the chunk's halves two scales; larger groups one.
+            let t1 = if s1 == s0 { t0 } else { int4_table(_mm512_set1_ps(*prepared.get_unchecked(s1))) };
+            load_int4_32(p, t0, t1)
         }
     }
 });
 quant_source!(Fp8Source, CodeKind::Fp8E4m3, load_fp8, load_fp8_avx2, {});
 
-/// 16 signed bytes at `p`, times `scale` (16 copies).
+/// Weights `i..i + 16` of a row of signed bytes at `row`, times `scale` (16 copies).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn load_int8(p: *const u8, scale: __m512) -> __m512 {
-    // SAFETY: 16 bytes are readable at `p`; AVX-512F (the caller).
+unsafe fn load_int8(row: *const u8, i: usize, _k: usize, scale: __m512) -> __m512 {
+    // SAFETY: 16 bytes are readable at `row + i`; AVX-512F (the caller).
     unsafe {
-        let codes = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast()));
+        let codes = _mm512_cvtepi8_epi32(_mm_loadu_si128(row.add(i).cast()));
         _mm512_mul_ps(_mm512_cvtepi32_ps(codes), scale)
     }
 }
 
-/// 8 bytes at `p` holding 16 nibbles (low nibble first), each `(code − 8) · scale`.
+/// The 16 values an int4 code of a group with `scale` (16 copies) stands for, indexed by the code
+/// as stored: `(code − 8) · scale`, each rounded once as the reference dequantisation rounds it.
+///
+/// The table passes through an empty `asm!` block the compiler cannot see into: without it LLVM
+/// moves each lookup before the multiplication (`vpermps` of the values and of the broadcast
+/// scale, then a multiply), three instructions a lookup instead of one.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn int4_table(scale: __m512) -> __m512 {
+    let values = _mm512_setr_ps(-8., -7., -6., -5., -4., -3., -2., -1., 0., 1., 2., 3., 4., 5., 6., 7.);
+    let mut table = _mm512_mul_ps(values, scale);
+    // SAFETY: the block is empty: it only names the register holding the table.
+    unsafe { std::arch::asm!("/* {t} */", t = inout(zmm_reg) table, options(pure, nomem, nostack, preserves_flags)) };
+    table
+}
+
+/// Weights `i..i + 16` (`i` a multiple of 16) of a row of `k` int4 codes at `row`
+/// ([`CodeKind::Int4`]'s order), each `(code − 8) · scale`. In a whole chunk, a lookup: the
+/// chunk's 16 bytes widened to lanes, shifted for its last 16 weights, index the group's
+/// [`int4_table`] (`vpermps` reads each lane's low 4 bits).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn load_int4(p: *const u8, scale: __m512) -> __m512 {
-    // SAFETY: 8 bytes are readable at `p`; AVX-512F (the caller).
+unsafe fn load_int4(row: *const u8, i: usize, k: usize, scale: __m512) -> __m512 {
+    // SAFETY: the 16 weights lie in the row (the caller): in a whole chunk, its 16 bytes; past the
+    // last one, 8 bytes at i / 2. AVX-512F (the caller).
     unsafe {
+        if i < k - k % INT4_CHUNK {
+            let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(row.add(i / INT4_CHUNK * 16).cast()));
+            let codes = if i % INT4_CHUNK >= 16 { _mm512_srli_epi32::<4>(bytes) } else { bytes };
+            return _mm512_permutexvar_ps(codes, int4_table(scale));
+        }
         // Each byte b widened to a 16-bit lane; (b | b << 4) & 0x0F0F puts its low nibble in the
         // lane's low byte and its high nibble in the high byte: the 16 codes in order, one a byte.
-        let b = _mm_cvtepu8_epi16(_mm_loadl_epi64(p.cast()));
+        let b = _mm_cvtepu8_epi16(_mm_loadl_epi64(row.add(i / 2).cast()));
         let nibbles = _mm_and_si128(_mm_or_si128(b, _mm_slli_epi16::<4>(b)), _mm_set1_epi16(0x0F0F));
         // code − 8 in integers (exact), then one rounded product, as the reference computes it.
         let values = _mm512_sub_epi32(_mm512_cvtepu8_epi32(nibbles), _mm512_set1_epi32(8));
@@ -501,30 +579,25 @@ unsafe fn load_int4(p: *const u8, scale: __m512) -> __m512 {
     }
 }
 
-/// 16 bytes at `p` holding 32 nibbles (low nibble first), each `(code − 8)` times `s0` (the first
-/// 16) or `s1` (the last 16): one load and one unpacking for both halves.
+/// The 32 weights of the whole chunk at `p` (16 bytes), the first 16 looked up in `t0`, the last
+/// 16 in `t1` ([`int4_table`]s): one load and one widening for both halves.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn load_int4_32(p: *const u8, s0: __m512, s1: __m512) -> (__m512, __m512) {
-    // SAFETY: 16 bytes are readable at `p`; AVX-512F, which implies AVX2 (the caller).
-    unsafe {
-        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.cast()));
-        let nibbles = _mm256_and_si256(_mm256_or_si256(b, _mm256_slli_epi16::<4>(b)), _mm256_set1_epi16(0x0F0F));
-        // code − 8 as signed bytes (exact), widened, then one rounded product each.
-        let values = _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8));
-        let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(values)));
-        let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(values)));
-        (_mm512_mul_ps(lo, s0), _mm512_mul_ps(hi, s1))
-    }
-}
-
-/// 16 FP8 E4M3 bytes at `p`, times `scale` (see [`fp8_e4m3`]).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn load_fp8(p: *const u8, scale: __m512) -> __m512 {
+unsafe fn load_int4_32(p: *const u8, t0: __m512, t1: __m512) -> (__m512, __m512) {
     // SAFETY: 16 bytes are readable at `p`; AVX-512F (the caller).
     unsafe {
         let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()));
+        (_mm512_permutexvar_ps(bytes, t0), _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), t1))
+    }
+}
+
+/// Weights `i..i + 16` of a row of FP8 E4M3 bytes at `row`, times `scale` (see [`fp8_e4m3`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_fp8(row: *const u8, i: usize, _k: usize, scale: __m512) -> __m512 {
+    // SAFETY: 16 bytes are readable at `row + i`; AVX-512F (the caller).
+    unsafe {
+        let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(row.add(i).cast()));
         let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(bytes, _mm512_set1_epi32(0x80)));
         let magnitude = _mm512_slli_epi32::<20>(_mm512_and_si512(bytes, _mm512_set1_epi32(0x7F)));
         let value = _mm512_mul_ps(_mm512_castsi512_ps(magnitude), _mm512_set1_ps(FP8_REBIAS));
@@ -533,46 +606,62 @@ unsafe fn load_fp8(p: *const u8, scale: __m512) -> __m512 {
     }
 }
 
-/// 16 signed bytes at `p`, times `scale` (8 copies), as two 8-wide vectors.
+/// Weights `i..i + 16` of a row of signed bytes at `row`, times `scale` (8 copies), as two 8-wide
+/// vectors.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn load_int8_avx2(p: *const u8, scale: __m256) -> [__m256; 2] {
-    // SAFETY: 16 bytes are readable at `p`; AVX2 (the caller).
+unsafe fn load_int8_avx2(row: *const u8, i: usize, _k: usize, scale: __m256) -> [__m256; 2] {
+    // SAFETY: 16 bytes are readable at `row + i`; AVX2 (the caller).
     unsafe {
-        let bytes = _mm_loadu_si128(p.cast());
+        let bytes = _mm_loadu_si128(row.add(i).cast());
         let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
         let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(bytes)));
         [_mm256_mul_ps(lo, scale), _mm256_mul_ps(hi, scale)]
     }
 }
 
-/// 8 bytes at `p` holding 16 nibbles (low nibble first), each `(code − 8) · scale`, as two 8-wide
-/// vectors (see [`load_int4`]).
+/// The 16 codes of a whole int4 chunk's 16 bytes `b` held in its low nibbles (`HIGH` false: the
+/// chunk's first 16 weights) or high ones, each as its value (`code − 8`), one a byte.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn load_int4_avx2(p: *const u8, scale: __m256) -> [__m256; 2] {
-    // SAFETY: 8 bytes are readable at `p`; AVX2 (the caller).
+unsafe fn int4_half_values<const HIGH: bool>(b: __m128i) -> __m128i {
+    // SAFETY: SSE2 (every x86-64).
     unsafe {
-        let b = _mm_cvtepu8_epi16(_mm_loadl_epi64(p.cast()));
-        let nibbles = _mm_and_si128(_mm_or_si128(b, _mm_slli_epi16::<4>(b)), _mm_set1_epi16(0x0F0F));
-        let values = _mm_sub_epi8(nibbles, _mm_set1_epi8(8));
+        let b = if HIGH { _mm_srli_epi16::<4>(b) } else { b };
+        _mm_sub_epi8(_mm_and_si128(b, _mm_set1_epi8(0x0F)), _mm_set1_epi8(8))
+    }
+}
+
+/// Weights `i..i + 16` (`i` a multiple of 16) of a row of `k` int4 codes at `row`, each
+/// `(code − 8) · scale`, as two 8-wide vectors (see [`load_int4`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_int4_avx2(row: *const u8, i: usize, k: usize, scale: __m256) -> [__m256; 2] {
+    // SAFETY: the 16 weights lie in the row (the caller), as in `load_int4`; AVX2 (the caller).
+    unsafe {
+        let values = if i < k - k % INT4_CHUNK {
+            let b = _mm_loadu_si128(row.add(i / INT4_CHUNK * 16).cast());
+            if i % INT4_CHUNK >= 16 { int4_half_values::<true>(b) } else { int4_half_values::<false>(b) }
+        } else {
+            let b = _mm_cvtepu8_epi16(_mm_loadl_epi64(row.add(i / 2).cast()));
+            let nibbles = _mm_and_si128(_mm_or_si128(b, _mm_slli_epi16::<4>(b)), _mm_set1_epi16(0x0F0F));
+            _mm_sub_epi8(nibbles, _mm_set1_epi8(8))
+        };
         let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(values));
         let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(values)));
         [_mm256_mul_ps(lo, scale), _mm256_mul_ps(hi, scale)]
     }
 }
 
-/// 16 bytes at `p` holding 32 nibbles (low nibble first), each `(code − 8)` times `s0` (the first
-/// 16) or `s1` (the last 16), as four 8-wide vectors: one load and one unpacking for all.
+/// The 32 weights of the whole chunk at `p` (16 bytes), each `(code − 8)` times `s0` (the first
+/// 16) or `s1` (the last 16), as four 8-wide vectors: one load for all.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn load_int4_32_avx2(p: *const u8, s0: __m256, s1: __m256) -> [__m256; 4] {
     // SAFETY: 16 bytes are readable at `p`; AVX2 (the caller).
     unsafe {
-        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.cast()));
-        let nibbles = _mm256_and_si256(_mm256_or_si256(b, _mm256_slli_epi16::<4>(b)), _mm256_set1_epi16(0x0F0F));
-        let values = _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8));
-        let (first, second) = (_mm256_castsi256_si128(values), _mm256_extracti128_si256::<1>(values));
+        let b = _mm_loadu_si128(p.cast());
+        let (first, second) = (int4_half_values::<false>(b), int4_half_values::<true>(b));
         let widen = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
         [
             _mm256_mul_ps(widen(first), s0),
@@ -583,13 +672,14 @@ unsafe fn load_int4_32_avx2(p: *const u8, s0: __m256, s1: __m256) -> [__m256; 4]
     }
 }
 
-/// 16 FP8 E4M3 bytes at `p`, times `scale` (see [`fp8_e4m3`]), as two 8-wide vectors.
+/// Weights `i..i + 16` of a row of FP8 E4M3 bytes at `row`, times `scale` (see [`fp8_e4m3`]), as
+/// two 8-wide vectors.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn load_fp8_avx2(p: *const u8, scale: __m256) -> [__m256; 2] {
-    // SAFETY: 16 bytes are readable at `p`; AVX2 (the caller).
+unsafe fn load_fp8_avx2(row: *const u8, i: usize, _k: usize, scale: __m256) -> [__m256; 2] {
+    // SAFETY: 16 bytes are readable at `row + i`; AVX2 (the caller).
     unsafe {
-        let bytes = _mm_loadu_si128(p.cast());
+        let bytes = _mm_loadu_si128(row.add(i).cast());
         let widen = |b: __m128i| {
             let b = _mm256_cvtepu8_epi32(b);
             let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(b, _mm256_set1_epi32(0x80)));

@@ -139,10 +139,14 @@ impl UnsignedCodes for Int4Codes {
     unsafe fn load64(p: *const u8) -> __m512i {
         // SAFETY: 32 bytes (64 nibbles) are readable at `p` (the caller).
         unsafe {
-            // Each byte widened to a 16-bit lane; (b | b << 4) & 0x0F0F puts its low nibble (the
-            // lower-indexed code) in the lane's low byte and its high nibble in the high byte.
-            let b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p.cast()));
-            _mm512_and_si512(_mm512_or_si512(b, _mm512_slli_epi16::<4>(b)), _mm512_set1_epi16(0x0F0F))
+            // Two whole chunks of 16 bytes, each holding its first 16 codes in the low nibbles and
+            // its last 16 in the high ones (CodeKind::Int4): the low nibbles of both, then the
+            // high ones, masked, then the 16-byte lanes put in element order.
+            let b = _mm256_loadu_si256(p.cast());
+            let halves = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(b), _mm256_srli_epi16::<4>(b));
+            let codes = _mm512_and_si512(halves, _mm512_set1_epi8(0x0F));
+            // Lanes [chunk 0 low, chunk 1 low, chunk 0 high, chunk 1 high] → [0 low, 0 high, 1 low, 1 high].
+            _mm512_shuffle_i64x2::<0b11_01_10_00>(codes, codes)
         }
     }
 }
@@ -180,18 +184,20 @@ unsafe fn by_rows<C: UnsignedCodes>(x: &Int8Rows, w: QuantView<'_>, yt: &mut [f3
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn features<const O: usize, const M: usize, C: UnsignedCodes>(x: &Int8Rows, w: QuantView<'_>, yt: &mut [f32]) {
     let n = w.n();
-    let mut prepared = Vec::new();
+    // Every row's scales widened at once, each block reading its rows' part.
+    let (mut prepared, stride) = (Vec::new(), w.groups());
+    w.widen_scales(0, n, &mut prepared);
     let mut o = 0;
     while o + O <= n {
-        w.widen_scales(o, O, &mut prepared);
+        let prepared = &prepared[o * stride..];
         // SAFETY: rows o..o+O of `w` and of `yt` exist (checked by the loop and the caller).
-        unsafe { block::<O, M, C>(x, w, o, &prepared, &mut yt[o * M..(o + O) * M]) };
+        unsafe { block::<O, M, C>(x, w, o, prepared, &mut yt[o * M..(o + O) * M]) };
         o += O;
     }
     while o < n {
-        w.widen_scales(o, 1, &mut prepared);
+        let prepared = &prepared[o * stride..];
         // SAFETY: as above, one row.
-        unsafe { block::<1, M, C>(x, w, o, &prepared, &mut yt[o * M..(o + 1) * M]) };
+        unsafe { block::<1, M, C>(x, w, o, prepared, &mut yt[o * M..(o + 1) * M]) };
         o += 1;
     }
 }
@@ -275,8 +281,8 @@ mod tests {
 
     #[test]
     fn computes_the_quantized_rows_product_for_both_code_kinds_and_every_row_count() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX512-VNNI");
+        if !available() || crate::kernels::isa() != crate::kernels::Isa::Avx512 {
+            eprintln!("skipped: this CPU has no AVX512-VNNI, or the kernels run another ISA (EPSERVE_KERNEL_ISA)");
             return;
         }
         for (m, n, k) in [(1, 37, 64), (2, 40, 128), (3, 9, 192), (4, 33, 256), (5, 7, 64), (8, 50, 320)] {

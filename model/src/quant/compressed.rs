@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 
 use super::matrix::{Group, QuantMatrix, Scales};
 use crate::kernels::CodeKind;
+use crate::kernels::source::int4_from_sequential;
 
 /// The pre-quantized formats this loader reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,14 +255,18 @@ pub fn load<'a>(
                     packed.shape
                 ));
             }
-            // Little-endian int32 words, lowest-indexed value in the low bits: for 4 bits, exactly
-            // the byte layout of CodeKind::Int4 (low nibble first, value + 8); for 8 bits, bytes of
-            // value + 128, turned into signed bytes.
+            // Little-endian int32 words, lowest-indexed value in the low bits: for 4 bits, codes of
+            // value + 8 two per byte in order, rewritten in CodeKind::Int4's chunk order; for 8
+            // bits, bytes of value + 128, turned into signed bytes.
             let kind = if bits == 4 { CodeKind::Int4 } else { CodeKind::Int8 };
             let row_bytes = kind.row_bytes(k);
-            let mut codes = Vec::with_capacity(n * row_bytes);
-            for row in packed.bytes.chunks_exact(words * 4) {
-                codes.extend_from_slice(&row[..row_bytes]);
+            let mut codes = vec![0u8; n * row_bytes];
+            for (row, out) in packed.bytes.chunks_exact(words * 4).zip(codes.chunks_exact_mut(row_bytes.max(1))) {
+                if bits == 4 {
+                    int4_from_sequential(&row[..row_bytes], k, out);
+                } else {
+                    out.copy_from_slice(&row[..row_bytes]);
+                }
             }
             if bits == 8 {
                 codes.iter_mut().for_each(|c| *c ^= 0x80);

@@ -7,6 +7,7 @@ use half::{bf16, f16};
 
 use super::QuantScheme;
 use crate::error::{Error, Result};
+use crate::kernels::source::int4_position;
 use crate::kernels::{CodeKind, QuantView, ScalesRef, Weights};
 
 /// Scales as stored: f16 for epserve's schemes (as GGUF's Q8_0/Q4_0: bf16's 8-bit mantissa
@@ -143,7 +144,8 @@ impl QuantMatrix {
                         CodeKind::Int8 => row_codes[at] = q.clamp(-127.0, 127.0) as i8 as u8,
                         _ => {
                             let code = (q + 8.0).clamp(0.0, 15.0) as u8;
-                            row_codes[at / 2] |= if at.is_multiple_of(2) { code } else { code << 4 };
+                            let (byte, shift) = int4_position(k, at);
+                            row_codes[byte] |= code << shift;
                         }
                     }
                 }

@@ -249,8 +249,9 @@ pub enum Activations {
     /// Rounded to bf16 and multiplied with bf16 weights by AVX512-BF16's `vdpbf16ps` (f32 sums),
     /// for products of one row, and of up to 64 rows (prefill in blocks of 64) where the CPU runs
     /// the instruction at least 1.25× as fast as f32 FMAs (measured at load, or
-    /// `EPSERVE_BF16_ROWS`); other products, other weights and CPUs without the instruction stay
-    /// f32 (docs/model.md, "bf16 mode").
+    /// `EPSERVE_BF16_ROWS`, whose `batched` leaves one-row products exact) or that has AMX-BF16
+    /// (products of 16 rows and more on AMX tiles); other products, other weights and CPUs without
+    /// the instruction stay f32 (docs/model.md, "bf16 mode").
     Bf16,
 }
 

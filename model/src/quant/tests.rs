@@ -65,6 +65,45 @@ fn quantized_products_equal_the_products_of_the_dequantised_weights_bit_for_bit(
     }
 }
 
+/// int4 codes packed in order (as compressed-tensors stores them) and rewritten in the chunk order
+/// read back, weight by weight, as the codes they were, for rows of whole chunks, ragged tails and
+/// odd lengths; and the quantizer writes the same order.
+#[test]
+fn int4_codes_are_where_int4_position_says_in_both_packings() {
+    use crate::kernels::source::{QuantView, ScalesRef, int4_from_sequential, int4_position};
+    for k in [1, 5, 16, 31, 32, 33, 48, 64, 100, 129] {
+        let code = |i: usize| ((i * 7 + k) % 16) as u8;
+        let bytes = k.div_ceil(2);
+        let mut sequential = vec![0u8; bytes];
+        for i in 0..k {
+            sequential[i / 2] |= code(i) << (4 * (i % 2));
+        }
+        let mut chunked = vec![0u8; bytes];
+        int4_from_sequential(&sequential, k, &mut chunked);
+        let ones = vec![1f32; k.div_ceil(16)];
+        let view = QuantView::new(CodeKind::Int4, &chunked, ScalesRef::F32(&ones), k, 4);
+        let mut seen = vec![0u8; bytes];
+        for i in 0..k {
+            let (byte, shift) = int4_position(k, i);
+            assert_eq!((chunked[byte] >> shift) & 0x0F, code(i), "k={k}, weight {i}");
+            assert_eq!(view.dequantize(0, i), f32::from(code(i)) - 8.0, "k={k}, weight {i}");
+            seen[byte] |= 0x0F << shift;
+        }
+        // Every nibble of the row is some weight's (one left over for odd k).
+        let unused = if k % 2 == 1 { 0xF0 } else { 0 };
+        assert!(seen[..bytes - 1].iter().all(|&b| b == 0xFF) && seen[bytes - 1] | unused == 0xFF, "k={k}");
+    }
+    // The quantizer: every group holds −8 … 7, which come back exactly (a tail of 16 past the
+    // chunks of each row).
+    let (n, k) = (2, 80);
+    let w: Vec<f32> = (0..n * k).map(|i| ((i * 5) % 16) as f32 - 8.0).collect();
+    let q = QuantMatrix::quantize(Weights::F32(&w), (n, k), QuantScheme::Int4).expect("int4");
+    let dq = q.dequantize();
+    for (i, (a, b)) in w.iter().zip(&dq).enumerate() {
+        assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0), "weight {i}: {a} vs {b}");
+    }
+}
+
 #[test]
 fn quantization_errors_stay_within_half_a_step_and_bytes_shrink_as_designed() {
     let (n, k) = (64, 256);
