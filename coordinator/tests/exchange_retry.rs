@@ -18,6 +18,7 @@ use epserve_expert_worker::ExpertWorker;
 use epserve_model::{
     Checkpoint, ExpertBackend, ExpertBatch, ExpertShard, ExpertsInFlight, ModelConfig, TextModel, WeightStorage,
 };
+use epserve_proto::v1::expert_service_client::ExpertServiceClient;
 use epserve_proto::v1::expert_service_server::{ExpertService, ExpertServiceServer};
 use epserve_proto::v1::{
     ExchangeRequest, ExchangeResponse, HealthRequest, HealthResponse, StatusRequest, StatusResponse,
@@ -80,6 +81,21 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt")
 }
 
+/// The exchange answers of the test's own `ExpertService`s.
+type AnswerStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ExchangeResponse, tonic::Status>> + Send>>;
+
+/// Serves `service` (a stand-in for a worker) on a free port of `runtime`; its address.
+fn serve_service<S: ExpertService>(runtime: &tokio::runtime::Runtime, service: S) -> String {
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    runtime.spawn(
+        tonic::transport::Server::builder()
+            .add_service(ExpertServiceServer::new(service))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    addr
+}
+
 /// Serves `worker` on a free port of `runtime`; its address.
 fn serve_worker(runtime: &tokio::runtime::Runtime, worker: Arc<ExpertWorker>) -> String {
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
@@ -97,18 +113,32 @@ fn record(addr: &str, announced: &[u32]) -> Instance {
 type Followed =
     (Result<GrpcExperts, TransportError>, watch::Sender<Vec<Instance>>, watch::Sender<Option<PlacementMap>>);
 
-/// The transport following `records`, waiting up to `wait` for every expert to have a host.
-fn transport(runtime: &tokio::runtime::Runtime, records: Vec<Instance>, wait: Duration) -> Followed {
+/// The exchange deadline of the tests that do not test it.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The transport following `records`, waiting up to `wait` for every expert to have a host (and
+/// in a step, for an expert to get one), with exchange deadline `deadline`.
+fn transport(
+    runtime: &tokio::runtime::Runtime,
+    records: Vec<Instance>,
+    wait: Duration,
+    deadline: Duration,
+) -> Followed {
     let (members, members_rx) = watch::channel(records);
     let (placement, placement_rx) = watch::channel(None);
-    let grpc_cfg = GrpcConfig { wire: epserve_proto::wire::WireDtype::F32, ..GrpcConfig::new(Vec::new()) };
+    let grpc_cfg = GrpcConfig {
+        wire: epserve_proto::wire::WireDtype::F32,
+        exchange_timeout: deadline,
+        host_wait: wait,
+        ..GrpcConfig::new(Vec::new())
+    };
     let grpc =
         runtime.block_on(GrpcExperts::follow(&grpc_cfg, &config().text, DType::F32, members_rx, placement_rx, wait));
     (grpc, members, placement)
 }
 
-fn setup_with(runtime: tokio::runtime::Runtime, records: Vec<Instance>, fail_first: u32) -> Setup {
-    let (grpc, members, placement) = transport(&runtime, records, Duration::from_secs(20));
+fn setup_with(runtime: tokio::runtime::Runtime, records: Vec<Instance>, fail_first: u32, deadline: Duration) -> Setup {
+    let (grpc, members, placement) = transport(&runtime, records, Duration::from_secs(20), deadline);
     let grpc = grpc.expect("the transport reaches the workers");
     let cfg = config();
     let ckpt = Checkpoint::open(&fixture()).expect("checkpoint");
@@ -131,7 +161,7 @@ fn setup(fail_first: u32) -> (Setup, Arc<ExpertWorker>) {
     let runtime = runtime();
     let w = worker(&all);
     let addr = serve_worker(&runtime, w.clone());
-    (setup_with(runtime, vec![record(&addr, &all)], fail_first), w)
+    (setup_with(runtime, vec![record(&addr, &all)], fail_first, DEADLINE), w)
 }
 
 /// Runs one greedy request to its end: its tokens, finish reason and message.
@@ -160,7 +190,7 @@ fn a_record_listing_experts_the_worker_does_not_host_is_not_believed() {
     let runtime = runtime();
     let stale = worker(&[0]);
     let addr = serve_worker(&runtime, stale.clone());
-    let (grpc, _m, _p) = transport(&runtime, vec![record(&addr, &all)], Duration::from_secs(2));
+    let (grpc, _m, _p) = transport(&runtime, vec![record(&addr, &all)], Duration::from_secs(2), DEADLINE);
     let Err(err) = grpc else { panic!("expected no host for experts 1-15") };
     assert!(err.to_string().contains("no worker hosts layer 0: experts 1-15"), "{err}");
     assert_eq!(stale.stats().exchanges_rejected.load(Ordering::Relaxed), 0, "nothing was sent to it");
@@ -174,7 +204,7 @@ fn a_record_listing_experts_the_worker_does_not_host_is_not_believed() {
     let (full, half) = (worker(&all), worker(&(0..8).collect::<Vec<_>>()));
     let records =
         vec![record(&serve_worker(&runtime, full.clone()), &all), record(&serve_worker(&runtime, half.clone()), &all)];
-    let mixed = setup_with(runtime, records, 0);
+    let mixed = setup_with(runtime, records, 0, DEADLINE);
     let (tokens, reason, message) = run(&mixed.engine);
     assert_eq!((reason, &tokens), (FinishReason::Length, &expected), "{message:?}");
     assert_eq!(half.stats().exchanges_rejected.load(Ordering::Relaxed), 0, "only its confirmed experts reach it");
@@ -191,8 +221,7 @@ struct Liar {
 
 #[tonic::async_trait]
 impl ExpertService for Liar {
-    type ExchangeStream =
-        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ExchangeResponse, tonic::Status>> + Send>>;
+    type ExchangeStream = AnswerStream;
 
     async fn exchange(
         &self,
@@ -258,15 +287,8 @@ fn a_worker_refusing_experts_it_claims_is_quarantined_and_its_rows_fail_over() {
     let honest = worker(&all);
     let honest_addr = serve_worker(&runtime, honest.clone());
     let liar = Liar { truth: worker(&[0]), exchanges: Arc::new(AtomicU32::new(0)) };
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
-    let liar_addr = listener.local_addr().expect("addr").to_string();
-    let service = ExpertServiceServer::new(liar.clone());
-    runtime.spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
-    let s = setup_with(runtime, vec![record(&honest_addr, &all), record(&liar_addr, &all)], 0);
+    let liar_addr = serve_service(&runtime, liar.clone());
+    let s = setup_with(runtime, vec![record(&honest_addr, &all), record(&liar_addr, &all)], 0, DEADLINE);
     let (tokens, reason, message) = run(&s.engine);
     assert_eq!(
         (reason, &tokens),
@@ -296,4 +318,90 @@ fn a_transient_failure_is_retried_and_changes_nothing() {
     let served = stats.exchanges_served.load(Ordering::Relaxed);
     assert_eq!(flaky.submits.load(Ordering::Relaxed) as u64, served + 2, "the two failed attempts, then every layer");
     assert_eq!(served, clean_worker.stats().exchanges_served.load(Ordering::Relaxed));
+}
+
+/// A worker that is slow once: it relays every exchange to `worker` (a real one), except the first
+/// request of its first exchange stream, which it never answers — a worker stalled past the
+/// deadline (a starved or paused process) that then recovers.
+#[derive(Clone)]
+struct StalledOnce {
+    worker: String,
+    streams: Arc<AtomicU32>,
+    relayed: Arc<AtomicU32>,
+}
+
+#[tonic::async_trait]
+impl ExpertService for StalledOnce {
+    type ExchangeStream = AnswerStream;
+
+    async fn exchange(
+        &self,
+        request: tonic::Request<tonic::Streaming<ExchangeRequest>>,
+    ) -> Result<tonic::Response<Self::ExchangeStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let mut stall = self.streams.fetch_add(1, Ordering::Relaxed) == 0;
+        let (to_worker, requests) = tokio::sync::mpsc::channel(16);
+        let relayed = self.relayed.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(x)) = inbound.message().await {
+                if std::mem::take(&mut stall) {
+                    continue;
+                }
+                relayed.fetch_add(1, Ordering::Relaxed);
+                if to_worker.send(x).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut client = self.client().await?;
+        let answers = client.exchange(tokio_stream::wrappers::ReceiverStream::new(requests)).await?.into_inner();
+        Ok(tonic::Response::new(Box::pin(answers)))
+    }
+
+    async fn health(&self, r: tonic::Request<HealthRequest>) -> Result<tonic::Response<HealthResponse>, tonic::Status> {
+        self.client().await?.health(r.into_inner()).await
+    }
+
+    async fn status(&self, r: tonic::Request<StatusRequest>) -> Result<tonic::Response<StatusResponse>, tonic::Status> {
+        self.client().await?.status(r.into_inner()).await
+    }
+}
+
+impl StalledOnce {
+    async fn client(&self) -> Result<ExpertServiceClient<tonic::transport::Channel>, tonic::Status> {
+        ExpertServiceClient::connect(format!("http://{}", self.worker))
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))
+    }
+}
+
+#[test]
+fn the_only_other_host_is_tried_again_once_it_has_reconnected() {
+    // The only host of every expert misses one exchange's deadline: it is lost, reconnects at
+    // once, and the exchange goes to it again (it is the only host left) instead of waiting for
+    // another host and failing the request. (The worker computes in this process, over gRPC, on
+    // the kernels' pool whose thread the waiting engine holds: it needs a pool of two threads,
+    // two CPUs.)
+    let (clean, _) = setup(0);
+    let (expected, _, _) = run(&clean.engine);
+
+    let all: Vec<u32> = (0..16).collect();
+    let runtime = runtime();
+    let real = worker(&all);
+    let stalled = StalledOnce {
+        worker: serve_worker(&runtime, real.clone()),
+        streams: Arc::new(AtomicU32::new(0)),
+        relayed: Arc::new(AtomicU32::new(0)),
+    };
+    let addr = serve_service(&runtime, stalled.clone());
+    // Long enough for a loaded CI host to answer the exchanges that are not stalled.
+    let s = setup_with(runtime, vec![record(&addr, &all)], 0, Duration::from_secs(3));
+    let (tokens, reason, message) = run(&s.engine);
+    assert_eq!((reason, &tokens), (FinishReason::Length, &expected), "{message:?}");
+    assert_eq!(stalled.streams.load(Ordering::Relaxed), 2, "it reconnected once");
+    assert_eq!(
+        u64::from(stalled.relayed.load(Ordering::Relaxed)),
+        real.stats().exchanges_served.load(Ordering::Relaxed),
+        "every exchange but the stalled one reached the worker"
+    );
 }

@@ -68,15 +68,21 @@ impl Process {
         Self::spawn(args, Stdio::inherit())
     }
 
-    /// Like [`Process::start`], with the log (stderr, `warn` and above) written to `log`.
+    /// Like [`Process::start`], with the log (stderr: `warn` and above, and the coordinator's
+    /// links and failovers at `info`) written to `log`.
     pub fn start_logged(args: &[&str], log: &std::path::Path) -> Process {
-        Self::spawn(args, Stdio::from(std::fs::File::create(log).expect("create log")))
+        let stderr = Stdio::from(std::fs::File::create(log).expect("create log"));
+        Self::spawn_with_log(args, stderr, "warn,epserve_coordinator::transport=info")
     }
 
     fn spawn(args: &[&str], stderr: Stdio) -> Process {
+        Self::spawn_with_log(args, stderr, "warn")
+    }
+
+    fn spawn_with_log(args: &[&str], stderr: Stdio, filter: &str) -> Process {
         let mut child = Command::new(epserve())
             .args(args)
-            .env("EPSERVE_LOG", "warn")
+            .env("EPSERVE_LOG", filter)
             .env("EPSERVE_DATA_DIR", private_data_dir())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -253,7 +259,31 @@ pub fn up_model_env(model: &std::path::Path, extra: &[&str], env: &[(&str, &str)
     (Up(Some(child)), format!("127.0.0.1:{port}"))
 }
 
+/// A free port below the kernel's ephemeral range: a port the kernel handed out for `:0` is free
+/// again once this returns, and a process the test starts (a worker listening on `:0`, an outgoing
+/// connection) may be given it before the bind it was chosen for ("Address already in use", seen
+/// in CI). Ports below the range are never handed out that way. Tests of one binary take distinct
+/// ports (a counter), binaries start at different places (their pid); where the range leaves no
+/// room below it, `:0` as before.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let (low, high) = (10_000u32, ephemeral_start.min(65_536));
+    if high > low + 1_000 {
+        let span = high - low;
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let port = low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+            let port = u16::try_from(port).expect("below 65536");
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 

@@ -7,11 +7,14 @@
 //!
 //! Failover: an exchange whose worker dies (stream reset) or misses the deadline is sent again to
 //! another live host of its experts, within the same step; the worker is taken out until it
-//! reconnects. When an expert has no live host, the step waits (up to `host_wait`) for one to
-//! appear — a worker coming back, or the placement leader assigning the expert to a survivor — and
-//! then fails with the list of what is missing.
+//! reconnects. A link that failed an exchange is not tried again for it, but its worker is once it
+//! has reconnected (a worker slowed down past the deadline, or whose lease lapsed, is often the
+//! only other host), at most [`ATTEMPTS_PER_WORKER`] times an exchange. When an expert has no usable
+//! live host, the step waits (up to `host_wait`) for one to appear — a worker coming back, or the
+//! placement leader assigning the expert to a survivor — and then fails with the list of what is
+//! missing and of what failed.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -30,6 +33,10 @@ use tokio::sync::{oneshot, watch};
 use super::links::{Reply, Routes, WorkerLink, WorkerSet, check_worker_serves, endpoint, record_from_layers};
 use super::shm::{LinkMedium, ShmConfig, Waited, WorkerTransport};
 use crate::errors::TransportError;
+
+/// How many times one exchange is sent to the same worker (each time over a link that connected
+/// after the last one failed) before the worker is left out of it.
+const ATTEMPTS_PER_WORKER: usize = 2;
 
 #[derive(Debug, Clone)]
 pub struct GrpcConfig {
@@ -220,40 +227,40 @@ impl GrpcExperts {
             rows,
             groups,
             parts: VecDeque::new(),
-            excluded: HashSet::new(),
+            failures: Failures::default(),
             routes_used: Vec::new(),
         };
         let all: Vec<usize> = (0..in_flight.groups.len()).collect();
-        in_flight.dispatch(&all, None).map_err(|e| e.at_layer(batch.layer))?;
+        in_flight.dispatch(&all).map_err(|e| e.at_layer(batch.layer))?;
         Ok(Box::new(in_flight))
     }
 
-    /// The live hosts of `(layer, expert)` not in `excluded`, in the placement's order, waiting up
-    /// to `host_wait` for one; and the routes they come from (held by the exchange until it is
-    /// answered: that tells the placement leader when no exchange uses an older placement).
+    /// The live hosts of `(layer, expert)` that `failures` leaves usable, in the placement's order,
+    /// waiting up to `host_wait` for one; and the routes they come from (held by the exchange until
+    /// it is answered: that tells the placement leader when no exchange uses an older placement).
     fn hosts(
         &self,
         layer: usize,
         expert: u32,
-        excluded: &HashSet<String>,
-        last_failure: Option<&TransportError>,
+        failures: &Failures,
     ) -> Result<(Vec<Arc<WorkerLink>>, Arc<Routes>), TransportError> {
         let started = Instant::now();
         let mut generation = self.workers.generation.subscribe();
         loop {
             let routes = self.workers.routes();
             let live: Vec<Arc<WorkerLink>> =
-                routes.live(layer, expert).into_iter().filter(|l| !excluded.contains(&l.id)).cloned().collect();
+                routes.live(layer, expert, |l| failures.usable(l)).into_iter().cloned().collect();
             if !live.is_empty() {
                 return Ok((live, routes));
             }
             let waited = started.elapsed();
             if waited >= self.host_wait {
-                let mut why = routes.why_dead(layer, expert);
-                if let Some(e) = last_failure {
-                    why.insert(0, e.to_string());
+                let mut why = failures.of_hosts(layer as u32, expert);
+                for reason in routes.why_dead(layer, expert) {
+                    if !why.contains(&reason) {
+                        why.push(reason);
+                    }
                 }
-                why.dedup();
                 return Err(TransportError::NoHost { layer, expert, waited, why });
             }
             let deadline = tokio::time::Instant::from_std(started + self.host_wait);
@@ -293,8 +300,8 @@ struct GrpcInFlight<'a> {
     rows: Vec<f32>,
     groups: Vec<Group>,
     parts: VecDeque<Part>,
-    /// Workers that failed this exchange: not tried again for it.
-    excluded: HashSet<String>,
+    /// The links that failed this exchange.
+    failures: Failures,
     /// The routes the parts were sent by, held until the exchange is done.
     routes_used: Vec<Arc<Routes>>,
 }
@@ -304,12 +311,12 @@ impl GrpcInFlight<'_> {
     /// live hosts are split over them as evenly as integers allow, in the placement's host order
     /// ([`epserve_eplb::split_rows`]), so that replicas share its load; each share after the first
     /// becomes a group of its own (the combine puts every group's rows back where they came from).
-    fn dispatch(&mut self, groups: &[usize], last_failure: Option<&TransportError>) -> Result<(), TransportError> {
+    fn dispatch(&mut self, groups: &[usize]) -> Result<(), TransportError> {
         let x = self.experts;
         let mut by_worker: Vec<(Arc<WorkerLink>, Vec<usize>)> = Vec::new();
         for &g in groups {
             let (expert, rows) = (self.groups[g].expert, self.groups[g].rows.clone());
-            let (hosts, routes) = x.hosts(self.layer, expert, &self.excluded, last_failure)?;
+            let (hosts, routes) = x.hosts(self.layer, expert, &self.failures)?;
             if !self.routes_used.iter().any(|r| Arc::ptr_eq(r, &routes)) {
                 self.routes_used.push(routes);
             }
@@ -470,10 +477,10 @@ impl ExpertsInFlight for GrpcInFlight<'_> {
                         self.experts.workers.quarantine(&part.link, &e.to_string());
                     }
                     // Send the same rows again, to other hosts of their experts.
-                    self.excluded.insert(part.link.id.clone());
                     metrics::counter!(m::EXCHANGE_RETRIES_TOTAL, "reason" => e.kind()).increment(1);
                     tracing::info!(layer = self.layer, "re-sending exchange {} to replicas: {e}", part.id);
-                    self.dispatch(&part.groups, Some(&e)).map_err(|e| e.at_layer(self.layer))?;
+                    self.failures.add(part.link, &e);
+                    self.dispatch(&part.groups).map_err(|e| e.at_layer(self.layer))?;
                     continue;
                 }
             };
@@ -486,5 +493,68 @@ impl ExpertsInFlight for GrpcInFlight<'_> {
             }
         }
         Ok(Tensor::from_vec(out, (self.total_rows, hidden), &Device::Cpu)?.to_dtype(self.experts.dtype)?)
+    }
+}
+
+/// The links that failed one exchange, and why. A failed link is not tried again for it; its worker
+/// is, over a link that connected after the failure, until it has failed [`ATTEMPTS_PER_WORKER`]
+/// times.
+#[derive(Default)]
+struct Failures(Vec<(Arc<WorkerLink>, String)>);
+
+impl Failures {
+    fn add(&mut self, link: Arc<WorkerLink>, e: &TransportError) {
+        self.0.push((link, e.to_string()));
+    }
+
+    /// Whether `link` may be sent this exchange: it has not failed it, and its worker has failed it
+    /// over fewer than [`ATTEMPTS_PER_WORKER`] links (a link counts once however many of the
+    /// exchange's parts failed on it: parts sent together fail together when their link dies).
+    fn usable(&self, link: &WorkerLink) -> bool {
+        let failed = self.0.iter().map(|(l, _)| (Arc::as_ptr(l).addr(), l.id.as_str()));
+        may_try(failed, (std::ptr::from_ref(link).addr(), &link.id))
+    }
+
+    /// Why the links hosting `(layer, expert)` failed, oldest first, each reason once.
+    fn of_hosts(&self, layer: u32, expert: u32) -> Vec<String> {
+        let mut why: Vec<String> = Vec::new();
+        for (link, reason) in &self.0 {
+            if link.hosts(layer, expert) && !why.contains(reason) {
+                why.push(reason.clone());
+            }
+        }
+        why
+    }
+}
+
+/// Whether an exchange may be sent over the link `candidate` (the link's address in memory, its
+/// worker's id), given the links that failed it (each once per failure).
+fn may_try<'a>(failed: impl Iterator<Item = (usize, &'a str)>, candidate: (usize, &str)) -> bool {
+    let mut links_of_worker: Vec<usize> = Vec::new();
+    for (link, worker) in failed {
+        if link == candidate.0 {
+            return false;
+        }
+        if worker == candidate.1 && !links_of_worker.contains(&link) {
+            links_of_worker.push(link);
+        }
+    }
+    links_of_worker.len() < ATTEMPTS_PER_WORKER
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_is_tried_again_over_a_new_link_until_it_failed_on_two_links() {
+        // Link 1 of worker a failed two parts of the exchange (they were sent together and its
+        // stream died): one attempt. Worker a reconnected as link 2.
+        let failed = [(1, "a"), (1, "a"), (5, "b")];
+        assert!(!may_try(failed.into_iter(), (1, "a")), "a failed link is not tried again");
+        assert!(may_try(failed.into_iter(), (2, "a")), "its worker is, over a new link");
+        assert!(may_try(failed.into_iter(), (7, "c")), "other workers are untouched");
+        let failed = [(1, "a"), (2, "a")];
+        assert!(!may_try(failed.into_iter(), (3, "a")), "two links of the worker failed it");
     }
 }

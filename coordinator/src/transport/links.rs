@@ -66,7 +66,7 @@ pub(crate) struct Pending {
 }
 
 impl WorkerLink {
-    fn hosts(&self, layer: u32, expert: u32) -> bool {
+    pub(super) fn hosts(&self, layer: u32, expert: u32) -> bool {
         self.hosted.read().contains(&(layer, expert))
     }
 
@@ -128,11 +128,12 @@ pub(crate) struct Routes {
 }
 
 impl Routes {
-    /// The live hosts of `(layer, expert)`: the placed ones, or the fallback ones when none of
-    /// those is alive.
-    pub fn live(&self, layer: usize, expert: u32) -> Vec<&Arc<WorkerLink>> {
-        let placed = alive(&self.hosts, layer, expert);
-        if placed.is_empty() { alive(&self.fallback, layer, expert) } else { placed }
+    /// The live hosts of `(layer, expert)` that `usable` accepts: the placed ones, or the fallback
+    /// ones when none of those is (an exchange that already failed on every placed host goes on to
+    /// the fallback hosts).
+    pub fn live(&self, layer: usize, expert: u32, usable: impl Fn(&WorkerLink) -> bool) -> Vec<&Arc<WorkerLink>> {
+        let placed = alive(&self.hosts, layer, expert, &usable);
+        if placed.is_empty() { alive(&self.fallback, layer, expert, &usable) } else { placed }
     }
 
     /// Worker ids of the placed hosts of every expert of `layer`, for status reports.
@@ -160,16 +161,21 @@ impl Routes {
 
     /// Every (layer, expert) of an MoE layer without a live host, compactly; `Ok` if none.
     pub fn check_complete(&self, cfg: &TextConfig) -> Result<(), TransportError> {
-        crate::placement::check_complete(cfg, |layer, e| !self.live(layer, e).is_empty())
+        crate::placement::check_complete(cfg, |layer, e| !self.live(layer, e, |_| true).is_empty())
     }
 }
 
-/// The live links of `table[layer][expert]`.
-fn alive(table: &[Vec<Vec<Arc<WorkerLink>>>], layer: usize, expert: u32) -> Vec<&Arc<WorkerLink>> {
+/// The live links of `table[layer][expert]` that `usable` accepts.
+fn alive<'a>(
+    table: &'a [Vec<Vec<Arc<WorkerLink>>>],
+    layer: usize,
+    expert: u32,
+    usable: &impl Fn(&WorkerLink) -> bool,
+) -> Vec<&'a Arc<WorkerLink>> {
     table
         .get(layer)
         .and_then(|l| l.get(expert as usize))
-        .map(|hosts| hosts.iter().filter(|h| h.dead().is_none()).collect())
+        .map(|hosts| hosts.iter().filter(|h| h.dead().is_none() && usable(h)).collect())
         .unwrap_or_default()
 }
 
@@ -417,6 +423,11 @@ impl WorkerSet {
                 }
                 continue;
             }
+            // Still listed: until an attempt succeeds, keep the dead link so that errors can say
+            // what happened to it.
+            if let Some(old) = current.get(&w.id) {
+                next.insert(w.id.clone(), old.clone());
+            }
             // Concurrently: one worker that hangs at connect must not hold up the others.
             let (set, w) = (self.clone(), w.clone());
             connecting.spawn(async move {
@@ -424,6 +435,11 @@ impl WorkerSet {
                 (w, result)
             });
         }
+        // A worker that reconnects is routed to as soon as its link is made, not when the pass
+        // ends: another worker that does not answer (stopped, or gone without closing its
+        // connection) takes its connect timeout, and a worker that merely missed a deadline is
+        // often the only other host of what is waiting. New workers join at the end of the pass
+        // (at start-up, all of them at once).
         while let Some(joined) = connecting.join_next().await {
             let Ok((w, result)) = joined else { continue };
             match result {
@@ -439,21 +455,25 @@ impl WorkerSet {
                     );
                     self.connect_errors.lock().remove(&w.addr);
                     next.insert(w.id.clone(), link);
+                    if current.contains_key(&w.id) {
+                        self.publish(&next, placement);
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(worker = %w.addr, "not connected yet: {e}");
                     self.connect_errors.lock().insert(w.addr.clone(), e.to_string());
-                    // Still listed: keep the dead link so that errors can say what happened to it.
-                    if let Some(old) = current.get(&w.id) {
-                        next.insert(w.id.clone(), old.clone());
-                    }
                 }
             }
         }
-        let routes = Arc::new(self.build_routes(&next, placement));
+        self.publish(&next, placement);
+    }
+
+    /// Makes `links` the linked workers and routes by them (and `placement`).
+    fn publish(&self, links: &HashMap<String, Arc<WorkerLink>>, placement: Option<&PlacementMap>) {
+        let routes = Arc::new(self.build_routes(links, placement));
         let version = routes.version;
-        self.telemetry.set_workers(next.values().map(|l| l.key.clone()).collect());
-        *self.links.lock() = next;
+        self.telemetry.set_workers(links.values().map(|l| l.key.clone()).collect());
+        *self.links.lock() = links.clone();
         let old = std::mem::replace(&mut *self.routes.write(), routes);
         if old.version < version {
             self.retired.lock().push(Arc::downgrade(&old));
@@ -642,7 +662,11 @@ async fn open_stream(
             None
         }
     };
-    let response = client.clone().exchange(request).await.map_err(|e| unavailable(e.to_string()))?;
+    // Bounded: a worker that stopped after answering `Status` must not hold up the caller.
+    let response = tokio::time::timeout(workers.connect_timeout, client.clone().exchange(request))
+        .await
+        .map_err(|_| unavailable("opening the exchange stream timed out".into()))?
+        .map_err(|e| unavailable(e.to_string()))?;
     let (medium, shm_ends) = match offered {
         None => (LinkMedium::Grpc, None),
         Some(segment) => {

@@ -203,7 +203,8 @@ impl ShmAnswers {
         if let Some(done) = delivered(reply) {
             return done;
         }
-        let Some(mut guard) = self.ring.try_lock_until(deadline) else {
+        // Whoever holds the ring meanwhile hands this answer over as soon as it reads it.
+        let Some(mut guard) = self.ring.try_lock_until(deadline.max(Instant::now() + RING_CHECK)) else {
             return delivered(reply).unwrap_or(Waited::TimedOut);
         };
         let (consumer, buf) = &mut *guard;
@@ -211,11 +212,10 @@ impl ShmAnswers {
             if let Some(done) = delivered(reply) {
                 return done;
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Waited::TimedOut;
-            }
-            match consumer.recv(buf, Some((now + RING_CHECK).min(deadline))) {
+            // Past the deadline this still takes what the ring holds: the engine may come to this
+            // exchange late (it waited for others first), and an answer that arrived in time is
+            // not a worker missing its deadline.
+            match consumer.recv(buf, Some((Instant::now() + RING_CHECK).min(deadline))) {
                 Ok(true) => match ExchangeResponse::decode(buf.as_slice()) {
                     Ok(answer) => {
                         if let Some(tx) = pending.lock().waiting.remove(&answer.id) {
@@ -224,6 +224,7 @@ impl ShmAnswers {
                     }
                     Err(e) => return Waited::Lost(format!("undecodable answer on the shared-memory ring: {e}")),
                 },
+                Ok(false) if Instant::now() >= deadline => return delivered(reply).unwrap_or(Waited::TimedOut),
                 Ok(false) => {}
                 // The link was killed (its exchanges were failed first) or the worker closed it.
                 Err(ShmError::Closed) => {
@@ -233,5 +234,57 @@ impl ShmAnswers {
                 Err(e) => return Waited::Lost(e.to_string()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link's response ring as the coordinator reads it, and the worker's end that answers.
+    fn ring() -> (ShmAnswers, Producer) {
+        let dir = epserve_shm::default_dir();
+        let created = Segment::create(&dir, 1 << 16).expect("create a segment");
+        let attached = Segment::attach(&dir, created.name(), created.nonce()).expect("attach");
+        created.unlink().expect("unlink");
+        let (_, answers) = created.ends(epserve_shm::Role::Creator);
+        let (worker, _) = attached.ends(epserve_shm::Role::Attacher);
+        (ShmAnswers::new(answers), worker)
+    }
+
+    fn answer(id: u64) -> Vec<u8> {
+        ExchangeResponse { id, ..Default::default() }.encode_to_vec()
+    }
+
+    fn awaited(pending: &Mutex<Pending>, id: u64) -> oneshot::Receiver<Reply> {
+        let (tx, rx) = oneshot::channel();
+        pending.lock().waiting.insert(id, tx);
+        rx
+    }
+
+    #[test]
+    fn answers_on_the_ring_are_taken_even_when_the_engine_comes_after_the_deadline() {
+        // The engine waited for other exchanges first; both answers came in time and sit on the
+        // ring: neither is a missed deadline.
+        let (answers, mut worker) = ring();
+        let pending = Mutex::new(Pending::default());
+        let (mut first, mut second) = (awaited(&pending, 7), awaited(&pending, 8));
+        let far = Instant::now() + Duration::from_secs(5);
+        worker.send(&answer(7), far).expect("send");
+        worker.send(&answer(8), far).expect("send");
+        let passed = Instant::now() - Duration::from_millis(10);
+        let Waited::Answer(Ok(got)) = answers.wait_for(&mut second, &pending, passed) else {
+            panic!("the answer on the ring was not taken")
+        };
+        assert_eq!(got.id, 8);
+        let Waited::Answer(Ok(got)) = answers.wait_for(&mut first, &pending, passed) else {
+            panic!("the answer handed over while reading the ring was lost")
+        };
+        assert_eq!(got.id, 7);
+        // Nothing on the ring: past the deadline it is a timeout, at once.
+        let mut third = awaited(&pending, 9);
+        let started = Instant::now();
+        assert!(matches!(answers.wait_for(&mut third, &pending, passed), Waited::TimedOut));
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 }
