@@ -164,6 +164,12 @@ fn setup(fail_first: u32) -> (Setup, Arc<ExpertWorker>) {
     (setup_with(runtime, vec![record(&addr, &all)], fail_first, DEADLINE), w)
 }
 
+/// The tokens of the test request on a clean setup (one honest worker hosting every expert).
+fn reference_tokens() -> Vec<u32> {
+    let (clean, _) = setup(0);
+    run(&clean.engine).0
+}
+
 /// Runs one greedy request to its end: its tokens, finish reason and message.
 fn run(engine: &engine::EngineHandle) -> (Vec<u32>, FinishReason, Option<String>) {
     let (tx, mut rx) = tokio::sync::mpsc::channel(epserve_coordinator::engine::EVENT_BUFFER);
@@ -279,8 +285,7 @@ impl Liar {
 
 #[test]
 fn a_worker_refusing_experts_it_claims_is_quarantined_and_its_rows_fail_over() {
-    let (clean, _) = setup(0);
-    let (expected, _, _) = run(&clean.engine);
+    let expected = reference_tokens();
 
     let all: Vec<u32> = (0..16).collect();
     let runtime = runtime();
@@ -382,8 +387,7 @@ fn the_only_other_host_is_tried_again_once_it_has_reconnected() {
     // another host and failing the request. (The worker computes in this process, over gRPC, on
     // the kernels' pool whose thread the waiting engine holds: it needs a pool of two threads,
     // two CPUs.)
-    let (clean, _) = setup(0);
-    let (expected, _, _) = run(&clean.engine);
+    let expected = reference_tokens();
 
     let all: Vec<u32> = (0..16).collect();
     let runtime = runtime();
